@@ -1,0 +1,228 @@
+//! The seam between gpuwatch and the GPUs.
+//!
+//! Everything gpuwatch knows about a GPU, and every change it makes to one,
+//! passes through the [`Backend`] / [`GpuDevice`] traits defined here. Two real
+//! implementations exist: [`nvml::NvmlBackend`] over NVIDIA's NVML and
+//! [`sim::SimBackend`], a physical model used when no GPU is present. The rest
+//! of the daemon never names either; it only sees the plain data types below,
+//! in which a field a GPU does not support is `None`, never zero.
+//!
+//! Device calls block (NVML calls are driver ioctls that can hang on a sick
+//! GPU), so a [`GpuDevice`] is only ever driven from its own dedicated thread
+//! (see `sampler`), never from an async worker.
+
+pub mod nvml;
+pub mod sim;
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Why a device call failed, reduced to what callers act on.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendError {
+    /// The GPU or driver does not support this call.
+    #[error("not supported by this GPU or driver: {0}")]
+    NotSupported(String),
+    /// The daemon lacks the privilege (writes need root or CAP_SYS_ADMIN).
+    #[error("no permission: {0}")]
+    NoPermission(String),
+    /// The GPU fell off the bus or stopped answering.
+    #[error("GPU is lost: {0}")]
+    GpuLost(String),
+    /// The value was rejected by the driver.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The call timed out in the driver.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The driver or library is missing or not loaded.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The device is busy with something else.
+    #[error("in use: {0}")]
+    InUse(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl BackendError {
+    /// True when the GPU itself has gone away.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, BackendError::GpuLost(_))
+    }
+}
+
+/// Facts about the host's GPU stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// "nvml" or "simulator".
+    pub backend: &'static str,
+    pub driver_version: Option<String>,
+    pub nvml_version: Option<String>,
+}
+
+/// Telemetry fields, as advertised in capabilities. Mirrors
+/// `api::TelemetryField` without the wire's "unspecified" value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Field {
+    Temperature,
+    MemoryTemperature,
+    FanSpeed,
+    PowerDraw,
+    PowerLimit,
+    EnforcedPowerLimit,
+    Energy,
+    GraphicsClock,
+    SmClock,
+    MemoryClock,
+    VideoClock,
+    MaxClocks,
+    Utilization,
+    MemoryUsage,
+    PerformanceState,
+    ThrottleReasons,
+    EccErrors,
+    PcieThroughput,
+    Processes,
+}
+
+/// What can be changed on a GPU, probed when it is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Controls {
+    pub power_limit_settable: bool,
+    pub gpu_clocks_lockable: bool,
+    pub memory_clocks_lockable: bool,
+    pub application_clocks_resettable: bool,
+    pub xid_events: bool,
+}
+
+/// Static facts about one GPU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFacts {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub pci_bus_id: String,
+    pub power_min_mw: Option<u32>,
+    pub power_max_mw: Option<u32>,
+    pub power_default_mw: Option<u32>,
+    pub slowdown_c: Option<u32>,
+    pub shutdown_c: Option<u32>,
+    pub max_operating_c: Option<u32>,
+    pub max_graphics_clock_mhz: Option<u32>,
+    pub max_sm_clock_mhz: Option<u32>,
+    pub max_memory_clock_mhz: Option<u32>,
+    pub max_video_clock_mhz: Option<u32>,
+    pub memory_total_bytes: Option<u64>,
+    /// Telemetry fields this GPU reports, sorted.
+    pub fields: Vec<Field>,
+    pub controls: Controls,
+}
+
+/// Which parts of a reading to take. Process lists and ECC counters are
+/// slower to read and change slowly, so the sampler asks for them on a
+/// slower cadence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadScope {
+    pub slow_fields: bool,
+}
+
+/// ECC counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ecc {
+    pub corrected_volatile: Option<u64>,
+    pub uncorrected_volatile: Option<u64>,
+    pub corrected_aggregate: Option<u64>,
+    pub uncorrected_aggregate: Option<u64>,
+}
+
+/// One process on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// The slowly changing part of a reading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlowReading {
+    pub ecc: Option<Ecc>,
+    /// `None` when the GPU does not report processes.
+    pub processes: Option<Vec<Process>>,
+}
+
+/// One reading of one GPU. `None` means the GPU does not report the field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reading {
+    /// The backend's clock when the GPU was read: monotonic time since the
+    /// backend started (simulated time for the simulator). The governor
+    /// measures time in this clock.
+    pub device_time: Duration,
+    pub temperature_c: Option<u32>,
+    pub memory_temperature_c: Option<u32>,
+    pub fan_speed_pct: Option<u32>,
+    pub power_draw_mw: Option<u32>,
+    pub power_limit_mw: Option<u32>,
+    pub enforced_power_limit_mw: Option<u32>,
+    pub energy_mj: Option<u64>,
+    pub graphics_clock_mhz: Option<u32>,
+    pub sm_clock_mhz: Option<u32>,
+    pub memory_clock_mhz: Option<u32>,
+    pub video_clock_mhz: Option<u32>,
+    pub utilization_gpu_pct: Option<u32>,
+    pub utilization_memory_pct: Option<u32>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub performance_state: Option<u32>,
+    /// Raw NVML clocks-event-reasons mask.
+    pub throttle_mask: Option<u64>,
+    pub pcie_tx_kbps: Option<u32>,
+    pub pcie_rx_kbps: Option<u32>,
+    /// Present only when the read asked for slow fields.
+    pub slow: Option<SlowReading>,
+    /// Graphics clock cap currently locked, when the backend knows it.
+    pub locked_gpu_clock_max_mhz: Option<u32>,
+}
+
+/// Something the device reported on its own (not derived from a reading).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// An XID error.
+    Xid(u64),
+}
+
+/// A GPU stack: NVML, or the simulator.
+pub trait Backend: Send + Sync {
+    /// Facts about the driver and library.
+    fn host_facts(&self) -> HostFacts;
+    /// How many GPUs there are (fixed for the daemon's lifetime).
+    fn device_count(&self) -> Result<u32, BackendError>;
+    /// Opens GPU `index`; called once per GPU at startup.
+    fn open(&self, index: u32) -> Result<Box<dyn GpuDevice>, BackendError>;
+}
+
+/// One GPU. Driven from a single dedicated thread; every method may block.
+pub trait GpuDevice: Send {
+    /// Static facts: identity, limits, supported fields and controls. Called
+    /// at startup and again when a lost GPU returns.
+    fn describe(&mut self) -> Result<DeviceFacts, BackendError>;
+    /// One reading. `Err(GpuLost)` marks the GPU lost; the sampler keeps
+    /// calling `read` (less often) and a later `Ok` means it came back.
+    fn read(&mut self, scope: ReadScope) -> Result<Reading, BackendError>;
+    /// Events the device reported since the last call (e.g. XID errors).
+    fn drain_events(&mut self) -> Vec<DeviceEvent> {
+        Vec::new()
+    }
+    /// Sets the power management limit.
+    fn set_power_limit(&mut self, limit_mw: u32) -> Result<(), BackendError>;
+    /// Locks the graphics clocks into `[min_mhz, max_mhz]`.
+    fn lock_gpu_clocks(&mut self, min_mhz: u32, max_mhz: u32) -> Result<(), BackendError>;
+    /// Releases a graphics clock lock (`nvidia-smi -rgc`).
+    fn reset_gpu_locked_clocks(&mut self) -> Result<(), BackendError>;
+    /// Releases a memory clock lock (`nvidia-smi -rmc`).
+    fn reset_memory_locked_clocks(&mut self) -> Result<(), BackendError>;
+    /// Resets application clocks to default (`nvidia-smi -rac`).
+    fn reset_application_clocks(&mut self) -> Result<(), BackendError>;
+}
