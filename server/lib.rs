@@ -1,4 +1,13 @@
 //! gpuwatch: the daemon as a library.
+//!
+//! `gpuwatch-server` is a thin `main` over [`daemon::start`]. The parts, in
+//! the order data flows through them: [`backend`] (NVML or the simulator)
+//! → [`actor`] (one thread per GPU) → [`sampler`] (one tick, every GPU) →
+//! [`hub`] (latest frame, history, fan-out) → [`service`] (gRPC). The
+//! [`control`] plane runs the [`governor`] and operator requests on the
+//! sampler's loop; [`events`] is the audit trail; [`state`] the desired state
+//! that outlives a restart. [`api`] is the wire contract, the only part the
+//! client uses.
 
 /// The wire contract, generated from `proto/gpuwatch/v1/`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -10,6 +19,19 @@ pub mod api {
         tonic::include_file_descriptor_set!("gpuwatch_descriptor");
 }
 
+pub mod actor;
+pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod governor;
+pub mod hub;
+pub mod sampler;
+pub mod scenario;
+pub mod selector;
+pub mod service;
+pub mod state;
 pub mod throttle;
+pub mod wire;

@@ -1,1 +1,152 @@
-fn main() {}
+//! `gpuwatch-server`: parses flags, loads the configuration, runs the daemon
+//! until SIGTERM/SIGINT, and maps failures to exit codes (64 for a bad
+//! configuration, 69 when the GPUs or the network cannot be used).
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use gpuwatch::config::{self, Config, LogFormat, Overrides};
+
+/// Exit code for a bad command line or configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when the GPUs or a listener cannot be used (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Watches and governs NVIDIA GPUs: streams telemetry over gRPC, accepts
+/// control requests, and runs a thermal governor that lowers a hot GPU's power
+/// limit and gives it back when it cools.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpuwatch-server",
+    version,
+    after_help = "Configuration layers, later wins: built-in defaults < --config FILE < \
+environment (GPUWATCH_SECTION__KEY, e.g. GPUWATCH_SAMPLER__INTERVAL=250ms) < flags.\n\n\
+Examples:\n  gpuwatch-server --simulate                  # simulated GPUs, no driver needed\n  \
+gpuwatch-server --config /etc/gpuwatch/gpuwatch.toml\n  \
+gpuwatch-server --simulate --listen 127.0.0.1:0 --state-dir /tmp/gw"
+)]
+struct Args {
+    /// TOML configuration file (see deploy/gpuwatch.toml for every key).
+    #[arg(long, short = 'c', value_name = "FILE", env = "GPUWATCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:9450]; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Run on simulated GPUs ([simulator] in the config, or a demo fleet).
+    #[arg(long)]
+    simulate: bool,
+    /// Where desired state and the event log live.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Sampler interval, e.g. 100ms [default: 100ms].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    sampler_interval: Option<Duration>,
+    /// Governor decides and records but never writes.
+    #[arg(long)]
+    dry_run: bool,
+    /// Log filter, e.g. info, debug, gpuwatch=debug.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging(config: &Config) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .map_err(|e| format!("invalid value for `log.level`: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        listen: args.listen,
+        simulate: args.simulate,
+        state_dir: args.state_dir.clone(),
+        sampler_interval: args.sampler_interval,
+        dry_run: args.dry_run,
+        log_level: args.log_level.clone(),
+    };
+    let config = match config::load(args.config.as_deref(), std::env::vars(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gpuwatch-server: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = init_logging(&config) {
+        eprintln!("gpuwatch-server: configuration error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if args.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpuwatch-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let daemon = match gpuwatch::daemon::start(config).await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("gpuwatch-server: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        let token = daemon.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down");
+            token.cancel();
+        });
+        match daemon.wait().await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gpuwatch-server: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

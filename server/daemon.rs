@@ -1,0 +1,326 @@
+//! The daemon assembled: backend, device actors, sampler, control plane, hub,
+//! event log and the gRPC server, started in order and stopped in order.
+//!
+//! `main` only parses flags and calls [`start`]; tests do the same in-process
+//! with `127.0.0.1:0` and read the bound address back from [`Daemon`].
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use thiserror::Error;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use crate::{
+    actor::DeviceActor,
+    api::{EventKind, Severity, gpu_watch_server::GpuWatchServer},
+    backend::{Backend, BackendError, nvml::NvmlBackend, sim::SimBackend},
+    config::{BackendKind, Config},
+    control::{ControlHandle, Controller},
+    events::{Actor, EventLog, NewEvent},
+    hub::Hub,
+    sampler::{DESCRIBE_TIMEOUT, GpuSlot, Sampler},
+    service::GpuWatchService,
+    state::StateStore,
+};
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The GPU stack is missing or broken.
+    #[error("{0}")]
+    Backend(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// Anything else at startup.
+    #[error("{0}")]
+    Startup(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    grpc_addr: SocketAddr,
+    state_dir: Option<PathBuf>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), DaemonError>>,
+    hub: Arc<Hub>,
+    events: Arc<EventLog>,
+}
+
+impl Daemon {
+    /// The address the gRPC server actually bound.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Where desired state and the event log live (None: memory only).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    /// Asks the daemon to stop (ends streams, restores GPUs).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The token that stops the daemon.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the daemon has stopped.
+    pub async fn wait(self) -> Result<(), DaemonError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(DaemonError::Serve(format!("daemon task failed: {e}"))),
+        }
+    }
+}
+
+/// The state directory: configured, else systemd's `$STATE_DIRECTORY`, else
+/// `/var/lib/gpuwatch` for real GPUs or a per-user directory for simulated
+/// ones (so simulated state never mixes with a real host's).
+pub fn resolve_state_dir(config: &Config) -> Option<PathBuf> {
+    if let Some(dir) = &config.controller.state_dir {
+        return Some(dir.clone());
+    }
+    if let Ok(dirs) = std::env::var("STATE_DIRECTORY")
+        && let Some(first) = dirs.split(':').find(|d| !d.is_empty())
+    {
+        return Some(PathBuf::from(first));
+    }
+    match config.backend.kind {
+        BackendKind::Nvml => Some(PathBuf::from("/var/lib/gpuwatch")),
+        BackendKind::Simulator => {
+            let base = std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"))
+                })?;
+            Some(base.join("gpuwatch").join("simulator"))
+        }
+    }
+}
+
+fn make_backend(config: &Config) -> Result<Arc<dyn Backend>, DaemonError> {
+    match config.backend.kind {
+        BackendKind::Simulator => {
+            let sim = config
+                .simulator
+                .clone()
+                .unwrap_or_else(crate::backend::sim::demo_fleet);
+            Ok(Arc::new(SimBackend::new(&sim)))
+        }
+        BackendKind::Nvml => NvmlBackend::new(config.backend.nvml_library.as_deref())
+            .map(|b| Arc::new(b) as Arc<dyn Backend>)
+            .map_err(|e| DaemonError::Backend(e.to_string())),
+    }
+}
+
+/// Opens every GPU and learns its facts, each on its own thread.
+async fn open_devices(backend: &dyn Backend) -> Result<Vec<GpuSlot>, DaemonError> {
+    let count = backend
+        .device_count()
+        .map_err(|e| DaemonError::Backend(format!("cannot count GPUs: {e}")))?;
+    let mut slots = Vec::new();
+    for index in 0..count {
+        let device = match backend.open(index) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(gpu = index, error = %e, "cannot open GPU; it will not be watched");
+                continue;
+            }
+        };
+        let actor = DeviceActor::spawn(index, device).map_err(|e| {
+            DaemonError::Startup(format!("cannot start a thread for GPU {index}: {e}"))
+        })?;
+        let facts = tokio::time::timeout(DESCRIBE_TIMEOUT, actor.describe()).await;
+        slots.push(match facts {
+            Ok(Ok(Ok(facts))) => GpuSlot::new(actor, facts),
+            Ok(Ok(Err(e))) => {
+                tracing::error!(gpu = index, error = %e, "GPU did not describe itself; watching it as lost");
+                GpuSlot::lost(actor, index, e.to_string())
+            }
+            _ => {
+                tracing::error!(gpu = index, "GPU did not answer at startup; watching it as lost");
+                GpuSlot::lost(actor, index, "did not answer at startup".to_owned())
+            }
+        });
+    }
+    if count > 0 && slots.is_empty() {
+        return Err(DaemonError::Backend(
+            BackendError::Unavailable("no GPU could be opened".into()).to_string(),
+        ));
+    }
+    Ok(slots)
+}
+
+/// Starts the daemon. Returns once it is serving.
+pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+    let shutdown = CancellationToken::new();
+    let state_dir = resolve_state_dir(&config);
+    let backend = make_backend(&config)?;
+    let host_facts = backend.host_facts();
+
+    let (events, log_report) = EventLog::open(state_dir.as_deref(), config.events.retain);
+    let events = Arc::new(events);
+    if log_report.damaged() {
+        tracing::warn!("{}", log_report.describe());
+        events.record(
+            NewEvent::new(
+                EventKind::StateDamaged,
+                Actor::startup(),
+                log_report.describe(),
+            )
+            .severity(Severity::Warning),
+        );
+    }
+    let (store, state_report) = StateStore::open(state_dir.as_deref());
+    for problem in &state_report.problems {
+        tracing::warn!("state: {problem}");
+        events.record(
+            NewEvent::new(
+                EventKind::StateDamaged,
+                Actor::startup(),
+                format!("state file: {problem}"),
+            )
+            .severity(Severity::Warning),
+        );
+    }
+
+    let slots = open_devices(backend.as_ref()).await?;
+    let hub = Arc::new(Hub::new(
+        config.sampler.interval,
+        config.sampler.slow_interval,
+        config.sampler.history,
+    ));
+    let sampler = Sampler::new(slots, hub.clone(), events.clone(), config.sampler.clone());
+    sampler.publish_devices();
+    let controller = Controller::new(
+        sampler,
+        hub.clone(),
+        events.clone(),
+        store,
+        config.controller.clone(),
+    );
+    let (control, requests) = ControlHandle::channel();
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| DaemonError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+
+    let service = GpuWatchService::new(
+        hub.clone(),
+        events.clone(),
+        control,
+        &host_facts,
+        shutdown.clone(),
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GpuWatchServer<GpuWatchService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| DaemonError::Startup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| DaemonError::Startup(format!("reflection: {e}")))?;
+
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(GpuWatchServer::new(service));
+
+    tracing::info!(
+        backend = host_facts.backend,
+        gpus = hub.devices().len(),
+        state_dir = %state_dir.as_deref().map_or("(memory only)".into(), |d| d.display().to_string()),
+        "gRPC listening on {grpc_addr}"
+    );
+    events.record(NewEvent::new(
+        EventKind::DaemonStarted,
+        Actor::startup(),
+        format!(
+            "gpuwatch {} started: {} backend, {} GPU(s)",
+            env!("CARGO_PKG_VERSION"),
+            host_facts.backend,
+            hub.devices().len()
+        ),
+    ));
+
+    let control_task = tokio::spawn(controller.run(requests, shutdown.clone()));
+    let grace = config.server.shutdown_grace;
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let serve = router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener),
+            stop.clone().cancelled_owned(),
+        );
+        tokio::pin!(serve);
+        let served = tokio::select! {
+            r = &mut serve => r.map_err(|e| DaemonError::Serve(e.to_string())),
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("connections did not close within {grace:?}; stopping anyway");
+                Ok(())
+            }
+        };
+        health_reporter
+            .set_not_serving::<GpuWatchServer<GpuWatchService>>()
+            .await;
+        // Whatever ended serving, the control plane must restore the GPUs.
+        stop.cancel();
+        if control_task.await.is_err() {
+            tracing::error!("control plane task failed during shutdown");
+        }
+        served
+    });
+
+    Ok(Daemon {
+        grpc_addr,
+        state_dir,
+        shutdown,
+        task,
+        hub,
+        events,
+    })
+}

@@ -1,0 +1,681 @@
+//! The event log: every change to a GPU and everything that happened to one,
+//! numbered, persisted, and streamed.
+//!
+//! Events are the audit trail: who (governor, an operator, startup, shutdown,
+//! the device itself) did what to which GPU, why, and what changed. Each
+//! event is appended to `events.log` in the state directory *before* it is
+//! handed to any subscriber, so a client never sees an event that a crash
+//! (even SIGKILL) could lose. Sequence numbers are persisted with the events
+//! and keep rising across restarts, so `WatchEvents(since_seq)` works across
+//! them.
+//!
+//! The log is bounded: when the current file holds `retain` events it is
+//! rotated to `events.log.1` (replacing the older one). Each line is
+//! `CRC32 JSON`; at startup, lines that fail their checksum (a torn write,
+//! power loss) are skipped and reported, and a partial last line is cut off,
+//! so a damaged log never stops the daemon — it keeps what is valid.
+
+use std::{
+    collections::VecDeque,
+    fs::{self, File, OpenOptions},
+    io::{self, BufRead, BufReader, Seek, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::api::{
+    self, ActorKind, ClockLockChange, EventKind, PowerLimitChange, Severity, ThresholdChange,
+    event::Change,
+};
+
+/// Who caused an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub kind: ActorKind,
+    pub name: String,
+}
+
+impl Actor {
+    fn fixed(kind: ActorKind, name: &str) -> Self {
+        Self {
+            kind,
+            name: name.to_owned(),
+        }
+    }
+    pub fn governor() -> Self {
+        Self::fixed(ActorKind::Governor, "governor")
+    }
+    pub fn startup() -> Self {
+        Self::fixed(ActorKind::Startup, "startup")
+    }
+    pub fn shutdown() -> Self {
+        Self::fixed(ActorKind::Shutdown, "shutdown")
+    }
+    pub fn device() -> Self {
+        Self::fixed(ActorKind::Device, "device")
+    }
+    pub fn daemon() -> Self {
+        Self::fixed(ActorKind::Daemon, "daemon")
+    }
+    pub fn operator(name: &str) -> Self {
+        Self::fixed(ActorKind::Operator, name)
+    }
+}
+
+/// An event before the log numbers and stamps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub severity: Severity,
+    pub gpu: Option<(u32, String)>,
+    pub actor: Actor,
+    pub reason: String,
+    pub change: Option<Change>,
+    pub xid: Option<u64>,
+}
+
+impl NewEvent {
+    pub fn new(kind: EventKind, actor: Actor, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            severity: Severity::Info,
+            gpu: None,
+            actor,
+            reason: reason.into(),
+            change: None,
+            xid: None,
+        }
+    }
+
+    pub fn gpu(mut self, index: u32, uuid: &str) -> Self {
+        self.gpu = Some((index, uuid.to_owned()));
+        self
+    }
+
+    pub fn severity(mut self, severity: Severity) -> Self {
+        self.severity = severity;
+        self
+    }
+
+    pub fn change(mut self, change: Change) -> Self {
+        self.change = Some(change);
+        self
+    }
+
+    pub fn xid(mut self, xid: u64) -> Self {
+        self.xid = Some(xid);
+        self
+    }
+}
+
+/// A replay plus a live feed, for one WatchEvents subscriber.
+#[derive(Debug)]
+pub struct EventSubscription {
+    /// Retained events after the requested seq, oldest first.
+    pub replay: Vec<Arc<api::Event>>,
+    /// Events after the requested seq that are no longer retained.
+    pub missing: Option<(u64, u64)>,
+    /// The newest seq at subscription time (0 when the log is empty).
+    pub latest_seq: u64,
+    pub live: broadcast::Receiver<Arc<api::Event>>,
+}
+
+/// What loading the log found wrong.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Events loaded.
+    pub loaded: usize,
+    /// Lines skipped because their checksum or JSON was bad.
+    pub corrupt_lines: usize,
+    /// Bytes of a partial last line that were cut off.
+    pub truncated_bytes: u64,
+    /// A file could not be read or written at all.
+    pub io_error: Option<String>,
+}
+
+impl LoadReport {
+    /// True when something was wrong.
+    pub fn damaged(&self) -> bool {
+        self.corrupt_lines > 0 || self.truncated_bytes > 0 || self.io_error.is_some()
+    }
+
+    /// One sentence for logs and the STATE_DAMAGED event.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.corrupt_lines > 0 {
+            parts.push(format!("skipped {} damaged line(s)", self.corrupt_lines));
+        }
+        if self.truncated_bytes > 0 {
+            parts.push(format!(
+                "cut off a partial last line ({} bytes)",
+                self.truncated_bytes
+            ));
+        }
+        if let Some(e) = &self.io_error {
+            parts.push(format!("I/O error: {e}"));
+        }
+        format!(
+            "event log: {}; kept {} valid event(s)",
+            parts.join(", "),
+            self.loaded
+        )
+    }
+}
+
+const LOG_FILE: &str = "events.log";
+const ROTATED_FILE: &str = "events.log.1";
+/// Events a live subscriber may fall behind by before it loses some.
+const SUBSCRIBER_BUFFER_EVENTS: usize = 1024;
+
+#[derive(Debug)]
+struct Inner {
+    ring: VecDeque<Arc<api::Event>>,
+    next_seq: u64,
+    file: Option<File>,
+    dir: Option<PathBuf>,
+    lines_in_file: usize,
+}
+
+/// The event log. Shared by everything that records or streams events.
+#[derive(Debug)]
+pub struct EventLog {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Arc<api::Event>>,
+    retain: usize,
+    /// Events recorded since start, by kind (index = EventKind as usize).
+    counts: Vec<AtomicU64>,
+    /// Appends that failed to reach the disk.
+    pub persist_failures: AtomicU64,
+}
+
+impl EventLog {
+    /// Opens (or creates) the log in `dir`; `None` keeps events in memory
+    /// only. Never fails: damage and I/O errors are reported, not fatal.
+    pub fn open(dir: Option<&Path>, retain: usize) -> (Self, LoadReport) {
+        let retain = retain.max(1);
+        let mut report = LoadReport::default();
+        let mut ring = VecDeque::new();
+        let mut file = None;
+        let mut lines_in_file = 0;
+        let mut persist_dir = None;
+        if let Some(dir) = dir {
+            match load_dir(dir, retain, &mut report) {
+                Ok((events, current_lines, f)) => {
+                    ring = events;
+                    lines_in_file = current_lines;
+                    file = Some(f);
+                    persist_dir = Some(dir.to_path_buf());
+                }
+                Err(e) => report.io_error = Some(format!("{}: {e}", dir.display())),
+            }
+        }
+        report.loaded = ring.len();
+        let next_seq = ring.back().map_or(1, |e: &Arc<api::Event>| e.seq + 1);
+        let (tx, _) = broadcast::channel(SUBSCRIBER_BUFFER_EVENTS);
+        let kinds = EventKind::DryRunDecision as usize + 8;
+        let log = Self {
+            inner: Mutex::new(Inner {
+                ring,
+                next_seq,
+                file,
+                dir: persist_dir,
+                lines_in_file,
+            }),
+            tx,
+            retain,
+            counts: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
+            persist_failures: AtomicU64::new(0),
+        };
+        (log, report)
+    }
+
+    /// Numbers, stamps, persists and publishes an event, in that order.
+    pub fn record(&self, new: NewEvent) -> Arc<api::Event> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let event = Arc::new(api::Event {
+            seq: inner.next_seq,
+            time: Some(SystemTime::now().into()),
+            kind: new.kind as i32,
+            severity: new.severity as i32,
+            gpu_index: new.gpu.as_ref().map(|g| g.0),
+            gpu_uuid: new.gpu.map(|g| g.1),
+            actor: Some(api::Actor {
+                kind: new.actor.kind as i32,
+                name: new.actor.name,
+            }),
+            reason: new.reason,
+            change: new.change,
+            xid: new.xid,
+        });
+        inner.next_seq += 1;
+        if let Err(e) = self.persist(&mut inner, &event) {
+            self.persist_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, seq = event.seq, "could not persist event; kept in memory only");
+        }
+        if inner.ring.len() == self.retain {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back(event.clone());
+        if let Some(count) = self.counts.get(new.kind as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        // Sent under the lock so subscribe() sees a consistent cut.
+        let _ = self.tx.send(event.clone());
+        event
+    }
+
+    fn persist(&self, inner: &mut Inner, event: &api::Event) -> io::Result<()> {
+        let Some(dir) = inner.dir.clone() else {
+            return Ok(());
+        };
+        if inner.lines_in_file >= self.retain {
+            inner.file = None;
+            fs::rename(dir.join(LOG_FILE), dir.join(ROTATED_FILE))?;
+            inner.file = Some(open_append(&dir.join(LOG_FILE))?);
+            sync_dir(&dir);
+            inner.lines_in_file = 0;
+        }
+        let file = match &mut inner.file {
+            Some(f) => f,
+            None => inner.file.insert(open_append(&dir.join(LOG_FILE))?),
+        };
+        let line = encode_line(event)?;
+        file.write_all(line.as_bytes())?;
+        file.sync_data()?;
+        inner.lines_in_file += 1;
+        Ok(())
+    }
+
+    /// Subscribes; with `since`, returns the retained events after it.
+    pub fn subscribe(&self, since: Option<u64>) -> EventSubscription {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = self.tx.subscribe();
+        let latest_seq = inner.next_seq - 1;
+        let (replay, missing) = match since {
+            Some(after) => {
+                let start = inner.ring.partition_point(|e| e.seq <= after);
+                let replay: Vec<_> = inner.ring.range(start..).cloned().collect();
+                let first_kept = replay.first().map_or(inner.next_seq, |e| e.seq);
+                let missing = (after + 1 < first_kept).then(|| (after + 1, first_kept - 1));
+                (replay, missing)
+            }
+            None => (Vec::new(), None),
+        };
+        EventSubscription {
+            replay,
+            missing,
+            latest_seq,
+            live,
+        }
+    }
+
+    /// The newest seq (0 when empty).
+    pub fn latest_seq(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_seq
+            - 1
+    }
+
+    /// Retained events, oldest first (for tests and the dashboard).
+    pub fn recent(&self, max: usize) -> Vec<Arc<api::Event>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let skip = inner.ring.len().saturating_sub(max);
+        inner.ring.iter().skip(skip).cloned().collect()
+    }
+
+    /// Events recorded since start, per kind.
+    pub fn count(&self, kind: EventKind) -> u64 {
+        self.counts
+            .get(kind as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Makes a rename durable; best effort (some filesystems refuse).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Loads `events.log.1` then `events.log`, repairing a partial tail.
+fn load_dir(
+    dir: &Path,
+    retain: usize,
+    report: &mut LoadReport,
+) -> io::Result<(VecDeque<Arc<api::Event>>, usize, File)> {
+    fs::create_dir_all(dir)?;
+    let mut events = VecDeque::new();
+    let rotated = dir.join(ROTATED_FILE);
+    if rotated.exists() {
+        read_lines(&rotated, &mut events, report)?;
+    }
+    let current = dir.join(LOG_FILE);
+    let mut current_lines = 0;
+    if current.exists() {
+        let before = events.len();
+        let good_len = read_lines(&current, &mut events, report)?;
+        current_lines = events.len() - before;
+        let actual = fs::metadata(&current)?.len();
+        if good_len < actual {
+            report.truncated_bytes += actual - good_len;
+            let f = OpenOptions::new().write(true).open(&current)?;
+            f.set_len(good_len)?;
+            f.sync_all()?;
+        }
+    }
+    // Keep seqs strictly increasing even if a damaged file repeated some.
+    let mut ordered: Vec<Arc<api::Event>> = events.into_iter().collect();
+    ordered.sort_by_key(|e| e.seq);
+    ordered.dedup_by_key(|e| e.seq);
+    let skip = ordered.len().saturating_sub(retain);
+    let events = ordered.into_iter().skip(skip).collect();
+    let mut file = open_append(&current)?;
+    file.seek(io::SeekFrom::End(0))?;
+    Ok((events, current_lines, file))
+}
+
+/// Reads the valid lines of one file into `out`; returns the byte length
+/// up to the end of the last complete line.
+fn read_lines(
+    path: &Path,
+    out: &mut VecDeque<Arc<api::Event>>,
+    report: &mut LoadReport,
+) -> io::Result<u64> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut complete_len = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() != Some(&b'\n') {
+            // A partial last line: the write was torn. The caller cuts it.
+            break;
+        }
+        complete_len += n as u64;
+        match decode_line(&buf[..buf.len() - 1]) {
+            Some(event) => out.push_back(Arc::new(event)),
+            None => report.corrupt_lines += 1,
+        }
+    }
+    Ok(complete_len)
+}
+
+/// The on-disk form of an event: readable JSON, independent of the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct EventRecord {
+    seq: u64,
+    time: String,
+    kind: String,
+    severity: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_index: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_uuid: Option<String>,
+    actor_kind: String,
+    actor: String,
+    reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    change: Option<ChangeRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xid: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ChangeRecord {
+    PowerLimit {
+        before_mw: Option<u32>,
+        after_mw: Option<u32>,
+    },
+    ClockLock {
+        before_max_mhz: Option<u32>,
+        after_max_mhz: Option<u32>,
+    },
+    Threshold {
+        before_c: Option<u32>,
+        after_c: Option<u32>,
+        before_hysteresis_c: Option<u32>,
+        after_hysteresis_c: Option<u32>,
+    },
+}
+
+fn encode_line(e: &api::Event) -> io::Result<String> {
+    let time = e
+        .time
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let record = EventRecord {
+        seq: e.seq,
+        time: humantime::format_rfc3339_nanos(time).to_string(),
+        kind: e.kind().as_str_name().to_owned(),
+        severity: e.severity().as_str_name().to_owned(),
+        gpu_index: e.gpu_index,
+        gpu_uuid: e.gpu_uuid.clone(),
+        actor_kind: e
+            .actor
+            .as_ref()
+            .map_or(ActorKind::Unspecified, |a| a.kind())
+            .as_str_name()
+            .to_owned(),
+        actor: e.actor.as_ref().map(|a| a.name.clone()).unwrap_or_default(),
+        reason: e.reason.clone(),
+        change: e.change.as_ref().map(|c| match c {
+            Change::PowerLimit(p) => ChangeRecord::PowerLimit {
+                before_mw: p.before_mw,
+                after_mw: p.after_mw,
+            },
+            Change::ClockLock(c) => ChangeRecord::ClockLock {
+                before_max_mhz: c.before_max_mhz,
+                after_max_mhz: c.after_max_mhz,
+            },
+            Change::Threshold(t) => ChangeRecord::Threshold {
+                before_c: t.before_c,
+                after_c: t.after_c,
+                before_hysteresis_c: t.before_hysteresis_c,
+                after_hysteresis_c: t.after_hysteresis_c,
+            },
+        }),
+        xid: e.xid,
+    };
+    let json = serde_json::to_string(&record).map_err(io::Error::other)?;
+    Ok(format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes())))
+}
+
+fn decode_line(line: &[u8]) -> Option<api::Event> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (crc, json) = line.split_once(' ')?;
+    if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(json.as_bytes()) {
+        return None;
+    }
+    let r: EventRecord = serde_json::from_str(json).ok()?;
+    let time = humantime::parse_rfc3339(&r.time).ok()?;
+    Some(api::Event {
+        seq: r.seq,
+        time: Some(time.into()),
+        kind: EventKind::from_str_name(&r.kind)? as i32,
+        severity: Severity::from_str_name(&r.severity)? as i32,
+        gpu_index: r.gpu_index,
+        gpu_uuid: r.gpu_uuid,
+        actor: Some(api::Actor {
+            kind: ActorKind::from_str_name(&r.actor_kind)? as i32,
+            name: r.actor,
+        }),
+        reason: r.reason,
+        change: r.change.map(|c| match c {
+            ChangeRecord::PowerLimit {
+                before_mw,
+                after_mw,
+            } => Change::PowerLimit(PowerLimitChange {
+                before_mw,
+                after_mw,
+            }),
+            ChangeRecord::ClockLock {
+                before_max_mhz,
+                after_max_mhz,
+            } => Change::ClockLock(ClockLockChange {
+                before_max_mhz,
+                after_max_mhz,
+            }),
+            ChangeRecord::Threshold {
+                before_c,
+                after_c,
+                before_hysteresis_c,
+                after_hysteresis_c,
+            } => Change::Threshold(ThresholdChange {
+                before_c,
+                after_c,
+                before_hysteresis_c,
+                after_hysteresis_c,
+            }),
+        }),
+        xid: r.xid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit_event(before: u32, after: u32) -> NewEvent {
+        NewEvent::new(
+            EventKind::PowerLimitChanged,
+            Actor::governor(),
+            "temperature 86 C >= threshold 83 C",
+        )
+        .gpu(0, "GPU-x")
+        .change(Change::PowerLimit(PowerLimitChange {
+            before_mw: Some(before),
+            after_mw: Some(after),
+        }))
+    }
+
+    #[test]
+    fn events_survive_a_restart_with_their_sequence_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, report) = EventLog::open(Some(dir.path()), 100);
+        assert!(!report.damaged());
+        log.record(limit_event(700_000, 650_000));
+        let second = log.record(limit_event(650_000, 600_000));
+        drop(log);
+
+        let (log, report) = EventLog::open(Some(dir.path()), 100);
+        assert_eq!(report.loaded, 2);
+        let replayed = log.subscribe(Some(0)).replay;
+        assert_eq!(replayed.len(), 2);
+        assert_eq!(
+            *replayed[1], *second,
+            "an event reads back exactly as recorded"
+        );
+        let third = log.record(NewEvent::new(
+            EventKind::DaemonStarted,
+            Actor::daemon(),
+            "up",
+        ));
+        assert_eq!(third.seq, 3, "numbering continues after a restart");
+    }
+
+    #[test]
+    fn torn_last_line_is_cut_and_damaged_lines_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        for i in 0..3 {
+            log.record(limit_event(700_000 - i, 600_000));
+        }
+        drop(log);
+        let path = dir.path().join(LOG_FILE);
+        let text = fs::read_to_string(&path).expect("read");
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        // Flip a character inside the second line's JSON, and tear a fourth.
+        lines[1] = lines[1].replacen("governor", "g0vernor", 1);
+        let damaged = format!(
+            "{}\n{}\n{}\n00000000 {{\"seq\":4,",
+            lines[0], lines[1], lines[2]
+        );
+        fs::write(&path, damaged).expect("write");
+
+        let (log, report) = EventLog::open(Some(dir.path()), 100);
+        assert_eq!(report.corrupt_lines, 1);
+        assert!(report.truncated_bytes > 0);
+        assert_eq!(report.loaded, 2);
+        let seqs: Vec<_> = log
+            .subscribe(Some(0))
+            .replay
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 3]);
+        // Appending after a repair produces a clean line.
+        log.record(limit_event(1, 2));
+        drop(log);
+        let (_, report) = EventLog::open(Some(dir.path()), 100);
+        assert_eq!(
+            report.corrupt_lines, 1,
+            "only the old damaged line remains bad"
+        );
+        assert_eq!(report.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn log_rotates_and_stays_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        for i in 0..350 {
+            log.record(limit_event(i, i + 1));
+        }
+        drop(log);
+        assert!(dir.path().join(ROTATED_FILE).exists());
+        let lines = |name: &str| {
+            fs::read_to_string(dir.path().join(name))
+                .expect("read")
+                .lines()
+                .count()
+        };
+        assert!(lines(LOG_FILE) <= 100 && lines(ROTATED_FILE) <= 100);
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        let replay = log.subscribe(Some(0));
+        assert_eq!(replay.replay.len(), 100);
+        assert_eq!(replay.replay.last().map(|e| e.seq), Some(350));
+        assert_eq!(replay.missing, Some((1, 250)));
+        assert_eq!(log.record(limit_event(0, 1)).seq, 351);
+    }
+
+    #[test]
+    fn subscriber_gets_replay_then_live_without_loss_or_duplicates() {
+        let (log, _) = EventLog::open(None, 100);
+        log.record(limit_event(1, 2));
+        let mut sub = log.subscribe(Some(0));
+        log.record(limit_event(2, 3));
+        assert_eq!(sub.replay.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+        assert_eq!(sub.latest_seq, 1);
+        assert_eq!(sub.live.try_recv().map(|e| e.seq).ok(), Some(2));
+        assert!(sub.live.try_recv().is_err());
+    }
+
+    #[test]
+    fn unwritable_directory_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file_in_the_way = dir.path().join("state");
+        fs::write(&file_in_the_way, "not a directory").expect("write");
+        let (log, report) = EventLog::open(Some(&file_in_the_way), 100);
+        assert!(report.io_error.is_some());
+        let e = log.record(limit_event(1, 2));
+        assert_eq!(e.seq, 1, "events still flow, in memory");
+    }
+}

@@ -1,0 +1,234 @@
+//! The hub: what the sampler last published, and the fan-out to subscribers.
+//!
+//! The sampler publishes one [`Frame`] per tick. The hub keeps the latest
+//! frame (every snapshot is served from it, never from a device call), a
+//! bounded ring of recent frames (so a reconnecting subscriber can resume),
+//! and a broadcast channel that hands each frame to every live subscriber.
+//! The broadcast is bounded too: a subscriber that falls behind loses the
+//! oldest frames and is told so — the sampler never waits for anyone.
+//!
+//! The hub also holds the slowly changing facts published beside the frames:
+//! the GPUs' identities and limits, and the governor's policies.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::broadcast;
+
+use crate::api::{DeviceInfo, Frame, GpuPolicy};
+
+/// What a new subscriber starts from.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Frames for the subscriber to replay (when resuming), oldest first.
+    pub replay: Vec<Arc<Frame>>,
+    /// The newest frame at subscription time (None before the first tick).
+    pub latest: Option<Arc<Frame>>,
+    /// Oldest seq still in history (0 when empty).
+    pub oldest_seq: u64,
+    /// Live frames after `latest`.
+    pub live: broadcast::Receiver<Arc<Frame>>,
+}
+
+/// Counters about the daemon's own cost, exported as metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Watch streams currently open.
+    pub watch_subscribers: AtomicUsize,
+    /// WatchEvents streams currently open.
+    pub event_subscribers: AtomicUsize,
+    /// Frames not delivered to slow subscribers, summed over subscribers.
+    pub frames_dropped: AtomicU64,
+    /// Frames published.
+    pub frames_published: AtomicU64,
+    /// Duration of the last tick's device reads, in microseconds.
+    pub last_sample_duration_us: AtomicU64,
+    /// Sum of all ticks' read durations, in microseconds.
+    pub sample_duration_us_total: AtomicU64,
+}
+
+/// The hub. Shared by the sampler (writer) and every reader.
+#[derive(Debug)]
+pub struct Hub {
+    started: SystemTime,
+    sampler_interval: Duration,
+    slow_interval: Duration,
+    history_capacity: usize,
+    /// The latest frame; read on every snapshot, so kept apart from the ring.
+    latest: RwLock<Option<Arc<Frame>>>,
+    /// Recent frames, oldest first. Publishing holds this lock while it
+    /// sends, so a subscriber that takes the lock sees a consistent cut:
+    /// everything up to the ring's end, then the live channel.
+    history: Mutex<VecDeque<Arc<Frame>>>,
+    frames: broadcast::Sender<Arc<Frame>>,
+    devices: RwLock<Arc<Vec<DeviceInfo>>>,
+    policies: RwLock<Arc<Vec<GpuPolicy>>>,
+    pub stats: HubStats,
+}
+
+/// Frames a subscriber may fall behind by before it loses some.
+pub const SUBSCRIBER_BUFFER_FRAMES: usize = 256;
+
+impl Hub {
+    pub fn new(
+        sampler_interval: Duration,
+        slow_interval: Duration,
+        history_capacity: usize,
+    ) -> Self {
+        let (frames, _) = broadcast::channel(SUBSCRIBER_BUFFER_FRAMES);
+        Self {
+            started: SystemTime::now(),
+            sampler_interval,
+            slow_interval,
+            history_capacity: history_capacity.max(1),
+            latest: RwLock::new(None),
+            history: Mutex::new(VecDeque::with_capacity(history_capacity.clamp(1, 4096))),
+            frames,
+            devices: RwLock::new(Arc::new(Vec::new())),
+            policies: RwLock::new(Arc::new(Vec::new())),
+            stats: HubStats::default(),
+        }
+    }
+
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    pub fn sampler_interval(&self) -> Duration {
+        self.sampler_interval
+    }
+
+    pub fn slow_interval(&self) -> Duration {
+        self.slow_interval
+    }
+
+    pub fn history_capacity(&self) -> usize {
+        self.history_capacity
+    }
+
+    /// Publishes a tick's frame: latest, history, then every subscriber.
+    pub fn publish(&self, frame: Frame) {
+        let frame = Arc::new(frame);
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if history.len() == self.history_capacity {
+            history.pop_front();
+        }
+        history.push_back(frame.clone());
+        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Some(frame.clone());
+        // An error only means nobody is subscribed.
+        let _ = self.frames.send(frame);
+        self.stats.frames_published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The latest frame, if any tick has run.
+    pub fn latest(&self) -> Option<Arc<Frame>> {
+        self.latest
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Subscribes to live frames; with `resume_after`, also returns the
+    /// history frames with a larger seq.
+    pub fn subscribe(&self, resume_after: Option<u64>) -> Subscription {
+        let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = self.frames.subscribe();
+        let replay = match resume_after {
+            Some(after) => {
+                let start = history.partition_point(|f| f.seq <= after);
+                history.range(start..).cloned().collect()
+            }
+            None => Vec::new(),
+        };
+        Subscription {
+            replay,
+            latest: history.back().cloned(),
+            oldest_seq: history.front().map_or(0, |f| f.seq),
+            live,
+        }
+    }
+
+    pub fn devices(&self) -> Arc<Vec<DeviceInfo>> {
+        self.devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_devices(&self, devices: Vec<DeviceInfo>) {
+        *self.devices.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(devices);
+    }
+
+    pub fn policies(&self) -> Arc<Vec<GpuPolicy>> {
+        self.policies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_policies(&self, policies: Vec<GpuPolicy>) {
+        *self
+            .policies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(policies);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64) -> Frame {
+        Frame {
+            seq,
+            time: None,
+            samples: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_latest_is_newest() {
+        let hub = Hub::new(Duration::from_millis(100), Duration::from_secs(5), 3);
+        for seq in 1..=5 {
+            hub.publish(frame(seq));
+        }
+        assert_eq!(hub.latest().map(|f| f.seq), Some(5));
+        let sub = hub.subscribe(Some(0));
+        let seqs: Vec<_> = sub.replay.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(sub.oldest_seq, 3);
+    }
+
+    #[test]
+    fn resume_replays_only_newer_frames_then_live() {
+        let hub = Hub::new(Duration::from_millis(100), Duration::from_secs(5), 10);
+        for seq in 1..=4 {
+            hub.publish(frame(seq));
+        }
+        let mut sub = hub.subscribe(Some(2));
+        assert_eq!(sub.replay.iter().map(|f| f.seq).collect::<Vec<_>>(), [3, 4]);
+        hub.publish(frame(5));
+        assert_eq!(sub.live.try_recv().map(|f| f.seq).ok(), Some(5));
+    }
+
+    #[test]
+    fn slow_subscriber_lags_instead_of_blocking_the_publisher() {
+        let hub = Hub::new(Duration::from_millis(100), Duration::from_secs(5), 10);
+        let mut sub = hub.subscribe(None);
+        let total = SUBSCRIBER_BUFFER_FRAMES as u64 + 10;
+        for seq in 1..=total {
+            hub.publish(frame(seq));
+        }
+        match sub.live.try_recv() {
+            Err(broadcast::error::TryRecvError::Lagged(n)) => assert_eq!(n, 10),
+            other => panic!("expected lag, got {other:?}"),
+        }
+        assert_eq!(sub.live.try_recv().map(|f| f.seq).ok(), Some(11));
+    }
+}

@@ -1,0 +1,421 @@
+//! The sampler: reads every GPU on a fixed cadence and publishes one frame
+//! per tick to the hub.
+//!
+//! Each tick asks every GPU's [`DeviceActor`] for a reading and waits until a
+//! deadline (a fraction of the interval). A GPU that has not answered by then
+//! is published with its last good reading marked STALE (the reading's age
+//! says how old), and is not asked again until its call returns — so one hung
+//! driver call never costs the other GPUs their cadence. A GPU that reports
+//! GpuLost is published as LOST, probed about once a second, and announced
+//! with events when it goes and when it comes back. Hardware slowdown
+//! transitions and XID errors also become events here, since this is where
+//! consecutive readings meet.
+//!
+//! Ticks are numbered from the daemon's start time in Unix milliseconds, so
+//! sequence numbers keep rising across restarts (at up to 1 kHz).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{sync::oneshot, time::MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    actor::{DeviceActor, ReadOutcome},
+    api::{EventKind, Frame, GovernorState, GpuHealth, Severity},
+    backend::{BackendError, DeviceEvent, DeviceFacts, ReadScope, Reading, SlowReading},
+    config::SamplerConfig,
+    events::{Actor, EventLog, NewEvent},
+    hub::Hub,
+    throttle::{self, mask},
+    wire,
+};
+
+/// Health of one GPU as the sampler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Ok,
+    /// The last read failed (not GpuLost).
+    Error(String),
+    Lost(String),
+}
+
+/// The sampler's view of one GPU.
+#[derive(Debug)]
+pub struct GpuSlot {
+    pub actor: DeviceActor,
+    pub facts: DeviceFacts,
+    health: Health,
+    /// A read that has not answered yet.
+    pending: Option<oneshot::Receiver<ReadOutcome>>,
+    /// Refreshed facts requested after a recovery.
+    pending_describe: Option<oneshot::Receiver<Result<DeviceFacts, BackendError>>>,
+    /// True while `pending` has outlived a tick deadline.
+    stale: bool,
+    last: Option<(Reading, SystemTime)>,
+    last_slow: Option<(SlowReading, SystemTime)>,
+    last_probe: Option<Instant>,
+    hw_slowdown: bool,
+}
+
+impl GpuSlot {
+    /// A slot for a GPU whose facts are known.
+    pub fn new(actor: DeviceActor, facts: DeviceFacts) -> Self {
+        Self {
+            actor,
+            facts,
+            health: Health::Ok,
+            pending: None,
+            pending_describe: None,
+            stale: false,
+            last: None,
+            last_slow: None,
+            last_probe: None,
+            hw_slowdown: false,
+        }
+    }
+
+    /// A slot for a GPU that could not be described at startup (lost).
+    pub fn lost(actor: DeviceActor, index: u32, why: String) -> Self {
+        let mut slot = Self::new(
+            actor,
+            DeviceFacts {
+                index,
+                ..DeviceFacts::default()
+            },
+        );
+        slot.health = Health::Lost(why);
+        slot
+    }
+
+    pub fn index(&self) -> u32 {
+        self.facts.index
+    }
+
+    pub fn is_lost(&self) -> bool {
+        matches!(self.health, Health::Lost(_))
+    }
+
+    /// The latest good reading, if any.
+    pub fn last_reading(&self) -> Option<&Reading> {
+        self.last.as_ref().map(|(r, _)| r)
+    }
+
+    fn wire_health(&self) -> GpuHealth {
+        match &self.health {
+            Health::Lost(_) => GpuHealth::Lost,
+            Health::Error(_) => GpuHealth::Error,
+            Health::Ok if self.stale => GpuHealth::Stale,
+            Health::Ok => GpuHealth::Ok,
+        }
+    }
+
+    fn error_text(&self) -> Option<String> {
+        match &self.health {
+            Health::Lost(why) | Health::Error(why) => Some(why.clone()),
+            Health::Ok if self.stale => Some("read did not finish before the tick deadline".into()),
+            Health::Ok => None,
+        }
+    }
+}
+
+/// The sampler.
+#[derive(Debug)]
+pub struct Sampler {
+    pub slots: Vec<GpuSlot>,
+    hub: Arc<Hub>,
+    events: Arc<EventLog>,
+    config: SamplerConfig,
+    next_seq: u64,
+    last_slow: Option<Instant>,
+}
+
+impl Sampler {
+    pub fn new(
+        slots: Vec<GpuSlot>,
+        hub: Arc<Hub>,
+        events: Arc<EventLog>,
+        config: SamplerConfig,
+    ) -> Self {
+        let start_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1));
+        Self {
+            slots,
+            hub,
+            events,
+            config,
+            next_seq: start_ms,
+            last_slow: None,
+        }
+    }
+
+    /// A ticker at the sampler's interval that skips missed ticks.
+    pub fn ticker(&self) -> tokio::time::Interval {
+        let mut ticker = tokio::time::interval(self.config.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        ticker
+    }
+
+    /// Publishes device identities to the hub.
+    pub fn publish_devices(&self) {
+        let devices = self
+            .slots
+            .iter()
+            .map(|s| wire::device_info(&s.facts, s.wire_health(), s.last_reading()))
+            .collect();
+        self.hub.set_devices(devices);
+    }
+
+    /// Runs one tick: read, detect transitions, publish. Returns which GPUs
+    /// produced fresh readings, for the governor; `governor` gives each GPU's
+    /// governor state for the published samples.
+    pub async fn tick(&mut self, governor: impl Fn(u32) -> GovernorState) -> Vec<bool> {
+        let started = Instant::now();
+        let tick_wall = SystemTime::now();
+        let slow_fields = self
+            .last_slow
+            .is_none_or(|t| started.duration_since(t) >= self.config.slow_interval);
+        if slow_fields {
+            self.last_slow = Some(started);
+        }
+        let scope = ReadScope { slow_fields };
+        for slot in &mut self.slots {
+            if slot.pending.is_some() {
+                continue;
+            }
+            if slot.is_lost() {
+                let due = slot
+                    .last_probe
+                    .is_none_or(|t| started.duration_since(t) >= self.config.lost_probe_interval);
+                if !due {
+                    continue;
+                }
+                slot.last_probe = Some(started);
+            }
+            slot.pending = Some(slot.actor.read(scope));
+        }
+
+        let deadline =
+            tokio::time::Instant::from_std(started + self.config.effective_read_timeout());
+        let mut fresh = vec![false; self.slots.len()];
+        let mut devices_changed = false;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(rx) = slot.pending_describe.as_mut()
+                && let Ok(result) = rx.try_recv()
+            {
+                slot.pending_describe = None;
+                if let Ok(facts) = result {
+                    slot.facts = facts;
+                    devices_changed = true;
+                }
+            }
+            let Some(rx) = slot.pending.as_mut() else {
+                continue;
+            };
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(outcome)) => {
+                    slot.pending = None;
+                    slot.stale = false;
+                    fresh[i] = Self::absorb(slot, outcome, &self.events, &mut devices_changed);
+                }
+                Ok(Err(_)) => {
+                    // The device thread is gone (it panicked): treat as an error.
+                    slot.pending = None;
+                    slot.health = Health::Error("device thread stopped".into());
+                }
+                Err(_) => {
+                    if !slot.stale {
+                        tracing::warn!(
+                            gpu = slot.index(),
+                            "GPU read is late; publishing last reading as stale"
+                        );
+                    }
+                    slot.stale = true;
+                }
+            }
+        }
+        let took = started.elapsed();
+        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let stats = &self.hub.stats;
+        stats
+            .last_sample_duration_us
+            .store(took_us, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .sample_duration_us_total
+            .fetch_add(took_us, std::sync::atomic::Ordering::Relaxed);
+
+        if devices_changed {
+            self.publish_devices();
+        }
+        self.publish(tick_wall, governor);
+        fresh
+    }
+
+    /// Takes a finished read into the slot. Returns true for a fresh reading.
+    fn absorb(
+        slot: &mut GpuSlot,
+        outcome: ReadOutcome,
+        events: &EventLog,
+        devices_changed: &mut bool,
+    ) -> bool {
+        let index = slot.index();
+        for event in outcome.events {
+            match event {
+                DeviceEvent::Xid(code) => {
+                    events.record(
+                        NewEvent::new(
+                            EventKind::XidError,
+                            Actor::device(),
+                            format!("XID {code} reported by the driver"),
+                        )
+                        .gpu(index, &slot.facts.uuid)
+                        .severity(Severity::Error)
+                        .xid(code),
+                    );
+                }
+            }
+        }
+        match outcome.result {
+            Ok(mut reading) => {
+                if let Health::Lost(_) = slot.health {
+                    events.record(
+                        NewEvent::new(
+                            EventKind::GpuRecovered,
+                            Actor::device(),
+                            "GPU answers again",
+                        )
+                        .gpu(index, &slot.facts.uuid),
+                    );
+                    slot.pending_describe = Some(slot.actor.describe());
+                    *devices_changed = true;
+                } else if let Health::Error(_) = slot.health {
+                    *devices_changed = true;
+                }
+                slot.health = Health::Ok;
+                let hw_now = reading
+                    .throttle_mask
+                    .is_some_and(|m| m & mask::ANY_HW_SLOWDOWN != 0);
+                if hw_now != slot.hw_slowdown {
+                    slot.hw_slowdown = hw_now;
+                    let (kind, severity, reason) = if hw_now {
+                        let names: Vec<_> = throttle::decode(
+                            reading.throttle_mask.unwrap_or(0) & mask::ANY_HW_SLOWDOWN,
+                        )
+                        .map(|s| s.summary)
+                        .collect();
+                        let temp = reading
+                            .temperature_c
+                            .map_or(String::new(), |t| format!(" at {t} °C"));
+                        (
+                            EventKind::HwSlowdownEntered,
+                            Severity::Warning,
+                            format!("hardware slowdown ({}){temp}", names.join(", ")),
+                        )
+                    } else {
+                        (
+                            EventKind::HwSlowdownLeft,
+                            Severity::Info,
+                            "hardware slowdown ended".to_owned(),
+                        )
+                    };
+                    events.record(
+                        NewEvent::new(kind, Actor::device(), reason)
+                            .gpu(index, &slot.facts.uuid)
+                            .severity(severity),
+                    );
+                }
+                if let Some(slow) = reading.slow.take() {
+                    slot.last_slow = Some((slow, outcome.at));
+                }
+                slot.last = Some((reading, outcome.at));
+                true
+            }
+            Err(BackendError::GpuLost(why)) => {
+                if !slot.is_lost() {
+                    tracing::error!(gpu = index, %why, "GPU lost");
+                    events.record(
+                        NewEvent::new(
+                            EventKind::GpuLost,
+                            Actor::device(),
+                            format!("GPU lost: {why}"),
+                        )
+                        .gpu(index, &slot.facts.uuid)
+                        .severity(Severity::Error),
+                    );
+                    slot.hw_slowdown = false;
+                    *devices_changed = true;
+                }
+                slot.health = Health::Lost(why);
+                slot.last_probe = Some(Instant::now());
+                false
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if slot.health != Health::Error(text.clone()) {
+                    tracing::warn!(gpu = index, error = %text, "GPU read failed");
+                    *devices_changed = true;
+                }
+                slot.health = Health::Error(text);
+                false
+            }
+        }
+    }
+
+    fn publish(&mut self, tick_wall: SystemTime, governor: impl Fn(u32) -> GovernorState) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let samples = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let error = slot.error_text();
+                let lost = slot.is_lost();
+                let read_at = slot.last.as_ref().map(|(_, at)| *at).filter(|_| !lost);
+                let time = read_at.unwrap_or(tick_wall);
+                let meta = wire::SampleMeta {
+                    facts: &slot.facts,
+                    seq,
+                    time,
+                    age_ms: wire::age_ms(time, tick_wall),
+                    health: slot.wire_health(),
+                    error: error.as_deref(),
+                    governor_state: governor(slot.index()),
+                };
+                let reading = if lost { None } else { slot.last_reading() };
+                wire::sample(meta, reading, slot.last_slow.as_ref())
+            })
+            .collect();
+        self.hub.publish(Frame {
+            seq,
+            time: Some(tick_wall.into()),
+            samples,
+        });
+    }
+
+    /// The sampler's configuration.
+    pub fn config(&self) -> &SamplerConfig {
+        &self.config
+    }
+}
+
+/// Runs the sampler alone (no governor) until `shutdown`; used by tests and
+/// by the daemon when the governor is disabled.
+pub async fn run_plain(mut sampler: Sampler, shutdown: CancellationToken) -> Sampler {
+    let mut ticker = sampler.ticker();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {
+                sampler.tick(|_| GovernorState::Disabled).await;
+            }
+        }
+    }
+    sampler
+}
+
+/// How long startup waits for one GPU to describe itself.
+pub const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,271 @@
+//! Thermal scenarios: a simulated GPU and a control policy in a loop, with no
+//! daemon, runtime or wall clock.
+//!
+//! This is how the governor is judged and tuned: the same [`GpuModel`] the
+//! simulator serves, sampled at the sampler's cadence, with the decision of
+//! each sample applied to the model before the next one (a one-sample
+//! actuation delay, as in the daemon). Three policies can drive it: none, the
+//! original design's naive rule ("drop to the minimum when hot, restore
+//! when cool"), and the governor. [`Metrics`] reduces a run to the figures
+//! the README tabulates: peak, settling band, writes and recovery time.
+
+use std::time::Duration;
+
+use crate::{
+    backend::sim::{DemandProfile, GpuModel, ModelParams, Preset, model::watts_to_mw},
+    config::PresetKey,
+    governor::{Actuator, Decision, Governor, GovernorParams, Observation},
+};
+
+/// Who controls the GPU in a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Nobody: the GPU runs at its default limit.
+    None,
+    /// The original design: minimum limit when hot, default when cool.
+    Naive,
+    /// gpuwatch's governor.
+    Governor,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "no governor",
+            Policy::Naive => "naive (min when hot)",
+            Policy::Governor => "gpuwatch governor",
+        }
+    }
+}
+
+/// A thermal scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub preset: PresetKey,
+    pub ambient_c: f64,
+    pub time_constant: Duration,
+    pub sensor_lag: Duration,
+    /// Thermal resistance; the preset's when `None`.
+    pub thermal_resistance_c_per_w: Option<f64>,
+    /// Demand: `high_w` from `start` until `drop`, then `low_w`.
+    pub high_w: f64,
+    pub low_w: f64,
+    pub start: Duration,
+    pub drop: Duration,
+    pub duration: Duration,
+    pub threshold_c: f64,
+    pub hysteresis_c: f64,
+    pub sample_period: Duration,
+    pub min_write_interval: Duration,
+}
+
+impl Scenario {
+    /// The standard test: an H100 whose demand would take it to
+    /// threshold + 15 °C, held for 8 time constants, then dropped.
+    pub fn standard(time_constant: Duration) -> Self {
+        let preset = Preset::get(PresetKey::H100Sxm);
+        let high_w = 650.0;
+        let ambient_c = preset.ambient_c;
+        let unlimited_c = ambient_c + high_w * preset.thermal_resistance_c_per_w;
+        let tau = time_constant.as_secs_f64();
+        Self {
+            preset: PresetKey::H100Sxm,
+            ambient_c,
+            time_constant,
+            sensor_lag: preset.sensor_lag,
+            thermal_resistance_c_per_w: None,
+            high_w,
+            low_w: 150.0,
+            start: Duration::from_secs(5),
+            drop: Duration::from_secs_f64(5.0 + 8.0 * tau),
+            duration: Duration::from_secs_f64(5.0 + 13.0 * tau),
+            threshold_c: (unlimited_c - 15.0).round(),
+            hysteresis_c: 3.0,
+            sample_period: Duration::from_millis(100),
+            min_write_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn demand(&self) -> DemandProfile {
+        let point = |at: Duration, watts: f64| crate::config::DemandPoint {
+            at,
+            watts,
+            ramp: false,
+        };
+        DemandProfile::new(
+            &[point(self.start, self.high_w), point(self.drop, self.low_w)],
+            None,
+        )
+    }
+}
+
+/// One sample of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub t_s: f64,
+    /// What the sensor reports.
+    pub temperature_c: f64,
+    pub limit_w: f64,
+    pub power_w: f64,
+}
+
+/// A run: samples plus the times of limit writes.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub points: Vec<Point>,
+    pub writes_s: Vec<f64>,
+    pub ceiling_w: f64,
+}
+
+/// Runs `scenario` under `policy`.
+pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
+    let preset = Preset::get(scenario.preset);
+    let mut params = ModelParams::from_preset(preset.clone());
+    params.ambient_c = scenario.ambient_c;
+    params.time_constant_s = scenario.time_constant.as_secs_f64();
+    params.sensor_lag_s = scenario.sensor_lag.as_secs_f64();
+    if let Some(r) = scenario.thermal_resistance_c_per_w {
+        params.thermal_resistance_c_per_w = r;
+    }
+    let mut model = GpuModel::new(params, scenario.demand());
+    let ceiling_w = preset.power_default_w;
+    let floor_w = preset.power_min_w;
+    let mut governor = Governor::new(
+        GovernorParams {
+            threshold_c: scenario.threshold_c,
+            hysteresis_c: scenario.hysteresis_c,
+            floor: floor_w,
+            ceiling: ceiling_w,
+            min_write_interval: scenario.min_write_interval,
+            min_step: 5.0,
+            ambient_guess_c: 30.0,
+            actuator: Actuator::PowerLimit,
+            thermal_resistance_c_per_w: (f64::from(preset.slowdown_c) - 35.0)
+                / preset.power_default_w,
+        },
+        ceiling_w,
+    );
+    let mut trace = Trace {
+        points: Vec::new(),
+        writes_s: Vec::new(),
+        ceiling_w,
+    };
+    let mut t = Duration::ZERO;
+    while t <= scenario.duration {
+        model.advance_to(t);
+        let reading = model.reading(false, 0);
+        let temperature_c = f64::from(reading.temperature_c.unwrap_or(0));
+        let power_w = f64::from(reading.power_draw_mw.unwrap_or(0)) / 1000.0;
+        let limit_w = f64::from(model.power_limit_mw()) / 1000.0;
+        trace.points.push(Point {
+            t_s: t.as_secs_f64(),
+            temperature_c,
+            limit_w,
+            power_w,
+        });
+        let new_limit = match policy {
+            Policy::None => None,
+            Policy::Naive => {
+                if temperature_c >= scenario.threshold_c && limit_w > floor_w {
+                    Some(floor_w)
+                } else if temperature_c <= scenario.threshold_c - scenario.hysteresis_c
+                    && limit_w < ceiling_w
+                {
+                    Some(ceiling_w)
+                } else {
+                    None
+                }
+            }
+            Policy::Governor => {
+                let obs = Observation {
+                    time: t,
+                    temperature_c,
+                    power_w: Some(power_w),
+                    level: Some(limit_w),
+                    clock_mhz: None,
+                };
+                match governor.step(&obs) {
+                    Decision::Hold => None,
+                    Decision::Set { level, .. } => Some(level),
+                }
+            }
+        };
+        if let Some(limit) = new_limit {
+            model.set_power_limit_mw(watts_to_mw(limit));
+            trace.writes_s.push(t.as_secs_f64());
+        }
+        t += scenario.sample_period;
+    }
+    trace
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    /// Highest reported temperature.
+    pub peak_c: f64,
+    /// Lowest and highest reported temperature over the second half of the
+    /// high-demand phase (after settling).
+    pub band_c: (f64, f64),
+    pub writes: usize,
+    /// Most writes within any one second.
+    pub max_writes_per_s: usize,
+    /// Writes during the settled half of the high-demand phase.
+    pub steady_writes: usize,
+    /// Seconds from the demand drop until the limit is back at the ceiling
+    /// (`None` if it never gets there).
+    pub recovery_s: Option<f64>,
+}
+
+/// Reduces a run of `scenario` to its figures.
+pub fn metrics(scenario: &Scenario, trace: &Trace) -> Metrics {
+    let start = scenario.start.as_secs_f64();
+    let drop = scenario.drop.as_secs_f64();
+    let settled_from = start + (drop - start) / 2.0;
+    let peak_c = trace
+        .points
+        .iter()
+        .map(|p| p.temperature_c)
+        .fold(f64::MIN, f64::max);
+    let settled: Vec<_> = trace
+        .points
+        .iter()
+        .filter(|p| p.t_s >= settled_from && p.t_s < drop)
+        .map(|p| p.temperature_c)
+        .collect();
+    let band_c = (
+        settled.iter().copied().fold(f64::MAX, f64::min),
+        settled.iter().copied().fold(f64::MIN, f64::max),
+    );
+    let max_writes_per_s = trace
+        .writes_s
+        .iter()
+        .map(|&w| {
+            trace
+                .writes_s
+                .iter()
+                .filter(|&&x| x >= w && x < w + 1.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let steady_writes = trace
+        .writes_s
+        .iter()
+        .filter(|&&w| w >= settled_from && w < drop)
+        .count();
+    let recovery_s = trace
+        .points
+        .iter()
+        .filter(|p| p.t_s >= drop)
+        .find(|p| p.limit_w >= trace.ceiling_w - 0.5)
+        .map(|p| p.t_s - drop);
+    Metrics {
+        peak_c,
+        band_c,
+        writes: trace.writes_s.len(),
+        max_writes_per_s,
+        steady_writes,
+        recovery_s,
+    }
+}

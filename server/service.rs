@@ -1,0 +1,600 @@
+//! The `gpuwatch.v1.GpuWatch` gRPC service.
+//!
+//! The service owns nothing: it holds handles to the hub (telemetry), the
+//! event log, and the control plane's request channel. Reads are answered
+//! from memory; streams are built from the hub's broadcast with per-
+//! subscriber filtering, decimation and gap reporting; control requests are
+//! validated here for shape and forwarded to the control plane, which owns
+//! every write to a GPU.
+
+use std::{collections::VecDeque, pin::Pin, sync::Arc, sync::atomic::Ordering, time::SystemTime};
+
+use futures_util::Stream;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    api::{
+        self, EventsCaughtUp, Frame, Gap, GapReason, GetPolicyRequest, GetPolicyResponse,
+        GetSnapshotRequest, GetSnapshotResponse, HostInfo, ListDevicesRequest, ListDevicesResponse,
+        ResetClocksRequest, ResetClocksResponse, SetPowerLimitRequest, SetPowerLimitResponse,
+        SetThresholdRequest, SetThresholdResponse, WatchEventsRequest, WatchEventsResponse,
+        WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch, watch_events_response,
+        watch_response,
+    },
+    auth::Caller,
+    backend::HostFacts,
+    control::ControlHandle,
+    events::EventLog,
+    hub::Hub,
+    selector::{self, Empty},
+    throttle, wire,
+};
+
+/// Longest Watch interval accepted.
+pub const MAX_WATCH_INTERVAL_MS: u32 = 3_600_000;
+/// Most event kinds one WatchEvents filter may list.
+pub const MAX_EVENT_KINDS: usize = 64;
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct GpuWatchService {
+    hub: Arc<Hub>,
+    events: Arc<EventLog>,
+    control: ControlHandle,
+    host: Arc<HostInfo>,
+    shutdown: CancellationToken,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl GpuWatchService {
+    pub fn new(
+        hub: Arc<Hub>,
+        events: Arc<EventLog>,
+        control: ControlHandle,
+        facts: &HostFacts,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let hostname = hostname();
+        let host = HostInfo {
+            hostname,
+            backend: facts.backend.to_owned(),
+            driver_version: facts.driver_version.clone(),
+            nvml_version: facts.nvml_version.clone(),
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started: Some(hub.started().into()),
+            sampler_interval_ms: duration_ms(hub.sampler_interval()),
+            slow_interval_ms: duration_ms(hub.slow_interval()),
+            history_frames: u32::try_from(hub.history_capacity()).unwrap_or(u32::MAX),
+        };
+        Self {
+            hub,
+            events,
+            control,
+            host: Arc::new(host),
+            shutdown,
+        }
+    }
+
+    /// Devices with their current policy merged in.
+    fn devices_with_policy(&self) -> Vec<api::DeviceInfo> {
+        let policies = self.hub.policies();
+        self.hub
+            .devices()
+            .iter()
+            .map(|d| {
+                let mut d = d.clone();
+                d.policy = policies.iter().find(|p| p.index == d.index).cloned();
+                d
+            })
+            .collect()
+    }
+
+    /// GPU indices picked by `selectors` (empty = all).
+    fn pick_indices(
+        &self,
+        selectors: &[api::GpuSelector],
+        empty: Empty,
+    ) -> Result<Vec<u32>, Status> {
+        let devices = self.hub.devices();
+        let picked = selector::resolve(selectors, &devices, empty)?;
+        Ok(picked.into_iter().map(|i| devices[i].index).collect())
+    }
+}
+
+fn duration_ms(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// This host's name (empty when it cannot be read).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+/// The samples of `frame` for `indices` (None = all).
+fn filter_frame(frame: &Frame, indices: Option<&[u32]>) -> Frame {
+    match indices {
+        None => frame.clone(),
+        Some(indices) => Frame {
+            seq: frame.seq,
+            time: frame.time,
+            samples: frame
+                .samples
+                .iter()
+                .filter(|s| indices.contains(&s.index))
+                .cloned()
+                .collect(),
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl GpuWatch for GpuWatchService {
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let devices = self.devices_with_policy();
+        let picked = selector::resolve(&request.get_ref().gpus, &devices, Empty::MeansAll)?;
+        let devices = picked.into_iter().map(|i| devices[i].clone()).collect();
+        Ok(Response::new(ListDevicesResponse {
+            host: Some((*self.host).clone()),
+            devices,
+            throttle_reasons: throttle::catalog(),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
+        let Some(latest) = self.hub.latest() else {
+            return Err(Status::unavailable(
+                "no sample yet: the sampler has not completed its first tick",
+            ));
+        };
+        let now = SystemTime::now();
+        let samples = latest
+            .samples
+            .iter()
+            .filter(|s| indices.contains(&s.index))
+            .map(|s| {
+                let mut s = s.clone();
+                if let Some(t) = s.time.and_then(|t| SystemTime::try_from(t).ok()) {
+                    s.age_ms = wire::age_ms(t, now);
+                }
+                s
+            })
+            .collect();
+        Ok(Response::new(GetSnapshotResponse {
+            seq: latest.seq,
+            time: latest.time,
+            samples,
+        }))
+    }
+
+    type WatchStream = BoxStream<WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let all = req.gpus.is_empty();
+        let indices = self.pick_indices(&req.gpus, Empty::MeansAll)?;
+        let sampler_ms = duration_ms(self.hub.sampler_interval()).max(1);
+        let interval_ms = match req.interval_ms {
+            0 => sampler_ms,
+            ms if ms < sampler_ms => {
+                return Err(Status::invalid_argument(format!(
+                    "interval_ms {ms} is below the sampler's interval; the minimum is {sampler_ms} ms (0 means the sampler's interval)"
+                )));
+            }
+            ms if ms > MAX_WATCH_INTERVAL_MS => {
+                return Err(Status::invalid_argument(format!(
+                    "interval_ms {ms} is too long; the maximum is {MAX_WATCH_INTERVAL_MS} ms"
+                )));
+            }
+            ms => ms,
+        };
+        let stride = u64::from((interval_ms + sampler_ms / 2) / sampler_ms).max(1);
+        let filter = (!all).then_some(indices.clone());
+        let sub = self.hub.subscribe(req.resume_after_seq);
+        let latest_seq = sub.latest.as_ref().map_or(0, |f| f.seq);
+        // A resume point newer than anything published (e.g. the clock went
+        // back across a restart) is treated as a fresh subscription.
+        let resume = req.resume_after_seq.filter(|&after| after <= latest_seq);
+        let devices = self
+            .devices_with_policy()
+            .into_iter()
+            .filter(|d| indices.contains(&d.index))
+            .collect();
+        let mut queue = VecDeque::new();
+        let mut last_delivered = None;
+        let current = match resume {
+            None => sub.latest.as_ref().map(|f| {
+                last_delivered = Some(f.seq);
+                filter_frame(f, filter.as_deref())
+            }),
+            Some(_) => None,
+        };
+        queue.push_back(Pending::Message(watch_response::Message::Start(
+            WatchStart {
+                sampler_interval_ms: sampler_ms,
+                interval_ms: u32::try_from(stride)
+                    .unwrap_or(u32::MAX)
+                    .saturating_mul(sampler_ms),
+                stride: u32::try_from(stride).unwrap_or(u32::MAX),
+                server_started: Some(self.hub.started().into()),
+                oldest_seq: sub.oldest_seq,
+                latest_seq,
+                devices,
+                current,
+            },
+        )));
+        if let Some(after) = resume {
+            last_delivered = Some(after);
+            let first_kept = sub.replay.first().map_or(latest_seq + 1, |f| f.seq);
+            if after + 1 < first_kept {
+                queue.push_back(Pending::Message(watch_response::Message::Gap(Gap {
+                    first_seq: after + 1,
+                    last_seq: first_kept - 1,
+                    reason: GapReason::NotInHistory as i32,
+                    missed: (first_kept - 1 - after) / stride,
+                })));
+                last_delivered = Some(first_kept.saturating_sub(stride));
+            }
+            for frame in sub.replay {
+                if last_delivered.is_some_and(|last| frame.seq < last + stride) {
+                    continue;
+                }
+                last_delivered = Some(frame.seq);
+                queue.push_back(Pending::Frame(frame));
+            }
+        }
+        let state = WatchState {
+            queue,
+            live: sub.live,
+            filter,
+            stride,
+            last_delivered,
+            lagged: 0,
+            shutdown: self.shutdown.clone(),
+            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Watch),
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            state,
+            WatchState::next,
+        ))))
+    }
+
+    type WatchEventsStream = BoxStream<WatchEventsResponse>;
+
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = request.into_inner();
+        let filter = if req.gpus.is_empty() {
+            None
+        } else {
+            Some(self.pick_indices(&req.gpus, Empty::MeansAll)?)
+        };
+        if req.kinds.len() > MAX_EVENT_KINDS {
+            return Err(Status::invalid_argument(format!(
+                "kinds: {} entries; at most {MAX_EVENT_KINDS} are allowed",
+                req.kinds.len()
+            )));
+        }
+        for (i, kind) in req.kinds.iter().enumerate() {
+            match api::EventKind::try_from(*kind) {
+                Ok(api::EventKind::Unspecified) | Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "kinds[{i}]: {kind} is not an event kind; allowed: 1 to {}",
+                        api::EventKind::CeilingChanged as i32
+                    )));
+                }
+                Ok(_) => {}
+            }
+        }
+        let sub = self.events.subscribe(req.since_seq);
+        let mut queue = VecDeque::new();
+        if let Some((first, last)) = sub.missing {
+            queue.push_back(watch_events_response::Message::Gap(Gap {
+                first_seq: first,
+                last_seq: last,
+                reason: GapReason::NotInHistory as i32,
+                missed: last - first + 1,
+            }));
+        }
+        let filter = EventFilter {
+            gpus: filter,
+            kinds: req.kinds,
+        };
+        let mut last_seq = req
+            .since_seq
+            .map_or(sub.latest_seq, |s| s.min(sub.latest_seq));
+        for event in sub.replay {
+            last_seq = event.seq;
+            if filter.accepts(&event) {
+                queue.push_back(watch_events_response::Message::Event((*event).clone()));
+            }
+        }
+        queue.push_back(watch_events_response::Message::CaughtUp(EventsCaughtUp {
+            latest_seq: sub.latest_seq,
+        }));
+        let state = EventsState {
+            queue,
+            live: sub.live,
+            filter,
+            last_seq,
+            shutdown: self.shutdown.clone(),
+            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Events),
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            state,
+            EventsState::next,
+        ))))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<GetPolicyResponse>, Status> {
+        let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
+        let policies = self
+            .hub
+            .policies()
+            .iter()
+            .filter(|p| indices.contains(&p.index))
+            .cloned()
+            .collect();
+        Ok(Response::new(GetPolicyResponse { policies }))
+    }
+
+    async fn set_power_limit(
+        &self,
+        request: Request<SetPowerLimitRequest>,
+    ) -> Result<Response<SetPowerLimitResponse>, Status> {
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let indices = self.pick_indices(&req.gpus, Empty::Refused)?;
+        let target = req.target.ok_or_else(|| {
+            Status::invalid_argument(
+                "target: set `watts` (the new limit) or `restore_default: true`",
+            )
+        })?;
+        self.control
+            .set_power_limit(indices, target, caller)
+            .await
+            .map(Response::new)
+    }
+
+    async fn reset_clocks(
+        &self,
+        request: Request<ResetClocksRequest>,
+    ) -> Result<Response<ResetClocksResponse>, Status> {
+        let caller = Caller::of(&request);
+        let indices = self.pick_indices(&request.get_ref().gpus, Empty::Refused)?;
+        self.control
+            .reset_clocks(indices, caller)
+            .await
+            .map(Response::new)
+    }
+
+    async fn set_threshold(
+        &self,
+        request: Request<SetThresholdRequest>,
+    ) -> Result<Response<SetThresholdResponse>, Status> {
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let indices = self.pick_indices(&req.gpus, Empty::Refused)?;
+        let target = req.target.ok_or_else(|| {
+            Status::invalid_argument(
+                "target: set `celsius` (the new threshold) or `restore_default: true`",
+            )
+        })?;
+        self.control
+            .set_threshold(indices, target, req.hysteresis_c, caller)
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Which gauge a subscriber counts in.
+#[derive(Debug, Clone, Copy)]
+enum Gauge {
+    Watch,
+    Events,
+}
+
+/// Counts a subscriber for as long as its stream lives.
+#[derive(Debug)]
+struct SubscriberGuard {
+    hub: Arc<Hub>,
+    gauge: Gauge,
+}
+
+impl SubscriberGuard {
+    fn new(hub: Arc<Hub>, gauge: Gauge) -> Self {
+        Self::counter(&hub, gauge).fetch_add(1, Ordering::Relaxed);
+        Self { hub, gauge }
+    }
+
+    fn counter(hub: &Hub, gauge: Gauge) -> &std::sync::atomic::AtomicUsize {
+        match gauge {
+            Gauge::Watch => &hub.stats.watch_subscribers,
+            Gauge::Events => &hub.stats.event_subscribers,
+        }
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        Self::counter(&self.hub, self.gauge).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Pending {
+    Message(watch_response::Message),
+    Frame(Arc<Frame>),
+}
+
+struct WatchState {
+    queue: VecDeque<Pending>,
+    live: broadcast::Receiver<Arc<Frame>>,
+    filter: Option<Vec<u32>>,
+    stride: u64,
+    last_delivered: Option<u64>,
+    /// Frames the broadcast dropped for us since the last delivery.
+    lagged: u64,
+    shutdown: CancellationToken,
+    _guard: SubscriberGuard,
+}
+
+impl WatchState {
+    fn message(&self, pending: Pending) -> WatchResponse {
+        let message = match pending {
+            Pending::Message(m) => m,
+            Pending::Frame(f) => {
+                watch_response::Message::Frame(filter_frame(&f, self.filter.as_deref()))
+            }
+        };
+        WatchResponse {
+            message: Some(message),
+        }
+    }
+
+    async fn next(mut self) -> Option<(Result<WatchResponse, Status>, Self)> {
+        loop {
+            if let Some(pending) = self.queue.pop_front() {
+                let msg = self.message(pending);
+                return Some((Ok(msg), self));
+            }
+            let received = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return None,
+                r = self.live.recv() => r,
+            };
+            match received {
+                Ok(frame) => {
+                    let seq = frame.seq;
+                    if self.lagged > 0 {
+                        let first = self.last_delivered.map_or(seq - self.lagged, |l| l + 1);
+                        let missed = self.lagged;
+                        self.lagged = 0;
+                        self.last_delivered = Some(seq);
+                        self.queue
+                            .push_back(Pending::Message(watch_response::Message::Gap(Gap {
+                                first_seq: first,
+                                last_seq: seq - 1,
+                                reason: GapReason::SlowSubscriber as i32,
+                                missed: (missed / self.stride).max(1),
+                            })));
+                        self.queue.push_back(Pending::Frame(frame));
+                        continue;
+                    }
+                    if self
+                        .last_delivered
+                        .is_some_and(|last| seq < last + self.stride)
+                    {
+                        continue;
+                    }
+                    self.last_delivered = Some(seq);
+                    let msg = self.message(Pending::Frame(frame));
+                    return Some((Ok(msg), self));
+                }
+                Err(RecvError::Lagged(n)) => {
+                    self.lagged += n;
+                    self._guard
+                        .hub
+                        .stats
+                        .frames_dropped
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+struct EventFilter {
+    gpus: Option<Vec<u32>>,
+    kinds: Vec<i32>,
+}
+
+impl EventFilter {
+    fn accepts(&self, e: &api::Event) -> bool {
+        let gpu_ok = match (&self.gpus, e.gpu_index) {
+            (Some(gpus), Some(i)) => gpus.contains(&i),
+            _ => true,
+        };
+        gpu_ok && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+    }
+}
+
+struct EventsState {
+    queue: VecDeque<watch_events_response::Message>,
+    live: broadcast::Receiver<Arc<api::Event>>,
+    filter: EventFilter,
+    last_seq: u64,
+    shutdown: CancellationToken,
+    _guard: SubscriberGuard,
+}
+
+impl EventsState {
+    async fn next(mut self) -> Option<(Result<WatchEventsResponse, Status>, Self)> {
+        loop {
+            if let Some(message) = self.queue.pop_front() {
+                return Some((
+                    Ok(WatchEventsResponse {
+                        message: Some(message),
+                    }),
+                    self,
+                ));
+            }
+            let received = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return None,
+                r = self.live.recv() => r,
+            };
+            match received {
+                Ok(event) => {
+                    if event.seq <= self.last_seq {
+                        continue;
+                    }
+                    self.last_seq = event.seq;
+                    if self.filter.accepts(&event) {
+                        let message = watch_events_response::Message::Event((*event).clone());
+                        return Some((
+                            Ok(WatchEventsResponse {
+                                message: Some(message),
+                            }),
+                            self,
+                        ));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let first = self.last_seq + 1;
+                    self.last_seq += n;
+                    self.queue
+                        .push_back(watch_events_response::Message::Gap(Gap {
+                            first_seq: first,
+                            last_seq: self.last_seq,
+                            reason: GapReason::SlowSubscriber as i32,
+                            missed: n,
+                        }));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
