@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpuwatch::backend::{Backend, BackendError, DeviceEvent, nvml::NvmlBackend};
+use gpuwatch::backend::{Backend, BackendError, DeviceEvent, Field, nvml::NvmlBackend};
 use nvml_support::{FAST, FakeNvml, SLOW, collect_events};
 use serde_json::{Value, json};
 
@@ -63,6 +63,50 @@ fn a_gpu_lost_before_its_first_read_is_reported_lost() {
     assert!(gpu0.read(FAST).is_err_and(|e| e.is_lost()));
     fake.set_config(&two_gpus(json!({"model": "datacenter"})));
     assert!(gpu0.read(FAST).expect("back").power_draw_mw.is_some());
+}
+
+#[test]
+fn a_gpu_answering_unknown_after_falling_off_the_bus_is_lost() {
+    let fake = FakeNvml::new(&json!({"gpus": [{}]}));
+    let backend = fake.backend();
+    let mut gpu = backend.open(0).expect("open");
+    gpu.describe().expect("describe");
+    fake.set_config(&json!({"gpus": [{"lost": true, "lost_error": "unknown"}]}));
+    let err = gpu.read(FAST).expect_err("gone");
+    assert!(
+        err.is_lost(),
+        "Unknown with no handle to be had is a loss: {err:?}"
+    );
+    fake.set_config(&json!({"gpus": [{}]}));
+    assert!(gpu.read(FAST).expect("back").temperature_c.is_some());
+}
+
+#[test]
+fn a_transient_error_blanks_the_field_but_keeps_the_gpu_and_the_field() {
+    let fake = FakeNvml::new(&json!({"gpus": [{}]}));
+    let backend = fake.backend();
+    let mut gpu = backend.open(0).expect("open");
+    fake.set_config(&json!({"gpus": [{"failing": ["fan_speed", "power_usage"]}]}));
+    let facts = gpu.describe().expect("describe");
+    assert!(
+        facts.fields.contains(&Field::FanSpeed),
+        "an error is not NotSupported"
+    );
+    assert!(facts.fields.contains(&Field::PowerDraw));
+    let r = gpu
+        .read(FAST)
+        .expect("a field error does not fail the read");
+    assert_eq!(r.fan_speed_pct, None);
+    assert_eq!(r.power_draw_mw, None);
+    assert!(r.temperature_c.is_some());
+
+    fake.set_config(&json!({"gpus": [{}]}));
+    let r = gpu.read(FAST).expect("read");
+    assert!(
+        r.fan_speed_pct.is_some(),
+        "the field is read again once it works"
+    );
+    assert!(r.power_draw_mw.is_some());
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! encoding, and every pointer read and write. Each function checks its
 //! arguments like NVML does, then asks `state`/`model` for the answer. On a
 //! GPU the order of checks is: bad handle, lost GPU, hang, feature not
-//! supported, (for writes) no permission, then the value's own range checks.
+//! supported, feature failing, (for writes) no permission, then the value's
+//! own range checks.
 
 // NVML's names (and bindgen's constants for its enums) are C names.
 #![allow(non_upper_case_globals, non_snake_case)]
@@ -29,7 +30,7 @@ const INVALID_ARGUMENT: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_INVALID_ARGUME
 const NOT_SUPPORTED: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED;
 const NOT_FOUND: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_NOT_FOUND;
 const INSUFFICIENT_SIZE: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE;
-const GPU_IS_LOST: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST;
+const UNKNOWN: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_UNKNOWN;
 const TIMEOUT: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_TIMEOUT;
 const NO_PERMISSION: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_NO_PERMISSION;
 const VERSION_MISMATCH: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
@@ -130,9 +131,9 @@ fn query<T>(
     let index = device_index(device)?;
     let hang = state::with(|fake| {
         let gpu = fake.gpu(index)?;
-        if gpu.config.lost {
-            fake.trace(index, symbol, GPU_IS_LOST);
-            return Err(GPU_IS_LOST);
+        if let Some(code) = gpu.lost_code() {
+            fake.trace(index, symbol, code);
+            return Err(code);
         }
         Ok(gpu.config.hang_ms)
     })?;
@@ -176,11 +177,14 @@ fn on_gpu<T>(
     f: impl FnOnce(&mut Gpu) -> NvmlResult<T>,
 ) -> NvmlResult<T> {
     let gpu = fake.gpu(index)?;
-    if gpu.config.lost {
-        return Err(GPU_IS_LOST);
+    if let Some(code) = gpu.lost_code() {
+        return Err(code);
     }
     if feature.is_some_and(|feat| !gpu.supports(feat)) {
         return Err(NOT_SUPPORTED);
+    }
+    if feature.is_some_and(|feat| gpu.fails(feat)) {
+        return Err(UNKNOWN);
     }
     if write && gpu.config.no_permission_on_write {
         return Err(NO_PERMISSION);
@@ -263,8 +267,8 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
 ) -> nvmlReturn_t {
     let result = state::with(|fake| {
         let gpu = fake.gpu(index)?;
-        if gpu.config.lost {
-            return Err(GPU_IS_LOST);
+        if let Some(code) = gpu.lost_code() {
+            return Err(code);
         }
         Ok(device_handle(index))
     });
@@ -290,8 +294,8 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
             .iter()
             .find(|g| g.uuid == wanted)
             .ok_or(NOT_FOUND)?;
-        if gpu.config.lost {
-            return Err(GPU_IS_LOST);
+        if let Some(code) = gpu.lost_code() {
+            return Err(code);
         }
         Ok(device_handle(gpu.index))
     });

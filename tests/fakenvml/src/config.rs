@@ -125,8 +125,14 @@ pub struct GpuConfig {
     pub ecc_errors: EccConfig,
     /// Features that answer NOT_SUPPORTED on top of the model's own.
     pub unsupported: Vec<Feature>,
-    /// Fault: every call on this GPU answers `NVML_ERROR_GPU_IS_LOST`.
+    /// Fault: every call on this GPU fails with `lost_error`.
     pub lost: bool,
+    /// What a lost GPU answers: `NVML_ERROR_GPU_IS_LOST` (default) or, as
+    /// some drivers do for a GPU that fell off the bus, `NVML_ERROR_UNKNOWN`.
+    pub lost_error: LostError,
+    /// Fault: calls for these features answer `NVML_ERROR_UNKNOWN` while
+    /// the GPU itself stays healthy (a transient driver error).
+    pub failing: Vec<Feature>,
     /// Fault: writes answer `NVML_ERROR_NO_PERMISSION`.
     pub no_permission_on_write: bool,
     /// Fault: every query on this GPU sleeps this long before answering.
@@ -151,11 +157,22 @@ impl Default for GpuConfig {
             ecc_errors: EccConfig::default(),
             unsupported: Vec::new(),
             lost: false,
+            lost_error: LostError::default(),
+            failing: Vec::new(),
             no_permission_on_write: false,
             hang_ms: 0,
             xid: Vec::new(),
         }
     }
+}
+
+/// The error a lost GPU answers with.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LostError {
+    #[default]
+    GpuIsLost,
+    Unknown,
 }
 
 /// A compute process on a GPU.

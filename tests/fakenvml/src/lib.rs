@@ -46,7 +46,9 @@
 //!                     {"pid": 4101, "used_memory_mib": null}],
 //!       "ecc_errors": {"corrected": 0, "uncorrected": 0},
 //!       "unsupported": ["fan_speed"],  // extra NOT_SUPPORTED features
-//!       "lost": false,                 // every call: GPU_IS_LOST
+//!       "lost": false,                 // every call fails with lost_error
+//!       "lost_error": "gpu_is_lost",   // or "unknown" (NVML_ERROR_UNKNOWN)
+//!       "failing": ["power_usage"],    // these features: NVML_ERROR_UNKNOWN
 //!       "no_permission_on_write": false, // writes: NO_PERMISSION
 //!       "hang_ms": 0,                  // every query sleeps this long first
 //!       "xid": [79]                    // XIDs logged, each delivered once
@@ -65,7 +67,7 @@
 //! `utilization`, `memory_info`, `performance_state`, `throttle_reasons`,
 //! `pcie_throughput`, `ecc`, `processes`, `architecture`,
 //! `gpu_locked_clocks`, `memory_locked_clocks`, `applications_clocks`,
-//! `events`.
+//! `events` (the same names serve `failing`).
 //!
 //! A GPU entry that keeps its model and uuid across a re-read keeps its state
 //! (power limit, clock locks, energy counter, delivered XIDs); one whose

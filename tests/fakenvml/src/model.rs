@@ -11,7 +11,7 @@ use std::{collections::HashSet, time::Instant};
 
 use nvml_wrapper_sys::bindings::*;
 
-use crate::config::{Feature, GpuConfig, ModelKind};
+use crate::config::{Feature, GpuConfig, LostError, ModelKind};
 
 /// The fixed numbers of a board.
 #[derive(Debug, Clone)]
@@ -213,6 +213,19 @@ impl Gpu {
             .collect();
         self.xids_delivered = self.xids_delivered.min(config.xid.len());
         self.config = config;
+    }
+
+    /// The error every call answers while the GPU is lost.
+    pub fn lost_code(&self) -> Option<nvmlReturn_t> {
+        self.config.lost.then_some(match self.config.lost_error {
+            LostError::GpuIsLost => nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST,
+            LostError::Unknown => nvmlReturn_enum_NVML_ERROR_UNKNOWN,
+        })
+    }
+
+    /// True when calls for `feature` are configured to fail.
+    pub fn fails(&self, feature: Feature) -> bool {
+        self.config.failing.contains(&feature)
     }
 
     pub fn supports(&self, feature: Feature) -> bool {
