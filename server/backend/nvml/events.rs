@@ -46,7 +46,7 @@ struct Watch {
 }
 
 /// The backend's side: where new registrations go.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct EventWatcher {
     /// `None` when the event thread could not be started.
     registrations: Option<Sender<Watch>>,
