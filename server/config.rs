@@ -139,6 +139,10 @@ pub struct ServerConfig {
     /// gRPC listen address.
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// HTTP listen address for /metrics, the dashboard and /healthz;
+    /// "off" disables the HTTP listener.
+    #[serde(deserialize_with = "optional_socket_addr")]
+    pub http_listen: Option<SocketAddr>,
     /// How long shutdown waits for connections to drain.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -148,9 +152,27 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
             shutdown_grace: Duration::from_secs(5),
         }
     }
+}
+
+/// Parses "off" (or "") as no listener, else an IP:PORT.
+pub fn parse_optional_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "" | "off" | "none" => Ok(None),
+        t => t.parse().map(Some).map_err(|_| {
+            format!("\"{t}\" is not an address; expected IP:PORT (e.g. \"127.0.0.1:{DEFAULT_HTTP_PORT}\") or \"off\"")
+        }),
+    }
+}
+
+fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_optional_addr(&text).map_err(serde::de::Error::custom)
 }
 
 /// The sampler's cadence and memory.
@@ -442,6 +464,8 @@ string_enum! {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
+    /// `Some(None)` turns the HTTP listener off.
+    pub http_listen: Option<Option<SocketAddr>>,
     pub simulate: bool,
     pub state_dir: Option<PathBuf>,
     pub sampler_interval: Option<Duration>,
@@ -510,6 +534,9 @@ pub fn load(
 fn apply(cfg: &mut Config, o: &Overrides) {
     if let Some(listen) = o.listen {
         cfg.server.listen = listen;
+    }
+    if let Some(http) = o.http_listen {
+        cfg.server.http_listen = http;
     }
     if o.simulate {
         cfg.backend.kind = BackendKind::Simulator;

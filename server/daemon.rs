@@ -53,6 +53,7 @@ pub enum DaemonError {
 #[derive(Debug)]
 pub struct Daemon {
     grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), DaemonError>>,
@@ -64,6 +65,11 @@ impl Daemon {
     /// The address the gRPC server actually bound.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The address the HTTP server bound, when it runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Where desired state and the event log live (None: memory only).
@@ -237,6 +243,19 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         source,
     })?;
 
+    let http = match config.server.http_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| DaemonError::Bind { addr, source })?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
+
     let service = GpuWatchService::new(
         hub.clone(),
         events.clone(),
@@ -274,6 +293,21 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         state_dir = %state_dir.as_deref().map_or("(memory only)".into(), |d| d.display().to_string()),
         "gRPC listening on {grpc_addr}"
     );
+    let http_addr = http.as_ref().map(|(_, addr)| *addr);
+    let http_task = http.map(|(listener, addr)| {
+        tracing::info!("HTTP (metrics, dashboard, healthz) listening on {addr}");
+        let state = crate::http::HttpState {
+            hub: hub.clone(),
+            events: events.clone(),
+            hostname: crate::service::hostname(),
+        };
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(listener, state, stop).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })
+    });
     events.record(NewEvent::new(
         EventKind::DaemonStarted,
         Actor::startup(),
@@ -312,11 +346,15 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         if control_task.await.is_err() {
             tracing::error!("control plane task failed during shutdown");
         }
+        if let Some(http) = http_task {
+            let _ = tokio::time::timeout(grace, http).await;
+        }
         served
     });
 
     Ok(Daemon {
         grpc_addr,
+        http_addr,
         state_dir,
         shutdown,
         task,

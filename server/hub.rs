@@ -57,6 +57,7 @@ pub struct HubStats {
 #[derive(Debug)]
 pub struct Hub {
     started: SystemTime,
+    first_seq: u64,
     sampler_interval: Duration,
     slow_interval: Duration,
     history_capacity: usize,
@@ -72,6 +73,15 @@ pub struct Hub {
     pub stats: HubStats,
 }
 
+/// Sequence numbers start at the start time in Unix milliseconds, so they
+/// keep rising across restarts (as long as ticks come at most every 1 ms).
+pub fn first_seq_for(started: SystemTime) -> u64 {
+    started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1))
+        .max(1)
+}
+
 /// Frames a subscriber may fall behind by before it loses some.
 pub const SUBSCRIBER_BUFFER_FRAMES: usize = 256;
 
@@ -82,8 +92,10 @@ impl Hub {
         history_capacity: usize,
     ) -> Self {
         let (frames, _) = broadcast::channel(SUBSCRIBER_BUFFER_FRAMES);
+        let started = SystemTime::now();
         Self {
-            started: SystemTime::now(),
+            started,
+            first_seq: first_seq_for(started),
             sampler_interval,
             slow_interval,
             history_capacity: history_capacity.max(1),
@@ -94,6 +106,12 @@ impl Hub {
             policies: RwLock::new(Arc::new(Vec::new())),
             stats: HubStats::default(),
         }
+    }
+
+    /// The first seq this run of the daemon publishes: anything lower came
+    /// from an earlier run.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
     }
 
     pub fn started(&self) -> SystemTime {

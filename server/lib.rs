@@ -27,6 +27,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod governor;
+pub mod http;
 pub mod hub;
 pub mod sampler;
 pub mod scenario;

@@ -32,6 +32,10 @@ struct Args {
     /// gRPC listen address [default: 127.0.0.1:9450]; port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// HTTP listen address for /metrics, the dashboard and /healthz
+    /// [default: 127.0.0.1:9451]; "off" disables it.
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_http_listen)]
+    http_listen: Option<HttpListen>,
     /// Run on simulated GPUs ([simulator] in the config, or a demo fleet).
     #[arg(long)]
     simulate: bool,
@@ -50,6 +54,14 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+/// `--http-listen`: an address, or "off".
+#[derive(Debug, Clone, Copy)]
+struct HttpListen(Option<SocketAddr>);
+
+fn parse_http_listen(text: &str) -> Result<HttpListen, String> {
+    config::parse_optional_addr(text).map(HttpListen)
 }
 
 fn init_logging(config: &Config) -> Result<(), String> {
@@ -90,9 +102,22 @@ async fn wait_for_signal() {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            // --help and --version are not errors; a bad flag is EX_USAGE.
+            return if usage {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let overrides = Overrides {
         listen: args.listen,
+        http_listen: args.http_listen.map(|h| h.0),
         simulate: args.simulate,
         state_dir: args.state_dir.clone(),
         sampler_interval: args.sampler_interval,

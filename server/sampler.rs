@@ -139,9 +139,7 @@ impl Sampler {
         events: Arc<EventLog>,
         config: SamplerConfig,
     ) -> Self {
-        let start_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1));
+        let start_ms = hub.first_seq();
         Self {
             slots,
             hub,

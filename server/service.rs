@@ -244,11 +244,18 @@ impl GpuWatch for GpuWatchService {
             last_delivered = Some(after);
             let first_kept = sub.replay.first().map_or(latest_seq + 1, |f| f.seq);
             if after + 1 < first_kept {
+                let restarted = after < self.hub.first_seq();
+                let counted_from = if restarted {
+                    self.hub.first_seq()
+                } else {
+                    after + 1
+                };
                 queue.push_back(Pending::Message(watch_response::Message::Gap(Gap {
                     first_seq: after + 1,
                     last_seq: first_kept - 1,
                     reason: GapReason::NotInHistory as i32,
-                    missed: (first_kept - 1 - after) / stride,
+                    missed: first_kept.saturating_sub(counted_from) / stride,
+                    restarted,
                 })));
                 last_delivered = Some(first_kept.saturating_sub(stride));
             }
@@ -313,6 +320,7 @@ impl GpuWatch for GpuWatchService {
                 last_seq: last,
                 reason: GapReason::NotInHistory as i32,
                 missed: last - first + 1,
+                restarted: false,
             }));
         }
         let filter = EventFilter {
@@ -498,6 +506,7 @@ impl WatchState {
                                 last_seq: seq - 1,
                                 reason: GapReason::SlowSubscriber as i32,
                                 missed: (missed / self.stride).max(1),
+                                restarted: false,
                             })));
                         self.queue.push_back(Pending::Frame(frame));
                         continue;
@@ -591,6 +600,7 @@ impl EventsState {
                             last_seq: self.last_seq,
                             reason: GapReason::SlowSubscriber as i32,
                             missed: n,
+                            restarted: false,
                         }));
                 }
                 Err(RecvError::Closed) => return None,

@@ -21,7 +21,12 @@ fn scenarios() -> Vec<(String, Scenario)> {
                 s.thermal_resistance_c_per_w = Some(r);
                 s.ambient_c = ambient;
                 s.threshold_c = (ambient + s.high_w * r - 15.0).round();
-                out.push((format!("tau {tau} s, sampled every {period} s, R x{r_scale}, ambient {ambient} °C"), s));
+                out.push((
+                    format!(
+                        "tau {tau} s, sampled every {period} s, R x{r_scale}, ambient {ambient} °C"
+                    ),
+                    s,
+                ));
             }
         }
     }
@@ -32,7 +37,11 @@ fn scenarios() -> Vec<(String, Scenario)> {
 fn without_a_governor_the_demand_overshoots_by_about_fifteen_degrees() {
     for (name, s) in scenarios() {
         let m = metrics(&s, &run(&s, Policy::None));
-        assert!(m.peak_c >= s.threshold_c + 13.0, "{name}: peak {}", m.peak_c);
+        assert!(
+            m.peak_c >= s.threshold_c + 13.0,
+            "{name}: peak {}",
+            m.peak_c
+        );
     }
 }
 
@@ -40,7 +49,12 @@ fn without_a_governor_the_demand_overshoots_by_about_fifteen_degrees() {
 fn peak_stays_within_two_degrees_of_the_threshold() {
     for (name, s) in scenarios() {
         let m = metrics(&s, &run(&s, Policy::Governor));
-        assert!(m.peak_c <= s.threshold_c + 2.0, "{name}: peak {} for threshold {}", m.peak_c, s.threshold_c);
+        assert!(
+            m.peak_c <= s.threshold_c + 2.0,
+            "{name}: peak {} for threshold {}",
+            m.peak_c,
+            s.threshold_c
+        );
     }
 }
 
@@ -48,7 +62,11 @@ fn peak_stays_within_two_degrees_of_the_threshold() {
 fn settles_within_a_degree_of_the_threshold_or_below() {
     for (name, s) in scenarios() {
         let m = metrics(&s, &run(&s, Policy::Governor));
-        assert!(m.band_c.1 <= s.threshold_c + 1.0, "{name}: settled band {:?}", m.band_c);
+        assert!(
+            m.band_c.1 <= s.threshold_c + 1.0,
+            "{name}: settled band {:?}",
+            m.band_c
+        );
         // Not needlessly far below either: within the hysteresis band plus
         // a few degrees.
         assert!(
@@ -63,8 +81,16 @@ fn settles_within_a_degree_of_the_threshold_or_below() {
 fn writes_are_rate_limited_and_rare_once_settled() {
     for (name, s) in scenarios() {
         let m = metrics(&s, &run(&s, Policy::Governor));
-        assert!(m.max_writes_per_s <= 1, "{name}: {} writes in one second", m.max_writes_per_s);
-        assert!(m.steady_writes <= 10, "{name}: {} writes while settled", m.steady_writes);
+        assert!(
+            m.max_writes_per_s <= 1,
+            "{name}: {} writes in one second",
+            m.max_writes_per_s
+        );
+        assert!(
+            m.steady_writes <= 10,
+            "{name}: {} writes while settled",
+            m.steady_writes
+        );
     }
 }
 
@@ -72,9 +98,13 @@ fn writes_are_rate_limited_and_rare_once_settled() {
 fn limit_returns_to_the_ceiling_within_three_time_constants_after_demand_drops() {
     for (name, s) in scenarios() {
         let m = metrics(&s, &run(&s, Policy::Governor));
-        let allowed = 3.0 * s.time_constant.as_secs_f64() + 2.0 * s.sample_period.as_secs_f64() + 1.0;
+        let allowed =
+            3.0 * s.time_constant.as_secs_f64() + 2.0 * s.sample_period.as_secs_f64() + 1.0;
         let recovery = m.recovery_s.unwrap_or(f64::INFINITY);
-        assert!(recovery <= allowed, "{name}: recovered after {recovery} s, allowed {allowed} s");
+        assert!(
+            recovery <= allowed,
+            "{name}: recovered after {recovery} s, allowed {allowed} s"
+        );
     }
 }
 
@@ -83,7 +113,12 @@ fn governor_never_raises_above_the_ceiling_and_never_below_the_floor() {
     for (_, s) in scenarios() {
         let trace = run(&s, Policy::Governor);
         for p in &trace.points {
-            assert!(p.limit_w <= trace.ceiling_w + 1e-9 && p.limit_w >= 200.0, "limit {} at {}", p.limit_w, p.t_s);
+            assert!(
+                p.limit_w <= trace.ceiling_w + 1e-9 && p.limit_w >= 200.0,
+                "limit {} at {}",
+                p.limit_w,
+                p.t_s
+            );
         }
     }
 }
@@ -93,6 +128,9 @@ fn naive_rule_oscillates_where_the_governor_does_not() {
     let s = Scenario::standard(Duration::from_secs(10));
     let naive = metrics(&s, &run(&s, Policy::Naive));
     let governed = metrics(&s, &run(&s, Policy::Governor));
-    assert!(naive.steady_writes > 3 * governed.steady_writes.max(1), "naive {naive:?} governor {governed:?}");
+    assert!(
+        naive.steady_writes > 3 * governed.steady_writes.max(1),
+        "naive {naive:?} governor {governed:?}"
+    );
     assert!(naive.band_c.1 - naive.band_c.0 > governed.band_c.1 - governed.band_c.0);
 }
