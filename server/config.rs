@@ -182,7 +182,8 @@ pub struct SamplerConfig {
     /// How often every GPU is read; also the shortest Watch interval.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// How often process lists and ECC counters are read.
+    /// How often the slower fields are read: process lists, ECC counters,
+    /// PCIe throughput (NVML samples the link for ~20 ms) and energy.
     #[serde(with = "humantime_serde")]
     pub slow_interval: Duration,
     /// Frames kept for Watch resumes.
@@ -200,7 +201,7 @@ impl Default for SamplerConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_millis(100),
-            slow_interval: Duration::from_secs(5),
+            slow_interval: Duration::from_secs(1),
             history: 600,
             read_timeout: None,
             lost_probe_interval: Duration::from_secs(1),

@@ -78,15 +78,26 @@ impl GpuWatchService {
         }
     }
 
-    /// Devices with their current policy merged in.
+    /// Devices with their current policy, health and power limits merged in.
     fn devices_with_policy(&self) -> Vec<api::DeviceInfo> {
         let policies = self.hub.policies();
+        let latest = self.hub.latest();
         self.hub
             .devices()
             .iter()
             .map(|d| {
                 let mut d = d.clone();
                 d.policy = policies.iter().find(|p| p.index == d.index).cloned();
+                if let Some(sample) = latest
+                    .as_ref()
+                    .and_then(|f| f.samples.iter().find(|s| s.index == d.index))
+                {
+                    d.health = sample.health;
+                    if let Some(limits) = d.power_limits.as_mut() {
+                        limits.current_mw = sample.power_limit_mw;
+                        limits.enforced_mw = sample.enforced_power_limit_mw;
+                    }
+                }
                 d
             })
             .collect()

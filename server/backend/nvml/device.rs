@@ -73,6 +73,17 @@ pub(super) struct NvmlDevice {
     events: DeviceEvents,
     /// The graphics clock cap this backend locked, while it holds.
     locked_gpu_clock_max_mhz: Option<u32>,
+    /// Values read on the slow cadence only.
+    slow_cache: SlowCache,
+}
+
+/// Fields that are expensive to read, from the last slow read.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlowCache {
+    filled: bool,
+    energy_mj: Option<u64>,
+    pcie_tx_kbps: Option<u32>,
+    pcie_rx_kbps: Option<u32>,
 }
 
 impl std::fmt::Debug for NvmlDevice {
@@ -123,6 +134,7 @@ impl NvmlDevice {
             started,
             events,
             locked_gpu_clock_max_mhz: None,
+            slow_cache: SlowCache::default(),
         })
     }
 
@@ -244,7 +256,16 @@ impl NvmlDevice {
             d.temperature(TemperatureSensor::Gpu)
         })?;
         self.probe_field(f, Field::MemoryTemperature, memory_temperature)?;
-        self.probe_field(f, Field::FanSpeed, |d| d.fan_speed(0))?;
+        // Passively cooled boards (SXM) report no fans, and fan 0 then
+        // answers InvalidArgument rather than NotSupported.
+        if self.probe(|d| d.num_fans())?.value() != Some(0) {
+            self.probe_field(f, Field::FanSpeed, |d| {
+                d.fan_speed(0).map_err(|e| match e {
+                    NvmlError::InvalidArg => NvmlError::NotSupported,
+                    other => other,
+                })
+            })?;
+        }
         self.probe_field(f, Field::PowerDraw, |d| d.power_usage())?;
         self.probe_field(f, Field::PowerLimit, |d| d.power_management_limit())?;
         self.probe_field(f, Field::EnforcedPowerLimit, |d| d.enforced_power_limit())?;
@@ -463,7 +484,27 @@ impl GpuDevice for NvmlDevice {
         let power_limit_mw = self.field(Field::PowerLimit, |d| d.power_management_limit())?;
         let enforced_power_limit_mw =
             self.field(Field::EnforcedPowerLimit, |d| d.enforced_power_limit())?;
-        let energy_mj = self.field(Field::Energy, |d| d.total_energy_consumption())?;
+        // PCIe throughput takes NVML ~20 ms per counter (it samples the link)
+        // and the energy counter a few ms: read them on the slow cadence and
+        // report the latest value in between.
+        if scope.slow_fields || !self.slow_cache.filled {
+            self.slow_cache = SlowCache {
+                filled: true,
+                energy_mj: self.field(Field::Energy, |d| d.total_energy_consumption())?,
+                pcie_tx_kbps: self.field(Field::PcieThroughput, |d| {
+                    d.pcie_throughput(PcieUtilCounter::Send)
+                })?,
+                pcie_rx_kbps: self.field(Field::PcieThroughput, |d| {
+                    d.pcie_throughput(PcieUtilCounter::Receive)
+                })?,
+            };
+        }
+        let SlowCache {
+            energy_mj,
+            pcie_tx_kbps,
+            pcie_rx_kbps,
+            ..
+        } = self.slow_cache;
         let graphics_clock_mhz =
             self.field(Field::GraphicsClock, |d| d.clock_info(Clock::Graphics))?;
         let sm_clock_mhz = self.field(Field::SmClock, |d| d.clock_info(Clock::SM))?;
@@ -477,12 +518,6 @@ impl GpuDevice for NvmlDevice {
         let throttle_mask = self
             .field(Field::ThrottleReasons, |d| d.current_throttle_reasons())?
             .map(|reasons| reasons.bits());
-        let pcie_tx_kbps = self.field(Field::PcieThroughput, |d| {
-            d.pcie_throughput(PcieUtilCounter::Send)
-        })?;
-        let pcie_rx_kbps = self.field(Field::PcieThroughput, |d| {
-            d.pcie_throughput(PcieUtilCounter::Receive)
-        })?;
         let slow = if scope.slow_fields {
             Some(self.read_slow()?)
         } else {
