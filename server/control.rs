@@ -595,20 +595,7 @@ impl Controller {
                 _ = shutdown.cancelled() => break,
                 Some(done) = self.writes.next(), if !self.writes.is_empty() => self.on_write_done(done),
                 Some(request) = requests.recv() => self.on_request(request),
-                _ = ticker.tick() => {
-                    let states: Vec<(u32, GovernorState)> =
-                        self.gpus.iter().map(|g| (g.index(), g.governor_state())).collect();
-                    let fresh = self
-                        .sampler
-                        .tick(|index| {
-                            states
-                                .iter()
-                                .find(|(i, _)| *i == index)
-                                .map_or(GovernorState::Unspecified, |(_, s)| *s)
-                        })
-                        .await;
-                    self.after_tick(&fresh);
-                }
+                _ = ticker.tick() => self.tick().await,
             }
         }
         requests.close();
@@ -616,6 +603,25 @@ impl Controller {
             refuse(request, Status::unavailable("the daemon is shutting down"));
         }
         self.shutdown_restore().await;
+    }
+
+    /// One sampler tick, then the governors.
+    pub async fn tick(&mut self) {
+        let states: Vec<(u32, GovernorState)> = self
+            .gpus
+            .iter()
+            .map(|g| (g.index(), g.governor_state()))
+            .collect();
+        let fresh = self
+            .sampler
+            .tick(|index| {
+                states
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map_or(GovernorState::Unspecified, |(_, s)| *s)
+            })
+            .await;
+        self.after_tick(&fresh);
     }
 
     fn after_tick(&mut self, fresh: &[bool]) {

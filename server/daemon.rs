@@ -223,13 +223,15 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     ));
     let sampler = Sampler::new(slots, hub.clone(), events.clone(), config.sampler.clone());
     sampler.publish_devices();
-    let controller = Controller::new(
+    let mut controller = Controller::new(
         sampler,
         hub.clone(),
         events.clone(),
         store,
         config.controller.clone(),
     );
+    // One tick before serving: the first subscriber already gets a frame.
+    controller.tick().await;
     let (control, requests) = ControlHandle::channel();
 
     let listener = TcpListener::bind(config.server.listen)
