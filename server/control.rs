@@ -749,17 +749,26 @@ impl Controller {
             actual / 1000,
             expected / 1000
         );
-        if gpu.dry_run || !gpu.facts.controls.power_limit_settable {
-            gpu.expected_limit_mw = Some(actual);
-            self.events.record(
-                NewEvent::new(
-                    EventKind::LimitDrift,
-                    Actor::device(),
-                    format!("{reason}; dry run, not re-applied"),
-                )
-                .gpu(index, &uuid)
-                .severity(Severity::Warning),
-            );
+        let reapply = !gpu.dry_run && gpu.facts.controls.power_limit_settable;
+        self.events.record(
+            NewEvent::new(
+                EventKind::LimitDrift,
+                Actor::device(),
+                if reapply {
+                    format!("{reason}; re-applying")
+                } else {
+                    format!("{reason}; dry run, not re-applied")
+                },
+            )
+            .gpu(index, &uuid)
+            .severity(Severity::Warning)
+            .change(Change::PowerLimit(PowerLimitChange {
+                before_mw: Some(expected),
+                after_mw: Some(actual),
+            })),
+        );
+        if !reapply {
+            self.gpus[pos].expected_limit_mw = Some(actual);
             return;
         }
         tracing::warn!(gpu = index, "{reason}; re-applying");
@@ -767,7 +776,7 @@ impl Controller {
             pos,
             WriteOp::SetPowerLimit { limit_mw: expected },
             Origin::Drift {
-                reason: format!("{reason}; re-applying"),
+                reason: format!("re-applying the {} W gpuwatch had set", expected / 1000),
             },
         );
         // The event is recorded when the write completes; the "before" is

@@ -19,7 +19,11 @@ use tonic::transport::{Server, server::TcpIncoming};
 use crate::{
     actor::DeviceActor,
     api::{EventKind, Severity, gpu_watch_server::GpuWatchServer},
-    backend::{Backend, BackendError, nvml::NvmlBackend, sim::SimBackend},
+    backend::{
+        Backend, BackendError,
+        nvml::NvmlBackend,
+        sim::{SimBackend, hardware::HardwareStore},
+    },
     config::{BackendKind, Config},
     control::{ControlHandle, Controller},
     events::{Actor, EventLog, NewEvent},
@@ -129,14 +133,23 @@ pub fn resolve_state_dir(config: &Config) -> Option<PathBuf> {
     }
 }
 
-fn make_backend(config: &Config) -> Result<Arc<dyn Backend>, DaemonError> {
+fn make_backend(
+    config: &Config,
+    state_dir: Option<&Path>,
+) -> Result<Arc<dyn Backend>, DaemonError> {
     match config.backend.kind {
         BackendKind::Simulator => {
             let sim = config
                 .simulator
                 .clone()
                 .unwrap_or_else(crate::backend::sim::demo_fleet);
-            Ok(Arc::new(SimBackend::new(&sim)))
+            // The simulated boards keep their settings next to the daemon's
+            // state, so a restarted daemon finds what a crashed one left.
+            let hardware = match state_dir {
+                Some(dir) => HardwareStore::at(dir.join("simulated-gpus.json")),
+                None => HardwareStore::volatile(),
+            };
+            Ok(Arc::new(SimBackend::with_hardware(&sim, hardware)))
         }
         BackendKind::Nvml => NvmlBackend::new(config.backend.nvml_library.as_deref())
             .map(|b| Arc::new(b) as Arc<dyn Backend>)
@@ -186,7 +199,12 @@ async fn open_devices(backend: &dyn Backend) -> Result<Vec<GpuSlot>, DaemonError
 pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     let shutdown = CancellationToken::new();
     let state_dir = resolve_state_dir(&config);
-    let backend = make_backend(&config)?;
+    if let Some(dir) = &state_dir
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot create the state directory; state and events stay in memory");
+    }
+    let backend = make_backend(&config, state_dir.as_deref())?;
     let host_facts = backend.host_facts();
 
     let (events, log_report) = EventLog::open(state_dir.as_deref(), config.events.retain);

@@ -99,7 +99,7 @@ const SLOPE_WINDOW: Duration = Duration::from_millis(2500);
 const LONG_WINDOW: Duration = Duration::from_secs(10);
 /// How far ahead a rising temperature is surely going (a lower bound for
 /// any GPU whose time constant is at least this).
-const BOUND_HORIZON_S: f64 = 1.0;
+const BOUND_HORIZON_S: f64 = 2.0;
 /// How far ahead the governor looks when judging "hot".
 const HORIZON_S: f64 = 2.0;
 /// The governor aims this far below the threshold when cutting.
@@ -155,6 +155,11 @@ impl Governor {
 
     pub fn state(&self) -> GovernorState {
         self.state
+    }
+
+    /// The learned temperature rise per watt (°C/W).
+    pub fn learned_resistance(&self) -> f64 {
+        self.model.resistance
     }
 
     /// The level the governor believes is in force.

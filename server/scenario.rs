@@ -105,19 +105,26 @@ pub struct Point {
     pub t_s: f64,
     /// What the sensor reports.
     pub temperature_c: f64,
-    pub limit_w: f64,
+    /// The power limit (W), or for boards without one the graphics clock
+    /// cap (MHz) — whatever the policy moves.
+    pub level: f64,
     pub power_w: f64,
 }
 
-/// A run: samples plus the times of limit writes.
+/// A run: samples plus the times of writes.
 #[derive(Debug, Clone)]
 pub struct Trace {
     pub points: Vec<Point>,
     pub writes_s: Vec<f64>,
-    pub ceiling_w: f64,
+    /// The level's floor and ceiling.
+    pub floor: f64,
+    pub ceiling: f64,
+    /// What the policy moves.
+    pub actuator: Actuator,
 }
 
-/// Runs `scenario` under `policy`.
+/// Runs `scenario` under `policy`. Boards whose power limit cannot be set
+/// (the laptop preset) are governed through a graphics clock cap.
 pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
     let preset = Preset::get(scenario.preset);
     let mut params = ModelParams::from_preset(preset.clone());
@@ -128,27 +135,38 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
         params.thermal_resistance_c_per_w = r;
     }
     let mut model = GpuModel::new(params, scenario.demand());
-    let ceiling_w = preset.power_default_w;
-    let floor_w = preset.power_min_w;
+    let (actuator, floor, ceiling, min_step) = if preset.power_limit_settable {
+        (
+            Actuator::PowerLimit,
+            preset.power_min_w,
+            preset.power_default_w,
+            5.0,
+        )
+    } else {
+        let max = f64::from(preset.max_graphics_mhz);
+        (Actuator::ClockCap, (max * 0.3).round(), max, 15.0)
+    };
     let mut governor = Governor::new(
         GovernorParams {
             threshold_c: scenario.threshold_c,
             hysteresis_c: scenario.hysteresis_c,
-            floor: floor_w,
-            ceiling: ceiling_w,
+            floor,
+            ceiling,
             min_write_interval: scenario.min_write_interval,
-            min_step: 5.0,
+            min_step,
             ambient_guess_c: 30.0,
-            actuator: Actuator::PowerLimit,
+            actuator,
             thermal_resistance_c_per_w: (f64::from(preset.slowdown_c) - 35.0)
                 / preset.power_default_w,
         },
-        ceiling_w,
+        ceiling,
     );
     let mut trace = Trace {
         points: Vec::new(),
         writes_s: Vec::new(),
-        ceiling_w,
+        floor,
+        ceiling,
+        actuator,
     };
     let mut t = Duration::ZERO;
     while t <= scenario.duration {
@@ -156,22 +174,27 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
         let reading = model.reading(false, 0);
         let temperature_c = f64::from(reading.temperature_c.unwrap_or(0));
         let power_w = f64::from(reading.power_draw_mw.unwrap_or(0)) / 1000.0;
-        let limit_w = f64::from(model.power_limit_mw()) / 1000.0;
+        let level = match actuator {
+            Actuator::PowerLimit => f64::from(model.power_limit_mw()) / 1000.0,
+            Actuator::ClockCap => model
+                .gpu_clock_lock()
+                .map_or(ceiling, |(_, hi)| f64::from(hi)),
+        };
         trace.points.push(Point {
             t_s: t.as_secs_f64(),
             temperature_c,
-            limit_w,
+            level,
             power_w,
         });
-        let new_limit = match policy {
+        let new_level = match policy {
             Policy::None => None,
             Policy::Naive => {
-                if temperature_c >= scenario.threshold_c && limit_w > floor_w {
-                    Some(floor_w)
+                if temperature_c >= scenario.threshold_c && level > floor {
+                    Some(floor)
                 } else if temperature_c <= scenario.threshold_c - scenario.hysteresis_c
-                    && limit_w < ceiling_w
+                    && level < ceiling
                 {
-                    Some(ceiling_w)
+                    Some(ceiling)
                 } else {
                     None
                 }
@@ -181,8 +204,8 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
                     time: t,
                     temperature_c,
                     power_w: Some(power_w),
-                    level: Some(limit_w),
-                    clock_mhz: None,
+                    level: Some(level),
+                    clock_mhz: reading.graphics_clock_mhz.map(f64::from),
                 };
                 match governor.step(&obs) {
                     Decision::Hold => None,
@@ -190,8 +213,15 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
                 }
             }
         };
-        if let Some(limit) = new_limit {
-            model.set_power_limit_mw(watts_to_mw(limit));
+        if let Some(level) = new_level {
+            match actuator {
+                Actuator::PowerLimit => model.set_power_limit_mw(watts_to_mw(level)),
+                Actuator::ClockCap if level >= ceiling - 0.5 => model.set_gpu_clock_lock(None),
+                Actuator::ClockCap => {
+                    let cap = level.round() as u32;
+                    model.set_gpu_clock_lock(Some(((floor as u32).min(cap), cap)));
+                }
+            }
             trace.writes_s.push(t.as_secs_f64());
         }
         t += scenario.sample_period;
@@ -258,7 +288,7 @@ pub fn metrics(scenario: &Scenario, trace: &Trace) -> Metrics {
         .points
         .iter()
         .filter(|p| p.t_s >= drop)
-        .find(|p| p.limit_w >= trace.ceiling_w - 0.5)
+        .find(|p| p.level >= trace.ceiling - 0.5)
         .map(|p| p.t_s - drop);
     Metrics {
         peak_c,

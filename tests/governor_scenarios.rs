@@ -114,9 +114,9 @@ fn governor_never_raises_above_the_ceiling_and_never_below_the_floor() {
         let trace = run(&s, Policy::Governor);
         for p in &trace.points {
             assert!(
-                p.limit_w <= trace.ceiling_w + 1e-9 && p.limit_w >= 200.0,
+                p.level <= trace.ceiling + 1e-9 && p.level >= trace.floor - 1e-9,
                 "limit {} at {}",
-                p.limit_w,
+                p.level,
                 p.t_s
             );
         }
@@ -133,4 +133,45 @@ fn naive_rule_oscillates_where_the_governor_does_not() {
         "naive {naive:?} governor {governed:?}"
     );
     assert!(naive.band_c.1 - naive.band_c.0 > governed.band_c.1 - governed.band_c.0);
+}
+
+/// The laptop preset cannot set its power limit: the governor caps the
+/// graphics clock instead, with the same promises.
+fn laptop_scenarios() -> Vec<(String, Scenario)> {
+    let mut out = Vec::new();
+    for tau in [2.0, 10.0, 60.0] {
+        for period in [0.1, 1.0] {
+            let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+            s.preset = gpuwatch::config::PresetKey::Laptop;
+            s.high_w = 110.0;
+            s.low_w = 20.0;
+            s.ambient_c = 35.0;
+            let r = 0.42;
+            s.thermal_resistance_c_per_w = Some(r);
+            s.threshold_c = (s.ambient_c + s.high_w * r - 15.0).round();
+            s.sample_period = Duration::from_secs_f64(period);
+            out.push((format!("laptop, tau {tau} s, sampled every {period} s"), s));
+        }
+    }
+    out
+}
+
+#[test]
+fn clock_cap_governs_a_gpu_without_power_limit_control() {
+    for (name, s) in laptop_scenarios() {
+        let trace = run(&s, Policy::Governor);
+        assert_eq!(trace.actuator, gpuwatch::governor::Actuator::ClockCap);
+        let m = metrics(&s, &trace);
+        let unlimited = metrics(&s, &run(&s, Policy::None));
+        assert!(
+            unlimited.peak_c >= s.threshold_c + 13.0,
+            "{name}: {unlimited:?}"
+        );
+        assert!(m.peak_c <= s.threshold_c + 2.0, "{name}: {m:?}");
+        assert!(m.band_c.1 <= s.threshold_c + 1.0, "{name}: {m:?}");
+        assert!(m.max_writes_per_s <= 1, "{name}: {m:?}");
+        let allowed =
+            3.0 * s.time_constant.as_secs_f64() + 2.0 * s.sample_period.as_secs_f64() + 1.0;
+        assert!(m.recovery_s.is_some_and(|r| r <= allowed), "{name}: {m:?}");
+    }
 }

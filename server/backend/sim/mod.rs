@@ -10,10 +10,12 @@
 //! Simulated time runs `speed` times faster than the wall clock, so a
 //! ten-minute thermal scenario plays out in seconds.
 
+pub mod hardware;
 pub mod model;
 pub mod preset;
 
 use std::{
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
@@ -23,6 +25,7 @@ use crate::config::{PresetKey, SimGpuConfig, SimWriteError, SimulatorConfig};
 use super::{
     Backend, BackendError, DeviceEvent, DeviceFacts, GpuDevice, HostFacts, ReadScope, Reading,
 };
+use hardware::{BoardSettings, HardwareStore};
 pub use model::{DemandProfile, GpuModel, ModelParams};
 pub use preset::Preset;
 
@@ -133,11 +136,20 @@ struct SimGpuSpec {
 pub struct SimBackend {
     clock: SimClock,
     gpus: Vec<SimGpuSpec>,
+    hardware: Arc<HardwareStore>,
 }
 
 impl SimBackend {
-    /// Builds the fleet described by `config` (validated beforehand).
+    /// Builds the fleet described by `config` (validated beforehand); the
+    /// boards' settings live only as long as this backend.
     pub fn new(config: &SimulatorConfig) -> Self {
+        Self::with_hardware(config, HardwareStore::volatile())
+    }
+
+    /// Like [`SimBackend::new`], with board settings (power limits, clock
+    /// locks) kept in `hardware`, so they survive a daemon restart the way a
+    /// real GPU's do.
+    pub fn with_hardware(config: &SimulatorConfig, hardware: HardwareStore) -> Self {
         let gpus = config
             .gpus
             .iter()
@@ -172,6 +184,7 @@ impl SimBackend {
         Self {
             clock: SimClock::new(config.speed),
             gpus,
+            hardware: Arc::new(hardware),
         }
     }
 }
@@ -194,7 +207,12 @@ impl Backend for SimBackend {
             .gpus
             .get(index as usize)
             .ok_or_else(|| BackendError::InvalidArgument(format!("no simulated GPU {index}")))?;
-        Ok(Box::new(SimDevice::new(index, spec, self.clock)))
+        Ok(Box::new(SimDevice::new(
+            index,
+            spec,
+            self.clock,
+            self.hardware.clone(),
+        )))
     }
 }
 
@@ -232,24 +250,46 @@ struct SimDevice {
     pending_xids: Vec<(Duration, u64)>,
     limit_reset_done: bool,
     was_lost: bool,
+    hardware: Arc<HardwareStore>,
 }
 
 impl SimDevice {
-    fn new(index: u32, spec: &SimGpuSpec, clock: SimClock) -> Self {
+    fn new(index: u32, spec: &SimGpuSpec, clock: SimClock, hardware: Arc<HardwareStore>) -> Self {
         let demand = DemandProfile::new(&spec.config.demand, spec.config.repeat);
         let mut pending_xids: Vec<_> = spec.config.xid.iter().map(|x| (x.at, x.code)).collect();
         pending_xids.sort();
+        let uuid = sim_uuid(spec.key, index);
+        let mut model = GpuModel::new(spec.params.clone(), demand);
+        let kept = hardware.get(&uuid);
+        if let Some(limit) = kept.power_limit_mw {
+            model.set_power_limit_mw(limit);
+        }
+        model.set_gpu_clock_lock(kept.gpu_clock_lock);
+        model.set_memory_clock_locked(kept.memory_clock_locked);
         Self {
             index,
-            uuid: sim_uuid(spec.key, index),
+            uuid,
             key: spec.key,
-            model: GpuModel::new(spec.params.clone(), demand),
+            model,
             config: spec.config.clone(),
             clock,
             pending_xids,
             limit_reset_done: false,
             was_lost: false,
+            hardware,
         }
+    }
+
+    /// Remembers the board's settings, as the hardware would.
+    fn keep_settings(&self) {
+        self.hardware.set(
+            &self.uuid,
+            BoardSettings {
+                power_limit_mw: Some(self.model.power_limit_mw()),
+                gpu_clock_lock: self.model.gpu_clock_lock(),
+                memory_clock_locked: self.model.memory_clock_locked(),
+            },
+        );
     }
 
     fn preset(&self) -> &Preset {
@@ -294,6 +334,7 @@ impl SimDevice {
         self.model.set_power_limit_mw(default_mw);
         self.model.set_gpu_clock_lock(None);
         self.model.set_memory_clock_locked(false);
+        self.keep_settings();
     }
 
     fn hang_if_scheduled(&self) {
@@ -400,6 +441,7 @@ impl GpuDevice for SimDevice {
             )));
         }
         self.model.set_power_limit_mw(limit_mw);
+        self.keep_settings();
         Ok(())
     }
 
@@ -413,6 +455,7 @@ impl GpuDevice for SimDevice {
             )));
         }
         self.model.set_gpu_clock_lock(Some((min_mhz, max_mhz)));
+        self.keep_settings();
         Ok(())
     }
 
@@ -420,6 +463,7 @@ impl GpuDevice for SimDevice {
         let lockable = self.preset().gpu_clocks_lockable;
         self.check_write(lockable, "resetting locked graphics clocks")?;
         self.model.set_gpu_clock_lock(None);
+        self.keep_settings();
         Ok(())
     }
 
@@ -427,6 +471,7 @@ impl GpuDevice for SimDevice {
         let lockable = self.preset().memory_clocks_lockable;
         self.check_write(lockable, "resetting locked memory clocks")?;
         self.model.set_memory_clock_locked(false);
+        self.keep_settings();
         Ok(())
     }
 

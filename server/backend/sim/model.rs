@@ -227,6 +227,10 @@ impl GpuModel {
         self.gpu_clock_lock = lock;
     }
 
+    pub fn memory_clock_locked(&self) -> bool {
+        self.memory_clock_locked
+    }
+
     pub fn set_memory_clock_locked(&mut self, locked: bool) {
         self.memory_clock_locked = locked;
     }
