@@ -605,6 +605,21 @@ impl Controller {
         self.shutdown_restore().await;
     }
 
+    /// The first tick, before the daemon serves: reads every GPU, clears
+    /// what a previous run left behind and re-applies the operator's
+    /// ceilings, and waits (bounded) for those writes, so that by the time
+    /// clients connect the GPUs are in their intended state and the repairs
+    /// are in the event log.
+    pub async fn start(&mut self) {
+        self.tick().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            while let Some(done) = self.writes.next().await {
+                self.on_write_done(done);
+            }
+        })
+        .await;
+    }
+
     /// One sampler tick, then the governors.
     pub async fn tick(&mut self) {
         let states: Vec<(u32, GovernorState)> = self

@@ -248,8 +248,9 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         store,
         config.controller.clone(),
     );
-    // One tick before serving: the first subscriber already gets a frame.
-    controller.tick().await;
+    // Before serving: a first frame for the first subscriber, and the
+    // startup repairs done and recorded.
+    controller.start().await;
     let (control, requests) = ControlHandle::channel();
 
     let listener = TcpListener::bind(config.server.listen)
