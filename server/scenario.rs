@@ -242,6 +242,9 @@ pub struct Metrics {
     pub max_writes_per_s: usize,
     /// Writes during the settled half of the high-demand phase.
     pub steady_writes: usize,
+    /// Mean power drawn over the settled half of the high-demand phase: the
+    /// work the GPU got done while held at its threshold.
+    pub settled_power_w: f64,
     /// Seconds from the demand drop until the limit is back at the ceiling
     /// (`None` if it never gets there).
     pub recovery_s: Option<f64>,
@@ -263,6 +266,13 @@ pub fn metrics(scenario: &Scenario, trace: &Trace) -> Metrics {
         .filter(|p| p.t_s >= settled_from && p.t_s < drop)
         .map(|p| p.temperature_c)
         .collect();
+    let settled_power: Vec<f64> = trace
+        .points
+        .iter()
+        .filter(|p| p.t_s >= settled_from && p.t_s < drop)
+        .map(|p| p.power_w)
+        .collect();
+    let settled_power_w = settled_power.iter().sum::<f64>() / settled_power.len().max(1) as f64;
     let band_c = (
         settled.iter().copied().fold(f64::MAX, f64::min),
         settled.iter().copied().fold(f64::MIN, f64::max),
@@ -296,6 +306,7 @@ pub fn metrics(scenario: &Scenario, trace: &Trace) -> Metrics {
         writes: trace.writes_s.len(),
         max_writes_per_s,
         steady_writes,
+        settled_power_w,
         recovery_s,
     }
 }
