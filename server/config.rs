@@ -130,6 +130,9 @@ pub struct Config {
     pub controller: ControllerConfig,
     pub events: EventsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
 }
 
 /// Listeners and server-wide limits.
@@ -474,6 +477,82 @@ pub struct Overrides {
     pub log_level: Option<String>,
 }
 
+string_enum! {
+    /// What a caller may do: `read` (ListDevices, GetSnapshot, Watch,
+    /// WatchEvents, GetPolicy) or `control` (also SetPowerLimit, ResetClocks,
+    /// SetThreshold).
+    pub enum RoleName {
+        Read = "read",
+        Control = "control",
+    }
+}
+
+/// A named bearer token. The name is the actor in audit events.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: RoleName,
+    /// The secret (at least 16 characters).
+    pub token: String,
+}
+
+/// Who may call what.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Named tokens. Prefer `token_file`, readable only by the daemon, so
+    /// secrets stay out of the main config.
+    pub tokens: Vec<TokenConfig>,
+    /// A TOML file of `[[tokens]]` tables (name, role, token).
+    pub token_file: Option<PathBuf>,
+    /// Allow reads without a token on a listener that is not loopback.
+    /// Without this (and without tokens) reads are open only on loopback.
+    pub allow_unauthenticated_reads: bool,
+    /// Role of a client that presents a certificate signed by
+    /// `tls.client_ca_file` but no token; the certificate's subject is the
+    /// actor. Absent: a certificate identifies but grants `read` only.
+    pub mtls_role: Option<RoleName>,
+}
+
+/// TLS for the gRPC listener (rustls, ring provider).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM). With `key_file`, the listener speaks
+    /// TLS only.
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates: enables mutual TLS.
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: refuse clients without a certificate (default)
+    /// or let them in to authenticate with a token instead.
+    pub require_client_cert: Option<bool>,
+}
+
+/// Bounds on what clients may ask for.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Watch and WatchEvents streams open at once, server-wide.
+    pub max_streams: usize,
+    /// Streams open at once on one connection.
+    pub max_streams_per_connection: usize,
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 20_000,
+            max_streams_per_connection: 4_096,
+            max_request_bytes: 64 * 1024,
+        }
+    }
+}
+
 /// Top-level sections; environment variables are only read for these, so an
 /// unrelated `GPUWATCH_TOKEN` (a client setting) does not upset the daemon.
 const SECTIONS: &[&str] = &[
@@ -484,6 +563,9 @@ const SECTIONS: &[&str] = &[
     "controller",
     "events",
     "log",
+    "auth",
+    "tls",
+    "limits",
 ];
 
 /// Loads the configuration: defaults < `file` < `env` < `overrides`, then
@@ -634,10 +716,147 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if let Some(sim) = &cfg.simulator {
         validate_simulator(sim)?;
     }
+    validate_auth(&cfg.auth)?;
+    validate_tls(&cfg.tls)?;
+    let l = &cfg.limits;
+    check_range("limits.max_streams", l.max_streams, 1, 1_000_000, |v| {
+        v.to_string()
+    })?;
+    check_range(
+        "limits.max_streams_per_connection",
+        l.max_streams_per_connection,
+        1,
+        100_000,
+        |v| v.to_string(),
+    )?;
+    check_range(
+        "limits.max_request_bytes",
+        l.max_request_bytes,
+        1024,
+        16 * 1024 * 1024,
+        |v| v.to_string(),
+    )?;
     if cfg.log.level.trim().is_empty() {
         return Err(invalid(
             "log.level",
             "must not be empty; e.g. \"info\" or \"gpuwatch=debug\"",
+        ));
+    }
+    Ok(())
+}
+
+/// Shortest token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+fn validate_auth(a: &AuthConfig) -> Result<(), ConfigError> {
+    check_tokens("auth.tokens", &a.tokens)?;
+    if let Some(path) = &a.token_file {
+        let tokens = load_token_file(path)?;
+        check_tokens(&format!("auth.token_file ({})", path.display()), &tokens)?;
+        for t in &tokens {
+            if a.tokens.iter().any(|o| o.name == t.name) {
+                return Err(invalid(
+                    "auth.token_file",
+                    format!(
+                        "token name \"{}\" is defined twice (in the config and in {})",
+                        t.name,
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_tokens(key: &str, tokens: &[TokenConfig]) -> Result<(), ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    let mut secrets = std::collections::HashSet::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let at = format!("{key}[{i}]");
+        let name_ok = !t.name.is_empty()
+            && t.name.len() <= 64
+            && t.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
+        if !name_ok {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!(
+                    "\"{}\" is not a valid name; use 1-64 letters, digits, '.', '_', '-' or '@'",
+                    t.name
+                ),
+            ));
+        }
+        if !names.insert(t.name.clone()) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!("\"{}\" is used twice", t.name),
+            ));
+        }
+        if t.token.chars().count() < MIN_TOKEN_LEN
+            || t.token.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                format!("{at}.token"),
+                format!(
+                    "must be at least {MIN_TOKEN_LEN} characters without spaces (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        if !secrets.insert(t.token.clone()) {
+            return Err(invalid(
+                format!("{at}.token"),
+                "the same secret is used by two tokens",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a token file: `[[tokens]]` tables with name, role and token.
+pub fn load_token_file(path: &Path) -> Result<Vec<TokenConfig>, ConfigError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TokenFile {
+        #[serde(default)]
+        tokens: Vec<TokenConfig>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            "auth.token_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let file: TokenFile = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| {
+            invalid(
+                "auth.token_file",
+                format!("{}: {}", path.display(), tidy_key_paths(e.to_string())),
+            )
+        })?;
+    Ok(file.tokens)
+}
+
+fn validate_tls(t: &TlsConfig) -> Result<(), ConfigError> {
+    match (&t.cert_file, &t.key_file) {
+        (Some(_), None) => return Err(invalid("tls.key_file", "is required with tls.cert_file")),
+        (None, Some(_)) => return Err(invalid("tls.cert_file", "is required with tls.key_file")),
+        _ => {}
+    }
+    if t.client_ca_file.is_some() && t.cert_file.is_none() {
+        return Err(invalid(
+            "tls.client_ca_file",
+            "mutual TLS needs the server's own tls.cert_file and tls.key_file",
+        ));
+    }
+    if t.require_client_cert.is_some() && t.client_ca_file.is_none() {
+        return Err(invalid(
+            "tls.require_client_cert",
+            "needs tls.client_ca_file",
         ));
     }
     Ok(())

@@ -19,6 +19,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use crate::{
     actor::DeviceActor,
     api::{EventKind, Severity, gpu_watch_server::GpuWatchServer},
+    auth::Authenticator,
     backend::{
         Backend, BackendError,
         nvml::NvmlBackend,
@@ -28,14 +29,19 @@ use crate::{
     control::{ControlHandle, Controller},
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
+    limits::StreamLimiter,
     sampler::{DESCRIBE_TIMEOUT, GpuSlot, Sampler},
-    service::GpuWatchService,
+    service::{GpuWatchService, ServiceParts},
     state::StateStore,
 };
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, Error)]
 pub enum DaemonError {
+    /// The configuration cannot be used (a file it names is missing,
+    /// unreadable or wrong).
+    #[error("configuration error: {0}")]
+    Config(String),
     /// The GPU stack is missing or broken.
     #[error("{0}")]
     Backend(String),
@@ -198,6 +204,14 @@ async fn open_devices(backend: &dyn Backend) -> Result<Vec<GpuSlot>, DaemonError
 /// Starts the daemon. Returns once it is serving.
 pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     let shutdown = CancellationToken::new();
+    // Credentials and certificates first: a bad file stops the daemon before
+    // it touches a GPU.
+    let tls = crate::tls::load(&config.tls).map_err(DaemonError::Config)?;
+    let mutual_tls = tls.as_ref().is_some_and(crate::tls::TlsMaterial::mutual);
+    let auth = Arc::new(
+        Authenticator::new(&config.auth, mutual_tls, config.server.listen)
+            .map_err(|e| DaemonError::Config(e.to_string()))?,
+    );
     let state_dir = resolve_state_dir(&config);
     if let Some(dir) = &state_dir
         && let Err(e) = std::fs::create_dir_all(dir)
@@ -278,11 +292,18 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     };
 
     let service = GpuWatchService::new(
-        hub.clone(),
-        events.clone(),
-        control,
+        ServiceParts {
+            hub: hub.clone(),
+            events: events.clone(),
+            control,
+            auth: auth.clone(),
+            streams: StreamLimiter::new(
+                config.limits.max_streams,
+                config.limits.max_streams_per_connection,
+            ),
+            shutdown: shutdown.clone(),
+        },
         &host_facts,
-        shutdown.clone(),
     );
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -300,16 +321,41 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         .build_v1alpha()
         .map_err(|e| DaemonError::Startup(format!("reflection: {e}")))?;
 
-    let router = Server::builder()
+    let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        // Per-connection streams beyond the limit get RESOURCE_EXHAUSTED
+        // from the service; the HTTP/2 setting is a backstop above it.
+        .max_concurrent_streams(Some(
+            u32::try_from(config.limits.max_streams_per_connection + 64).unwrap_or(u32::MAX),
+        ));
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .map_err(|e| DaemonError::Config(format!("TLS: {e}")))?;
+    }
+    let router = builder
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(GpuWatchServer::new(service));
+        .add_service(
+            GpuWatchServer::new(service).max_decoding_message_size(config.limits.max_request_bytes),
+        );
 
+    if !auth.reads_open() && auth.token_count() == 0 && !mutual_tls {
+        tracing::warn!(
+            "listening on {grpc_addr} (not loopback) without tokens or mutual TLS: every read and control request will be refused; configure [auth] tokens"
+        );
+    }
+    if !auth.control_possible() {
+        tracing::info!("control RPCs are disabled: no token with role \"control\" is configured");
+    }
     tracing::info!(
         backend = host_facts.backend,
+        tls = tls.is_some(),
+        mutual_tls,
+        tokens = auth.token_count(),
         gpus = hub.devices().len(),
         state_dir = %state_dir.as_deref().map_or("(memory only)".into(), |d| d.display().to_string()),
         "gRPC listening on {grpc_addr}"

@@ -79,6 +79,10 @@ pub struct NewEvent {
     pub reason: String,
     pub change: Option<Change>,
     pub xid: Option<u64>,
+    /// fsync the log after this event (default). Events that anyone could
+    /// cause in bulk (refused requests) are written but not fsynced, so a
+    /// flood of them cannot turn into a flood of disk flushes.
+    pub durable: bool,
 }
 
 impl NewEvent {
@@ -91,7 +95,13 @@ impl NewEvent {
             reason: reason.into(),
             change: None,
             xid: None,
+            durable: true,
         }
+    }
+
+    pub fn not_durable(mut self) -> Self {
+        self.durable = false;
+        self
     }
 
     pub fn gpu(mut self, index: u32, uuid: &str) -> Self {
@@ -255,7 +265,7 @@ impl EventLog {
             xid: new.xid,
         });
         inner.next_seq += 1;
-        if let Err(e) = self.persist(&mut inner, &event) {
+        if let Err(e) = self.persist(&mut inner, &event, new.durable) {
             self.persist_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, seq = event.seq, "could not persist event; kept in memory only");
         }
@@ -271,7 +281,7 @@ impl EventLog {
         event
     }
 
-    fn persist(&self, inner: &mut Inner, event: &api::Event) -> io::Result<()> {
+    fn persist(&self, inner: &mut Inner, event: &api::Event, durable: bool) -> io::Result<()> {
         let Some(dir) = inner.dir.clone() else {
             return Ok(());
         };
@@ -288,7 +298,9 @@ impl EventLog {
         };
         let line = encode_line(event)?;
         file.write_all(line.as_bytes())?;
-        file.sync_data()?;
+        if durable {
+            file.sync_data()?;
+        }
         inner.lines_in_file += 1;
         Ok(())
     }

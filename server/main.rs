@@ -136,6 +136,10 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     if args.check_config {
+        if let Err(e) = gpuwatch::tls::load(&config.tls) {
+            eprintln!("gpuwatch-server: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -152,6 +156,10 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let daemon = match gpuwatch::daemon::start(config).await {
             Ok(d) => d,
+            Err(e @ gpuwatch::daemon::DaemonError::Config(_)) => {
+                eprintln!("gpuwatch-server: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             Err(e) => {
                 eprintln!("gpuwatch-server: {e}");
                 return ExitCode::from(EXIT_UNAVAILABLE);

@@ -23,11 +23,12 @@ use crate::{
         WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch, watch_events_response,
         watch_response,
     },
-    auth::Caller,
+    auth::{Authenticator, Caller, Role},
     backend::HostFacts,
     control::ControlHandle,
-    events::EventLog,
+    events::{Actor, EventLog, NewEvent},
     hub::Hub,
+    limits::{StreamLimiter, StreamPermit},
     selector::{self, Empty},
     throttle, wire,
 };
@@ -43,20 +44,35 @@ pub struct GpuWatchService {
     hub: Arc<Hub>,
     events: Arc<EventLog>,
     control: ControlHandle,
+    auth: Arc<Authenticator>,
+    streams: Arc<StreamLimiter>,
     host: Arc<HostInfo>,
     shutdown: CancellationToken,
+}
+
+/// What the service is built from.
+#[derive(Debug)]
+pub struct ServiceParts {
+    pub hub: Arc<Hub>,
+    pub events: Arc<EventLog>,
+    pub control: ControlHandle,
+    pub auth: Arc<Authenticator>,
+    pub streams: Arc<StreamLimiter>,
+    pub shutdown: CancellationToken,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl GpuWatchService {
-    pub fn new(
-        hub: Arc<Hub>,
-        events: Arc<EventLog>,
-        control: ControlHandle,
-        facts: &HostFacts,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(parts: ServiceParts, facts: &HostFacts) -> Self {
+        let ServiceParts {
+            hub,
+            events,
+            control,
+            auth,
+            streams,
+            shutdown,
+        } = parts;
         let hostname = hostname();
         let host = HostInfo {
             hostname,
@@ -73,9 +89,40 @@ impl GpuWatchService {
             hub,
             events,
             control,
+            auth,
+            streams,
             host: Arc::new(host),
             shutdown,
         }
+    }
+
+    /// Lets the request through, or refuses it (recording refused control
+    /// requests in the audit log).
+    fn allow<T>(&self, request: &Request<T>, method: &str, need: Role) -> Result<Caller, Status> {
+        self.auth
+            .authorize(request, method, need)
+            .map_err(|refusal| {
+                if need == Role::Control {
+                    let peer = request
+                        .remote_addr()
+                        .map_or(String::new(), |a| format!(" from {a}"));
+                    self.events.record(
+                        NewEvent::new(
+                            api::EventKind::ControlRefused,
+                            Actor::operator(&refusal.actor),
+                            format!("{method}{peer} refused: {}", refusal.status.message()),
+                        )
+                        .severity(api::Severity::Warning)
+                        .not_durable(),
+                    );
+                }
+                refusal.status
+            })
+    }
+
+    /// A place for one more stream from this request's connection.
+    fn stream_permit<T>(&self, request: &Request<T>) -> Result<StreamPermit, Status> {
+        self.streams.acquire(request.remote_addr())
     }
 
     /// Devices with their current policy, health and power limits merged in.
@@ -152,6 +199,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
+        self.allow(&request, "ListDevices", Role::Read)?;
         let devices = self.devices_with_policy();
         let picked = selector::resolve(&request.get_ref().gpus, &devices, Empty::MeansAll)?;
         let devices = picked.into_iter().map(|i| devices[i].clone()).collect();
@@ -166,6 +214,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
+        self.allow(&request, "GetSnapshot", Role::Read)?;
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
         let Some(latest) = self.hub.latest() else {
             return Err(Status::unavailable(
@@ -198,6 +247,8 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.allow(&request, "Watch", Role::Read)?;
+        let permit = self.stream_permit(&request)?;
         let req = request.into_inner();
         let all = req.gpus.is_empty();
         let indices = self.pick_indices(&req.gpus, Empty::MeansAll)?;
@@ -286,7 +337,7 @@ impl GpuWatch for GpuWatchService {
             last_delivered,
             lagged: 0,
             shutdown: self.shutdown.clone(),
-            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Watch),
+            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Watch, permit),
         };
         Ok(Response::new(Box::pin(futures_util::stream::unfold(
             state,
@@ -300,6 +351,8 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.allow(&request, "WatchEvents", Role::Read)?;
+        let permit = self.stream_permit(&request)?;
         let req = request.into_inner();
         let filter = if req.gpus.is_empty() {
             None
@@ -356,7 +409,7 @@ impl GpuWatch for GpuWatchService {
             filter,
             last_seq,
             shutdown: self.shutdown.clone(),
-            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Events),
+            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Events, permit),
         };
         Ok(Response::new(Box::pin(futures_util::stream::unfold(
             state,
@@ -368,6 +421,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<GetPolicyResponse>, Status> {
+        self.allow(&request, "GetPolicy", Role::Read)?;
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
         let policies = self
             .hub
@@ -383,7 +437,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<SetPowerLimitRequest>,
     ) -> Result<Response<SetPowerLimitResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.allow(&request, "SetPowerLimit", Role::Control)?;
         let req = request.into_inner();
         let indices = self.pick_indices(&req.gpus, Empty::Refused)?;
         let target = req.target.ok_or_else(|| {
@@ -401,7 +455,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<ResetClocksRequest>,
     ) -> Result<Response<ResetClocksResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.allow(&request, "ResetClocks", Role::Control)?;
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::Refused)?;
         self.control
             .reset_clocks(indices, caller)
@@ -413,7 +467,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<SetThresholdRequest>,
     ) -> Result<Response<SetThresholdResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.allow(&request, "SetThreshold", Role::Control)?;
         let req = request.into_inner();
         let indices = self.pick_indices(&req.gpus, Empty::Refused)?;
         let target = req.target.ok_or_else(|| {
@@ -435,17 +489,23 @@ enum Gauge {
     Events,
 }
 
-/// Counts a subscriber for as long as its stream lives.
+/// Counts a subscriber, and holds its place under the stream limits, for
+/// as long as its stream lives.
 #[derive(Debug)]
 struct SubscriberGuard {
     hub: Arc<Hub>,
     gauge: Gauge,
+    _permit: StreamPermit,
 }
 
 impl SubscriberGuard {
-    fn new(hub: Arc<Hub>, gauge: Gauge) -> Self {
+    fn new(hub: Arc<Hub>, gauge: Gauge, permit: StreamPermit) -> Self {
         Self::counter(&hub, gauge).fetch_add(1, Ordering::Relaxed);
-        Self { hub, gauge }
+        Self {
+            hub,
+            gauge,
+            _permit: permit,
+        }
     }
 
     fn counter(hub: &Hub, gauge: Gauge) -> &std::sync::atomic::AtomicUsize {

@@ -18,10 +18,9 @@ use std::{
 
 use gpuwatch::api::{
     self, ActorKind, EventKind, GovernorMode, GpuHealth, WatchRequest, event::Change,
-    gpu_watch_client::GpuWatchClient, watch_response::Message,
+    watch_response::Message,
 };
 use support::{Daemon, Options, events_since, index};
-use tonic::transport::Channel;
 
 const SPEED: f64 = 20.0;
 
@@ -36,7 +35,7 @@ struct Point {
 
 /// Watches until `until_sim_s` (simulated seconds since the daemon started)
 /// and returns GPU `gpu`'s samples.
-async fn record(client: &mut GpuWatchClient<Channel>, gpu: u32, until_sim_s: f64) -> Vec<Point> {
+async fn record(client: &mut support::Client, gpu: u32, until_sim_s: f64) -> Vec<Point> {
     let mut stream = client
         .watch(WatchRequest::default())
         .await
@@ -344,7 +343,7 @@ clocks_lockable = false
 }
 
 /// Runs the hot scenario until the governor has lowered the limit.
-async fn until_throttled(c: &mut GpuWatchClient<Channel>) {
+async fn until_throttled(c: &mut support::Client) {
     support::eventually(
         Duration::from_secs(30),
         "the governor to lower the limit",

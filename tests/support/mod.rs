@@ -15,7 +15,35 @@ use std::{
 };
 
 use gpuwatch::api::{self, GpuSelector, gpu_selector::Selector, gpu_watch_client::GpuWatchClient};
-use tonic::transport::Channel;
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+/// The control token every test daemon accepts (name "tester").
+pub const CONTROL_TOKEN: &str = "test-control-token-0123456789";
+/// A read-only token (name "reader").
+pub const READ_TOKEN: &str = "test-read-token-0123456789";
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct AddToken(pub Option<MetadataValue<Ascii>>);
+
+impl Interceptor for AddToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client that sends a token.
+pub type Client = GpuWatchClient<InterceptedService<Channel, AddToken>>;
 
 /// A running daemon, killed when dropped.
 pub struct Daemon {
@@ -39,6 +67,10 @@ pub struct Options {
     pub port: Option<u16>,
     /// Serve HTTP too.
     pub http: bool,
+    /// Start without the test tokens (the default security posture).
+    pub no_tokens: bool,
+    /// Listen on this IP instead of 127.0.0.1.
+    pub listen_ip: Option<String>,
 }
 
 impl Daemon {
@@ -47,7 +79,11 @@ impl Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuwatch-server"));
         cmd.arg("--simulate")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", options.port.unwrap_or(0)))
+            .arg(format!(
+                "{}:{}",
+                options.listen_ip.as_deref().unwrap_or("127.0.0.1"),
+                options.port.unwrap_or(0)
+            ))
             .arg("--http-listen")
             .arg(if options.http { "127.0.0.1:0" } else { "off" })
             .arg("--state-dir")
@@ -59,9 +95,22 @@ impl Daemon {
         for (k, v) in &options.env {
             cmd.env(k, v);
         }
-        if let Some(toml) = &options.config {
+        let mut toml = options.config.clone().unwrap_or_default();
+        if !options.no_tokens {
+            let tokens = state_dir.with_extension("tokens.toml");
+            std::fs::write(
+                &tokens,
+                format!(
+                    "[[tokens]]\nname = \"tester\"\nrole = \"control\"\ntoken = \"{CONTROL_TOKEN}\"\n\n\
+                     [[tokens]]\nname = \"reader\"\nrole = \"read\"\ntoken = \"{READ_TOKEN}\"\n"
+                ),
+            )
+            .expect("write tokens");
+            cmd.env("GPUWATCH_AUTH__TOKEN_FILE", &tokens);
+        }
+        if !toml.is_empty() {
             let path = state_dir.with_extension("toml");
-            std::fs::write(&path, toml).expect("write config");
+            std::fs::write(&path, std::mem::take(&mut toml)).expect("write config");
             cmd.arg("--config").arg(path);
         }
         let mut child = cmd.spawn().expect("start gpuwatch-server");
@@ -112,8 +161,14 @@ impl Daemon {
         format!("http://{}", self.addr)
     }
 
-    pub async fn client(&self) -> GpuWatchClient<Channel> {
-        connect(&self.url()).await
+    /// A client with the control token.
+    pub async fn client(&self) -> Client {
+        connect_with(&self.url(), Some(CONTROL_TOKEN)).await
+    }
+
+    /// A client with `token` (or none).
+    pub async fn client_with(&self, token: Option<&str>) -> Client {
+        connect_with(&self.url(), token).await
     }
 
     pub fn log(&self) -> String {
@@ -155,12 +210,17 @@ impl Drop for Daemon {
     }
 }
 
-/// Connects, retrying until the deadline.
-pub async fn connect(url: &str) -> GpuWatchClient<Channel> {
+/// Connects with an optional token, retrying until the deadline.
+pub async fn connect_with(url: &str, token: Option<&str>) -> Client {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let value = token.map(|t| format!("Bearer {t}").parse().expect("ascii token"));
     loop {
-        match GpuWatchClient::connect(url.to_owned()).await {
-            Ok(c) => return c,
+        match Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            Ok(channel) => return GpuWatchClient::with_interceptor(channel, AddToken(value)),
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -183,7 +243,7 @@ pub fn all() -> GpuSelector {
 }
 
 /// Reads events (replay from `since`) until caught up.
-pub async fn events_since(client: &mut GpuWatchClient<Channel>, since: u64) -> Vec<api::Event> {
+pub async fn events_since(client: &mut Client, since: u64) -> Vec<api::Event> {
     let mut stream = client
         .watch_events(api::WatchEventsRequest {
             since_seq: Some(since),
