@@ -25,4 +25,4 @@ protoc -I "$root/proto" -I "$include" \
     --go_out="$here" --go_opt=module="$module" \
     --go-grpc_out="$here" --go-grpc_opt=module="$module" \
     "$@" "$root"/proto/gpuwatch/v1/*.proto
-echo "generated $(ls "$here/gpuwatchpb" | wc -l) files in $here/gpuwatchpb"
+echo "generated the gpuwatch.v1 stubs in $here/gpuwatchpb"
