@@ -3,6 +3,7 @@
 # GPUs on a free loopback port and stop it again.
 #
 #   start_daemon            # sets DAEMON_ADDR (HOST:PORT) and DAEMON_PID
+#   DAEMON_HTTP=1 start_daemon   # also serves HTTP; sets DAEMON_HTTP_ADDR
 #   stop_daemon             # SIGTERM; fails unless the daemon exits 0
 #
 # The binary is $GPUWATCH_SERVER_BIN, default target/release/gpuwatch-server
@@ -25,7 +26,9 @@ start_daemon() {
     local bin
     bin="$(server_bin)" || return 1
     DAEMON_DIR="$(mktemp -d)"
-    "$bin" --simulate --listen 127.0.0.1:0 --http-listen off \
+    local http=off
+    [ -n "${DAEMON_HTTP:-}" ] && http=127.0.0.1:0
+    "$bin" --simulate --listen 127.0.0.1:0 --http-listen "$http" \
         --state-dir "$DAEMON_DIR/state" 2>"$DAEMON_DIR/server.log" &
     DAEMON_PID=$!
     local deadline=$((SECONDS + DAEMON_START_TIMEOUT_S))
@@ -46,7 +49,16 @@ start_daemon() {
         fi
         sleep 0.2
     done
-    echo "gpuwatch-server (pid $DAEMON_PID) listening on $DAEMON_ADDR"
+    DAEMON_HTTP_ADDR=""
+    if [ -n "${DAEMON_HTTP:-}" ]; then
+        # Logged right after the gRPC line.
+        while [ -z "$DAEMON_HTTP_ADDR" ] && [ "$SECONDS" -lt "$deadline" ]; do
+            DAEMON_HTTP_ADDR="$(sed -n 's/.*healthz) listening on \([^ ]*\).*/\1/p' "$DAEMON_DIR/server.log" | head -n 1)"
+            [ -n "$DAEMON_HTTP_ADDR" ] || sleep 0.2
+        done
+        [ -n "$DAEMON_HTTP_ADDR" ] || { echo "error: no HTTP address in the daemon's log" >&2; return 1; }
+    fi
+    echo "gpuwatch-server (pid $DAEMON_PID) listening on $DAEMON_ADDR${DAEMON_HTTP_ADDR:+, HTTP on $DAEMON_HTTP_ADDR}"
 }
 
 stop_daemon() {
