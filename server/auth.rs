@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
-use crate::config::{AuthConfig, ConfigError, RoleName, TokenConfig, load_token_file};
+use crate::config::{AuthConfig, ConfigError, RoleName, TokenConfig};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,10 +104,7 @@ impl Authenticator {
         mutual_tls: bool,
         listen: SocketAddr,
     ) -> Result<Self, ConfigError> {
-        let mut configured: Vec<TokenConfig> = auth.tokens.clone();
-        if let Some(path) = &auth.token_file {
-            configured.extend(load_token_file(path)?);
-        }
+        let configured: Vec<TokenConfig> = crate::config::tokens(auth)?;
         let tokens = configured
             .iter()
             .map(|t| Token {

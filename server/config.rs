@@ -749,24 +749,22 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
 pub const MIN_TOKEN_LEN: usize = 16;
 
 fn validate_auth(a: &AuthConfig) -> Result<(), ConfigError> {
-    check_tokens("auth.tokens", &a.tokens)?;
+    // The token file itself is read (and checked) when the daemon starts and
+    // by --check-config: see `tokens`.
+    check_tokens("auth.tokens", &a.tokens)
+}
+
+/// Every configured token: `[auth] tokens` plus the token file's, checked
+/// together (names and secrets unique).
+pub fn tokens(a: &AuthConfig) -> Result<Vec<TokenConfig>, ConfigError> {
+    let mut all = a.tokens.clone();
     if let Some(path) = &a.token_file {
-        let tokens = load_token_file(path)?;
-        check_tokens(&format!("auth.token_file ({})", path.display()), &tokens)?;
-        for t in &tokens {
-            if a.tokens.iter().any(|o| o.name == t.name) {
-                return Err(invalid(
-                    "auth.token_file",
-                    format!(
-                        "token name \"{}\" is defined twice (in the config and in {})",
-                        t.name,
-                        path.display()
-                    ),
-                ));
-            }
-        }
+        let from_file = load_token_file(path)?;
+        check_tokens(&format!("auth.token_file ({})", path.display()), &from_file)?;
+        all.extend(from_file);
     }
-    Ok(())
+    check_tokens("auth", &all)?;
+    Ok(all)
 }
 
 fn check_tokens(key: &str, tokens: &[TokenConfig]) -> Result<(), ConfigError> {

@@ -136,7 +136,12 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     if args.check_config {
-        if let Err(e) = gpuwatch::tls::load(&config.tls) {
+        let files = gpuwatch::tls::load(&config.tls).map(|_| ()).and_then(|()| {
+            config::tokens(&config.auth)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = files {
             eprintln!("gpuwatch-server: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
