@@ -50,6 +50,8 @@ pub struct GpuSlot {
     health: Health,
     /// A read that has not answered yet.
     pending: Option<oneshot::Receiver<ReadOutcome>>,
+    /// When the pending read was asked for.
+    pending_since: SystemTime,
     /// Refreshed facts requested after a recovery.
     pending_describe: Option<oneshot::Receiver<Result<DeviceFacts, BackendError>>>,
     /// True while `pending` has outlived a tick deadline.
@@ -68,6 +70,7 @@ impl GpuSlot {
             facts,
             health: Health::Ok,
             pending: None,
+            pending_since: SystemTime::UNIX_EPOCH,
             pending_describe: None,
             stale: false,
             last: None,
@@ -194,6 +197,7 @@ impl Sampler {
                 slot.last_probe = Some(started);
             }
             slot.pending = Some(slot.actor.read(scope));
+            slot.pending_since = tick_wall;
         }
 
         let deadline =
@@ -372,7 +376,14 @@ impl Sampler {
                 let error = slot.error_text();
                 let lost = slot.is_lost();
                 let read_at = slot.last.as_ref().map(|(_, at)| *at).filter(|_| !lost);
-                let time = read_at.unwrap_or(tick_wall);
+                // A GPU that has never answered is as old as the read it is
+                // stuck in.
+                let never_read = slot.stale && read_at.is_none();
+                let time = read_at.unwrap_or(if never_read {
+                    slot.pending_since
+                } else {
+                    tick_wall
+                });
                 let meta = wire::SampleMeta {
                     facts: &slot.facts,
                     seq,

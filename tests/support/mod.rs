@@ -71,14 +71,23 @@ pub struct Options {
     pub no_tokens: bool,
     /// Listen on this IP instead of 127.0.0.1.
     pub listen_ip: Option<String>,
+    /// Run on NVML through this library instead of simulated GPUs.
+    pub nvml_library: Option<PathBuf>,
 }
 
 impl Daemon {
     /// Starts a daemon on simulated GPUs with its own state directory.
     pub fn start(state_dir: &Path, options: Options) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuwatch-server"));
-        cmd.arg("--simulate")
-            .arg("--listen")
+        match &options.nvml_library {
+            Some(library) => {
+                cmd.env("GPUWATCH_BACKEND__NVML_LIBRARY", library);
+            }
+            None => {
+                cmd.arg("--simulate");
+            }
+        }
+        cmd.arg("--listen")
             .arg(format!(
                 "{}:{}",
                 options.listen_ip.as_deref().unwrap_or("127.0.0.1"),
