@@ -464,19 +464,18 @@ async fn damaged_state_and_event_log_are_reported_and_the_gpus_still_protected()
     // A torn event log and a truncated state file, as after a power loss.
     std::fs::write(state.join("events.log"), "deadbeef {\"seq\":1,\"ti").expect("write");
     std::fs::write(state.join("state.json"), "{\"version\":1,\"gpus\":{\"GPU-").expect("write");
-    let config = format!(
-        r#"
+    let config = r#"
 [sampler]
 interval = "50ms"
 [simulator]
 speed = 20.0
 [[simulator.gpus]]
 preset = "h100-sxm"
-demand = [ {{ at = "0s", watts = 700 }} ]
+demand = [ { at = "0s", watts = 700 } ]
 [controller]
 threshold_c = 60
 "#
-    );
+    .to_owned();
     let d = Daemon::start(
         &state,
         Options {
