@@ -352,7 +352,8 @@ impl Governor {
             } else {
                 let aim = p.threshold_c - AIM_BELOW_C - p.hysteresis_c / 2.0;
                 let power_target = self.model.power_for(aim);
-                self.level_for_power(power_target, obs).min(ceiling)
+                self.level_for_power(power_target, obs)
+                    .clamp(p.floor, ceiling)
             };
             if can_write && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5) {
                 let reason = if target >= ceiling {

@@ -175,3 +175,44 @@ fn clock_cap_governs_a_gpu_without_power_limit_control() {
         assert!(m.recovery_s.is_some_and(|r| r <= allowed), "{name}: {m:?}");
     }
 }
+
+proptest::proptest! {
+    /// Whatever the readings (noisy, jumping, absent power, time going
+    /// backwards), the governor never asks for a level outside [floor,
+    /// ceiling], never panics, and never writes twice within its interval.
+    #[test]
+    fn governor_stays_in_bounds_for_arbitrary_readings(
+        readings in proptest::collection::vec(
+            (0u64..3_000, 0.0f64..130.0, proptest::option::of(0.0f64..900.0), proptest::option::of(100.0f64..800.0)),
+            1..300,
+        )
+    ) {
+        use gpuwatch::governor::{Actuator, Decision, Governor, GovernorParams, Observation};
+        let params = GovernorParams {
+            threshold_c: 80.0,
+            hysteresis_c: 3.0,
+            floor: 200.0,
+            ceiling: 700.0,
+            min_write_interval: Duration::from_secs(1),
+            min_step: 5.0,
+            ambient_guess_c: 30.0,
+            actuator: Actuator::PowerLimit,
+            thermal_resistance_c_per_w: 0.077,
+        };
+        let mut g = Governor::new(params, 700.0);
+        let mut t = Duration::ZERO;
+        let mut last_write: Option<Duration> = None;
+        for (step_ms, temperature_c, power_w, level) in readings {
+            t += Duration::from_millis(step_ms);
+            let obs = Observation { time: t, temperature_c, power_w, level, clock_mhz: None };
+            if let Decision::Set { level, reason } = g.step(&obs) {
+                proptest::prop_assert!((200.0..=700.0).contains(&level), "level {level}");
+                proptest::prop_assert!(!reason.is_empty());
+                if let Some(w) = last_write {
+                    proptest::prop_assert!(t - w >= Duration::from_secs(1), "two writes within a second");
+                }
+                last_write = Some(t);
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Bounded fuzzing (property tests) of request validation, configuration
+# parsing and the governor: many more cases than the default test run, each
+# suite capped in time. Needs only the Rust toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PROPTEST_CASES="${PROPTEST_CASES:-20000}"
+for suite in fuzz_requests fuzz_config; do
+    echo "fuzz: $suite with $PROPTEST_CASES cases"
+    timeout 600 cargo test --test "$suite"
+done
+echo "fuzz: governor_stays_in_bounds_for_arbitrary_readings with $PROPTEST_CASES cases"
+timeout 600 cargo test --test governor_scenarios governor_stays_in_bounds
