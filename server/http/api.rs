@@ -575,8 +575,12 @@ pub(crate) async fn stream(State(app): State<App>, Query(query): Query<StreamQue
             }
         }
     });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    (
+        // Reverse proxies (nginx) must not buffer a live stream.
+        [("x-accel-buffering", "no")],
+        Sse::new(ReceiverStream::new(rx))
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15))),
+    )
         .into_response()
 }
 

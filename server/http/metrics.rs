@@ -20,7 +20,10 @@
 
 use std::{
     fmt::{self, Write as _},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -64,7 +67,7 @@ pub struct Sources {
     pub events: Arc<EventLog>,
     pub hostname: Arc<str>,
     /// Dashboard streams open now (the HTTP side's own subscribers).
-    pub dashboard_streams: Arc<std::sync::atomic::AtomicUsize>,
+    pub dashboard_streams: Arc<AtomicUsize>,
 }
 
 /// Which text format a scraper gets.
@@ -118,7 +121,8 @@ struct Rendered {
     key: (u64, u64),
     at: Instant,
     openmetrics: Bytes,
-    prometheus: Bytes,
+    /// Derived from `openmetrics` on the first request that wants it.
+    prometheus: OnceLock<Bytes>,
 }
 
 /// The `/metrics` endpoint: a registry holding the hub collector, and the
@@ -128,6 +132,8 @@ pub struct MetricsEndpoint {
     registry: Registry,
     sources: Sources,
     cache: Mutex<Option<Arc<Rendered>>>,
+    /// Length of the last rendering, so the next one allocates once.
+    size_hint: AtomicUsize,
 }
 
 impl MetricsEndpoint {
@@ -140,6 +146,7 @@ impl MetricsEndpoint {
             registry,
             sources,
             cache: Mutex::new(None),
+            size_hint: AtomicUsize::new(16 * 1024),
         }
     }
 
@@ -159,12 +166,11 @@ impl MetricsEndpoint {
             Some(r) if r.key == key && r.at.elapsed() < MAX_CACHE_AGE => r,
             _ => {
                 let openmetrics = self.render_openmetrics()?;
-                let prometheus = to_prometheus_text(&openmetrics);
                 let fresh = Arc::new(Rendered {
                     key,
                     at: Instant::now(),
                     openmetrics: Bytes::from(openmetrics),
-                    prometheus: Bytes::from(prometheus),
+                    prometheus: OnceLock::new(),
                 });
                 *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(fresh.clone());
                 fresh
@@ -172,14 +178,22 @@ impl MetricsEndpoint {
         };
         Ok(match format {
             Format::OpenMetrics => rendered.openmetrics.clone(),
-            Format::Prometheus => rendered.prometheus.clone(),
+            Format::Prometheus => rendered
+                .prometheus
+                .get_or_init(|| {
+                    // The encoder writes UTF-8 into a String, so this holds.
+                    let text = std::str::from_utf8(&rendered.openmetrics).unwrap_or_default();
+                    Bytes::from(to_prometheus_text(text))
+                })
+                .clone(),
         })
     }
 
     /// Renders the OpenMetrics text now, bypassing the cache.
     pub fn render_openmetrics(&self) -> Result<String, fmt::Error> {
-        let mut out = String::with_capacity(64 * 1024);
+        let mut out = String::with_capacity(self.size_hint.load(Ordering::Relaxed) + 4096);
         text::encode(&mut out, &self.registry)?;
+        self.size_hint.store(out.len(), Ordering::Relaxed);
         Ok(out)
     }
 
@@ -885,9 +899,7 @@ impl Collector for HubCollector {
             "gpuwatch_event_persist_failures",
             "Events that could not be written to the event log on disk",
             None,
-            s.events
-                .persist_failures
-                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+            s.events.persist_failures.load(Ordering::Relaxed) as f64,
         )?;
 
         // ---- The daemon's own cost ----
@@ -911,10 +923,7 @@ impl Collector for HubCollector {
             "gpuwatch_last_sample_duration",
             "Time the last sampler tick took to read every GPU",
             seconds,
-            stats
-                .last_sample_duration_us
-                .load(std::sync::atomic::Ordering::Relaxed) as f64
-                / 1e6,
+            stats.last_sample_duration_us.load(Ordering::Relaxed) as f64 / 1e6,
         )?;
         single_gauge(
             e,
@@ -938,36 +947,27 @@ impl Collector for HubCollector {
             "gpuwatch_frames_published",
             "Frames (sampler ticks) published",
             None,
-            stats
-                .frames_published
-                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+            stats.frames_published.load(Ordering::Relaxed) as f64,
         )?;
         single_counter(
             e,
             "gpuwatch_frames_dropped",
             "Frames not delivered to slow Watch subscribers, summed over subscribers",
             None,
-            stats
-                .frames_dropped
-                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+            stats.frames_dropped.load(Ordering::Relaxed) as f64,
         )?;
         let subscribers = [
             (
                 [("stream", "watch")],
-                stats
-                    .watch_subscribers
-                    .load(std::sync::atomic::Ordering::Relaxed) as u64,
+                stats.watch_subscribers.load(Ordering::Relaxed) as u64,
             ),
             (
                 [("stream", "watch_events")],
-                stats
-                    .event_subscribers
-                    .load(std::sync::atomic::Ordering::Relaxed) as u64,
+                stats.event_subscribers.load(Ordering::Relaxed) as u64,
             ),
             (
                 [("stream", "dashboard")],
-                s.dashboard_streams
-                    .load(std::sync::atomic::Ordering::Relaxed) as u64,
+                s.dashboard_streams.load(Ordering::Relaxed) as u64,
             ),
         ];
         gauges(
