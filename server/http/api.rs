@@ -590,6 +590,18 @@ mod tests {
     use crate::api::{PowerLimitChange, ThresholdChange};
 
     #[test]
+    fn stream_slots_are_bounded_and_given_back() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let slots: Vec<_> = (0..MAX_STREAMS)
+            .map(|_| StreamSlot::take(&count).expect("a free slot"))
+            .collect();
+        assert!(StreamSlot::take(&count).is_none(), "one too many");
+        drop(slots);
+        assert_eq!(count.load(Ordering::Acquire), 0);
+        assert!(StreamSlot::take(&count).is_some());
+    }
+
+    #[test]
     fn changes_read_as_before_and_after() {
         let limit = Change::PowerLimit(PowerLimitChange {
             before_mw: Some(700_000),
