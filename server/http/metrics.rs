@@ -41,7 +41,7 @@ use prometheus_client::{
 
 use crate::{
     api::{
-        DeviceInfo, EventKind, GovernorMode, GovernorState, GpuHealth, GpuPolicy, GpuSample,
+        DeviceInfo, EventKind, Frame, GovernorMode, GovernorState, GpuHealth, GpuPolicy, GpuSample,
         TelemetryField,
     },
     events::EventLog,
@@ -141,6 +141,7 @@ impl MetricsEndpoint {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(HubCollector {
             sources: sources.clone(),
+            units: Units::default(),
         }));
         Self {
             registry,
@@ -277,6 +278,7 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 #[derive(Debug)]
 struct HubCollector {
     sources: Sources,
+    units: Units,
 }
 
 /// The labels of every per-GPU series, spelled as dcgm-exporter spells them.
@@ -455,600 +457,671 @@ impl Collector for HubCollector {
                 });
             }
         }
-        let gpus = gpus.as_slice();
-        let e = &mut enc;
-        let h = hostname;
-        let celsius = Some(&Unit::Celsius);
-        let w = Unit::Other("watts".into());
-        let watts_unit = Some(&w);
-        let hz = Unit::Other("hertz".into());
-        let hertz_unit = Some(&hz);
-        let ratio_unit = Unit::Other("ratio".into());
-        let ratios = Some(&ratio_unit);
-        let bytes = Some(&Unit::Bytes);
-        let seconds = Some(&Unit::Seconds);
+        let view = View {
+            gpus: &gpus,
+            hostname,
+            units: &self.units,
+        };
+        telemetry(&mut enc, &view)?;
+        device_facts(&mut enc, &view)?;
+        governor(&mut enc, &view)?;
+        events(&mut enc, &s.events)?;
+        daemon(&mut enc, s, frame.as_deref(), &self.units)?;
+        process(&mut enc, &s.hub, &self.units)
+    }
+}
 
-        // ---- Telemetry (the latest frame) ----
-        gauges(
-            e,
-            "gpuwatch_temperature",
-            "GPU core (die) temperature",
-            celsius,
-            &sampled(gpus, h, |x| x.temperature_c),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_memory_temperature",
-            "GPU memory (HBM) temperature",
-            celsius,
-            &sampled(gpus, h, |x| x.memory_temperature_c),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_fan_speed",
-            "Fan 0 speed as a fraction of its maximum (0-1)",
-            ratios,
-            &sampled(gpus, h, |x| x.fan_speed_pct.map(ratio)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_power_draw",
-            "Board power draw (a one-second average on recent GPUs)",
-            watts_unit,
-            &sampled(gpus, h, |x| x.power_draw_mw.map(watts)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_power_limit",
-            "Power management limit currently set",
-            watts_unit,
-            &sampled(gpus, h, |x| x.power_limit_mw.map(watts)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_enforced_power_limit",
-            "Power limit the GPU actually enforces (the lowest of every active limit)",
-            watts_unit,
-            &sampled(gpus, h, |x| x.enforced_power_limit_mw.map(watts)),
-        )?;
-        counters(
-            e,
-            "gpuwatch_energy",
-            "Energy consumed since the driver was last loaded",
-            Some(&Unit::Joules),
-            &sampled(gpus, h, |x| x.energy_mj.map(|mj| mj as f64 / 1000.0)),
-        )?;
+/// What the per-GPU sections write from.
+struct View<'a> {
+    gpus: &'a [Gpu<'a>],
+    hostname: &'a str,
+    units: &'a Units,
+}
 
-        let clock_rows = |current: bool| {
-            let mut rows: Vec<(GpuLabels1, f64)> = Vec::new();
-            for g in gpus {
-                let Some(x) = g.sample else { continue };
-                let values = if current {
-                    [
-                        x.graphics_clock_mhz,
-                        x.sm_clock_mhz,
-                        x.memory_clock_mhz,
-                        x.video_clock_mhz,
-                    ]
-                } else {
-                    [
-                        x.max_graphics_clock_mhz,
-                        x.max_sm_clock_mhz,
-                        x.max_memory_clock_mhz,
-                        x.max_video_clock_mhz,
-                    ]
-                };
-                for (clock, mhz) in CLOCKS.iter().zip(values) {
-                    if let Some(mhz) = mhz {
-                        rows.push(((g.labels(h), [("clock", *clock)]), hertz(mhz)));
-                    }
+/// The units families are named with (OpenMetrics `# UNIT`, and the name's
+/// suffix): base units, as Prometheus asks.
+#[derive(Debug)]
+struct Units {
+    celsius: Unit,
+    watts: Unit,
+    hertz: Unit,
+    ratio: Unit,
+    bytes: Unit,
+    seconds: Unit,
+    joules: Unit,
+    bytes_per_second: Unit,
+}
+
+impl Default for Units {
+    fn default() -> Self {
+        Self {
+            celsius: Unit::Celsius,
+            watts: Unit::Other("watts".into()),
+            hertz: Unit::Other("hertz".into()),
+            ratio: Unit::Other("ratio".into()),
+            bytes: Unit::Bytes,
+            seconds: Unit::Seconds,
+            joules: Unit::Joules,
+            bytes_per_second: Unit::Other("bytes_per_second".into()),
+        }
+    }
+}
+
+/// Readings from the latest frame, per GPU.
+fn telemetry(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
+    let (gpus, h, u) = (v.gpus, v.hostname, v.units);
+    let celsius = Some(&u.celsius);
+    let watts_unit = Some(&u.watts);
+    let hertz_unit = Some(&u.hertz);
+    let ratios = Some(&u.ratio);
+    let bytes = Some(&u.bytes);
+    let seconds = Some(&u.seconds);
+    gauges(
+        e,
+        "gpuwatch_temperature",
+        "GPU core (die) temperature",
+        celsius,
+        &sampled(gpus, h, |x| x.temperature_c),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_memory_temperature",
+        "GPU memory (HBM) temperature",
+        celsius,
+        &sampled(gpus, h, |x| x.memory_temperature_c),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_fan_speed",
+        "Fan 0 speed as a fraction of its maximum (0-1)",
+        ratios,
+        &sampled(gpus, h, |x| x.fan_speed_pct.map(ratio)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_power_draw",
+        "Board power draw (a one-second average on recent GPUs)",
+        watts_unit,
+        &sampled(gpus, h, |x| x.power_draw_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_power_limit",
+        "Power management limit currently set",
+        watts_unit,
+        &sampled(gpus, h, |x| x.power_limit_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_enforced_power_limit",
+        "Power limit the GPU actually enforces (the lowest of every active limit)",
+        watts_unit,
+        &sampled(gpus, h, |x| x.enforced_power_limit_mw.map(watts)),
+    )?;
+    counters(
+        e,
+        "gpuwatch_energy",
+        "Energy consumed since the driver was last loaded",
+        Some(&u.joules),
+        &sampled(gpus, h, |x| x.energy_mj.map(|mj| mj as f64 / 1000.0)),
+    )?;
+
+    let clock_rows = |current: bool| {
+        let mut rows: Vec<(GpuLabels1, f64)> = Vec::new();
+        for g in gpus {
+            let Some(x) = g.sample else { continue };
+            let values = if current {
+                [
+                    x.graphics_clock_mhz,
+                    x.sm_clock_mhz,
+                    x.memory_clock_mhz,
+                    x.video_clock_mhz,
+                ]
+            } else {
+                [
+                    x.max_graphics_clock_mhz,
+                    x.max_sm_clock_mhz,
+                    x.max_memory_clock_mhz,
+                    x.max_video_clock_mhz,
+                ]
+            };
+            for (clock, mhz) in CLOCKS.iter().zip(values) {
+                if let Some(mhz) = mhz {
+                    rows.push(((g.labels(h), [("clock", *clock)]), hertz(mhz)));
                 }
             }
-            rows
+        }
+        rows
+    };
+    gauges(
+        e,
+        "gpuwatch_clock",
+        "Current clock frequency, by clock domain",
+        hertz_unit,
+        &clock_rows(true),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_max_clock",
+        "Maximum clock frequency, by clock domain",
+        hertz_unit,
+        &clock_rows(false),
+    )?;
+
+    gauges(
+        e,
+        "gpuwatch_gpu_utilization",
+        "Fraction of the last sample period a kernel was running (0-1)",
+        ratios,
+        &sampled(gpus, h, |x| x.utilization_gpu_pct.map(ratio)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_memory_utilization",
+        "Fraction of the last sample period device memory was read or written (0-1)",
+        ratios,
+        &sampled(gpus, h, |x| x.utilization_memory_pct.map(ratio)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_memory_used",
+        "Framebuffer memory in use",
+        bytes,
+        &sampled(gpus, h, |x| x.memory_used_bytes),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_memory_total",
+        "Framebuffer memory in total",
+        bytes,
+        &sampled(gpus, h, |x| x.memory_total_bytes),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_performance_state",
+        "Performance state: 0 for P0 (maximum performance) to 15 for P15",
+        None,
+        &sampled(gpus, h, |x| x.performance_state),
+    )?;
+
+    let mut reasons: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
+    for g in gpus {
+        let Some(bits) = g.sample.and_then(|x| x.throttle_reasons_mask) else {
+            continue;
         };
-        gauges(
-            e,
-            "gpuwatch_clock",
-            "Current clock frequency, by clock domain",
-            hertz_unit,
-            &clock_rows(true),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_max_clock",
-            "Maximum clock frequency, by clock domain",
-            hertz_unit,
-            &clock_rows(false),
-        )?;
+        for spec in throttle::REASONS {
+            reasons.push((
+                (g.labels(h), [("reason", spec.name)]),
+                u32::from(bits & spec.bit != 0),
+            ));
+        }
+    }
+    gauges(
+        e,
+        "gpuwatch_throttle_reason",
+        "1 while this clocks-event (throttle) reason holds the clocks down, else 0",
+        None,
+        &reasons,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_throttle_reasons_mask",
+        "The raw NVML clocks-event-reasons bit mask",
+        None,
+        &sampled(gpus, h, |x| x.throttle_reasons_mask),
+    )?;
 
-        gauges(
-            e,
-            "gpuwatch_gpu_utilization",
-            "Fraction of the last sample period a kernel was running (0-1)",
-            ratios,
-            &sampled(gpus, h, |x| x.utilization_gpu_pct.map(ratio)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_memory_utilization",
-            "Fraction of the last sample period device memory was read or written (0-1)",
-            ratios,
-            &sampled(gpus, h, |x| x.utilization_memory_pct.map(ratio)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_memory_used",
-            "Framebuffer memory in use",
-            bytes,
-            &sampled(gpus, h, |x| x.memory_used_bytes),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_memory_total",
-            "Framebuffer memory in total",
-            bytes,
-            &sampled(gpus, h, |x| x.memory_total_bytes),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_performance_state",
-            "Performance state: 0 for P0 (maximum performance) to 15 for P15",
-            None,
-            &sampled(gpus, h, |x| x.performance_state),
-        )?;
-
-        let mut reasons: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
+    let ecc_rows = |volatile: bool| {
+        let mut rows: Vec<(GpuLabels1, f64)> = Vec::new();
         for g in gpus {
-            let Some(bits) = g.sample.and_then(|x| x.throttle_reasons_mask) else {
+            let Some(ecc) = g.sample.and_then(|x| x.ecc.as_ref()) else {
                 continue;
             };
-            for spec in throttle::REASONS {
-                reasons.push((
-                    (g.labels(h), [("reason", spec.name)]),
-                    u32::from(bits & spec.bit != 0),
-                ));
-            }
-        }
-        gauges(
-            e,
-            "gpuwatch_throttle_reason",
-            "1 while this clocks-event (throttle) reason holds the clocks down, else 0",
-            None,
-            &reasons,
-        )?;
-        gauges(
-            e,
-            "gpuwatch_throttle_reasons_mask",
-            "The raw NVML clocks-event-reasons bit mask",
-            None,
-            &sampled(gpus, h, |x| x.throttle_reasons_mask),
-        )?;
-
-        let ecc_rows = |volatile: bool| {
-            let mut rows: Vec<(GpuLabels1, f64)> = Vec::new();
-            for g in gpus {
-                let Some(ecc) = g.sample.and_then(|x| x.ecc.as_ref()) else {
-                    continue;
-                };
-                let (corrected, uncorrected) = if volatile {
-                    (ecc.corrected_volatile, ecc.uncorrected_volatile)
-                } else {
-                    (ecc.corrected_aggregate, ecc.uncorrected_aggregate)
-                };
-                for (kind, n) in [("corrected", corrected), ("uncorrected", uncorrected)] {
-                    if let Some(n) = n {
-                        rows.push(((g.labels(h), [("error", kind)]), n as f64));
-                    }
-                }
-            }
-            rows
-        };
-        counters(
-            e,
-            "gpuwatch_ecc_errors_volatile",
-            "ECC errors since the last driver reload (corrected: single-bit; uncorrected: double-bit)",
-            None,
-            &ecc_rows(true),
-        )?;
-        counters(
-            e,
-            "gpuwatch_ecc_errors_aggregate",
-            "ECC errors over the GPU's lifetime",
-            None,
-            &ecc_rows(false),
-        )?;
-
-        let mut pcie: Vec<(GpuLabels1<'_>, f64)> = Vec::new();
-        for g in gpus {
-            let Some(x) = g.sample else { continue };
-            for (direction, kbps) in [("tx", x.pcie_tx_kbps), ("rx", x.pcie_rx_kbps)] {
-                if let Some(kbps) = kbps {
-                    pcie.push((
-                        (g.labels(h), [("direction", direction)]),
-                        f64::from(kbps) * 1024.0,
-                    ));
+            let (corrected, uncorrected) = if volatile {
+                (ecc.corrected_volatile, ecc.uncorrected_volatile)
+            } else {
+                (ecc.corrected_aggregate, ecc.uncorrected_aggregate)
+            };
+            for (kind, n) in [("corrected", corrected), ("uncorrected", uncorrected)] {
+                if let Some(n) = n {
+                    rows.push(((g.labels(h), [("error", kind)]), n as f64));
                 }
             }
         }
-        let bps = Unit::Other("bytes_per_second".into());
-        gauges(
-            e,
-            "gpuwatch_pcie_throughput",
-            "PCIe throughput (NVML's KB/s times 1024), transmitted and received",
-            Some(&bps),
-            &pcie,
-        )?;
-        gauges(
-            e,
-            "gpuwatch_processes",
-            "Compute processes running on the GPU (read on the slow cadence)",
-            None,
-            &per_gpu(gpus, h, |g| {
-                let x = g.sample?;
-                (g.supports(TelemetryField::Processes)
-                    && x.processes_time.is_some()
-                    && x.health == GpuHealth::Ok as i32)
-                    .then_some(x.processes.len() as u64)
-            }),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_reading_timestamp",
-            "When the reading behind this GPU's values was taken (Unix time; for a stale GPU its last complete reading, none while lost)",
-            seconds,
-            &sampled(gpus, h, |x| {
-                (x.health != GpuHealth::Lost as i32)
-                    .then(|| x.time.as_ref().map(unix_seconds))
-                    .flatten()
-            }),
-        )?;
+        rows
+    };
+    counters(
+        e,
+        "gpuwatch_ecc_errors_volatile",
+        "ECC errors since the last driver reload (corrected: single-bit; uncorrected: double-bit)",
+        None,
+        &ecc_rows(true),
+    )?;
+    counters(
+        e,
+        "gpuwatch_ecc_errors_aggregate",
+        "ECC errors over the GPU's lifetime",
+        None,
+        &ecc_rows(false),
+    )?;
 
-        let mut health: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
-        for g in gpus {
-            let Some(x) = g.sample else { continue };
-            for (state, value) in [
-                ("ok", GpuHealth::Ok),
-                ("lost", GpuHealth::Lost),
-                ("stale", GpuHealth::Stale),
-                ("error", GpuHealth::Error),
-            ] {
-                health.push((
-                    (g.labels(h), [("state", state)]),
-                    u32::from(x.health == value as i32),
+    let mut pcie: Vec<(GpuLabels1<'_>, f64)> = Vec::new();
+    for g in gpus {
+        let Some(x) = g.sample else { continue };
+        for (direction, kbps) in [("tx", x.pcie_tx_kbps), ("rx", x.pcie_rx_kbps)] {
+            if let Some(kbps) = kbps {
+                pcie.push((
+                    (g.labels(h), [("direction", direction)]),
+                    f64::from(kbps) * 1024.0,
                 ));
             }
         }
-        gauges(
-            e,
-            "gpuwatch_gpu_health",
-            "1 for the GPU's current health state (ok, lost, stale, error), 0 for the others",
-            None,
-            &health,
-        )?;
-
-        // ---- Device facts ----
-        let limits = |f: fn(&crate::api::PowerLimits) -> Option<u32>| {
-            per_gpu(gpus, h, move |g| {
-                g.device?.power_limits.as_ref().and_then(f).map(watts)
-            })
-        };
-        gauges(
-            e,
-            "gpuwatch_power_limit_min",
-            "Lowest power limit the driver accepts",
-            watts_unit,
-            &limits(|p| p.min_mw),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_power_limit_max",
-            "Highest power limit the driver accepts",
-            watts_unit,
-            &limits(|p| p.max_mw),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_power_limit_default",
-            "The power limit the GPU boots with",
-            watts_unit,
-            &limits(|p| p.default_mw),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_slowdown_temperature",
-            "Temperature at which the hardware starts slowing itself down",
-            celsius,
-            &per_gpu(gpus, h, |g| g.device?.slowdown_temperature_c),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_shutdown_temperature",
-            "Temperature at which the hardware shuts down",
-            celsius,
-            &per_gpu(gpus, h, |g| g.device?.shutdown_temperature_c),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_max_operating_temperature",
-            "Maximum operating temperature NVIDIA specifies for the GPU core",
-            celsius,
-            &per_gpu(gpus, h, |g| g.device?.max_operating_temperature_c),
-        )?;
-
-        // ---- Thermal governor ----
-        let mut states: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
-        let mut modes: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
-        for g in gpus {
-            let Some(p) = g.policy else { continue };
-            for (name, value) in GOVERNOR_STATES {
-                states.push((
-                    (g.labels(h), [("state", name)]),
-                    u32::from(p.state == value as i32),
-                ));
-            }
-            for (name, value) in GOVERNOR_MODES {
-                modes.push((
-                    (g.labels(h), [("mode", name)]),
-                    u32::from(p.mode == value as i32),
-                ));
-            }
-        }
-        gauges(
-            e,
-            "gpuwatch_governor_state",
-            "1 for what the thermal governor is doing for this GPU now, 0 for the other states",
-            None,
-            &states,
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_mode",
-            "1 for how the governor acts on this GPU, 0 for the other modes",
-            None,
-            &modes,
-        )?;
-        let policy =
-            |f: fn(&GpuPolicy) -> Option<f64>| per_gpu(gpus, h, move |g| g.policy.and_then(f));
-        gauges(
-            e,
-            "gpuwatch_governor_threshold",
-            "Governor target temperature: at or above it the power limit is lowered",
-            celsius,
-            &policy(|p| Some(f64::from(p.threshold_c))),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_hysteresis",
-            "Below threshold minus hysteresis the governor raises the limit back",
-            celsius,
-            &policy(|p| Some(f64::from(p.hysteresis_c))),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_power_limit",
-            "Power limit currently set on the GPU, as the governor sees it",
-            watts_unit,
-            &policy(|p| p.current_limit_mw.map(watts)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_floor",
-            "Lowest power limit the governor will set",
-            watts_unit,
-            &policy(|p| p.floor_mw.map(watts)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_ceiling",
-            "Highest power limit the governor will restore (operator limit, else device default)",
-            watts_unit,
-            &policy(|p| p.ceiling_mw.map(watts)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_operator_ceiling",
-            "The operator's ceiling set through SetPowerLimit (absent when none)",
-            watts_unit,
-            &policy(|p| p.operator_ceiling_mw.map(watts)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_clock_cap",
-            "Graphics clock cap the governor holds in clock-lock mode (absent when none)",
-            hertz_unit,
-            &policy(|p| p.clock_cap_mhz.map(hertz)),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_dry_run",
-            "1 when the governor decides and records but never writes",
-            None,
-            &policy(|p| Some(if p.dry_run { 1.0 } else { 0.0 })),
-        )?;
-        gauges(
-            e,
-            "gpuwatch_governor_last_action_timestamp",
-            "When the governor last acted on this GPU (Unix time)",
-            seconds,
-            &policy(|p| p.last_action.as_ref()?.time.as_ref().map(unix_seconds)),
-        )?;
-
-        // ---- Events ----
-        let kinds: Vec<(String, f64)> = (1..)
-            .map_while(|n| EventKind::try_from(n).ok())
-            .map(|k| {
-                (
-                    enum_label(k.as_str_name(), "EVENT_KIND_"),
-                    s.events.count(k) as f64,
-                )
-            })
-            .collect();
-        let event_rows: Vec<([(&str, &str); 1], f64)> = kinds
-            .iter()
-            .map(|(k, n)| ([("kind", k.as_str())], *n))
-            .collect();
-        counters(
-            e,
-            "gpuwatch_events",
-            "Events recorded since the daemon started, by kind",
-            None,
-            &event_rows,
-        )?;
-        single_counter(
-            e,
-            "gpuwatch_event_persist_failures",
-            "Events that could not be written to the event log on disk",
-            None,
-            s.events.persist_failures.load(Ordering::Relaxed) as f64,
-        )?;
-
-        // ---- The daemon's own cost ----
-        let stats = &s.hub.stats;
-        let histogram = stats.sample_duration_histogram();
-        enc.encode_descriptor(
-            "gpuwatch_sample_duration",
-            "Time one sampler tick took to read every GPU",
-            seconds,
-            MetricType::Histogram,
-        )?
-        .encode_histogram::<NoLabelSet>(
-            histogram.sum_s,
-            histogram.count,
-            &histogram.buckets,
-            None,
-        )?;
-        let e = &mut enc;
-        single_gauge(
-            e,
-            "gpuwatch_last_sample_duration",
-            "Time the last sampler tick took to read every GPU",
-            seconds,
-            stats.last_sample_duration_us.load(Ordering::Relaxed) as f64 / 1e6,
-        )?;
-        single_gauge(
-            e,
-            "gpuwatch_sampler_interval",
-            "The sampler's cadence",
-            seconds,
-            s.hub.sampler_interval().as_secs_f64(),
-        )?;
-        single_gauge(
-            e,
-            "gpuwatch_last_frame_timestamp",
-            "When the latest frame's tick started (Unix time)",
-            seconds,
-            frame
-                .as_ref()
-                .and_then(|f| f.time.as_ref())
-                .map_or(0.0, unix_seconds),
-        )?;
-        single_counter(
-            e,
-            "gpuwatch_frames_published",
-            "Frames (sampler ticks) published",
-            None,
-            stats.frames_published.load(Ordering::Relaxed) as f64,
-        )?;
-        single_counter(
-            e,
-            "gpuwatch_frames_dropped",
-            "Frames not delivered to slow Watch subscribers, summed over subscribers",
-            None,
-            stats.frames_dropped.load(Ordering::Relaxed) as f64,
-        )?;
-        let subscribers = [
-            (
-                [("stream", "watch")],
-                stats.watch_subscribers.load(Ordering::Relaxed) as u64,
-            ),
-            (
-                [("stream", "watch_events")],
-                stats.event_subscribers.load(Ordering::Relaxed) as u64,
-            ),
-            (
-                [("stream", "dashboard")],
-                s.dashboard_streams.load(Ordering::Relaxed) as u64,
-            ),
-        ];
-        gauges(
-            e,
-            "gpuwatch_subscribers",
-            "Streams open now: gRPC Watch, gRPC WatchEvents, and dashboard (server-sent events)",
-            None,
-            &subscribers,
-        )?;
-        gauges(
-            e,
-            "gpuwatch_build_info",
-            "Always 1; the labels say which gpuwatch is running",
-            None,
-            &[([("version", env!("CARGO_PKG_VERSION"))], 1u32)],
-        )?;
-
-        // ---- The process (the names every Prometheus client uses) ----
-        let started = s
-            .hub
-            .started()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        single_gauge(
-            e,
-            "process_start_time",
-            "Start time of the process since the Unix epoch",
-            seconds,
-            started,
-        )?;
-        let process = procstat::read();
-        if let Some(cpu) = process.cpu_seconds {
-            single_counter(
-                e,
-                "process_cpu",
-                "Total user and system CPU time spent",
-                seconds,
-                cpu,
-            )?;
-        }
-        if let Some(rss) = process.resident_memory_bytes {
-            single_gauge(
-                e,
-                "process_resident_memory",
-                "Resident memory size",
-                bytes,
-                rss,
-            )?;
-        }
-        if let Some(vsz) = process.virtual_memory_bytes {
-            single_gauge(
-                e,
-                "process_virtual_memory",
-                "Virtual memory size",
-                bytes,
-                vsz,
-            )?;
-        }
-        if let Some(n) = process.open_fds {
-            single_gauge(e, "process_open_fds", "Open file descriptors", None, n)?;
-        }
-        if let Some(n) = process.max_fds {
-            single_gauge(
-                e,
-                "process_max_fds",
-                "Maximum number of open file descriptors",
-                None,
-                n,
-            )?;
-        }
-        if let Some(n) = process.threads {
-            single_gauge(
-                e,
-                "process_threads",
-                "Operating system threads in the process",
-                None,
-                n,
-            )?;
-        }
-        Ok(())
     }
+    gauges(
+        e,
+        "gpuwatch_pcie_throughput",
+        "PCIe throughput (NVML's KB/s times 1024), transmitted and received",
+        Some(&u.bytes_per_second),
+        &pcie,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_processes",
+        "Compute processes running on the GPU (read on the slow cadence)",
+        None,
+        &per_gpu(gpus, h, |g| {
+            let x = g.sample?;
+            (g.supports(TelemetryField::Processes)
+                && x.processes_time.is_some()
+                && x.health == GpuHealth::Ok as i32)
+                .then_some(x.processes.len() as u64)
+        }),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_reading_timestamp",
+        "When the reading behind this GPU's values was taken (Unix time; for a stale GPU its last complete reading, none while lost)",
+        seconds,
+        &sampled(gpus, h, |x| {
+            (x.health != GpuHealth::Lost as i32)
+                .then(|| x.time.as_ref().map(unix_seconds))
+                .flatten()
+        }),
+    )?;
+
+    let mut health: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
+    for g in gpus {
+        let Some(x) = g.sample else { continue };
+        for (state, value) in [
+            ("ok", GpuHealth::Ok),
+            ("lost", GpuHealth::Lost),
+            ("stale", GpuHealth::Stale),
+            ("error", GpuHealth::Error),
+        ] {
+            health.push((
+                (g.labels(h), [("state", state)]),
+                u32::from(x.health == value as i32),
+            ));
+        }
+    }
+    gauges(
+        e,
+        "gpuwatch_gpu_health",
+        "1 for the GPU's current health state (ok, lost, stale, error), 0 for the others",
+        None,
+        &health,
+    )?;
+    Ok(())
+}
+
+/// Limits and temperatures the GPU describes itself with.
+fn device_facts(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
+    let (gpus, h, u) = (v.gpus, v.hostname, v.units);
+    let celsius = Some(&u.celsius);
+    let watts_unit = Some(&u.watts);
+    let limits = |f: fn(&crate::api::PowerLimits) -> Option<u32>| {
+        per_gpu(gpus, h, move |g| {
+            g.device?.power_limits.as_ref().and_then(f).map(watts)
+        })
+    };
+    gauges(
+        e,
+        "gpuwatch_power_limit_min",
+        "Lowest power limit the driver accepts",
+        watts_unit,
+        &limits(|p| p.min_mw),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_power_limit_max",
+        "Highest power limit the driver accepts",
+        watts_unit,
+        &limits(|p| p.max_mw),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_power_limit_default",
+        "The power limit the GPU boots with",
+        watts_unit,
+        &limits(|p| p.default_mw),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_slowdown_temperature",
+        "Temperature at which the hardware starts slowing itself down",
+        celsius,
+        &per_gpu(gpus, h, |g| g.device?.slowdown_temperature_c),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_shutdown_temperature",
+        "Temperature at which the hardware shuts down",
+        celsius,
+        &per_gpu(gpus, h, |g| g.device?.shutdown_temperature_c),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_max_operating_temperature",
+        "Maximum operating temperature NVIDIA specifies for the GPU core",
+        celsius,
+        &per_gpu(gpus, h, |g| g.device?.max_operating_temperature_c),
+    )?;
+    Ok(())
+}
+
+/// The thermal governor's policy and state, per GPU.
+fn governor(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
+    let (gpus, h, u) = (v.gpus, v.hostname, v.units);
+    let celsius = Some(&u.celsius);
+    let watts_unit = Some(&u.watts);
+    let hertz_unit = Some(&u.hertz);
+    let seconds = Some(&u.seconds);
+    let mut states: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
+    let mut modes: Vec<(GpuLabels1<'_>, u32)> = Vec::new();
+    for g in gpus {
+        let Some(p) = g.policy else { continue };
+        for (name, value) in GOVERNOR_STATES {
+            states.push((
+                (g.labels(h), [("state", name)]),
+                u32::from(p.state == value as i32),
+            ));
+        }
+        for (name, value) in GOVERNOR_MODES {
+            modes.push((
+                (g.labels(h), [("mode", name)]),
+                u32::from(p.mode == value as i32),
+            ));
+        }
+    }
+    gauges(
+        e,
+        "gpuwatch_governor_state",
+        "1 for what the thermal governor is doing for this GPU now, 0 for the other states",
+        None,
+        &states,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_mode",
+        "1 for how the governor acts on this GPU, 0 for the other modes",
+        None,
+        &modes,
+    )?;
+    let policy = |f: fn(&GpuPolicy) -> Option<f64>| per_gpu(gpus, h, move |g| g.policy.and_then(f));
+    gauges(
+        e,
+        "gpuwatch_governor_threshold",
+        "Governor target temperature: at or above it the power limit is lowered",
+        celsius,
+        &policy(|p| Some(f64::from(p.threshold_c))),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_hysteresis",
+        "Below threshold minus hysteresis the governor raises the limit back",
+        celsius,
+        &policy(|p| Some(f64::from(p.hysteresis_c))),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_power_limit",
+        "Power limit currently set on the GPU, as the governor sees it",
+        watts_unit,
+        &policy(|p| p.current_limit_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_floor",
+        "Lowest power limit the governor will set",
+        watts_unit,
+        &policy(|p| p.floor_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_ceiling",
+        "Highest power limit the governor will restore (operator limit, else device default)",
+        watts_unit,
+        &policy(|p| p.ceiling_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_operator_ceiling",
+        "The operator's ceiling set through SetPowerLimit (absent when none)",
+        watts_unit,
+        &policy(|p| p.operator_ceiling_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_clock_cap",
+        "Graphics clock cap the governor holds in clock-lock mode (absent when none)",
+        hertz_unit,
+        &policy(|p| p.clock_cap_mhz.map(hertz)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_dry_run",
+        "1 when the governor decides and records but never writes",
+        None,
+        &policy(|p| Some(if p.dry_run { 1.0 } else { 0.0 })),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_last_action_timestamp",
+        "When the governor last acted on this GPU (Unix time)",
+        seconds,
+        &policy(|p| p.last_action.as_ref()?.time.as_ref().map(unix_seconds)),
+    )?;
+    Ok(())
+}
+
+/// Event counters since the daemon started.
+fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
+    let kinds: Vec<(String, f64)> = (1..)
+        .map_while(|n| EventKind::try_from(n).ok())
+        .map(|k| {
+            (
+                enum_label(k.as_str_name(), "EVENT_KIND_"),
+                log.count(k) as f64,
+            )
+        })
+        .collect();
+    let event_rows: Vec<([(&str, &str); 1], f64)> = kinds
+        .iter()
+        .map(|(k, n)| ([("kind", k.as_str())], *n))
+        .collect();
+    counters(
+        e,
+        "gpuwatch_events",
+        "Events recorded since the daemon started, by kind",
+        None,
+        &event_rows,
+    )?;
+    single_counter(
+        e,
+        "gpuwatch_event_persist_failures",
+        "Events that could not be written to the event log on disk",
+        None,
+        log.persist_failures.load(Ordering::Relaxed) as f64,
+    )?;
+    Ok(())
+}
+
+/// The daemon's own cost and state.
+fn daemon(
+    e: &mut DescriptorEncoder<'_>,
+    s: &Sources,
+    frame: Option<&Frame>,
+    u: &Units,
+) -> fmt::Result {
+    let seconds = Some(&u.seconds);
+    let stats = &s.hub.stats;
+    let histogram = stats.sample_duration_histogram();
+    e.encode_descriptor(
+        "gpuwatch_sample_duration",
+        "Time one sampler tick took to read every GPU",
+        seconds,
+        MetricType::Histogram,
+    )?
+    .encode_histogram::<NoLabelSet>(
+        histogram.sum_s,
+        histogram.count,
+        &histogram.buckets,
+        None,
+    )?;
+    single_gauge(
+        e,
+        "gpuwatch_last_sample_duration",
+        "Time the last sampler tick took to read every GPU",
+        seconds,
+        stats.last_sample_duration_us.load(Ordering::Relaxed) as f64 / 1e6,
+    )?;
+    single_gauge(
+        e,
+        "gpuwatch_sampler_interval",
+        "The sampler's cadence",
+        seconds,
+        s.hub.sampler_interval().as_secs_f64(),
+    )?;
+    single_gauge(
+        e,
+        "gpuwatch_last_frame_timestamp",
+        "When the latest frame's tick started (Unix time)",
+        seconds,
+        frame
+            .as_ref()
+            .and_then(|f| f.time.as_ref())
+            .map_or(0.0, unix_seconds),
+    )?;
+    single_counter(
+        e,
+        "gpuwatch_frames_published",
+        "Frames (sampler ticks) published",
+        None,
+        stats.frames_published.load(Ordering::Relaxed) as f64,
+    )?;
+    single_counter(
+        e,
+        "gpuwatch_frames_dropped",
+        "Frames not delivered to slow Watch subscribers, summed over subscribers",
+        None,
+        stats.frames_dropped.load(Ordering::Relaxed) as f64,
+    )?;
+    let subscribers = [
+        (
+            [("stream", "watch")],
+            stats.watch_subscribers.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            [("stream", "watch_events")],
+            stats.event_subscribers.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            [("stream", "dashboard")],
+            s.dashboard_streams.load(Ordering::Relaxed) as u64,
+        ),
+    ];
+    gauges(
+        e,
+        "gpuwatch_subscribers",
+        "Streams open now: gRPC Watch, gRPC WatchEvents, and dashboard (server-sent events)",
+        None,
+        &subscribers,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_build_info",
+        "Always 1; the labels say which gpuwatch is running",
+        None,
+        &[([("version", env!("CARGO_PKG_VERSION"))], 1u32)],
+    )?;
+    Ok(())
+}
+
+/// The standard `process_*` metrics.
+fn process(e: &mut DescriptorEncoder<'_>, hub: &Hub, u: &Units) -> fmt::Result {
+    let seconds = Some(&u.seconds);
+    let bytes = Some(&u.bytes);
+    let started = hub
+        .started()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    single_gauge(
+        e,
+        "process_start_time",
+        "Start time of the process since the Unix epoch",
+        seconds,
+        started,
+    )?;
+    let process = procstat::read();
+    if let Some(cpu) = process.cpu_seconds {
+        single_counter(
+            e,
+            "process_cpu",
+            "Total user and system CPU time spent",
+            seconds,
+            cpu,
+        )?;
+    }
+    if let Some(rss) = process.resident_memory_bytes {
+        single_gauge(
+            e,
+            "process_resident_memory",
+            "Resident memory size",
+            bytes,
+            rss,
+        )?;
+    }
+    if let Some(vsz) = process.virtual_memory_bytes {
+        single_gauge(
+            e,
+            "process_virtual_memory",
+            "Virtual memory size",
+            bytes,
+            vsz,
+        )?;
+    }
+    if let Some(n) = process.open_fds {
+        single_gauge(e, "process_open_fds", "Open file descriptors", None, n)?;
+    }
+    if let Some(n) = process.max_fds {
+        single_gauge(
+            e,
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            None,
+            n,
+        )?;
+    }
+    if let Some(n) = process.threads {
+        single_gauge(
+            e,
+            "process_threads",
+            "Operating system threads in the process",
+            None,
+            n,
+        )?;
+    }
+    Ok(())
 }
 
 const GOVERNOR_STATES: [(&str, GovernorState); 6] = [
