@@ -51,6 +51,62 @@ pub struct HubStats {
     pub last_sample_duration_us: AtomicU64,
     /// Sum of all ticks' read durations, in microseconds.
     pub sample_duration_us_total: AtomicU64,
+    /// Ticks per read-duration bucket (not cumulative); the bounds are
+    /// [`SAMPLE_DURATION_BUCKETS_S`], and the last slot counts the rest.
+    pub sample_duration_buckets: [AtomicU64; SAMPLE_DURATION_BUCKETS_S.len() + 1],
+}
+
+/// Upper bounds, in seconds, of the buckets the tick read durations are
+/// counted in: from a simulator's microseconds to a driver call that hangs
+/// until the read deadline.
+pub const SAMPLE_DURATION_BUCKETS_S: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The tick read durations as a histogram.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurationHistogram {
+    pub sum_s: f64,
+    pub count: u64,
+    /// (upper bound in seconds, ticks in that bucket alone — not
+    /// cumulative); the last bound is `f64::INFINITY`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl HubStats {
+    /// Records how long one tick's device reads took.
+    pub fn record_sample_duration(&self, took: Duration) {
+        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.last_sample_duration_us
+            .store(took_us, Ordering::Relaxed);
+        self.sample_duration_us_total
+            .fetch_add(took_us, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let slot = SAMPLE_DURATION_BUCKETS_S
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(SAMPLE_DURATION_BUCKETS_S.len());
+        if let Some(bucket) = self.sample_duration_buckets.get(slot) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The recorded tick read durations, for the metrics endpoint.
+    pub fn sample_duration_histogram(&self) -> DurationHistogram {
+        let buckets: Vec<(f64, u64)> = SAMPLE_DURATION_BUCKETS_S
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(&self.sample_duration_buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        DurationHistogram {
+            // Micros to seconds; exact below 2^53 us (285 years).
+            sum_s: self.sample_duration_us_total.load(Ordering::Relaxed) as f64 / 1e6,
+            count: buckets.iter().map(|b| b.1).sum(),
+            buckets,
+        }
+    }
 }
 
 /// The hub. Shared by the sampler (writer) and every reader.
@@ -233,6 +289,27 @@ mod tests {
         assert_eq!(sub.replay.iter().map(|f| f.seq).collect::<Vec<_>>(), [3, 4]);
         hub.publish(frame(5));
         assert_eq!(sub.live.try_recv().map(|f| f.seq).ok(), Some(5));
+    }
+
+    #[test]
+    fn sample_durations_land_in_their_buckets() {
+        let stats = HubStats::default();
+        stats.record_sample_duration(Duration::from_micros(50));
+        stats.record_sample_duration(Duration::from_micros(700));
+        stats.record_sample_duration(Duration::from_secs(3));
+        let h = stats.sample_duration_histogram();
+        assert_eq!(h.count, 3);
+        assert!((h.sum_s - 3.00075).abs() < 1e-9, "{}", h.sum_s);
+        let at = |bound: f64| h.buckets.iter().find(|b| b.0 == bound).map(|b| b.1);
+        assert_eq!(at(0.0001), Some(1));
+        assert_eq!(at(0.00025), Some(0));
+        assert_eq!(at(0.001), Some(1));
+        assert_eq!(at(1.0), Some(0));
+        assert_eq!(at(f64::INFINITY), Some(1), "3 s only counts in +Inf");
+        assert_eq!(
+            stats.last_sample_duration_us.load(Ordering::Relaxed),
+            3_000_000
+        );
     }
 
     #[test]

@@ -239,15 +239,7 @@ impl Sampler {
                 }
             }
         }
-        let took = started.elapsed();
-        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let stats = &self.hub.stats;
-        stats
-            .last_sample_duration_us
-            .store(took_us, std::sync::atomic::Ordering::Relaxed);
-        stats
-            .sample_duration_us_total
-            .fetch_add(took_us, std::sync::atomic::Ordering::Relaxed);
+        self.hub.stats.record_sample_duration(started.elapsed());
 
         if devices_changed {
             self.publish_devices();
