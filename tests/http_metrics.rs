@@ -313,13 +313,13 @@ fn every_gpu_series_carries_the_dcgm_exporter_labels() {
     assert_eq!(temps.len(), 1, "only the GPU that reads has a temperature");
     let labels = &temps[0].labels;
     assert_eq!(labels["gpu"], "0");
-    assert_eq!(labels["UUID"], "GPU-0aaaaaaa-0000-0000-0000-000000000000");
-    assert_eq!(labels["modelName"], "NVIDIA H100 80GB HBM3");
-    assert_eq!(labels["Hostname"], "node-7");
+    assert_eq!(labels["uuid"], "GPU-0aaaaaaa-0000-0000-0000-000000000000");
+    assert_eq!(labels["model_name"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(labels["hostname"], "node-7");
     assert_eq!(labels["pci_bus_id"], "00000000:18:00.0");
     // A model name with quotes is escaped, not broken.
     assert!(
-        text.contains(r#"modelName="NVIDIA \"Quoted\" GPU""#),
+        text.contains(r#"model_name="NVIDIA \"Quoted\" GPU""#),
         "{text}"
     );
 }
@@ -469,10 +469,10 @@ async fn a_daemon_exports_every_family_a_dcgm_user_expects() {
             let series = find(&all, name, &[]);
             assert!(!series.is_empty(), "{name} is missing");
             for s in series {
-                for label in ["gpu", "UUID", "modelName", "Hostname", "pci_bus_id"] {
+                for label in ["gpu", "uuid", "model_name", "hostname", "pci_bus_id"] {
                     assert!(s.labels.contains_key(label), "{name} lacks {label}: {s:?}");
                 }
-                assert_eq!(s.labels["modelName"], "NVIDIA H100 80GB HBM3");
+                assert_eq!(s.labels["model_name"], "NVIDIA H100 80GB HBM3");
             }
         }
         assert_eq!(
@@ -502,7 +502,7 @@ async fn metrics_agree_with_the_dashboard_snapshot_of_the_same_hub() {
             let labels = [("gpu", index.as_str())];
             let uuid = gpu["uuid"].as_str().expect("uuid");
             let series = find(&all, "gpuwatch_power_limit_default_watts", &labels);
-            assert_eq!(series[0].labels["UUID"], uuid);
+            assert_eq!(series[0].labels["uuid"], uuid);
             assert_eq!(
                 Some(series[0].value),
                 gpu["power_default_w"].as_f64(),
@@ -534,7 +534,7 @@ preset = "rtx-4090"
         let laptop = [("gpu", "0")];
         let consumer = [("gpu", "1")];
         assert_eq!(
-            find(&all, "gpuwatch_temperature_celsius", &laptop)[0].labels["modelName"],
+            find(&all, "gpuwatch_temperature_celsius", &laptop)[0].labels["model_name"],
             "NVIDIA GeForce RTX 4070 Laptop GPU"
         );
         for name in [

@@ -301,10 +301,10 @@ impl<'a> Gpu<'a> {
     fn labels(&'a self, hostname: &'a str) -> GpuLabels<'a> {
         [
             ("gpu", self.index.as_str()),
-            ("UUID", self.uuid),
+            ("uuid", self.uuid),
             ("pci_bus_id", self.pci_bus_id),
-            ("modelName", self.model),
-            ("Hostname", hostname),
+            ("model_name", self.model),
+            ("hostname", hostname),
         ]
     }
 
