@@ -25,16 +25,6 @@ fn mixed_fleet() -> String {
     )
 }
 
-async fn next(stream: &mut tonic::Streaming<api::WatchResponse>) -> Message {
-    tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("message in time")
-        .expect("stream ok")
-        .expect("stream open")
-        .message
-        .expect("message set")
-}
-
 #[tokio::test]
 async fn list_devices_reports_identity_limits_and_capabilities() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -170,7 +160,7 @@ async fn watch_starts_with_full_state_then_frames_at_the_requested_stride() {
         .await
         .expect("watch")
         .into_inner();
-    let Message::Start(start) = next(&mut stream).await else {
+    let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("first message must be start");
     };
     assert_eq!(
@@ -182,7 +172,7 @@ async fn watch_starts_with_full_state_then_frames_at_the_requested_stride() {
     assert_eq!(current.samples.len(), 3);
     let mut last = current.seq;
     for _ in 0..8 {
-        match next(&mut stream).await {
+        match support::next_message(&mut stream).await {
             Message::Frame(f) => {
                 assert_eq!(f.seq, last + 3, "frames advance by the stride");
                 assert_eq!(f.samples.len(), 3);
@@ -213,11 +203,11 @@ async fn watch_of_one_gpu_and_interval_errors() {
         .await
         .expect("watch")
         .into_inner();
-    let Message::Start(start) = next(&mut stream).await else {
+    let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("start first");
     };
     assert_eq!(start.devices.len(), 1);
-    let Message::Frame(f) = next(&mut stream).await else {
+    let Message::Frame(f) = support::next_message(&mut stream).await else {
         panic!("frame");
     };
     assert_eq!(f.samples.iter().map(|s| s.index).collect::<Vec<_>>(), [2]);
@@ -254,7 +244,7 @@ async fn resume_replays_history_and_reports_what_is_gone() {
         .await
         .expect("watch")
         .into_inner();
-    let Message::Start(start) = next(&mut stream).await else {
+    let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("start");
     };
     let seen = start.current.expect("current").seq;
@@ -269,11 +259,11 @@ async fn resume_replays_history_and_reports_what_is_gone() {
         .await
         .expect("resume")
         .into_inner();
-    let Message::Start(start) = next(&mut stream).await else {
+    let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("start");
     };
     assert!(start.current.is_none(), "a resume carries no current frame");
-    let Message::Gap(gap) = next(&mut stream).await else {
+    let Message::Gap(gap) = support::next_message(&mut stream).await else {
         panic!("expected a gap for frames no longer in history");
     };
     assert_eq!(gap.reason(), GapReason::NotInHistory);
@@ -281,7 +271,7 @@ async fn resume_replays_history_and_reports_what_is_gone() {
     assert!(!gap.restarted);
     let mut expected = gap.last_seq + 1;
     for _ in 0..25 {
-        let Message::Frame(f) = next(&mut stream).await else {
+        let Message::Frame(f) = support::next_message(&mut stream).await else {
             panic!("frames after the gap");
         };
         assert_eq!(f.seq, expected, "replay then live, without holes");
@@ -297,8 +287,8 @@ async fn resume_replays_history_and_reports_what_is_gone() {
         .await
         .expect("resume")
         .into_inner();
-    let _ = next(&mut stream).await;
-    let Message::Frame(f) = next(&mut stream).await else {
+    let _ = support::next_message(&mut stream).await;
+    let Message::Frame(f) = support::next_message(&mut stream).await else {
         panic!("replayed frame");
     };
     assert_eq!(f.seq, expected - 4);
@@ -423,7 +413,7 @@ async fn sigterm_ends_open_streams_and_exits_promptly() {
         .await
         .expect("events")
         .into_inner();
-    let _ = next(&mut stream).await;
+    let _ = support::next_message(&mut stream).await;
     let started = std::time::Instant::now();
     assert_eq!(d.signal_and_wait("TERM", Duration::from_secs(10)), Some(0));
     assert!(

@@ -15,17 +15,6 @@ use gpuwatch::api::{self, EventKind, GapReason, GpuHealth, WatchRequest, watch_r
 use serde_json::json;
 use support::{Client, Daemon, Options, events_since};
 
-/// Reads the next Watch message (bounded).
-async fn next(stream: &mut tonic::Streaming<api::WatchResponse>) -> Message {
-    tokio::time::timeout(Duration::from_secs(15), stream.message())
-        .await
-        .expect("message in time")
-        .expect("stream ok")
-        .expect("stream open")
-        .message
-        .expect("message set")
-}
-
 /// Frames received within `window`.
 async fn frames_for(
     stream: &mut tonic::Streaming<api::WatchResponse>,
@@ -34,26 +23,11 @@ async fn frames_for(
     let end = Instant::now() + window;
     let mut frames = Vec::new();
     while Instant::now() < end {
-        if let Message::Frame(f) = next(stream).await {
+        if let Message::Frame(f) = support::next_message(stream).await {
             frames.push(f);
         }
     }
     frames
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +56,7 @@ async fn a_hung_driver_call_costs_only_its_gpu_and_shows_in_the_age() {
         .await
         .expect("watch")
         .into_inner();
-    let _ = next(&mut stream).await;
+    let _ = support::next_message(&mut stream).await;
     let frames = frames_for(&mut stream, Duration::from_secs(2)).await;
     // The sampler kept its cadence: ~20 frames in 2 s at 100 ms (allow a
     // busy machine half of that).
@@ -161,7 +135,7 @@ async fn nvml_gpu_lost_mid_stream_is_announced_while_the_other_streams_and_it_re
         .await
         .expect("watch")
         .into_inner();
-    let _ = next(&mut stream).await;
+    let _ = support::next_message(&mut stream).await;
 
     fake.set_config(&two(true));
     let lost_seen = support::eventually(Duration::from_secs(10), "GPU 1 reported lost", || {
@@ -228,7 +202,7 @@ async fn nvml_calls_that_hang_leave_the_healthy_gpu_on_cadence() {
         .await
         .expect("watch")
         .into_inner();
-    let _ = next(&mut stream).await;
+    let _ = support::next_message(&mut stream).await;
     let frames = frames_for(&mut stream, Duration::from_secs(4)).await;
     assert!(frames.len() >= 20, "{} frames in 4 s", frames.len());
     let last = frames.last().expect("frames");
@@ -280,8 +254,8 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
         .await
         .expect("watch")
         .into_inner();
-    let _ = next(&mut stalled).await;
-    let rss_before = rss_kib(d.pid());
+    let _ = support::next_message(&mut stalled).await;
+    let rss_before = support::rss_kib(d.pid());
 
     // Meanwhile a healthy subscriber on another connection reads along.
     let mut healthy_client = d.client().await;
@@ -293,12 +267,12 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
         .await
         .expect("watch")
         .into_inner();
-    let _ = next(&mut healthy).await;
+    let _ = support::next_message(&mut healthy).await;
     let mut arrivals = VecDeque::new();
     let end = Instant::now() + Duration::from_secs(6);
     let mut last_seq = None;
     while Instant::now() < end {
-        if let Message::Frame(f) = next(&mut healthy).await {
+        if let Message::Frame(f) = support::next_message(&mut healthy).await {
             if let Some(prev) = last_seq {
                 assert_eq!(f.seq, prev + 10, "the healthy subscriber misses nothing");
             }
@@ -316,7 +290,7 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
         worst < Duration::from_millis(600),
         "the healthy subscriber waited {worst:?} between frames"
     );
-    let rss_after = rss_kib(d.pid());
+    let rss_after = support::rss_kib(d.pid());
     assert!(
         rss_after < rss_before + 20 * 1024,
         "memory grew from {rss_before} KiB to {rss_after} KiB with a stalled subscriber"
@@ -325,7 +299,7 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
     // The stalled subscriber reads again: whatever was buffered, then a gap.
     let mut saw_gap = None;
     for _ in 0..2000 {
-        match next(&mut stalled).await {
+        match support::next_message(&mut stalled).await {
             Message::Gap(g) => {
                 saw_gap = Some(g);
                 break;
@@ -336,7 +310,7 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
     let gap = saw_gap.expect("the stalled subscriber is told what it missed");
     assert_eq!(gap.reason(), GapReason::SlowSubscriber);
     assert!(gap.missed > 0 && gap.last_seq >= gap.first_seq);
-    let Message::Frame(f) = next(&mut stalled).await else {
+    let Message::Frame(f) = support::next_message(&mut stalled).await else {
         panic!("frames resume after the gap");
     };
     assert_eq!(f.seq, gap.last_seq + 1);
@@ -379,7 +353,7 @@ async fn thousands_of_connects_and_disconnects_leak_nothing() {
     // Warm up, then measure.
     cycle(200).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (rss0, threads0) = (rss_kib(d.pid()), threads(d.pid()));
+    let (rss0, threads0) = (support::rss_kib(d.pid()), support::threads(d.pid()));
     let mut tasks = Vec::new();
     for _ in 0..4 {
         tasks.push(tokio::spawn(cycle(500)));
@@ -388,7 +362,7 @@ async fn thousands_of_connects_and_disconnects_leak_nothing() {
         t.await.expect("churn task");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss1, threads1) = (rss_kib(d.pid()), threads(d.pid()));
+    let (rss1, threads1) = (support::rss_kib(d.pid()), support::threads(d.pid()));
     assert!(
         rss1 < rss0 + 4 * 1024,
         "RSS {rss0} KiB -> {rss1} KiB after 2000 cycles"
@@ -420,7 +394,7 @@ async fn a_restart_under_a_watching_client_resumes_with_the_restart_marked() {
         .into_inner();
     let mut last = 0;
     for _ in 0..5 {
-        match next(&mut stream).await {
+        match support::next_message(&mut stream).await {
             Message::Start(s) => last = s.current.map_or(last, |f| f.seq),
             Message::Frame(f) => last = f.seq,
             Message::Gap(_) => {}
@@ -444,12 +418,15 @@ async fn a_restart_under_a_watching_client_resumes_with_the_restart_marked() {
         .await
         .expect("resume")
         .into_inner();
-    assert!(matches!(next(&mut stream).await, Message::Start(_)));
-    let Message::Gap(gap) = next(&mut stream).await else {
+    assert!(matches!(
+        support::next_message(&mut stream).await,
+        Message::Start(_)
+    ));
+    let Message::Gap(gap) = support::next_message(&mut stream).await else {
         panic!("the restart shows as a gap");
     };
     assert!(gap.restarted && gap.first_seq == last + 1, "{gap:?}");
-    let Message::Frame(f) = next(&mut stream).await else {
+    let Message::Frame(f) = support::next_message(&mut stream).await else {
         panic!("frames continue");
     };
     assert!(f.seq > last);

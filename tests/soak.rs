@@ -138,17 +138,6 @@ async fn event_follower(
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long; run by .ci/soak.sh"]
 async fn soak_streams_control_and_restarts_lose_nothing_and_leak_nothing() {
@@ -231,7 +220,7 @@ async fn soak_streams_control_and_restarts_lose_nothing_and_leak_nothing() {
                 .min(Duration::from_secs(secs).saturating_sub(started.elapsed())),
         )
         .await;
-        peak_rss = peak_rss.max(rss_kib(daemon.pid()));
+        peak_rss = peak_rss.max(support::rss_kib(daemon.pid()));
         if started.elapsed() >= Duration::from_secs(secs) {
             break;
         }

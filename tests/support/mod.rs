@@ -306,3 +306,33 @@ pub fn sim_config(speed: f64, extra: &str, gpus: &[&str]) -> String {
     toml.push_str(extra);
     toml
 }
+
+/// The next Watch message (bounded wait).
+pub async fn next_message(
+    stream: &mut tonic::Streaming<api::WatchResponse>,
+) -> api::watch_response::Message {
+    tokio::time::timeout(Duration::from_secs(15), stream.message())
+        .await
+        .expect("message in time")
+        .expect("stream ok")
+        .expect("stream open")
+        .message
+        .expect("message set")
+}
+
+/// A process's resident memory (KiB), from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A process's thread count, from /proc.
+pub fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+}
