@@ -40,7 +40,7 @@ use crate::{
     backend::{BackendError, DeviceFacts, Reading},
     config::{ControllerConfig, HYSTERESIS_MAX_C, HYSTERESIS_MIN_C, THRESHOLD_MIN_C},
     events::{Actor, EventLog, NewEvent},
-    governor::{Actuator, Decision, Governor, GovernorParams, Observation},
+    governor::{Actuator, Decision, Governor, GovernorParams, Observation, ThermalPrior},
     hub::Hub,
     sampler::Sampler,
     state::{GpuState, StateStore},
@@ -329,13 +329,14 @@ impl GpuControl {
 
     /// Thermal resistance prior: a board at its default limit is designed to
     /// run a few degrees under slowdown.
-    fn resistance_prior(&self) -> f64 {
-        let slowdown = f64::from(self.facts.slowdown_c.unwrap_or(85));
-        let power = self
-            .facts
-            .power_default_mw
-            .map_or(300.0, |mw| f64::from(mw) / 1000.0);
-        ((slowdown - 5.0 - AMBIENT_GUESS_C) / power.max(10.0)).max(0.01)
+    fn thermal_prior(&self) -> ThermalPrior {
+        let headroom = f64::from(self.facts.slowdown_c.unwrap_or(85)) - 5.0 - AMBIENT_GUESS_C;
+        match self.facts.power_default_mw {
+            Some(mw) => ThermalPrior::ResistanceCPerW(
+                headroom.max(5.0) / (f64::from(mw) / 1000.0).max(10.0),
+            ),
+            None => ThermalPrior::HeadroomC(headroom.max(5.0)),
+        }
     }
 
     fn governor_params(
@@ -367,7 +368,7 @@ impl GpuControl {
             min_step,
             ambient_guess_c: AMBIENT_GUESS_C,
             actuator,
-            thermal_resistance_c_per_w: self.resistance_prior(),
+            thermal_prior: self.thermal_prior(),
         })
     }
 

@@ -52,8 +52,18 @@ pub struct GovernorParams {
     pub ambient_guess_c: f64,
     /// What the governor moves.
     pub actuator: Actuator,
-    /// Prior for the temperature rise per watt of power (°C/W).
-    pub thermal_resistance_c_per_w: f64,
+    /// What the governor assumes about the GPU's heat before it learns.
+    pub thermal_prior: ThermalPrior,
+}
+
+/// The governor's starting assumption about temperature rise per watt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ThermalPrior {
+    /// A known (or estimated from the power rating) rise per watt, °C/W.
+    ResistanceCPerW(f64),
+    /// The power rating is unknown: assume the GPU rises this many degrees
+    /// above ambient at the highest power it is seen drawing.
+    HeadroomC(f64),
 }
 
 /// What the governor moves.
@@ -100,6 +110,9 @@ const LONG_WINDOW: Duration = Duration::from_secs(10);
 /// How far ahead a rising temperature is surely going (a lower bound for
 /// any GPU whose time constant is at least this).
 const BOUND_HORIZON_S: f64 = 2.0;
+/// How long power must hold before readings say anything about where that
+/// power settles (the sensor's lag plus the power reading's averaging).
+const POWER_HOLD_S: f64 = 2.5;
 /// How far ahead the governor looks when judging "hot".
 const HORIZON_S: f64 = 2.0;
 /// The governor aims this far below the threshold when cutting.
@@ -132,7 +145,7 @@ impl Governor {
             GovernorState::Idle
         };
         Self {
-            model: ThermalModel::new(params.ambient_guess_c, params.thermal_resistance_c_per_w),
+            model: ThermalModel::new(params.ambient_guess_c, params.thermal_prior),
             params,
             state,
             history: VecDeque::with_capacity(HISTORY),
@@ -234,6 +247,25 @@ impl Governor {
         }
     }
 
+    /// True when power has stayed within 5 % of its current value for the
+    /// last `seconds` (and history covers that long).
+    fn power_held_for(&self, now: f64, seconds: f64) -> bool {
+        let Some(&current) = self.powers.back() else {
+            return false;
+        };
+        let covered = self
+            .history
+            .front()
+            .is_some_and(|(t0, _)| now - t0 >= seconds);
+        covered
+            && self
+                .history
+                .iter()
+                .zip(&self.powers)
+                .filter(|((t, _), _)| now - t <= seconds)
+                .all(|(_, p)| (p - current).abs() <= 0.05 * current.abs().max(1.0))
+    }
+
     /// True when power stayed within 5 % over the history window.
     fn power_steady(&self) -> bool {
         let (lo, hi) = self
@@ -293,14 +325,20 @@ impl Governor {
         let draw = self.draw(obs);
         let power = self.power_of(obs);
         let ceiling = p.ceiling.max(p.floor);
-        // Keep the model honest. Rising means the current power heads above
-        // the current temperature; falling means below; flat means here.
-        if slope > 0.05 {
-            self.model.at_least(power, temp + slope * BOUND_HORIZON_S);
-        } else if slope < -0.05 {
-            self.model.at_most(power, temp);
-        } else if long_slope.abs() < 0.02 && self.history.len() >= 6 && self.power_steady() {
-            self.model.settled(power, temp);
+        // Keep the model honest. At a power held for a while, rising means
+        // that power heads above the current temperature, falling means
+        // below, flat means here. Right after the power changed, the
+        // temperature still follows the old power (and the sensor lags), so
+        // nothing is inferred until the new power has held.
+        self.model.saw_power(power);
+        if self.power_held_for(t, POWER_HOLD_S) {
+            if slope > 0.05 {
+                self.model.at_least(power, temp + slope * BOUND_HORIZON_S);
+            } else if slope < -0.05 {
+                self.model.at_most(power, temp);
+            } else if long_slope.abs() < 0.02 && self.history.len() >= 6 && self.power_steady() {
+                self.model.settled(power, temp);
+            }
         }
         let settles_at = self.model.settles_at(power);
 
@@ -417,20 +455,47 @@ struct ThermalModel {
     anchor_c: f64,
     resistance: f64,
     prior: f64,
+    /// With an unknown power rating: the assumed rise at peak power.
+    headroom_c: Option<f64>,
+    peak_power_w: f64,
+    /// The resistance has been learned from readings.
+    learned: bool,
+    /// The anchor is a real settled reading, not the initial guess (no
+    /// resistance is learned against a guess).
+    anchor_seen: bool,
 }
 
 impl ThermalModel {
-    fn new(ambient_c: f64, prior: f64) -> Self {
-        let prior = if prior.is_finite() && prior > 0.0 {
-            prior
-        } else {
-            0.1
+    fn new(ambient_c: f64, prior: ThermalPrior) -> Self {
+        let (prior, headroom_c) = match prior {
+            ThermalPrior::ResistanceCPerW(r) if r.is_finite() && r > 0.0 => (r, None),
+            ThermalPrior::HeadroomC(h) if h.is_finite() && h > 0.0 => (h / 100.0, Some(h)),
+            _ => (0.1, None),
         };
         Self {
             anchor_power_w: 0.0,
             anchor_c: ambient_c,
             resistance: prior,
             prior,
+            headroom_c,
+            peak_power_w: 0.0,
+            learned: false,
+            anchor_seen: false,
+        }
+    }
+
+    /// Tracks the highest power seen; with an unknown rating that sets the
+    /// prior (a GPU is built to stay cool enough at the most it draws).
+    fn saw_power(&mut self, power: f64) {
+        if power <= self.peak_power_w {
+            return;
+        }
+        self.peak_power_w = power;
+        if let Some(headroom) = self.headroom_c {
+            self.prior = headroom / power.max(10.0);
+            if !self.learned {
+                self.resistance = self.prior;
+            }
         }
     }
 
@@ -456,9 +521,10 @@ impl ThermalModel {
         if self.settles_at(power) >= temperature {
             return;
         }
-        if self.far(power) && power > self.anchor_power_w {
+        if self.anchor_seen && self.far(power) && power > self.anchor_power_w {
             let needed = (temperature - self.anchor_c) / (power - self.anchor_power_w);
             self.resistance = self.clamp(self.resistance.max(needed));
+            self.learned = true;
         }
         let short = temperature - self.settles_at(power);
         if short > 0.0 {
@@ -471,9 +537,10 @@ impl ThermalModel {
         if self.settles_at(power) <= temperature {
             return;
         }
-        if self.far(power) && power > self.anchor_power_w {
+        if self.anchor_seen && self.far(power) && power > self.anchor_power_w {
             let allowed = (temperature - self.anchor_c) / (power - self.anchor_power_w);
             self.resistance = self.clamp(self.resistance.min(allowed));
+            self.learned = true;
         }
         let over = self.settles_at(power) - temperature;
         if over > 0.0 {
@@ -483,13 +550,15 @@ impl ThermalModel {
 
     /// The GPU sits settled at `temperature` while drawing `power`.
     fn settled(&mut self, power: f64, temperature: f64) {
-        if self.far(power) {
+        if self.anchor_seen && self.far(power) {
             let r = (temperature - self.anchor_c) / (power - self.anchor_power_w);
             if r.is_finite() && r > 0.0 {
                 self.resistance = self.clamp(r);
+                self.learned = true;
             }
         }
         self.anchor_power_w = power;
         self.anchor_c = temperature;
+        self.anchor_seen = true;
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::{
     backend::sim::{DemandProfile, GpuModel, ModelParams, Preset, model::watts_to_mw},
     config::PresetKey,
-    governor::{Actuator, Decision, Governor, GovernorParams, Observation},
+    governor::{Actuator, Decision, Governor, GovernorParams, Observation, ThermalPrior},
 };
 
 /// Who controls the GPU in a scenario.
@@ -156,8 +156,14 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
             min_step,
             ambient_guess_c: 30.0,
             actuator,
-            thermal_resistance_c_per_w: (f64::from(preset.slowdown_c) - 35.0)
-                / preset.power_default_w,
+            // What the daemon would assume from the device's facts.
+            thermal_prior: if preset.reports_power_limits {
+                ThermalPrior::ResistanceCPerW(
+                    (f64::from(preset.slowdown_c) - 35.0) / preset.power_default_w,
+                )
+            } else {
+                ThermalPrior::HeadroomC(f64::from(preset.slowdown_c) - 35.0)
+            },
         },
         ceiling,
     );
