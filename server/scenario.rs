@@ -57,6 +57,9 @@ pub struct Scenario {
     pub hysteresis_c: f64,
     pub sample_period: Duration,
     pub min_write_interval: Duration,
+    /// A different demand profile (points, repeat period) instead of the
+    /// high/low step; `drop` then only marks where metrics split.
+    pub profile: Option<(Vec<crate::config::DemandPoint>, Option<Duration>)>,
 }
 
 impl Scenario {
@@ -83,10 +86,14 @@ impl Scenario {
             hysteresis_c: 3.0,
             sample_period: Duration::from_millis(100),
             min_write_interval: Duration::from_secs(1),
+            profile: None,
         }
     }
 
     fn demand(&self) -> DemandProfile {
+        if let Some((points, repeat)) = &self.profile {
+            return DemandProfile::new(points, *repeat);
+        }
         let point = |at: Duration, watts: f64| crate::config::DemandPoint {
             at,
             watts,

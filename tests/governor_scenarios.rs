@@ -225,3 +225,99 @@ proptest::proptest! {
         }
     }
 }
+
+/// Loads other than a single step: ramps, square waves, a second step up,
+/// on every preset the governor can act on.
+#[test]
+fn other_loads_on_every_preset_stay_near_the_threshold_with_few_writes() {
+    use gpuwatch::config::{DemandPoint, PresetKey};
+    let p = |at: u64, watts: f64, ramp: bool| DemandPoint {
+        at: Duration::from_secs(at),
+        watts,
+        ramp,
+    };
+    let cases: Vec<(&str, PresetKey, Vec<DemandPoint>, Option<u64>, f64)> = vec![
+        (
+            "ramp 100->700 W over 120 s",
+            PresetKey::H100Sxm,
+            vec![p(0, 100.0, false), p(120, 700.0, true)],
+            None,
+            70.0,
+        ),
+        (
+            "square 650/150 W, 60 s period",
+            PresetKey::H100Sxm,
+            vec![p(0, 650.0, false), p(30, 150.0, false)],
+            Some(60),
+            65.0,
+        ),
+        (
+            "450 W then 700 W",
+            PresetKey::H100Sxm,
+            vec![p(0, 450.0, false), p(150, 700.0, false)],
+            None,
+            66.0,
+        ),
+        (
+            "A100 at 400 W",
+            PresetKey::A100Sxm,
+            vec![p(5, 400.0, false)],
+            None,
+            70.0,
+        ),
+        (
+            "RTX 4090 at 450 W",
+            PresetKey::Rtx4090,
+            vec![p(5, 450.0, false)],
+            None,
+            72.0,
+        ),
+        (
+            "laptop square 115/30 W",
+            PresetKey::Laptop,
+            vec![p(0, 115.0, false), p(20, 30.0, false)],
+            Some(40),
+            70.0,
+        ),
+    ];
+    for tau in [2.0, 10.0, 30.0, 60.0] {
+        for period in [0.1, 1.0] {
+            for (name, preset, points, repeat, threshold) in &cases {
+                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+                let params = gpuwatch::backend::sim::Preset::get(*preset);
+                s.preset = *preset;
+                s.ambient_c = params.ambient_c;
+                s.threshold_c = *threshold;
+                s.sample_period = Duration::from_secs_f64(period);
+                s.duration = Duration::from_secs(400);
+                s.drop = Duration::from_secs(400);
+                s.profile = Some((points.clone(), repeat.map(Duration::from_secs)));
+                let trace = run(&s, Policy::Governor);
+                let peak = trace
+                    .points
+                    .iter()
+                    .map(|p| p.temperature_c)
+                    .fold(f64::MIN, f64::max);
+                let label = format!("{name}, tau {tau} s, sampled every {period} s");
+                assert!(peak <= threshold + 2.0, "{label}: peak {peak}");
+                let over: f64 = trace
+                    .points
+                    .iter()
+                    .filter(|p| p.temperature_c > threshold + 1.0)
+                    .count() as f64
+                    * period;
+                assert!(over <= 5.0, "{label}: {over} s above threshold + 1");
+                // Square waves make the governor act every cycle; steady loads
+                // need only a handful of writes.
+                let budget = repeat.map_or(15, |period| 9 * (400 / period as usize + 1));
+                assert!(
+                    trace.writes_s.len() <= budget,
+                    "{label}: {} writes",
+                    trace.writes_s.len()
+                );
+                let m = metrics(&s, &trace);
+                assert!(m.max_writes_per_s <= 1, "{label}: {m:?}");
+            }
+        }
+    }
+}
