@@ -236,7 +236,9 @@ fn other_loads_on_every_preset_stay_near_the_threshold_with_few_writes() {
         watts,
         ramp,
     };
-    let cases: Vec<(&str, PresetKey, Vec<DemandPoint>, Option<u64>, f64)> = vec![
+    /// Name, board, demand points, repeat period (s), threshold (°C).
+    type Case = (&'static str, PresetKey, Vec<DemandPoint>, Option<u64>, f64);
+    let cases: Vec<Case> = vec![
         (
             "ramp 100->700 W over 120 s",
             PresetKey::H100Sxm,
