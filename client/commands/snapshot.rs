@@ -5,15 +5,19 @@
 //! never holds the others back); the table waits for all and keeps the
 //! order the hosts were given in.
 
+use std::time::Duration;
+
 use gpuwatch::api::{
     GetSnapshotRequest, GetSnapshotResponse, ListDevicesRequest, ListDevicesResponse,
 };
+
+use tonic::Code;
 
 use crate::{
     app::Exit,
     cli::{ReadArgs, read_selectors},
     commands::{finish, print_table, table},
-    connect::{Connector, HostFailure},
+    connect::{Client, Connector, HostFailure},
     fleet::Fleet,
     hosts::HostSpec,
     output::{Output, OutputClosed},
@@ -31,13 +35,15 @@ pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, jso
         let gpus = gpus.clone();
         async move {
             let mut a = client.clone();
-            let mut b = client;
             let (devices, snapshot) = tokio::try_join!(
-                a.list_devices(ListDevicesRequest { gpus: gpus.clone() }),
-                b.get_snapshot(GetSnapshotRequest { gpus }),
-            )
-            .map_err(HostFailure::from)?;
-            Ok::<Answer, HostFailure>((devices.into_inner(), snapshot.into_inner()))
+                async {
+                    a.list_devices(ListDevicesRequest { gpus: gpus.clone() })
+                        .await
+                        .map_err(HostFailure::from)
+                },
+                latest(client, gpus.clone()),
+            )?;
+            Ok::<Answer, HostFailure>((devices.into_inner(), snapshot))
         }
     });
     let mut out = Output::new();
@@ -59,6 +65,30 @@ pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, jso
     };
     failed |= finish(&mut out, result);
     Exit::from_failures(failed)
+}
+
+/// The latest samples. A daemon that has just started answers UNAVAILABLE
+/// until its first tick (a fraction of a second): ask again until it has
+/// one (the caller's timeout bounds the wait).
+async fn latest(
+    mut client: Client,
+    gpus: Vec<gpuwatch::api::GpuSelector>,
+) -> Result<GetSnapshotResponse, HostFailure> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match client
+            .get_snapshot(GetSnapshotRequest { gpus: gpus.clone() })
+            .await
+        {
+            Ok(r) => return Ok(r.into_inner()),
+            // No source: the daemon said so, the connection is fine.
+            Err(s) if s.code() == Code::Unavailable && std::error::Error::source(&s).is_none() => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
 }
 
 fn write_json(

@@ -163,7 +163,7 @@ fn draw(
 ) -> io::Result<()> {
     let now = Instant::now();
     let clock = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let body = view.body(now);
+    let total = view.body_len();
     terminal.draw(|frame| {
         let [title, header, table, footer] = Layout::vertical([
             Constraint::Length(1),
@@ -173,9 +173,9 @@ fn draw(
         ])
         .areas(frame.area());
         let rows = usize::from(table.height);
-        let max_scroll = body.len().saturating_sub(rows);
+        let max_scroll = total.saturating_sub(rows);
         *scroll = (*scroll).min(max_scroll);
-        let shown: Vec<Line<'static>> = body.iter().skip(*scroll).take(rows).cloned().collect();
+        let shown = view.body_window(now, *scroll, rows);
         frame.render_widget(Paragraph::new(view.title(&clock)), title);
         frame.render_widget(Paragraph::new(FleetView::header()), header);
         frame.render_widget(Paragraph::new(shown), table);
@@ -183,8 +183,8 @@ fn draw(
             format!(
                 "rows {}-{} of {} (↑↓ PgUp PgDn to scroll)",
                 *scroll + 1,
-                (*scroll + rows).min(body.len()),
-                body.len()
+                (*scroll + rows).min(total),
+                total
             )
         } else {
             String::new()

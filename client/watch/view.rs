@@ -251,21 +251,51 @@ impl FleetView {
         .style(Style::new().add_modifier(Modifier::REVERSED))
     }
 
-    /// Every body line: per host a status line, then its GPUs.
+    /// Number of body lines: per host a status line, then its GPUs.
+    pub fn body_len(&self) -> usize {
+        self.hosts.len() + self.gpu_count()
+    }
+
+    /// Every body line.
+    #[cfg(test)]
     pub fn body(&self, now: Instant) -> Vec<Line<'static>> {
-        let mut lines = Vec::with_capacity(self.hosts.len() + self.gpu_count());
+        self.body_window(now, 0, usize::MAX)
+    }
+
+    /// Body lines `skip..skip + take`; only those are built, so a large
+    /// fleet costs what fits on the screen.
+    pub fn body_window(&self, now: Instant, skip: usize, take: usize) -> Vec<Line<'static>> {
+        let mut lines = Vec::with_capacity(take.min(self.body_len()));
+        let mut row = 0usize;
         for host in &self.hosts {
-            lines.push(host_line(host, now));
+            if lines.len() >= take {
+                break;
+            }
+            let rows = 1 + host.gpus.len();
+            if row + rows <= skip {
+                row += rows;
+                continue;
+            }
+            if row >= skip {
+                lines.push(host_line(host, now));
+            }
+            row += 1;
             let live = host.status == HostStatus::Connected;
             for gpu in &host.gpus {
-                lines.push(gpu_line(gpu, live));
+                if lines.len() >= take {
+                    break;
+                }
+                if row >= skip {
+                    lines.push(gpu_line(gpu, live));
+                }
+                row += 1;
             }
         }
         lines
     }
 }
 
-const COL_GPU: usize = 30;
+const COL_GPU: usize = 34;
 const COL_TEMP: usize = 20;
 const COL_POWER: usize = 15;
 const COL_CLOCK: usize = 18;
@@ -364,7 +394,9 @@ fn temp_style(gpu: &GpuView, t: u32) -> Style {
 }
 
 fn gpu_line(gpu: &GpuView, live: bool) -> Line<'static> {
-    let label = format!("  {} {}", gpu.index, gpu.name);
+    // Every board is an NVIDIA one; the column is better spent on the model.
+    let name = gpu.name.strip_prefix("NVIDIA ").unwrap_or(&gpu.name);
+    let label = format!("  {} {name}", gpu.index);
     let Some(s) = &gpu.sample else {
         return Line::from(vec![
             Span::raw(pad(&label, COL_GPU)),
@@ -568,7 +600,7 @@ mod tests {
         assert!(lines[0].contains("node1:1") && lines[0].contains("connected"));
         let gpu0 = &lines[1];
         for needle in [
-            "NVIDIA H100",
+            "0 H100 80GB",
             "84 °C",
             "312 / 700 W",
             "1755 / 2619 MHz",
@@ -679,6 +711,34 @@ mod tests {
         assert!(line.contains("40 °C"), "{line}");
         assert!(!line.contains(" 0 W") && !line.contains("0 MHz"), "{line}");
         assert!(line.matches(" - ").count() >= 3, "{line}");
+    }
+
+    #[test]
+    fn window_builds_only_the_visible_lines() {
+        let now = Instant::now();
+        let mut view = FleetView::new(&hosts(), Duration::from_secs(1));
+        for host in 0..2 {
+            view.apply(
+                Update::Connected {
+                    host,
+                    devices: vec![device(0), device(1), device(2)],
+                    server_started: None,
+                    interval_ms: 1000,
+                    resumed_after_seq: None,
+                },
+                now,
+            );
+        }
+        let all: Vec<String> = view.body(now).iter().map(text).collect();
+        assert_eq!(all.len(), view.body_len());
+        for skip in 0..=all.len() {
+            for take in 0..=all.len() {
+                let window: Vec<String> =
+                    view.body_window(now, skip, take).iter().map(text).collect();
+                let expected: Vec<String> = all.iter().skip(skip).take(take).cloned().collect();
+                assert_eq!(window, expected, "skip {skip} take {take}");
+            }
+        }
     }
 
     #[test]
