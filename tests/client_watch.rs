@@ -213,3 +213,104 @@ fn gpu_selector_and_duration() {
         "only GPU 2 was asked for"
     );
 }
+
+/// A daemon with 16 GPUs sampling every 20 ms: large frames, fast, so a
+/// stalled reader fills every buffer on the way (pipe, client queue, HTTP/2
+/// windows) and falls out of the daemon's per-subscriber buffer in seconds.
+const FAST_SAMPLER: &str = r#"
+[sampler]
+interval = "20ms"
+
+[simulator]
+gpus = [{ preset = "a100-sxm", count = 16 }]
+"#;
+
+#[test]
+fn a_reader_that_stalls_is_told_what_it_missed() {
+    use std::{
+        io::{BufRead, BufReader},
+        process::{Command, Stdio},
+        sync::mpsc,
+        thread,
+        time::Instant,
+    };
+
+    let d = Daemon::start(Some(FAST_SAMPLER));
+    let host = d.host();
+    let mut child = Command::new(client_support::client_bin())
+        .args(["watch", "--json", "--interval", "20ms", &host])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn client");
+    let guard = ChildGuard(&mut child);
+    let stdout = guard.0.stdout.take().expect("stdout");
+    // A rendezvous channel: while the test does not receive, nothing reads
+    // the pipe, so the client, and behind it the daemon, must hold back.
+    let (tx, rx) = mpsc::sync_channel::<String>(0);
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(WAIT).expect("a first line");
+    assert!(first.contains("connected"), "{first}");
+    let mut seqs = Vec::new();
+    let mut rounds = 0;
+    let gap = 'outer: loop {
+        rounds += 1;
+        assert!(
+            rounds <= 3,
+            "no slow_subscriber gap after 3 stalls; last seqs {:?}",
+            &seqs[seqs.len().saturating_sub(5)..]
+        );
+        // Stall long enough to overflow every buffer on the way...
+        thread::sleep(Duration::from_secs(30));
+        // ... then read what piled up (reading is faster than the daemon
+        // produces, so the backlog is gone well within this bound).
+        let drain_until = Instant::now() + Duration::from_secs(15);
+        while let Ok(line) = rx.recv_timeout(drain_until.saturating_duration_since(Instant::now()))
+        {
+            let v: Value = serde_json::from_str(&line).expect("JSON line");
+            if v["event"] == "gap" {
+                break 'outer v;
+            }
+            if let Some(seq) = v["seq"].as_u64() {
+                seqs.push(seq);
+            }
+        }
+    };
+    assert_eq!(gap["reason"], "slow_subscriber", "{gap}");
+    assert!(gap["missed"].as_u64().expect("missed") >= 1, "{gap}");
+    let first_missing = gap["first_seq"].as_u64().expect("first_seq");
+    assert_eq!(
+        seqs.last().map(|s| s + 1),
+        Some(first_missing),
+        "the gap starts right after the last sample printed"
+    );
+    // The next sample follows the gap.
+    let next: Value = loop {
+        let line = rx.recv_timeout(WAIT).expect("samples after the gap");
+        let v: Value = serde_json::from_str(&line).expect("JSON line");
+        if v.get("seq").is_some() {
+            break v;
+        }
+    };
+    assert_eq!(
+        next["seq"].as_u64(),
+        Some(gap["last_seq"].as_u64().expect("last_seq") + 1),
+        "{next}"
+    );
+}
+
+/// Kills the child on drop.
+struct ChildGuard<'a>(&'a mut std::process::Child);
+
+impl Drop for ChildGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

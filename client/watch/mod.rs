@@ -113,7 +113,7 @@ pub async fn run(
         Ok(Ok(())) => false,
         Ok(Err(RenderError::Output(closed))) => closed.report(),
         Ok(Err(RenderError::Terminal(e))) => {
-            eprintln!("gpuwatch-client: terminal error: {e}");
+            eprintln!("gpuwatch-client: terminal error: {e} (--json prints NDJSON instead)");
             true
         }
         Err(e) => {
