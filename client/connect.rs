@@ -324,15 +324,24 @@ pub fn describe_error(error: &(dyn StdError + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut current: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = current {
-        let text = match e.downcast_ref::<std::io::Error>() {
-            Some(io) => match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-                std::io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
-                std::io::ErrorKind::TimedOut => "timed out".to_owned(),
-                _ => io.to_string(),
-            },
-            None => e.to_string(),
-        };
+        // A socket error says it all; the wrappers around it add nothing.
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            let plain = match io.kind() {
+                K::ConnectionRefused => Some("connection refused"),
+                K::ConnectionReset => Some("connection reset by peer"),
+                K::ConnectionAborted => Some("connection aborted"),
+                K::TimedOut => Some("timed out"),
+                K::HostUnreachable => Some("host unreachable"),
+                K::NetworkUnreachable => Some("network unreachable"),
+                K::AddrNotAvailable => Some("address not available"),
+                _ => None,
+            };
+            if let Some(plain) = plain {
+                return plain.to_owned();
+            }
+        }
+        let text = e.to_string();
         let generic = matches!(text.as_str(), "transport error" | "");
         if !generic && !parts.iter().any(|p| p.contains(&text)) {
             // A wrapper often repeats its cause's text; keep the longer one.

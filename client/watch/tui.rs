@@ -32,7 +32,10 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use crate::{
     hosts::HostSpec,
-    watch::{session::Update, view::FleetView},
+    watch::{
+        session::Update,
+        view::{Columns, FleetView},
+    },
 };
 
 /// Shortest time between two redraws.
@@ -173,11 +176,12 @@ fn draw(
         ])
         .areas(frame.area());
         let rows = usize::from(table.height);
+        let cols = Columns::for_width(table.width);
         let max_scroll = total.saturating_sub(rows);
         *scroll = (*scroll).min(max_scroll);
-        let shown = view.body_window(now, *scroll, rows);
+        let shown = view.body_window(now, *scroll, rows, cols);
         frame.render_widget(Paragraph::new(view.title(&clock)), title);
-        frame.render_widget(Paragraph::new(FleetView::header()), header);
+        frame.render_widget(Paragraph::new(FleetView::header(cols)), header);
         frame.render_widget(Paragraph::new(shown), table);
         let more = if max_scroll > 0 {
             format!(

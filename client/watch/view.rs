@@ -231,17 +231,23 @@ impl FleetView {
     }
 
     /// The column header line.
-    pub fn header() -> Line<'static> {
-        let cells = [
-            ("HOST / GPU", COL_GPU),
+    pub fn header(cols: Columns) -> Line<'static> {
+        let mut cells = vec![
+            ("HOST / GPU", cols.gpu),
             ("TEMP", COL_TEMP),
             ("POWER / LIMIT", COL_POWER),
-            ("SM / MEM CLOCK", COL_CLOCK),
-            ("UTIL", COL_UTIL),
-            ("MEMORY", COL_MEM),
-            ("THROTTLE", COL_THROTTLE),
-            ("GOVERNOR", 0),
         ];
+        if cols.clock {
+            cells.push(("SM / MEM CLOCK", COL_CLOCK));
+        }
+        cells.push(("UTIL", COL_UTIL));
+        if cols.memory {
+            cells.push(("MEMORY", COL_MEM));
+        }
+        if cols.throttle {
+            cells.push(("THROTTLE", COL_THROTTLE));
+        }
+        cells.push(("GOVERNOR", 0));
         Line::from(
             cells
                 .iter()
@@ -259,12 +265,18 @@ impl FleetView {
     /// Every body line.
     #[cfg(test)]
     pub fn body(&self, now: Instant) -> Vec<Line<'static>> {
-        self.body_window(now, 0, usize::MAX)
+        self.body_window(now, 0, usize::MAX, Columns::FULL)
     }
 
     /// Body lines `skip..skip + take`; only those are built, so a large
     /// fleet costs what fits on the screen.
-    pub fn body_window(&self, now: Instant, skip: usize, take: usize) -> Vec<Line<'static>> {
+    pub fn body_window(
+        &self,
+        now: Instant,
+        skip: usize,
+        take: usize,
+        cols: Columns,
+    ) -> Vec<Line<'static>> {
         let mut lines = Vec::with_capacity(take.min(self.body_len()));
         let mut row = 0usize;
         for host in &self.hosts {
@@ -286,7 +298,7 @@ impl FleetView {
                     break;
                 }
                 if row >= skip {
-                    lines.push(gpu_line(gpu, live));
+                    lines.push(gpu_line(gpu, live, cols));
                 }
                 row += 1;
             }
@@ -295,7 +307,67 @@ impl FleetView {
     }
 }
 
+/// Which columns fit the terminal: the temperature (with its sparkline),
+/// power, utilisation and governor always show; clocks, memory and throttle
+/// reasons give way, in that order, on narrow terminals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    gpu: usize,
+    clock: bool,
+    memory: bool,
+    throttle: bool,
+}
+
+impl Columns {
+    pub const FULL: Columns = Columns {
+        gpu: COL_GPU,
+        clock: true,
+        memory: true,
+        throttle: true,
+    };
+
+    /// Cells a GPU row needs.
+    fn width(&self) -> usize {
+        let on = |b: bool, w: usize| if b { w + 1 } else { 0 };
+        self.gpu
+            + 1
+            + COL_TEMP
+            + 1
+            + COL_POWER
+            + 1
+            + on(self.clock, COL_CLOCK)
+            + COL_UTIL
+            + 1
+            + on(self.memory, COL_MEM)
+            + on(self.throttle, COL_THROTTLE)
+            + COL_GOVERNOR
+    }
+
+    /// The richest set of columns that fits `width` cells.
+    pub fn for_width(width: u16) -> Self {
+        let width = usize::from(width);
+        let mut cols = Self::FULL;
+        let steps: [fn(&mut Columns); 4] = [
+            |c| c.clock = false,
+            |c| c.memory = false,
+            |c| c.throttle = false,
+            |c| c.gpu = COL_GPU_NARROW,
+        ];
+        for step in steps {
+            if cols.width() <= width {
+                break;
+            }
+            step(&mut cols);
+        }
+        cols
+    }
+}
+
 const COL_GPU: usize = 34;
+const COL_GPU_NARROW: usize = 20;
+/// Room kept for the last column ("observe_only [stale]" is longer; it
+/// is clipped at the edge of a narrow terminal).
+const COL_GOVERNOR: usize = 12;
 const COL_TEMP: usize = 20;
 const COL_POWER: usize = 15;
 const COL_CLOCK: usize = 18;
@@ -393,20 +465,20 @@ fn temp_style(gpu: &GpuView, t: u32) -> Style {
     }
 }
 
-fn gpu_line(gpu: &GpuView, live: bool) -> Line<'static> {
+fn gpu_line(gpu: &GpuView, live: bool, cols: Columns) -> Line<'static> {
     // Every board is an NVIDIA one; the column is better spent on the model.
     let name = gpu.name.strip_prefix("NVIDIA ").unwrap_or(&gpu.name);
     let label = format!("  {} {name}", gpu.index);
     let Some(s) = &gpu.sample else {
         return Line::from(vec![
-            Span::raw(pad(&label, COL_GPU)),
+            Span::raw(pad(&label, cols.gpu)),
             Span::styled(
                 "waiting for the first sample",
                 Style::new().fg(Color::DarkGray),
             ),
         ]);
     };
-    let mut spans = vec![Span::raw(pad(&label, COL_GPU))];
+    let mut spans = vec![Span::raw(pad(&label, cols.gpu))];
     let health = GpuHealth::try_from(s.health).unwrap_or(GpuHealth::Unspecified);
     if matches!(health, GpuHealth::Lost) {
         spans.push(Span::styled(
@@ -449,27 +521,33 @@ fn gpu_line(gpu: &GpuView, live: bool) -> Line<'static> {
         ),
         power_style,
     ));
-    spans.push(Span::raw(pad(
-        &units::clocks(s.sm_clock_mhz, s.memory_clock_mhz),
-        COL_CLOCK,
-    )));
+    if cols.clock {
+        spans.push(Span::raw(pad(
+            &units::clocks(s.sm_clock_mhz, s.memory_clock_mhz),
+            COL_CLOCK,
+        )));
+    }
     spans.push(Span::raw(pad(
         &units::percent(s.utilization_gpu_pct),
         COL_UTIL,
     )));
-    spans.push(Span::raw(pad(
-        &units::memory(s.memory_used_bytes, s.memory_total_bytes),
-        COL_MEM,
-    )));
-    let (throttle, hardware) = throttle_text(s);
-    spans.push(Span::styled(
-        pad(&throttle, COL_THROTTLE),
-        if hardware {
-            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)
-        } else {
-            Style::new()
-        },
-    ));
+    if cols.memory {
+        spans.push(Span::raw(pad(
+            &units::memory(s.memory_used_bytes, s.memory_total_bytes),
+            COL_MEM,
+        )));
+    }
+    if cols.throttle {
+        let (throttle, hardware) = throttle_text(s);
+        spans.push(Span::styled(
+            pad(&throttle, COL_THROTTLE),
+            if hardware {
+                Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)
+            } else {
+                Style::new()
+            },
+        ));
+    }
     let governor = GovernorState::try_from(s.governor_state).unwrap_or(GovernorState::Unspecified);
     let gov_style = match governor {
         GovernorState::Throttling => Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
@@ -733,12 +811,55 @@ mod tests {
         assert_eq!(all.len(), view.body_len());
         for skip in 0..=all.len() {
             for take in 0..=all.len() {
-                let window: Vec<String> =
-                    view.body_window(now, skip, take).iter().map(text).collect();
+                let window: Vec<String> = view
+                    .body_window(now, skip, take, Columns::FULL)
+                    .iter()
+                    .map(text)
+                    .collect();
                 let expected: Vec<String> = all.iter().skip(skip).take(take).cloned().collect();
                 assert_eq!(window, expected, "skip {skip} take {take}");
             }
         }
+    }
+
+    #[test]
+    fn narrow_terminals_keep_the_essential_columns() {
+        let now = Instant::now();
+        let mut view = FleetView::new(&hosts()[..1], Duration::from_secs(1));
+        view.apply(
+            Update::Frame {
+                host: 0,
+                frame: Frame {
+                    seq: 1,
+                    time: None,
+                    samples: vec![sample(0, 70)],
+                },
+            },
+            now,
+        );
+        assert_eq!(Columns::for_width(300), Columns::FULL);
+        for width in [80u16, 100, 120, 140, 160] {
+            let cols = Columns::for_width(width);
+            let header = text(&FleetView::header(cols));
+            let row = text(&view.body_window(now, 1, 1, cols)[0]);
+            assert!(
+                header.chars().count() <= usize::from(width),
+                "{width}: {header}"
+            );
+            assert!(
+                row.chars().count() <= usize::from(width),
+                "{width}: {} cells: {row}",
+                row.chars().count()
+            );
+            for needle in ["70 °C", "312 / 700 W", "97 %", "throttling"] {
+                assert!(row.contains(needle), "{width}: {needle} missing in {row}");
+            }
+        }
+        let narrow = text(&view.body_window(now, 1, 1, Columns::for_width(80))[0]);
+        assert!(
+            !narrow.contains("MHz") && !narrow.contains("GiB"),
+            "{narrow}"
+        );
     }
 
     #[test]
