@@ -1,0 +1,442 @@
+//! The command line: every command, flag, environment variable and example.
+//!
+//! Parsing only; what each command does lives in `commands/`. Values are
+//! checked here as far as they can be without a daemon (durations, GPU
+//! selectors, event kinds), so a typo is a usage error (exit 2) naming what
+//! is allowed.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use gpuwatch::api::{EventKind, GpuSelector, gpu_selector::Selector};
+
+const HOSTS_HELP: &str = "Daemons to contact: NAME, NAME:PORT, [IPV6]:PORT, http://NAME:PORT or https://NAME:PORT (TLS). The port defaults to 9450.";
+
+/// Watch and act on gpuwatch daemons on many hosts at once.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpuwatch-client",
+    version,
+    propagate_version = true,
+    after_help = "Examples:\n  \
+gpuwatch-client watch node1 node2:9450           # live view of every GPU\n  \
+gpuwatch-client snapshot --hosts-file fleet.txt --json | jq .temperature_c\n  \
+gpuwatch-client set-power-limit node1 --gpu 0 --watts 550\n  \
+gpuwatch-client events node1 --follow\n\n\
+Exit status: 0 when every host answered and every action succeeded, 1 when any \
+host or action failed (the rest is still printed), 2 for usage errors."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Read more hosts from FILE: one per line, `#` starts a comment.
+    #[arg(long, global = true, value_name = "FILE", env = "GPUWATCH_HOSTS_FILE")]
+    pub hosts_file: Option<PathBuf>,
+    /// How long one host may take to connect and answer (e.g. 2s, 500ms).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DURATION",
+        default_value = "5s",
+        env = "GPUWATCH_TIMEOUT",
+        value_parser = parse_timeout
+    )]
+    pub timeout: Duration,
+    /// Bearer token sent with every request.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "GPUWATCH_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Read the bearer token from the first line of FILE (wins over --token).
+    #[arg(long, global = true, value_name = "FILE", env = "GPUWATCH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify daemons with; turns TLS on for every host.
+    #[arg(long, global = true, value_name = "FILE", env = "GPUWATCH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --tls-key.
+    #[arg(long, global = true, value_name = "FILE", env = "GPUWATCH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, global = true, value_name = "FILE", env = "GPUWATCH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Expect this name in the daemons' certificates instead of the host name.
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        env = "GPUWATCH_TLS_SERVER_NAME"
+    )]
+    pub tls_server_name: Option<String>,
+    /// Print NDJSON (one JSON object per line) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Live view of every GPU on every host.
+    ///
+    /// On a terminal: a table that refreshes in place, grouped by host, with
+    /// each host's connection state; q or Ctrl-C quits. Otherwise (or with
+    /// --json): NDJSON, one object per GPU sample, plus host state changes
+    /// (connected, disconnected, reconnecting) and gaps. A host that goes
+    /// down is retried with capped, jittered backoff and resumes where it
+    /// stopped; samples the daemon could not replay are reported as a gap.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client watch node1 node2 node3\n  \
+gpuwatch-client watch --hosts-file fleet.txt --interval 2s --gpu 0\n  \
+gpuwatch-client watch node1 --json | jq -c 'select(.temperature_c > 80)'\n  \
+gpuwatch-client watch node1 --json --duration 1m > samples.ndjson")]
+    Watch(WatchArgs),
+    /// One reading of every GPU on every host, all hosts at once.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client snapshot node1 node2\n  \
+gpuwatch-client snapshot --hosts-file fleet.txt --json > now.ndjson\n  \
+gpuwatch-client snapshot node1 --gpu GPU-8f7e1a2b-0000-0000-0000-000000000000")]
+    Snapshot(ReadArgs),
+    /// Devices, power limits, capabilities and governor policy.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client list node1\n  \
+gpuwatch-client list --hosts-file fleet.txt --json | jq '{host, index, power_max_w}'")]
+    List(ReadArgs),
+    /// The event and audit log: governor and operator actions, GPU lost or
+    /// recovered, hardware slowdowns, XID errors.
+    ///
+    /// Without --follow: every retained event (or those after --since), then
+    /// exit. With --follow: keep streaming (new events only, unless --since
+    /// is given), reconnecting when a host goes down.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client events node1\n  \
+gpuwatch-client events node1 node2 --follow\n  \
+gpuwatch-client events node1 --since 1200 --kind power_limit_changed --json")]
+    Events(EventsArgs),
+    /// Set the operator's power limit (the governor never goes above it), or
+    /// go back to the device default with --default.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client set-power-limit node1 node2 --gpu 0 --watts 550\n  \
+gpuwatch-client set-power-limit node1 --gpu all --default")]
+    SetPowerLimit(SetPowerLimitArgs),
+    /// Reset application clocks and locked clocks (including a lock the
+    /// governor holds).
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client reset-clocks node1 --gpu all\n  \
+gpuwatch-client reset-clocks node1 node2 --gpu 0,1")]
+    ResetClocks(ResetClocksArgs),
+    /// Set the governor's target temperature (and hysteresis), or go back to
+    /// the configured one with --default.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client set-threshold node1 --gpu all --celsius 80\n  \
+gpuwatch-client set-threshold node1 --gpu 0 --celsius 78 --hysteresis 4\n  \
+gpuwatch-client set-threshold node1 --gpu 0 --default")]
+    SetThreshold(SetThresholdArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HostArgs {
+    #[arg(value_name = "HOST", help = HOSTS_HELP)]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// How often each host sends a sample (at least the daemon's sampler
+    /// interval, 100ms by default).
+    #[arg(long, short = 'n', value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// GPUs to show: an index, a UUID, or all (repeat or separate with commas).
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// Stop after this long (default: until q, Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub duration: Option<Duration>,
+    /// Longest wait between reconnect attempts.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// GPUs to show: an index, a UUID, or all (repeat or separate with commas).
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// Keep streaming new events until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only events with a larger sequence number (default: all retained;
+    /// with --follow: new events only).
+    #[arg(long, value_name = "SEQ")]
+    pub since: Option<u64>,
+    /// Only events about these GPUs (daemon-wide events always show).
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// Only these kinds, e.g. power_limit_changed, gpu_lost (repeat or
+    /// separate with commas).
+    #[arg(long, value_name = "KIND", value_delimiter = ',', value_parser = parse_event_kind)]
+    pub kind: Vec<EventKind>,
+    /// With --follow: longest wait between reconnect attempts.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControlTarget {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// GPUs to change: an index, a UUID, or all (required; repeat or
+    /// separate with commas).
+    #[arg(long, value_name = "SEL", required = true, value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("limit").required(true).args(["watts", "default"])))]
+pub struct SetPowerLimitArgs {
+    #[command(flatten)]
+    pub target: ControlTarget,
+    /// New power limit in watts; must lie within each GPU's [min, max].
+    #[arg(long, value_name = "W", value_parser = parse_watts)]
+    pub watts: Option<f64>,
+    /// Forget the operator's limit; back to the device default.
+    #[arg(long)]
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResetClocksArgs {
+    #[command(flatten)]
+    pub target: ControlTarget,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("threshold").required(true).args(["celsius", "default"])))]
+pub struct SetThresholdArgs {
+    #[command(flatten)]
+    pub target: ControlTarget,
+    /// New target temperature in °C (at least 30, below the GPU's slowdown
+    /// temperature).
+    #[arg(long, value_name = "C")]
+    pub celsius: Option<u32>,
+    /// Forget the operator's threshold; back to the configured or derived one.
+    #[arg(long)]
+    pub default: bool,
+    /// New hysteresis band in °C (1-20); unchanged when absent.
+    #[arg(long, value_name = "C", value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub hysteresis: Option<u32>,
+}
+
+/// A GPU selector as typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuSel {
+    All,
+    Index(u32),
+    Uuid(String),
+}
+
+impl GpuSel {
+    pub fn to_api(&self) -> GpuSelector {
+        let selector = match self {
+            GpuSel::All => Selector::All(true),
+            GpuSel::Index(i) => Selector::Index(*i),
+            GpuSel::Uuid(u) => Selector::Uuid(u.clone()),
+        };
+        GpuSelector {
+            selector: Some(selector),
+        }
+    }
+}
+
+/// Selectors for a request; `all` alone stands for every GPU.
+pub fn selectors(sels: &[GpuSel]) -> Vec<GpuSelector> {
+    sels.iter().map(GpuSel::to_api).collect()
+}
+
+/// Read requests take "no selector" for every GPU.
+pub fn read_selectors(sels: &[GpuSel]) -> Vec<GpuSelector> {
+    if sels.contains(&GpuSel::All) {
+        Vec::new()
+    } else {
+        selectors(sels)
+    }
+}
+
+pub fn parse_gpu(text: &str) -> Result<GpuSel, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("all") {
+        return Ok(GpuSel::All);
+    }
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse()
+            .map(GpuSel::Index)
+            .map_err(|_| format!("GPU index {t} is too large"));
+    }
+    let upper = t.to_ascii_uppercase();
+    if (upper.starts_with("GPU-") || upper.starts_with("MIG-")) && t.len() > 4 {
+        return Ok(GpuSel::Uuid(t.to_owned()));
+    }
+    Err(format!(
+        "\"{text}\" is not a GPU; expected an index (0, 1, ...), a UUID (GPU-...) or all"
+    ))
+}
+
+/// A duration: "500ms", "2s", "1m", or a plain number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if let Ok(secs) = t.parse::<f64>() {
+        if secs.is_finite() && (0.0..=86_400.0).contains(&secs) {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("\"{text}\" is out of range (0 to 86400 seconds)"));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("\"{text}\" is not a duration ({e}); e.g. 500ms, 2s, 1m"))
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 3600) {
+        return Err(format!("\"{text}\" must be between 1ms and 24h"));
+    }
+    Ok(d)
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(3600) {
+        return Err(format!(
+            "\"{text}\" must be between 1ms and 1h (the daemon also refuses anything below its sampler interval)"
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_watts(text: &str) -> Result<f64, String> {
+    let w: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a number of watts"))?;
+    if !w.is_finite() || w <= 0.0 || w > 100_000.0 {
+        return Err(format!(
+            "{text} W is not a power limit; give a positive number of watts (the daemon checks each GPU's range)"
+        ));
+    }
+    Ok(w)
+}
+
+fn parse_event_kind(text: &str) -> Result<EventKind, String> {
+    let wanted = format!("EVENT_KIND_{}", text.trim().to_ascii_uppercase());
+    match EventKind::from_str_name(&wanted) {
+        Some(EventKind::Unspecified) | None => {
+            let allowed: Vec<String> = (1..=64)
+                .filter_map(|n| EventKind::try_from(n).ok())
+                .map(|k| crate::record::event_kind_name(k as i32))
+                .collect();
+            Err(format!(
+                "\"{text}\" is not an event kind; allowed: {}",
+                allowed.join(", ")
+            ))
+        }
+        Some(kind) => Ok(kind),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn gpu_selectors() {
+        assert_eq!(parse_gpu("all"), Ok(GpuSel::All));
+        assert_eq!(parse_gpu("3"), Ok(GpuSel::Index(3)));
+        assert_eq!(parse_gpu("GPU-abc"), Ok(GpuSel::Uuid("GPU-abc".to_owned())));
+        let err = parse_gpu("first").expect_err("not a selector");
+        assert!(err.contains("expected an index"), "{err}");
+        assert!(read_selectors(&[GpuSel::Index(1), GpuSel::All]).is_empty());
+    }
+
+    #[test]
+    fn durations_accept_units_and_plain_seconds() {
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_interval("0").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn event_kinds_by_name() {
+        assert_eq!(
+            parse_event_kind("power_limit_changed"),
+            Ok(EventKind::PowerLimitChanged)
+        );
+        let err = parse_event_kind("nope").expect_err("unknown kind");
+        assert!(err.contains("gpu_lost"), "{err}");
+    }
+
+    #[test]
+    fn control_commands_require_gpu_and_a_target() {
+        assert!(Cli::try_parse_from(["c", "reset-clocks", "h"]).is_err());
+        assert!(Cli::try_parse_from(["c", "set-power-limit", "h", "--gpu", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "c",
+                "set-power-limit",
+                "h",
+                "--gpu",
+                "0",
+                "--watts",
+                "300",
+                "--default"
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["c", "set-power-limit", "h", "--gpu", "0", "--watts", "-5"])
+                .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["c", "set-power-limit", "h", "--gpu", "0", "--watts", "300"])
+                .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "c",
+                "set-threshold",
+                "h",
+                "--gpu",
+                "0",
+                "--hysteresis",
+                "30",
+                "--celsius",
+                "80"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! `gpuwatch-client snapshot`: the latest sample of every GPU on every host,
+//! one poll, all hosts at once.
+//!
+//! With `--json`, objects are written as each host answers (a dead host
+//! never holds the others back); the table waits for all and keeps the
+//! order the hosts were given in.
+
+use std::time::Duration;
+
+use gpuwatch::api::{
+    GetSnapshotRequest, GetSnapshotResponse, ListDevicesRequest, ListDevicesResponse,
+};
+
+use tonic::Code;
+
+use crate::{
+    app::Exit,
+    cli::{ReadArgs, read_selectors},
+    commands::{finish, print_table, table},
+    connect::{Client, Connector, HostFailure},
+    fleet::Fleet,
+    hosts::HostSpec,
+    output::{Output, OutputClosed},
+    record::{
+        HostErrorRecord, SampleRecord, governor_state_name, health_name, throttle_reason_name,
+    },
+    units,
+};
+
+type Answer = (ListDevicesResponse, GetSnapshotResponse);
+
+pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, json: bool) -> Exit {
+    let gpus = read_selectors(&args.gpu);
+    let mut fleet = Fleet::run(&hosts, &connector, move |_, client| {
+        let gpus = gpus.clone();
+        async move {
+            let mut a = client.clone();
+            let (devices, snapshot) = tokio::try_join!(
+                async {
+                    a.list_devices(ListDevicesRequest { gpus: gpus.clone() })
+                        .await
+                        .map_err(HostFailure::from)
+                },
+                latest(client, gpus.clone()),
+            )?;
+            Ok::<Answer, HostFailure>((devices.into_inner(), snapshot))
+        }
+    });
+    let mut out = Output::new();
+    let mut failed = false;
+    let result = if json {
+        async {
+            while let Some((i, answer)) = fleet.next().await {
+                failed |= answer.is_err();
+                write_json(&mut out, &hosts[i], &answer)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+        .await
+    } else {
+        let answers = fleet.collect(hosts.len()).await;
+        failed |= answers.iter().any(|a| !matches!(a, Some(Ok(_))));
+        write_table(&mut out, &hosts, &answers)
+    };
+    failed |= finish(&mut out, result);
+    Exit::from_failures(failed)
+}
+
+/// The latest samples. A daemon that has just started answers UNAVAILABLE
+/// until its first tick (a fraction of a second): ask again until it has
+/// one (the caller's timeout bounds the wait).
+async fn latest(
+    mut client: Client,
+    gpus: Vec<gpuwatch::api::GpuSelector>,
+) -> Result<GetSnapshotResponse, HostFailure> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match client
+            .get_snapshot(GetSnapshotRequest { gpus: gpus.clone() })
+            .await
+        {
+            Ok(r) => return Ok(r.into_inner()),
+            // No source: the daemon said so, the connection is fine.
+            Err(s) if s.code() == Code::Unavailable && std::error::Error::source(&s).is_none() => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+}
+
+fn write_json(
+    out: &mut Output,
+    host: &HostSpec,
+    answer: &Result<Answer, HostFailure>,
+) -> Result<(), OutputClosed> {
+    match answer {
+        Ok((devices, snapshot)) => {
+            for sample in &snapshot.samples {
+                let name = devices
+                    .devices
+                    .iter()
+                    .find(|d| d.index == sample.index)
+                    .map(|d| d.name.as_str());
+                out.json(&SampleRecord::new(
+                    &host.label,
+                    name,
+                    sample,
+                    snapshot.time.as_ref(),
+                ))?;
+            }
+            Ok(())
+        }
+        Err(e) => out.json(&HostErrorRecord {
+            host: &host.label,
+            error: e.to_string(),
+            code: e.code_name(),
+        }),
+    }
+}
+
+fn write_table(
+    out: &mut Output,
+    hosts: &[HostSpec],
+    answers: &[Option<Result<Answer, HostFailure>>],
+) -> Result<(), OutputClosed> {
+    let mut t = table(&[
+        "HOST",
+        "GPU",
+        "NAME",
+        "TEMP",
+        "POWER / LIMIT",
+        "SM / MEM CLOCK",
+        "UTIL",
+        "MEMORY",
+        "THROTTLE",
+        "GOVERNOR",
+        "HEALTH",
+    ]);
+    let mut errors = Vec::new();
+    for (host, answer) in hosts.iter().zip(answers) {
+        match answer {
+            Some(Ok((devices, snapshot))) => {
+                for s in &snapshot.samples {
+                    let name = devices
+                        .devices
+                        .iter()
+                        .find(|d| d.index == s.index)
+                        .map_or("", |d| d.name.as_str());
+                    let throttle = match s.throttle_reasons_mask {
+                        None => units::ABSENT.to_owned(),
+                        Some(_) if s.throttle_reasons.is_empty() => "none".to_owned(),
+                        Some(_) => s
+                            .throttle_reasons
+                            .iter()
+                            .map(|r| throttle_reason_name(*r))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    };
+                    t.add_row(vec![
+                        host.label.clone(),
+                        s.index.to_string(),
+                        name.to_owned(),
+                        units::celsius(s.temperature_c),
+                        units::power_vs_limit(s.power_draw_mw, s.power_limit_mw),
+                        units::clocks(s.sm_clock_mhz, s.memory_clock_mhz),
+                        units::percent(s.utilization_gpu_pct),
+                        units::memory(s.memory_used_bytes, s.memory_total_bytes),
+                        throttle,
+                        governor_state_name(s.governor_state),
+                        health_name(s.health),
+                    ]);
+                }
+            }
+            Some(Err(e)) => errors.push(format!("{}: error: {e}", host.label)),
+            None => errors.push(format!("{}: error: no answer", host.label)),
+        }
+    }
+    if t.row_count() > 0 {
+        print_table(out, &t)?;
+    }
+    for line in errors {
+        out.line(&line)?;
+    }
+    Ok(())
+}

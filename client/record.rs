@@ -1,0 +1,727 @@
+//! The client's JSON vocabulary: one flat object per GPU sample, device,
+//! event or control result, plus host-state and gap objects.
+//!
+//! These shapes are what polling scripts parse, so they are spelled out as
+//! types here and documented in docs/client.md. Rules: units live in key
+//! names; numbers are exact (watts are milliwatts / 1000, MiB are bytes /
+//! 2^20, printed as integers when whole); enum values are the contract's
+//! names without their prefix, in lower case; a metric the GPU does not
+//! report is absent, never 0.
+
+use std::time::{Duration, SystemTime};
+
+use gpuwatch::api::{
+    self, ActorKind, DeviceInfo, Event, EventKind, Gap, GapReason, GovernorMode, GovernorState,
+    GpuHealth, GpuSample, ResetOutcome, Severity, TelemetryField, ThresholdSource, ThrottleReason,
+};
+use serde::Serialize;
+
+/// A quotient printed exactly: an integer when it divides, else the nearest
+/// double (which prints as the shortest decimal that reads back the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exact {
+    num: u64,
+    den: u64,
+}
+
+impl Exact {
+    pub fn watts(mw: u32) -> Self {
+        Self {
+            num: u64::from(mw),
+            den: 1000,
+        }
+    }
+
+    pub fn mib(bytes: u64) -> Self {
+        Self {
+            num: bytes,
+            den: 1 << 20,
+        }
+    }
+
+    pub fn as_f64(self) -> f64 {
+        self.num as f64 / self.den as f64
+    }
+}
+
+impl Serialize for Exact {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.num.is_multiple_of(self.den) {
+            s.serialize_u64(self.num / self.den)
+        } else {
+            s.serialize_f64(self.as_f64())
+        }
+    }
+}
+
+fn lower(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
+}
+
+macro_rules! enum_namer {
+    ($(#[$meta:meta])* $fn_name:ident, $ty:ty, $prefix:literal) => {
+        $(#[$meta])*
+        pub fn $fn_name(value: i32) -> String {
+            match <$ty>::try_from(value) {
+                Ok(v) => lower(v.as_str_name(), $prefix),
+                Err(_) => format!("unknown_{value}"),
+            }
+        }
+    };
+}
+
+enum_namer!(
+    /// `ok`, `lost`, `stale`, `error`.
+    health_name, GpuHealth, "GPU_HEALTH_");
+enum_namer!(
+    /// `idle`, `throttling`, `recovering`, `observe_only`, `disabled`, `suspended`.
+    governor_state_name, GovernorState, "GOVERNOR_STATE_");
+enum_namer!(
+    /// `power_limit`, `clock_lock`, `observe_only`, `disabled`.
+    governor_mode_name, GovernorMode, "GOVERNOR_MODE_");
+enum_namer!(
+    /// `derived`, `config`, `operator`.
+    threshold_source_name, ThresholdSource, "THRESHOLD_SOURCE_");
+enum_namer!(
+    /// `sw_power_cap`, `hw_thermal_slowdown`, ... (ThrottleReasonInfo.name).
+    throttle_reason_name, ThrottleReason, "THROTTLE_REASON_");
+enum_namer!(
+    /// `gpu_lost`, `power_limit_changed`, ...
+    event_kind_name, EventKind, "EVENT_KIND_");
+enum_namer!(
+    /// `info`, `warning`, `error`.
+    severity_name, Severity, "SEVERITY_");
+enum_namer!(
+    /// `governor`, `operator`, `startup`, `shutdown`, `device`, `daemon`.
+    actor_kind_name, ActorKind, "ACTOR_KIND_");
+enum_namer!(
+    /// `reset`, `not_supported`, `failed`.
+    reset_outcome_name, ResetOutcome, "RESET_OUTCOME_");
+enum_namer!(
+    /// `slow_subscriber`, `not_in_history`.
+    gap_reason_name, GapReason, "GAP_REASON_");
+enum_namer!(
+    /// `temperature`, `power_draw`, ...
+    telemetry_field_name, TelemetryField, "TELEMETRY_FIELD_");
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T12:30:05.123Z`.
+pub fn rfc3339(t: &prost_types::Timestamp) -> Option<String> {
+    let t = SystemTime::try_from(*t).ok()?;
+    Some(humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// Now, in the same format.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One GPU sample.
+#[derive(Debug, Serialize)]
+pub struct SampleRecord<'a> {
+    pub host: &'a str,
+    pub index: u32,
+    pub uuid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    pub age_ms: u64,
+    pub health: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fan_speed_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_limit_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforced_power_limit_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_mj: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graphics_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sm_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub video_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_graphics_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sm_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization_gpu_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization_memory_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_total_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub performance_state: Option<u32>,
+    /// Present (possibly empty) when the GPU reports throttle reasons.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_reasons: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_reasons_mask: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pcie_tx_kbps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pcie_rx_kbps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ecc: Option<EccRecord>,
+    /// Present when the GPU reports processes (read on the slow cadence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<ProcessRecord>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub governor_state: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EccRecord {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_volatile: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncorrected_volatile: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_aggregate: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncorrected_aggregate: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_memory_mib: Option<Exact>,
+}
+
+impl<'a> SampleRecord<'a> {
+    /// `fallback_time` (the frame's) is used when the sample has none.
+    pub fn new(
+        host: &'a str,
+        name: Option<&'a str>,
+        s: &'a GpuSample,
+        fallback_time: Option<&prost_types::Timestamp>,
+    ) -> Self {
+        let governor_state = match GovernorState::try_from(s.governor_state) {
+            Ok(GovernorState::Unspecified) => None,
+            _ => Some(governor_state_name(s.governor_state)),
+        };
+        SampleRecord {
+            host,
+            index: s.index,
+            uuid: &s.uuid,
+            name,
+            seq: s.seq,
+            time: s.time.as_ref().or(fallback_time).and_then(rfc3339),
+            age_ms: s.age_ms,
+            health: health_name(s.health),
+            error: s.error.as_deref(),
+            temperature_c: s.temperature_c,
+            memory_temperature_c: s.memory_temperature_c,
+            fan_speed_pct: s.fan_speed_pct,
+            power_w: s.power_draw_mw.map(Exact::watts),
+            power_limit_w: s.power_limit_mw.map(Exact::watts),
+            enforced_power_limit_w: s.enforced_power_limit_mw.map(Exact::watts),
+            energy_mj: s.energy_mj,
+            graphics_clock_mhz: s.graphics_clock_mhz,
+            sm_clock_mhz: s.sm_clock_mhz,
+            memory_clock_mhz: s.memory_clock_mhz,
+            video_clock_mhz: s.video_clock_mhz,
+            max_graphics_clock_mhz: s.max_graphics_clock_mhz,
+            max_sm_clock_mhz: s.max_sm_clock_mhz,
+            max_memory_clock_mhz: s.max_memory_clock_mhz,
+            utilization_gpu_pct: s.utilization_gpu_pct,
+            utilization_memory_pct: s.utilization_memory_pct,
+            memory_used_mib: s.memory_used_bytes.map(Exact::mib),
+            memory_total_mib: s.memory_total_bytes.map(Exact::mib),
+            performance_state: s.performance_state,
+            throttle_reasons: s.throttle_reasons_mask.map(|_| {
+                s.throttle_reasons
+                    .iter()
+                    .map(|r| throttle_reason_name(*r))
+                    .collect()
+            }),
+            throttle_reasons_mask: s.throttle_reasons_mask,
+            pcie_tx_kbps: s.pcie_tx_kbps,
+            pcie_rx_kbps: s.pcie_rx_kbps,
+            ecc: s.ecc.as_ref().map(|e| EccRecord {
+                corrected_volatile: e.corrected_volatile,
+                uncorrected_volatile: e.uncorrected_volatile,
+                corrected_aggregate: e.corrected_aggregate,
+                uncorrected_aggregate: e.uncorrected_aggregate,
+            }),
+            processes: s.processes_time.map(|_| {
+                s.processes
+                    .iter()
+                    .map(|p| ProcessRecord {
+                        pid: p.pid,
+                        used_memory_mib: p.used_memory_bytes.map(Exact::mib),
+                    })
+                    .collect()
+            }),
+            governor_state,
+        }
+    }
+}
+
+/// A host that could not be used (snapshot, list, control, events).
+#[derive(Debug, Serialize)]
+pub struct HostErrorRecord<'a> {
+    pub host: &'a str,
+    pub error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+}
+
+/// What happened to a host's connection (watch, events --follow).
+#[derive(Debug, Serialize)]
+pub struct HostEventRecord<'a> {
+    pub host: &'a str,
+    /// `connected`, `disconnected` or `reconnecting`.
+    pub event: &'static str,
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+    /// On `connected`: when the daemon started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_started: Option<String>,
+    /// On `connected`: GPUs streamed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<usize>,
+    /// On `connected`: the interval the daemon delivers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u32>,
+    /// On `connected` after a reconnect: the stream resumes after this seq.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_after_seq: Option<u64>,
+}
+
+impl<'a> HostEventRecord<'a> {
+    pub fn new(host: &'a str, event: &'static str) -> Self {
+        Self {
+            host,
+            event,
+            time: now_rfc3339(),
+            error: None,
+            retry_in_ms: None,
+            server_started: None,
+            gpus: None,
+            interval_ms: None,
+            resumed_after_seq: None,
+        }
+    }
+}
+
+/// Samples (or events) that will never be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GapRecord {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// `slow_subscriber`, `not_in_history`, or `unannounced` (the client saw
+    /// sequence numbers jump without the daemon saying why).
+    pub reason: String,
+    pub missed: u64,
+    pub restarted: bool,
+}
+
+impl From<&Gap> for GapRecord {
+    fn from(g: &Gap) -> Self {
+        GapRecord {
+            first_seq: g.first_seq,
+            last_seq: g.last_seq,
+            reason: gap_reason_name(g.reason),
+            missed: g.missed,
+            restarted: g.restarted,
+        }
+    }
+}
+
+/// A gap, tagged with its host, as printed.
+#[derive(Debug, Serialize)]
+pub struct HostGapRecord<'a> {
+    pub host: &'a str,
+    pub event: &'static str,
+    /// `samples` (watch) or `events` (events --follow).
+    pub stream: &'static str,
+    #[serde(flatten)]
+    pub gap: &'a GapRecord,
+}
+
+/// One GPU's identity, limits, capabilities and policy.
+#[derive(Debug, Serialize)]
+pub struct DeviceRecord<'a> {
+    pub host: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<&'a str>,
+    pub index: u32,
+    pub uuid: &'a str,
+    pub name: &'a str,
+    pub pci_bus_id: &'a str,
+    pub health: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_min_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_max_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_default_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_limit_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforced_power_limit_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slowdown_temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_operating_temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_graphics_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sm_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_total_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<CapabilitiesRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRecord<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CapabilitiesRecord {
+    pub power_limit_settable: bool,
+    pub gpu_clocks_lockable: bool,
+    pub memory_clocks_lockable: bool,
+    pub application_clocks_resettable: bool,
+    pub xid_events: bool,
+    pub supported_fields: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyRecord<'a> {
+    pub mode: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub dry_run: bool,
+    pub threshold_c: u32,
+    pub threshold_source: String,
+    pub hysteresis_c: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_ceiling_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_limit_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_cap_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub mode_reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<LastActionRecord<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastActionRecord<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    pub description: &'a str,
+    pub event_seq: u64,
+}
+
+impl<'a> PolicyRecord<'a> {
+    pub fn new(p: &'a api::GpuPolicy) -> Self {
+        PolicyRecord {
+            mode: governor_mode_name(p.mode),
+            state: governor_state_name(p.state),
+            dry_run: p.dry_run,
+            threshold_c: p.threshold_c,
+            threshold_source: threshold_source_name(p.threshold_source),
+            hysteresis_c: p.hysteresis_c,
+            floor_w: p.floor_mw.map(Exact::watts),
+            ceiling_w: p.ceiling_mw.map(Exact::watts),
+            operator_ceiling_w: p.operator_ceiling_mw.map(Exact::watts),
+            current_limit_w: p.current_limit_mw.map(Exact::watts),
+            clock_cap_mhz: p.clock_cap_mhz,
+            mode_reason: &p.mode_reason,
+            last_action: p.last_action.as_ref().map(|a| LastActionRecord {
+                time: a.time.as_ref().and_then(rfc3339),
+                description: &a.description,
+                event_seq: a.event_seq,
+            }),
+        }
+    }
+}
+
+impl<'a> DeviceRecord<'a> {
+    pub fn new(host: &'a str, info: Option<&'a api::HostInfo>, d: &'a DeviceInfo) -> Self {
+        let limits = d.power_limits.unwrap_or_default();
+        DeviceRecord {
+            host,
+            hostname: info.map(|i| i.hostname.as_str()).filter(|h| !h.is_empty()),
+            backend: info.map(|i| i.backend.as_str()).filter(|b| !b.is_empty()),
+            driver_version: info.and_then(|i| i.driver_version.as_deref()),
+            index: d.index,
+            uuid: &d.uuid,
+            name: &d.name,
+            pci_bus_id: &d.pci_bus_id,
+            health: health_name(d.health),
+            power_min_w: limits.min_mw.map(Exact::watts),
+            power_max_w: limits.max_mw.map(Exact::watts),
+            power_default_w: limits.default_mw.map(Exact::watts),
+            power_limit_w: limits
+                .current_mw
+                .or(d.policy.as_ref().and_then(|p| p.current_limit_mw))
+                .map(Exact::watts),
+            enforced_power_limit_w: limits.enforced_mw.map(Exact::watts),
+            slowdown_temperature_c: d.slowdown_temperature_c,
+            shutdown_temperature_c: d.shutdown_temperature_c,
+            max_operating_temperature_c: d.max_operating_temperature_c,
+            max_graphics_clock_mhz: d.max_graphics_clock_mhz,
+            max_sm_clock_mhz: d.max_sm_clock_mhz,
+            max_memory_clock_mhz: d.max_memory_clock_mhz,
+            memory_total_mib: d.memory_total_bytes.map(Exact::mib),
+            capabilities: d.capabilities.as_ref().map(|c| CapabilitiesRecord {
+                power_limit_settable: c.power_limit_settable,
+                gpu_clocks_lockable: c.gpu_clocks_lockable,
+                memory_clocks_lockable: c.memory_clocks_lockable,
+                application_clocks_resettable: c.application_clocks_resettable,
+                xid_events: c.xid_events,
+                supported_fields: c
+                    .supported_fields
+                    .iter()
+                    .map(|f| telemetry_field_name(*f))
+                    .collect(),
+            }),
+            policy: d.policy.as_ref().map(PolicyRecord::new),
+        }
+    }
+}
+
+/// One event from a daemon's event log.
+#[derive(Debug, Serialize)]
+pub struct EventRecord<'a> {
+    pub host: &'a str,
+    pub event: &'static str,
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    pub kind: String,
+    pub severity: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_index: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_uuid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<&'a str>,
+    pub reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_limit: Option<Change<Exact>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_lock_mhz: Option<Change<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_c: Option<Change<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hysteresis_c: Option<Change<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u64>,
+}
+
+/// Before and after of a changed setting (absent: unset / unlocked).
+#[derive(Debug, Serialize)]
+pub struct Change<T> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<T>,
+}
+
+impl<'a> EventRecord<'a> {
+    pub fn new(host: &'a str, e: &'a Event) -> Self {
+        let mut record = EventRecord {
+            host,
+            event: "event",
+            seq: e.seq,
+            time: e.time.as_ref().and_then(rfc3339),
+            kind: event_kind_name(e.kind),
+            severity: severity_name(e.severity),
+            gpu_index: e.gpu_index,
+            gpu_uuid: e.gpu_uuid.as_deref(),
+            actor_kind: e.actor.as_ref().map(|a| actor_kind_name(a.kind)),
+            actor: e.actor.as_ref().map(|a| a.name.as_str()),
+            reason: &e.reason,
+            power_limit: None,
+            clock_lock_mhz: None,
+            threshold_c: None,
+            hysteresis_c: None,
+            xid: e.xid,
+        };
+        match &e.change {
+            Some(api::event::Change::PowerLimit(c)) => {
+                record.power_limit = Some(Change {
+                    before: c.before_mw.map(Exact::watts),
+                    after: c.after_mw.map(Exact::watts),
+                });
+            }
+            Some(api::event::Change::ClockLock(c)) => {
+                record.clock_lock_mhz = Some(Change {
+                    before: c.before_max_mhz,
+                    after: c.after_max_mhz,
+                });
+            }
+            Some(api::event::Change::Threshold(c)) => {
+                if c.before_c.is_some() || c.after_c.is_some() {
+                    record.threshold_c = Some(Change {
+                        before: c.before_c,
+                        after: c.after_c,
+                    });
+                }
+                if c.before_hysteresis_c.is_some() || c.after_hysteresis_c.is_some() {
+                    record.hysteresis_c = Some(Change {
+                        before: c.before_hysteresis_c,
+                        after: c.after_hysteresis_c,
+                    });
+                }
+            }
+            None => {}
+        }
+        record
+    }
+}
+
+/// A duration in whole milliseconds, for `retry_in_ms`.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json<T: Serialize>(v: &T) -> serde_json::Value {
+        serde_json::to_value(v).expect("serializes")
+    }
+
+    #[test]
+    fn exact_numbers() {
+        assert_eq!(json(&Exact::watts(700_000)), serde_json::json!(700));
+        assert_eq!(json(&Exact::watts(612_345)).to_string(), "612.345");
+        assert_eq!(json(&Exact::watts(1)).to_string(), "0.001");
+        assert_eq!(json(&Exact::mib(80 << 30)), serde_json::json!(81920));
+        assert_eq!(json(&Exact::mib(1 << 19)).to_string(), "0.5");
+    }
+
+    #[test]
+    fn enum_names_drop_prefix_and_case() {
+        assert_eq!(
+            governor_state_name(GovernorState::ObserveOnly as i32),
+            "observe_only"
+        );
+        assert_eq!(
+            throttle_reason_name(ThrottleReason::SwPowerCap as i32),
+            "sw_power_cap"
+        );
+        assert_eq!(
+            throttle_reason_name(ThrottleReason::HwThermalSlowdown as i32),
+            "hw_thermal_slowdown"
+        );
+        assert_eq!(health_name(GpuHealth::Ok as i32), "ok");
+        assert_eq!(
+            gap_reason_name(GapReason::NotInHistory as i32),
+            "not_in_history"
+        );
+        assert_eq!(
+            event_kind_name(EventKind::CeilingChanged as i32),
+            "ceiling_changed"
+        );
+        assert_eq!(health_name(999), "unknown_999");
+    }
+
+    #[test]
+    fn absent_metrics_are_absent_not_zero() {
+        let sample = GpuSample {
+            index: 1,
+            uuid: "GPU-1".into(),
+            seq: 42,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 5_000_000,
+            }),
+            health: GpuHealth::Ok as i32,
+            temperature_c: Some(0),
+            power_draw_mw: Some(612_345),
+            governor_state: GovernorState::Idle as i32,
+            ..Default::default()
+        };
+        let v = json(&SampleRecord::new("h", Some("GPU name"), &sample, None));
+        let obj = v.as_object().expect("object");
+        // A real 0 stays; what the GPU did not report is not there at all.
+        assert_eq!(obj["temperature_c"], serde_json::json!(0));
+        assert_eq!(obj["power_w"].to_string(), "612.345");
+        for absent in [
+            "memory_temperature_c",
+            "fan_speed_pct",
+            "power_limit_w",
+            "sm_clock_mhz",
+            "memory_used_mib",
+            "throttle_reasons",
+            "ecc",
+            "processes",
+        ] {
+            assert!(!obj.contains_key(absent), "{absent} should be absent: {v}");
+        }
+        assert_eq!(obj["time"], "2027-01-15T08:00:00.005Z");
+        assert_eq!(obj["governor_state"], "idle");
+        assert_eq!(obj["health"], "ok");
+    }
+
+    #[test]
+    fn throttle_reasons_listed_when_reported() {
+        let sample = GpuSample {
+            throttle_reasons_mask: Some(0x44),
+            throttle_reasons: vec![
+                ThrottleReason::SwPowerCap as i32,
+                ThrottleReason::HwThermalSlowdown as i32,
+            ],
+            ..Default::default()
+        };
+        let v = json(&SampleRecord::new("h", None, &sample, None));
+        assert_eq!(
+            v["throttle_reasons"],
+            serde_json::json!(["sw_power_cap", "hw_thermal_slowdown"])
+        );
+        let idle = GpuSample {
+            throttle_reasons_mask: Some(0),
+            ..Default::default()
+        };
+        let v = json(&SampleRecord::new("h", None, &idle, None));
+        assert_eq!(v["throttle_reasons"], serde_json::json!([]));
+    }
+}
