@@ -270,7 +270,10 @@ fn tls_with_private_ca_server_name_and_token() {
     assert_eq!(plain.code, Some(1), "{}", plain.stdout);
     // No token: the request carries no authorization header.
     let before = seen.lock().expect("lock").len();
-    let anonymous = run_client(&["list", &plain_form, "--tls-ca", &ca]);
+    let anonymous = run_client_env(
+        &["list", &plain_form, "--tls-ca", &ca],
+        &[("GPUWATCH_TOKEN", "")],
+    );
     assert_eq!(anonymous.code, Some(0));
     let seen = seen.lock().expect("lock");
     assert_eq!(seen.len(), before + 1);

@@ -115,6 +115,17 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // Control needs a token: every test daemon accepts TEST_TOKEN, and
+        // the client sends it unless a test says otherwise.
+        let tokens = state.path().join("tokens.toml");
+        std::fs::write(
+            &tokens,
+            format!(
+                "[[tokens]]\nname = \"tester\"\nrole = \"control\"\ntoken = \"{TEST_TOKEN}\"\n"
+            ),
+        )
+        .expect("write tokens");
+        cmd.env("GPUWATCH_AUTH__TOKEN_FILE", &tokens);
         if let Some(text) = &config {
             let path = state.path().join("gpuwatch.toml");
             std::fs::write(&path, text).expect("write config");
@@ -248,19 +259,29 @@ fn client_command(args: &[&str]) -> Command {
         .env_remove("GPUWATCH_TLS_KEY")
         .env_remove("GPUWATCH_TLS_SERVER_NAME")
         .env_remove("GPUWATCH_TIMEOUT")
+        .env("GPUWATCH_TOKEN", TEST_TOKEN)
         .stdin(Stdio::null());
     cmd
 }
+
+/// The control token every test daemon accepts (name "tester").
+pub const TEST_TOKEN: &str = "client-test-control-token-0123456789";
 
 /// Runs the client to completion (killed and failed after COMMAND_TIMEOUT).
 pub fn run_client(args: &[&str]) -> Run {
     run_client_env(args, &[])
 }
 
+/// Runs the client with extra environment; an empty value removes the
+/// variable (e.g. `("GPUWATCH_TOKEN", "")` for a run without a token).
 pub fn run_client_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = client_command(args);
     for (k, v) in env {
-        cmd.env(k, v);
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
     }
     let mut child = cmd
         .stdout(Stdio::piped())
