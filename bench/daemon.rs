@@ -50,7 +50,8 @@ impl DaemonSpec {
         }
     }
 
-    fn toml(&self) -> String {
+    /// The config file this daemon is started with.
+    pub fn toml(&self) -> String {
         let interval_ms = self.sampler_interval.as_millis();
         let mut toml = format!("[sampler]\ninterval = \"{interval_ms}ms\"\n");
         if self.nvml.is_none() {

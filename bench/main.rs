@@ -132,6 +132,9 @@ fn duration(text: &str) -> Result<Duration, String> {
 enum Command {
     /// Print the machine's description (cores, CPU, memory, kernel, load).
     Machine,
+    /// Print the daemon config the figures use (simulated H100s under a
+    /// moving load), for running the daemon by hand or from other tools.
+    Config(ConfigArgs),
     /// Idle footprint: 8 GPUs at 10 Hz, no clients — CPU % of a core, RSS.
     Idle(idle::IdleArgs),
     /// Sampler cost: 8 GPUs at 100 Hz, no clients — CPU % of a core.
@@ -173,6 +176,17 @@ enum Command {
     SubscribeHelper(fanout::HelperArgs),
 }
 
+/// Options of `config`.
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Simulated GPUs.
+    #[arg(long, default_value_t = 8)]
+    gpus: u32,
+    /// The sampler's interval.
+    #[arg(long, default_value = "100ms", value_parser = duration)]
+    interval: Duration,
+}
+
 /// Options of `all`.
 #[derive(Debug, Args)]
 struct AllArgs {
@@ -208,9 +222,16 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let common = &cli.common;
     let machine = machine::Machine::describe();
-    if let Command::Machine = cli.figure {
-        println!("{}", machine.describe_text());
-        return Ok(());
+    match &cli.figure {
+        Command::Machine => {
+            println!("{}", machine.describe_text());
+            return Ok(());
+        }
+        Command::Config(c) => {
+            print!("{}", daemon::DaemonSpec::fleet(c.gpus, c.interval).toml());
+            return Ok(());
+        }
+        _ => {}
     }
     println!("{}", machine.describe_text());
     let needs_server = !matches!(cli.figure, Command::Nvml(_));
@@ -218,7 +239,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         check_binary(&common.server, "the daemon")?;
     }
     let figures: Vec<FigureFn> = match &cli.figure {
-        Command::Machine | Command::SubscribeHelper(_) => Vec::new(),
+        Command::Machine | Command::Config(_) | Command::SubscribeHelper(_) => Vec::new(),
         Command::Idle(a) => vec![("idle", Box::new(|| idle::idle(common, a)))],
         Command::Sampler(a) => vec![("sampler", Box::new(|| idle::sampler(common, a)))],
         Command::Fanout(a) => vec![("fanout", Box::new(|| fanout::fanout(common, a)))],
