@@ -5,9 +5,12 @@
 //!
 //! Each server gets the same two loads from the same generator, one after
 //! the other: as many requests as it can answer (closed loop over the same
-//! number of connections), then the same fixed rate for all (open loop:
-//! latency counts from when a request was due, so a server that falls
-//! behind is charged for it). CPU is the server's processes' (Gunicorn's
+//! number of connections), then the same fixed rate for all (open loop).
+//! At the fixed rate, latency runs from sending a request to its last
+//! byte, and a request sent more than 10 ms after it was due counts as
+//! late: a server that cannot keep up shows as late requests and fewer
+//! answers per second, not as timer noise in the latency. CPU is the
+//! server's processes' (Gunicorn's
 //! master and workers together); memory is their resident set (and PSS,
 //! which shares forked pages fairly) after the loads.
 //!
@@ -110,10 +113,16 @@ struct LoadResult {
     requests: u64,
     errors: u64,
     reconnects: u64,
+    /// Requests sent more than [`LATE`] after they were due.
+    late: u64,
     first_error: Option<String>,
     latency: Latency,
     wall: Duration,
 }
+
+/// How far behind its schedule an open-loop request may start before it
+/// counts as late.
+const LATE: Duration = Duration::from_millis(10);
 
 /// Runs a load: closed loop (`rate` None) or `rate` requests/s spread
 /// over the connections (open loop).
@@ -145,14 +154,18 @@ async fn run_load(
                 if due >= end {
                     break;
                 }
+                let sent = tokio::time::Instant::now();
                 let outcome = conn.request().await;
                 let done = tokio::time::Instant::now();
                 if due >= measure_from {
+                    if sent.duration_since(due) > LATE {
+                        r.late += 1;
+                    }
                     match outcome {
                         Ok(()) => {
                             r.requests += 1;
                             r.latency
-                                .record_us(done.duration_since(due).as_micros() as u64);
+                                .record_us(done.duration_since(sent).as_micros() as u64);
                         }
                         Err(e) => {
                             r.errors += 1;
@@ -177,6 +190,7 @@ async fn run_load(
         total.requests += r.requests;
         total.errors += r.errors;
         total.reconnects += r.reconnects;
+        total.late += r.late;
         total.latency.merge(&r.latency);
         if total.first_error.is_none() {
             total.first_error = r.first_error;
@@ -424,6 +438,9 @@ pub fn baseline(common: &Common, args: &BaselineArgs) -> anyhow::Result<Figure> 
                 fig.record(&key("latency p50"), "ms", None, r.latency.quantile_ms(0.5));
                 fig.record(&key("latency p99"), "ms", None, r.latency.quantile_ms(0.99));
                 fig.record(&key("server CPU"), "% core", None, cpu_pct);
+                if load_rate.is_some() {
+                    fig.record(&key("late requests"), "count", None, r.late as f64);
+                }
                 fig.record(
                     &key("errors"),
                     "count",
@@ -455,7 +472,7 @@ pub fn baseline(common: &Common, args: &BaselineArgs) -> anyhow::Result<Figure> 
         daemon.stop()?;
     }
     fig.note(format!(
-        "each server in turn, same generator: 'max' = {connections} connections in a closed loop; 'equal load' = {rate} req/s over {connections} connections, latency from when each request was due; {window:?} windows after a {warmup:?} warm-up. Gunicorn sync workers close the connection after every response (a new TCP connection per poll, part of the old design's cost); gpuwatch keeps its connections. /api/v1/dashboard carries the whole chart history (600 frames), not just the latest readings"
+        "each server in turn, same generator: 'max' = {connections} connections in a closed loop; 'equal load' = {rate} req/s over {connections} connections, latency from send to the last byte (late = sent > 10 ms after due); {window:?} windows after a {warmup:?} warm-up. Gunicorn sync workers close the connection after every response (a new TCP connection per poll, part of the old design's cost); gpuwatch keeps its connections. /api/v1/dashboard carries the whole chart history (600 frames), not just the latest readings"
     ));
     Ok(fig.finish())
 }

@@ -33,6 +33,7 @@ use crate::{
     sampler::{DESCRIBE_TIMEOUT, GpuSlot, Sampler},
     service::{GpuWatchService, ServiceParts},
     state::StateStore,
+    watch_wire::GpuWatchRoutes,
 };
 
 /// Why the daemon could not start or stopped with an error.
@@ -338,9 +339,10 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            GpuWatchServer::new(service).max_decoding_message_size(config.limits.max_request_bytes),
-        );
+        .add_service(GpuWatchRoutes::new(
+            service,
+            config.limits.max_request_bytes,
+        ));
 
     if !auth.reads_open() && auth.token_count() == 0 && !mutual_tls {
         tracing::warn!(
