@@ -42,10 +42,10 @@ trap 'rm -rf "$WORK"' EXIT
 
 skip=()
 expected=(startup idle sampler scrape polling fanout fanout-10k slow-subscribers baseline nvml)
-if [ -x target/release/gpuwatch-client ]; then
+if [ -x target/release/gpuwatch-client ] && target/release/gpuwatch-client --help 2>/dev/null | grep -q snapshot; then
   expected+=(client-snapshot client-watch)
 else
-  say "target/release/gpuwatch-client not found: skipping client-snapshot and client-watch"
+  say "target/release/gpuwatch-client is missing or not the fleet CLI yet: skipping client-snapshot and client-watch"
   skip+=(client-snapshot client-watch)
 fi
 skip_arg=()

@@ -53,6 +53,24 @@ pub struct ClientWatchArgs {
     pub window: Option<Duration>,
 }
 
+/// Fails unless `path` is the fleet CLI (a placeholder binary of the same
+/// name, as main had before the client landed, does nothing).
+fn check_client(path: &std::path::Path) -> anyhow::Result<()> {
+    check_binary(path, "the fleet CLI (gpuwatch-client)")?;
+    let help = Command::new(path)
+        .arg("--help")
+        .output()
+        .with_context(|| format!("cannot run {}", path.display()))?;
+    let text = String::from_utf8_lossy(&help.stdout);
+    if !(text.contains("snapshot") && text.contains("watch")) {
+        bail!(
+            "{} is not the fleet CLI yet (its --help lists no `snapshot` and `watch` commands); build the branch where gpuwatch-client has landed",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Daemons on this machine.
 struct Fleet {
     daemons: Vec<Daemon>,
@@ -109,7 +127,7 @@ impl Fleet {
 }
 
 pub fn client_snapshot(common: &Common, args: &ClientSnapshotArgs) -> anyhow::Result<Figure> {
-    check_binary(&common.client, "the fleet CLI (gpuwatch-client)")?;
+    check_client(&common.client)?;
     let endpoints = args.endpoints.unwrap_or(common.pick(256, 8));
     let gpus = args.gpus.unwrap_or(8);
     let mut fig = Figure::new(
@@ -137,7 +155,7 @@ pub fn client_snapshot(common: &Common, args: &ClientSnapshotArgs) -> anyhow::Re
                 .filter(|l| l.contains("\"temperature_c\""))
                 .count();
             eprintln!(
-                "  run {run}: {:.0} ms wall, exit {}, {lines} lines ({with_temperature} with a temperature; {} expected)",
+                "  run {run}: {:.0} ms wall, {}, {lines} lines ({with_temperature} with a temperature; {} expected)",
                 wall.as_secs_f64() * 1e3,
                 output.status,
                 endpoints * gpus as usize
@@ -177,7 +195,7 @@ pub fn client_snapshot(common: &Common, args: &ClientSnapshotArgs) -> anyhow::Re
 }
 
 pub fn client_watch(common: &Common, args: &ClientWatchArgs) -> anyhow::Result<Figure> {
-    check_binary(&common.client, "the fleet CLI (gpuwatch-client)")?;
+    check_client(&common.client)?;
     let hosts_n = args.hosts.unwrap_or(common.pick(256, 8));
     let gpus = args.gpus.unwrap_or(8);
     let window = args

@@ -582,6 +582,12 @@ fn run_fanout(
             daemon_pct,
         );
         fig.record(
+            "daemon CPU per frame sent",
+            "us",
+            None,
+            daemon_pct / 100.0 * 1e6 / frames_per_s.max(1e-9),
+        );
+        fig.record(
             "daemon RSS peak",
             "MiB",
             targets.daemon_rss_mib.map(Target::AtMost),

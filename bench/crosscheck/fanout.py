@@ -119,6 +119,11 @@ async def worker_main(args, count, conn, out):
 
 def worker(args, count, conn, out):
     asyncio.run(worker_main(args, count, conn, out))
+    # Hand the tally over, then leave without running interpreter shutdown
+    # hooks: grpcio's can hang at exit, which would keep the parent waiting.
+    out.close()
+    out.join_thread()
+    os._exit(0)
 
 
 def main():
@@ -143,7 +148,7 @@ def main():
            for i in range(args.processes)]
     for n in per:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(args, n, child, out))
+        proc = ctx.Process(target=worker, args=(args, n, child, out), daemon=True)
         proc.start()
         pipes.append(parent)
         procs.append(proc)
