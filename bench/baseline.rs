@@ -314,6 +314,26 @@ fn ensure_venv(python: &Path, venv: &Path, app_dir: &Path) -> anyhow::Result<Pat
     Ok(gunicorn)
 }
 
+/// The size of one answer from `endpoint`, in bytes (for gRPC, the
+/// encoded GetSnapshotResponse).
+async fn response_size(endpoint: &Endpoint) -> anyhow::Result<usize> {
+    match endpoint {
+        Endpoint::Http { addr, path } => {
+            Ok(Http1::connect(*addr).await?.get(path, None).await?.len())
+        }
+        Endpoint::Grpc { url } => {
+            let mut full =
+                gpuwatch::api::gpu_watch_client::GpuWatchClient::new(lite::connect(url).await?);
+            Ok(full
+                .get_snapshot(gpuwatch::api::GetSnapshotRequest { gpus: Vec::new() })
+                .await
+                .map_err(|s| anyhow!("GetSnapshot: {s}"))?
+                .into_inner()
+                .encoded_len())
+        }
+    }
+}
+
 /// Resident and proportional memory of processes, summed, in MiB.
 fn memory(pids: &[u32]) -> (f64, f64) {
     let rss = pids.iter().filter_map(|p| proc::rss_mib(*p).ok()).sum();
@@ -379,36 +399,20 @@ pub fn baseline(common: &Common, args: &BaselineArgs) -> anyhow::Result<Figure> 
                 true,
             ),
         ];
-        let sizes = rt.block_on(async {
+        rt.block_on(async {
             // Gunicorn is up when it answers.
             let deadline = Instant::now() + Duration::from_secs(30);
-            let flask_bytes = loop {
-                let attempt = async {
-                    let mut c = Http1::connect(gunicorn.addr).await?;
-                    c.get("/api/gpus", None).await
-                };
-                match attempt.await {
-                    Ok(body) => break body.len(),
+            loop {
+                match response_size(&flask).await {
+                    Ok(_) => return anyhow::Ok(()),
                     Err(e) if Instant::now() >= deadline => {
                         return Err(e.context("Gunicorn did not answer within 30 s"));
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
-            };
-            let mut c = Http1::connect(http).await?;
-            let dashboard_bytes = c.get("/api/v1/dashboard", None).await?.len();
-            let mut full = gpuwatch::api::gpu_watch_client::GpuWatchClient::new(
-                lite::connect(&daemon.url()).await?,
-            );
-            let snapshot_bytes = full
-                .get_snapshot(gpuwatch::api::GetSnapshotRequest { gpus: Vec::new() })
-                .await
-                .map_err(|s| anyhow!("GetSnapshot: {s}"))?
-                .into_inner()
-                .encoded_len();
-            anyhow::Ok([flask_bytes, snapshot_bytes, dashboard_bytes])
+            }
         })?;
-        for ((name, endpoint, is_daemon), bytes) in servers.iter().zip(sizes) {
+        for (name, endpoint, is_daemon) in &servers {
             let pids = if *is_daemon {
                 vec![daemon.pid]
             } else {
@@ -448,6 +452,8 @@ pub fn baseline(common: &Common, args: &BaselineArgs) -> anyhow::Result<Figure> 
                     r.errors as f64,
                 );
             }
+            // After the loads: the dashboard's history has grown by then.
+            let bytes = rt.block_on(response_size(endpoint))?;
             let (rss, pss) = memory(&pids);
             fig.record(
                 &format!("{name} | memory RSS (sum of processes)"),
