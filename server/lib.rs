@@ -37,4 +37,5 @@ pub mod service;
 pub mod state;
 pub mod throttle;
 pub mod tls;
+pub mod watch_wire;
 pub mod wire;

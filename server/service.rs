@@ -9,7 +9,7 @@
 
 use std::{collections::VecDeque, pin::Pin, sync::Arc, sync::atomic::Ordering, time::SystemTime};
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -30,7 +30,9 @@ use crate::{
     hub::Hub,
     limits::{StreamLimiter, StreamPermit},
     selector::{self, Empty},
-    throttle, wire,
+    throttle,
+    watch_wire::{SharedFrames, WatchItem},
+    wire,
 };
 
 /// Longest Watch interval accepted.
@@ -62,6 +64,9 @@ pub struct ServiceParts {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The messages of one Watch stream, as `open_watch` produces them.
+pub type WatchItemStream = BoxStream<WatchItem>;
 
 impl GpuWatchService {
     pub fn new(parts: ServiceParts, facts: &HostFacts) -> Self {
@@ -160,6 +165,114 @@ impl GpuWatchService {
         let picked = selector::resolve(selectors, &devices, empty)?;
         Ok(picked.into_iter().map(|i| devices[i].index).collect())
     }
+
+    /// Opens a Watch stream: validates the request, takes a stream permit,
+    /// and returns the stream's messages. With `shared`, frames for
+    /// subscribers of every GPU come out encoded once per tick (see
+    /// [`watch_wire`]).
+    pub fn open_watch(
+        &self,
+        request: Request<WatchRequest>,
+        shared: Option<Arc<SharedFrames>>,
+    ) -> Result<WatchItemStream, Status> {
+        self.allow(&request, "Watch", Role::Read)?;
+        let permit = self.stream_permit(&request)?;
+        let req = request.into_inner();
+        let all = req.gpus.is_empty();
+        let indices = self.pick_indices(&req.gpus, Empty::MeansAll)?;
+        let sampler_ms = duration_ms(self.hub.sampler_interval()).max(1);
+        let interval_ms = match req.interval_ms {
+            0 => sampler_ms,
+            ms if ms < sampler_ms => {
+                return Err(Status::invalid_argument(format!(
+                    "interval_ms {ms} is below the sampler's interval; the minimum is {sampler_ms} ms (0 means the sampler's interval)"
+                )));
+            }
+            ms if ms > MAX_WATCH_INTERVAL_MS => {
+                return Err(Status::invalid_argument(format!(
+                    "interval_ms {ms} is too long; the maximum is {MAX_WATCH_INTERVAL_MS} ms"
+                )));
+            }
+            ms => ms,
+        };
+        let stride = u64::from((interval_ms + sampler_ms / 2) / sampler_ms).max(1);
+        let filter = (!all).then_some(indices.clone());
+        let sub = self.hub.subscribe(req.resume_after_seq);
+        let latest_seq = sub.latest.as_ref().map_or(0, |f| f.seq);
+        // A resume point newer than anything published (e.g. the clock went
+        // back across a restart) is treated as a fresh subscription.
+        let resume = req.resume_after_seq.filter(|&after| after <= latest_seq);
+        let devices = self
+            .devices_with_policy()
+            .into_iter()
+            .filter(|d| indices.contains(&d.index))
+            .collect();
+        let mut queue = VecDeque::new();
+        let mut last_delivered = None;
+        let current = match resume {
+            None => sub.latest.as_ref().map(|f| {
+                last_delivered = Some(f.seq);
+                filter_frame(f, filter.as_deref())
+            }),
+            Some(_) => None,
+        };
+        queue.push_back(Pending::Message(watch_response::Message::Start(
+            WatchStart {
+                sampler_interval_ms: sampler_ms,
+                interval_ms: u32::try_from(stride)
+                    .unwrap_or(u32::MAX)
+                    .saturating_mul(sampler_ms),
+                stride: u32::try_from(stride).unwrap_or(u32::MAX),
+                server_started: Some(self.hub.started().into()),
+                oldest_seq: sub.oldest_seq,
+                latest_seq,
+                devices,
+                current,
+            },
+        )));
+        if let Some(after) = resume {
+            last_delivered = Some(after);
+            let first_kept = sub.replay.first().map_or(latest_seq + 1, |f| f.seq);
+            if after + 1 < first_kept {
+                let restarted = after < self.hub.first_seq();
+                let counted_from = if restarted {
+                    self.hub.first_seq()
+                } else {
+                    after + 1
+                };
+                queue.push_back(Pending::Message(watch_response::Message::Gap(Gap {
+                    first_seq: after + 1,
+                    last_seq: first_kept - 1,
+                    reason: GapReason::NotInHistory as i32,
+                    missed: first_kept.saturating_sub(counted_from) / stride,
+                    restarted,
+                })));
+                last_delivered = Some(first_kept.saturating_sub(stride));
+            }
+            for frame in sub.replay {
+                if last_delivered.is_some_and(|last| frame.seq < last + stride) {
+                    continue;
+                }
+                last_delivered = Some(frame.seq);
+                queue.push_back(Pending::Frame(frame));
+            }
+        }
+        let state = WatchState {
+            queue,
+            live: sub.live,
+            filter,
+            shared,
+            stride,
+            last_delivered,
+            lagged: 0,
+            shutdown: self.shutdown.clone(),
+            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Watch, permit),
+        };
+        Ok(Box::pin(futures_util::stream::unfold(
+            state,
+            WatchState::next,
+        )))
+    }
 }
 
 fn duration_ms(d: std::time::Duration) -> u32 {
@@ -247,102 +360,13 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.allow(&request, "Watch", Role::Read)?;
-        let permit = self.stream_permit(&request)?;
-        let req = request.into_inner();
-        let all = req.gpus.is_empty();
-        let indices = self.pick_indices(&req.gpus, Empty::MeansAll)?;
-        let sampler_ms = duration_ms(self.hub.sampler_interval()).max(1);
-        let interval_ms = match req.interval_ms {
-            0 => sampler_ms,
-            ms if ms < sampler_ms => {
-                return Err(Status::invalid_argument(format!(
-                    "interval_ms {ms} is below the sampler's interval; the minimum is {sampler_ms} ms (0 means the sampler's interval)"
-                )));
-            }
-            ms if ms > MAX_WATCH_INTERVAL_MS => {
-                return Err(Status::invalid_argument(format!(
-                    "interval_ms {ms} is too long; the maximum is {MAX_WATCH_INTERVAL_MS} ms"
-                )));
-            }
-            ms => ms,
-        };
-        let stride = u64::from((interval_ms + sampler_ms / 2) / sampler_ms).max(1);
-        let filter = (!all).then_some(indices.clone());
-        let sub = self.hub.subscribe(req.resume_after_seq);
-        let latest_seq = sub.latest.as_ref().map_or(0, |f| f.seq);
-        // A resume point newer than anything published (e.g. the clock went
-        // back across a restart) is treated as a fresh subscription.
-        let resume = req.resume_after_seq.filter(|&after| after <= latest_seq);
-        let devices = self
-            .devices_with_policy()
-            .into_iter()
-            .filter(|d| indices.contains(&d.index))
-            .collect();
-        let mut queue = VecDeque::new();
-        let mut last_delivered = None;
-        let current = match resume {
-            None => sub.latest.as_ref().map(|f| {
-                last_delivered = Some(f.seq);
-                filter_frame(f, filter.as_deref())
-            }),
-            Some(_) => None,
-        };
-        queue.push_back(Pending::Message(watch_response::Message::Start(
-            WatchStart {
-                sampler_interval_ms: sampler_ms,
-                interval_ms: u32::try_from(stride)
-                    .unwrap_or(u32::MAX)
-                    .saturating_mul(sampler_ms),
-                stride: u32::try_from(stride).unwrap_or(u32::MAX),
-                server_started: Some(self.hub.started().into()),
-                oldest_seq: sub.oldest_seq,
-                latest_seq,
-                devices,
-                current,
-            },
-        )));
-        if let Some(after) = resume {
-            last_delivered = Some(after);
-            let first_kept = sub.replay.first().map_or(latest_seq + 1, |f| f.seq);
-            if after + 1 < first_kept {
-                let restarted = after < self.hub.first_seq();
-                let counted_from = if restarted {
-                    self.hub.first_seq()
-                } else {
-                    after + 1
-                };
-                queue.push_back(Pending::Message(watch_response::Message::Gap(Gap {
-                    first_seq: after + 1,
-                    last_seq: first_kept - 1,
-                    reason: GapReason::NotInHistory as i32,
-                    missed: first_kept.saturating_sub(counted_from) / stride,
-                    restarted,
-                })));
-                last_delivered = Some(first_kept.saturating_sub(stride));
-            }
-            for frame in sub.replay {
-                if last_delivered.is_some_and(|last| frame.seq < last + stride) {
-                    continue;
-                }
-                last_delivered = Some(frame.seq);
-                queue.push_back(Pending::Frame(frame));
-            }
-        }
-        let state = WatchState {
-            queue,
-            live: sub.live,
-            filter,
-            stride,
-            last_delivered,
-            lagged: 0,
-            shutdown: self.shutdown.clone(),
-            _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Watch, permit),
-        };
-        Ok(Response::new(Box::pin(futures_util::stream::unfold(
-            state,
-            WatchState::next,
-        ))))
+        // The daemon routes Watch through `watch_wire` (frames encoded once
+        // and shared); this path, without the shared encoding, serves
+        // in-process callers of the trait.
+        let items = self.open_watch(request, None)?;
+        Ok(Response::new(Box::pin(
+            items.map(|item| item.and_then(WatchItem::into_message)),
+        )))
     }
 
     type WatchEventsStream = BoxStream<WatchEventsResponse>;
@@ -531,6 +555,8 @@ struct WatchState {
     queue: VecDeque<Pending>,
     live: broadcast::Receiver<Arc<Frame>>,
     filter: Option<Vec<u32>>,
+    /// Frames encoded once for every subscriber of all GPUs.
+    shared: Option<Arc<SharedFrames>>,
     stride: u64,
     last_delivered: Option<u64>,
     /// Frames the broadcast dropped for us since the last delivery.
@@ -540,19 +566,20 @@ struct WatchState {
 }
 
 impl WatchState {
-    fn message(&self, pending: Pending) -> WatchResponse {
+    fn message(&self, pending: Pending) -> WatchItem {
         let message = match pending {
             Pending::Message(m) => m,
-            Pending::Frame(f) => {
-                watch_response::Message::Frame(filter_frame(&f, self.filter.as_deref()))
-            }
+            Pending::Frame(f) => match (&self.shared, &self.filter) {
+                (Some(shared), None) => return WatchItem::Encoded(shared.encoded(&f)),
+                _ => watch_response::Message::Frame(filter_frame(&f, self.filter.as_deref())),
+            },
         };
-        WatchResponse {
+        WatchItem::Message(WatchResponse {
             message: Some(message),
-        }
+        })
     }
 
-    async fn next(mut self) -> Option<(Result<WatchResponse, Status>, Self)> {
+    async fn next(mut self) -> Option<(Result<WatchItem, Status>, Self)> {
         loop {
             if let Some(pending) = self.queue.pop_front() {
                 let msg = self.message(pending);
