@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Encodes through a contiguous buffer: see server/codec.rs.
+        .codec_path("crate::codec::ProstCodec")
         .file_descriptor_set_path(out.join("gpuwatch_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
     Ok(())

@@ -22,6 +22,7 @@ pub mod api {
 pub mod actor;
 pub mod auth;
 pub mod backend;
+pub mod codec;
 pub mod config;
 pub mod control;
 pub mod daemon;
