@@ -16,7 +16,8 @@
 # missing; grpcio and grpcio-tools come from PyPI into target/crosscheck-venv.
 # Run from the repository root. RUNS (default 3) repeats each check;
 # WINDOW (default 15 s for polling and scrapes, 30 s for fan-out) sets
-# their length; SUBSCRIBERS (1000) and PROCESSES (2) shape the fan-out.
+# their length; SUBSCRIBERS (1000) and PROCESSES (2) shape the fan-out;
+# CHECKS (default "polling fanout metrics") picks which checks run.
 set -euo pipefail
 
 SERVER=${GPUWATCH_SERVER:-target/release/gpuwatch-server}
@@ -28,7 +29,9 @@ SUBSCRIBERS=${SUBSCRIBERS:-1000}
 PROCESSES=${PROCESSES:-2}
 VENV=${CROSSCHECK_VENV:-target/crosscheck-venv}
 
+CHECKS=${CHECKS:-polling fanout metrics}
 say() { printf 'crosscheck: %s\n' "$*" >&2; }
+want() { case " $CHECKS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 die() { say "FAIL: $*"; exit 1; }
 
 [ -x "$SERVER" ] || die "$SERVER not found; run 'cargo build --release' first"
@@ -97,8 +100,8 @@ say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
 
 # ---- 1. GetSnapshot polling with h2load --------------------------------
 printf '\x00\x00\x00\x00\x00' >"$WORK/empty.grpc"
-echo "polling (h2load -c 4 -m 8, ${WINDOW}s): req/s, p50 ms, p99 ms, daemon CPU %"
-for run in $(seq 1 "$RUNS"); do
+want polling && echo "polling (h2load -c 4 -m 8, ${WINDOW}s): req/s, p50 ms, p99 ms, daemon CPU %"
+want polling && for run in $(seq 1 "$RUNS"); do
   start_daemon
   "$PY" - "$GRPC" "$WORK/stubs" <<'PYEOF' || die "GetSnapshot over grpcio failed"
 import sys; sys.path.insert(0, sys.argv[2])
@@ -122,8 +125,8 @@ PYEOF
 done
 
 # ---- 2. Fan-out with grpcio ---------------------------------------------
-echo "fan-out (grpcio asyncio, $SUBSCRIBERS subscribers at 100 ms, ${FANOUT_WINDOW}s)"
-for run in $(seq 1 "$RUNS"); do
+want fanout && echo "fan-out (grpcio asyncio, $SUBSCRIBERS subscribers at 100 ms, ${FANOUT_WINDOW}s)"
+want fanout && for run in $(seq 1 "$RUNS"); do
   start_daemon
   t0=$(daemon_ticks)
   start=$(date +%s.%N)
@@ -137,8 +140,8 @@ done
 
 # ---- 3. /metrics with wrk and http.client -------------------------------
 ACCEPT='application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1'
-echo "/metrics: back-to-back (wrk -t1 -c1 --latency) and new-frame scrapes every 110 ms (http.client)"
-for run in $(seq 1 "$RUNS"); do
+want metrics && echo "/metrics: back-to-back (wrk -t1 -c1 --latency) and new-frame scrapes every 110 ms (http.client)"
+want metrics && for run in $(seq 1 "$RUNS"); do
   start_daemon
   sleep 1
   wrk -t1 -c1 -d"${WINDOW}s" --latency -H "Accept: $ACCEPT" "http://$HTTP/metrics" >"$WORK/wrk.out"
@@ -163,3 +166,4 @@ PYEOF
   echo "  run $run: back-to-back $b2b; new frame $fresh"
   stop_daemon
 done
+exit 0
