@@ -36,7 +36,8 @@ FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /src
 
 # 1. Dependencies only: the manifests, the build script and the protos, with
-#    empty crate sources. This layer is rebuilt only when Cargo.toml,
+#    empty crate sources. Only the two shipped binaries are built (the
+#    benchmark harness, bench/, is not in the image). This layer is rebuilt only when Cargo.toml,
 #    Cargo.lock, build.rs or proto/ change, not on every source edit.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY tests/fakenvml/Cargo.toml tests/fakenvml/Cargo.toml
@@ -45,7 +46,7 @@ RUN mkdir -p server client tests/fakenvml/src \
     && echo 'fn main() {}' > server/main.rs \
     && echo 'fn main() {}' > client/main.rs \
     && touch server/lib.rs tests/fakenvml/src/lib.rs \
-    && cargo build --release --locked --bins \
+    && cargo build --release --locked --bin gpuwatch-server --bin gpuwatch-client \
     && rm -rf server client
 
 # 2. The real sources. `touch` makes cargo rebuild the crate even when the
@@ -53,7 +54,7 @@ RUN mkdir -p server client tests/fakenvml/src \
 COPY server server
 COPY client client
 RUN touch server/lib.rs server/main.rs client/main.rs \
-    && cargo build --release --locked --bins \
+    && cargo build --release --locked --bin gpuwatch-server --bin gpuwatch-client \
     && install -D -m 0755 -t /out target/release/gpuwatch-server target/release/gpuwatch-client
 
 FROM ${CUDA_BASE_IMAGE} AS runtime

@@ -6,8 +6,10 @@ the last line is "deploy_checks: N passed, M failed" and the exit status is 1
 when anything failed.
 
 - Dockerfile: every COPY source (not --from a stage) exists in the checkout
-  and is sent in the build context (.dockerignore is an allowlist); the ENV
-  the image sets is a configuration the daemon accepts.
+  and is sent in the build context (.dockerignore is an allowlist); every
+  `cargo build` names its binaries, and each one's source is copied in before
+  the build that compiles it; the ENV the image sets is a configuration the
+  daemon accepts.
 - Kubernetes: the ConfigMap's gpuwatch.toml passes `--check-config`; the
   DaemonSet reads it from where the ConfigMap is mounted; the ports the config
   listens on are the container ports the probes and the Service use; the
@@ -26,6 +28,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -110,6 +113,7 @@ def check_dockerfile() -> None:
                         if ignored(patterns, str(f.relative_to(REPO)))]
             check(not kept_out, f"Dockerfile COPY source {source} is in the build context",
                   f".dockerignore excludes {kept_out[:3]}")
+    check_dockerfile_builds()
     env = {}
     for keyword, args in dockerfile_instructions():
         if keyword == "ENV":
@@ -119,6 +123,35 @@ def check_dockerfile() -> None:
     r = subprocess.run([str(SERVER), "--check-config"], env=env, capture_output=True, text=True,
                        timeout=60)
     check(r.returncode == 0, "the image's ENV is a valid gpuwatch configuration", r.stderr.strip())
+
+
+def check_dockerfile_builds() -> None:
+    """Cargo refuses to build `--bins` when any [[bin]]'s source is missing,
+    so the image must name the binaries it ships, and the real build must
+    come after the COPY of each one's source directory."""
+    manifest = tomllib.loads((REPO / "Cargo.toml").read_text())
+    bins = {b["name"]: b["path"] for b in manifest.get("bin", [])}
+    copied: list[str] = []
+    builds = 0
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and "--from" not in args:
+            copied += [w.rstrip("/") for w in shlex.split(args)[:-1] if not w.startswith("--")]
+        if keyword != "RUN" or "cargo build" not in args:
+            continue
+        builds += 1
+        words = shlex.split(args)
+        check("--bins" not in words, f"Dockerfile cargo build #{builds} names its binaries",
+              "--bins needs every [[bin]] source, including bench/")
+        named = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--bin"]
+        check(bool(named) and all(n in bins for n in named),
+              f"Dockerfile cargo build #{builds} builds binaries the manifest declares",
+              f"named {named}, declared {sorted(bins)}")
+        if builds > 1:  # the first build compiles placeholders made in the same RUN
+            for name in named:
+                top = bins.get(name, "").split("/")[0]
+                check(top in copied, f"Dockerfile copies {top}/ before building {name}")
+    check(builds >= 2, "Dockerfile builds dependencies, then the sources",
+          f"{builds} cargo build steps")
 
 
 def load_manifests() -> dict[str, dict]:
