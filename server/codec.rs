@@ -8,7 +8,7 @@
 //! `GetSnapshot`'s CPU there. This encoder has prost write into a
 //! contiguous buffer, where a byte is a store, and copies the result into
 //! tonic's buffer once. Decoding is `tonic_prost`'s. The bytes on the wire
-//! are exactly the same (tested below).
+//! are exactly the same (tested below, and every gRPC test runs through it).
 //!
 //! What it owns: [`ProstCodec`], named by `build.rs` as the generated code's
 //! codec (`Watch` is encoded by [`crate::watch_wire`] instead).
@@ -23,11 +23,7 @@ use tonic::{
 };
 use tonic_prost::ProstDecoder;
 
-/// Scratch space larger than this is not kept between messages of a
-/// stream, so one large message does not pin memory for the stream's life.
-const KEEP_SCRATCH_BYTES: usize = 64 * 1024;
-
-/// `application/grpc+proto` via prost, encoding through a scratch buffer.
+/// `application/grpc+proto` via prost, encoding through a contiguous buffer.
 #[derive(Debug, Clone)]
 pub struct ProstCodec<T, U> {
     _pd: PhantomData<(T, U)>,
@@ -50,10 +46,7 @@ where
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder {
-            scratch: Vec::new(),
-            _pd: PhantomData,
-        }
+        ProstEncoder { _pd: PhantomData }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -61,10 +54,10 @@ where
     }
 }
 
-/// Encodes `T` into a reused contiguous buffer, then into tonic's buffer.
+/// Encodes `T` into a `Vec` sized by `encoded_len`, then into tonic's buffer
+/// with one copy.
 #[derive(Debug)]
 pub struct ProstEncoder<T> {
-    scratch: Vec<u8>,
     _pd: PhantomData<T>,
 }
 
@@ -73,25 +66,15 @@ impl<T: Message> Encoder for ProstEncoder<T> {
     type Error = Status;
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(encode_into(&mut self.scratch, &item)?);
-        if self.scratch.capacity() > KEEP_SCRATCH_BYTES {
-            self.scratch = Vec::new();
-        }
+        dst.put_slice(&item.encode_to_vec());
         Ok(())
     }
 }
 
-/// `item` encoded, in `scratch` (cleared first).
-fn encode_into<'a, T: Message>(scratch: &'a mut Vec<u8>, item: &T) -> Result<&'a [u8], Status> {
-    scratch.clear();
-    scratch.reserve(item.encoded_len());
-    item.encode(scratch)
-        .map_err(|e| Status::internal(format!("encoding a message: {e}")))?;
-    Ok(scratch)
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+
     use super::*;
     use crate::api::{GetSnapshotResponse, GpuSample};
 
@@ -113,32 +96,18 @@ mod tests {
     }
 
     #[test]
-    fn bytes_are_prosts_own() {
-        let mut scratch = Vec::new();
+    fn bytes_are_what_prost_writes_into_any_buffer() {
         for gpus in [0, 1, 8, 64] {
             let message = snapshot(gpus);
-            let bytes = encode_into(&mut scratch, &message).expect("encodes");
-            assert_eq!(bytes, message.encode_to_vec(), "{gpus} GPUs");
+            // What tonic_prost's encoder produces: prost writing straight
+            // into a growable buffer.
+            let mut direct = BytesMut::new();
+            message.encode(&mut direct).expect("encodes");
+            assert_eq!(message.encode_to_vec(), direct.to_vec(), "{gpus} GPUs");
             assert_eq!(
-                GetSnapshotResponse::decode(bytes).expect("decodes"),
+                GetSnapshotResponse::decode(direct).expect("decodes"),
                 message
             );
         }
-    }
-
-    #[test]
-    fn a_reused_buffer_starts_each_message_afresh() {
-        let mut scratch = Vec::new();
-        let small = snapshot(1);
-        let big = snapshot(2_000);
-        let first = encode_into(&mut scratch, &big).expect("encodes").len();
-        assert!(
-            first > KEEP_SCRATCH_BYTES,
-            "the big message should exceed the kept scratch"
-        );
-        assert_eq!(
-            encode_into(&mut scratch, &small).expect("encodes"),
-            small.encode_to_vec()
-        );
     }
 }

@@ -16,7 +16,7 @@ use crate::{
     app::{Exit, UsageError, shutdown_signal},
     backoff::{Backoff, BackoffPolicy},
     cli::{EventsArgs, read_selectors},
-    commands::finish,
+    commands::{HostAnswer, print_answers},
     connect::{Connector, HostFailure},
     fleet::Fleet,
     hosts::HostSpec,
@@ -94,60 +94,54 @@ async fn replay(
     request: WatchEventsRequest,
     json: bool,
 ) -> Exit {
-    let mut fleet = Fleet::run(&hosts, &connector, move |_, client| {
+    let fleet = Fleet::run(&hosts, &connector, move |_, client| {
         replay_host(client, request.clone())
     });
-    let mut out = Output::new();
-    let mut failed = false;
-    let result: Result<(), OutputClosed> = async {
-        if json {
-            while let Some((i, answer)) = fleet.next().await {
-                failed |= answer.is_err();
-                let host = &hosts[i].label;
-                match answer {
-                    Ok(items) => {
-                        for item in &items {
-                            write_item_json(&mut out, host, item)?;
-                        }
-                    }
-                    Err(e) => out.json(&HostErrorRecord {
-                        host,
-                        error: e.to_string(),
-                        code: e.code_name(),
-                    })?,
-                }
-                out.flush()?;
-            }
-        } else {
-            let answers = fleet.collect(hosts.len()).await;
-            out.line(&header())?;
-            let mut errors = Vec::new();
-            for (host, answer) in hosts.iter().zip(answers) {
-                match answer {
-                    Some(Ok(items)) => {
-                        for item in &items {
-                            out.line(&item_line(&host.label, item))?;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        failed = true;
-                        errors.push(format!("{}: error: {e}", host.label));
-                    }
-                    None => {
-                        failed = true;
-                        errors.push(format!("{}: error: no answer", host.label));
-                    }
-                }
-            }
-            for line in errors {
-                out.line(&line)?;
-            }
-        }
-        Ok(())
+    print_answers(fleet, &hosts, json, write_host_json, write_table).await
+}
+
+/// One host's replay as NDJSON, or the record of why there is none.
+fn write_host_json(
+    out: &mut Output,
+    host: &HostSpec,
+    answer: &Result<Vec<Item>, HostFailure>,
+) -> Result<(), OutputClosed> {
+    match answer {
+        Ok(items) => items
+            .iter()
+            .try_for_each(|item| write_item_json(out, &host.label, item)),
+        Err(e) => out.json(&HostErrorRecord {
+            host: &host.label,
+            error: e.to_string(),
+            code: e.code_name(),
+        }),
     }
-    .await;
-    failed |= finish(&mut out, result);
-    Exit::from_failures(failed)
+}
+
+/// Every host's replay in one table, in host order; hosts without an
+/// answer are listed after it.
+fn write_table(
+    out: &mut Output,
+    hosts: &[HostSpec],
+    answers: &[HostAnswer<Vec<Item>>],
+) -> Result<(), OutputClosed> {
+    out.line(&header())?;
+    let mut errors = Vec::new();
+    for (host, answer) in hosts.iter().zip(answers) {
+        match answer {
+            Some(Ok(items)) => {
+                for item in items {
+                    out.line(&item_line(&host.label, item))?;
+                }
+            }
+            Some(Err(e)) => errors.push(format!("{}: error: {e}", host.label)),
+            None => errors.push(format!("{}: error: no answer", host.label)),
+        }
+    }
+    for line in errors {
+        out.line(&line)?;
+    }
+    Ok(())
 }
 
 fn write_item_json(out: &mut Output, host: &str, item: &Item) -> Result<(), OutputClosed> {

@@ -7,7 +7,7 @@ use gpuwatch::api::{DeviceInfo, ListDevicesRequest, ListDevicesResponse};
 use crate::{
     app::Exit,
     cli::{ReadArgs, read_selectors},
-    commands::{finish, print_table, table},
+    commands::{HostAnswer, print_answers, print_table, table},
     connect::{Connector, HostFailure},
     fleet::Fleet,
     hosts::HostSpec,
@@ -21,7 +21,7 @@ use crate::{
 
 pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, json: bool) -> Exit {
     let gpus = read_selectors(&args.gpu);
-    let mut fleet = Fleet::run(&hosts, &connector, move |_, mut client| {
+    let fleet = Fleet::run(&hosts, &connector, move |_, mut client| {
         let gpus = gpus.clone();
         async move {
             client
@@ -31,25 +31,7 @@ pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, jso
                 .map_err(HostFailure::from)
         }
     });
-    let mut out = Output::new();
-    let mut failed = false;
-    let result = if json {
-        async {
-            while let Some((i, answer)) = fleet.next().await {
-                failed |= answer.is_err();
-                write_json(&mut out, &hosts[i], &answer)?;
-                out.flush()?;
-            }
-            Ok(())
-        }
-        .await
-    } else {
-        let answers = fleet.collect(hosts.len()).await;
-        failed |= answers.iter().any(|a| !matches!(a, Some(Ok(_))));
-        write_table(&mut out, &hosts, &answers)
-    };
-    failed |= finish(&mut out, result);
-    Exit::from_failures(failed)
+    print_answers(fleet, &hosts, json, write_json, write_table).await
 }
 
 fn write_json(
@@ -142,7 +124,7 @@ fn governor(d: &DeviceInfo) -> String {
 fn write_table(
     out: &mut Output,
     hosts: &[HostSpec],
-    answers: &[Option<Result<ListDevicesResponse, HostFailure>>],
+    answers: &[HostAnswer<ListDevicesResponse>],
 ) -> Result<(), OutputClosed> {
     let mut t = table(&[
         "HOST",

@@ -10,7 +10,49 @@ pub mod snapshot;
 
 use comfy_table::{ContentArrangement, Table, presets};
 
-use crate::output::{Output, OutputClosed};
+use crate::{
+    app::Exit,
+    connect::HostFailure,
+    fleet::Fleet,
+    hosts::HostSpec,
+    output::{Output, OutputClosed},
+};
+
+/// One host's answer, or why there is none (`None`: the host never answered).
+pub type HostAnswer<T> = Option<Result<T, HostFailure>>;
+
+/// Prints a fleet's answers and gives the exit status. With `json`, each
+/// host's records go out as soon as it answers (a dead host never holds the
+/// others back); otherwise `write_table` gets every answer, in the order the
+/// hosts were given, once all have answered. Any host without a good answer
+/// makes the command fail.
+pub async fn print_answers<T: Send + 'static>(
+    mut fleet: Fleet<T>,
+    hosts: &[HostSpec],
+    json: bool,
+    write_json: impl Fn(&mut Output, &HostSpec, &Result<T, HostFailure>) -> Result<(), OutputClosed>,
+    write_table: impl FnOnce(&mut Output, &[HostSpec], &[HostAnswer<T>]) -> Result<(), OutputClosed>,
+) -> Exit {
+    let mut out = Output::new();
+    let mut failed = false;
+    let result = if json {
+        async {
+            while let Some((i, answer)) = fleet.next().await {
+                failed |= answer.is_err();
+                write_json(&mut out, &hosts[i], &answer)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+        .await
+    } else {
+        let answers = fleet.collect(hosts.len()).await;
+        failed |= answers.iter().any(|a| !matches!(a, Some(Ok(_))));
+        write_table(&mut out, hosts, &answers)
+    };
+    failed |= finish(&mut out, result);
+    Exit::from_failures(failed)
+}
 
 /// A borderless table in the style of `kubectl get`: easy to read and to grep.
 pub fn table(header: &[&str]) -> Table {

@@ -16,7 +16,7 @@ use tonic::Code;
 use crate::{
     app::Exit,
     cli::{ReadArgs, read_selectors},
-    commands::{finish, print_table, table},
+    commands::{HostAnswer, print_answers, print_table, table},
     connect::{Client, Connector, HostFailure},
     fleet::Fleet,
     hosts::HostSpec,
@@ -31,7 +31,7 @@ type Answer = (ListDevicesResponse, GetSnapshotResponse);
 
 pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, json: bool) -> Exit {
     let gpus = read_selectors(&args.gpu);
-    let mut fleet = Fleet::run(&hosts, &connector, move |_, client| {
+    let fleet = Fleet::run(&hosts, &connector, move |_, client| {
         let gpus = gpus.clone();
         async move {
             let mut a = client.clone();
@@ -46,25 +46,7 @@ pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, jso
             Ok::<Answer, HostFailure>((devices.into_inner(), snapshot))
         }
     });
-    let mut out = Output::new();
-    let mut failed = false;
-    let result = if json {
-        async {
-            while let Some((i, answer)) = fleet.next().await {
-                failed |= answer.is_err();
-                write_json(&mut out, &hosts[i], &answer)?;
-                out.flush()?;
-            }
-            Ok(())
-        }
-        .await
-    } else {
-        let answers = fleet.collect(hosts.len()).await;
-        failed |= answers.iter().any(|a| !matches!(a, Some(Ok(_))));
-        write_table(&mut out, &hosts, &answers)
-    };
-    failed |= finish(&mut out, result);
-    Exit::from_failures(failed)
+    print_answers(fleet, &hosts, json, write_json, write_table).await
 }
 
 /// The latest samples. A daemon that has just started answers UNAVAILABLE
@@ -124,7 +106,7 @@ fn write_json(
 fn write_table(
     out: &mut Output,
     hosts: &[HostSpec],
-    answers: &[Option<Result<Answer, HostFailure>>],
+    answers: &[HostAnswer<Answer>],
 ) -> Result<(), OutputClosed> {
     let mut t = table(&[
         "HOST",
