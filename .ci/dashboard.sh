@@ -3,7 +3,9 @@
 # daemon on simulated GPUs, and .ci/dashboard_check.py proves over the
 # DevTools protocol that the page went live, drew every GPU's charts, kept
 # updating without a reload, fetched nothing from elsewhere and threw no
-# error. It saves a screenshot to docs/dashboard.png (or $SCREENSHOT).
+# error. It saves a screenshot to target/dashboard.png (or $SCREENSHOT; the
+# README's picture is refreshed with SCREENSHOT=docs/dashboard.png), so a CI
+# run leaves the work tree as it found it.
 #
 # Needs: target/release/gpuwatch-server (run `cargo build --release` first),
 # curl, Debian's `chromium` (+ a font), python3 with the `websocket-client`
@@ -13,7 +15,7 @@
 set -euo pipefail
 
 SERVER=${GPUWATCH_SERVER:-target/release/gpuwatch-server}
-SCREENSHOT=${SCREENSHOT:-docs/dashboard.png}
+SCREENSHOT=${SCREENSHOT:-target/dashboard.png}
 CHROMIUM=${CHROMIUM:-chromium}
 PY=${PYTHON:-python3}
 
