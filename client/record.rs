@@ -16,6 +16,8 @@ use gpuwatch::api::{
 };
 use serde::Serialize;
 
+use crate::connect::HostFailure;
+
 /// A quotient printed exactly: an integer when it divides, else the nearest
 /// double (which prints as the shortest decimal that reads back the same).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +290,16 @@ pub struct HostErrorRecord<'a> {
     pub error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
+}
+
+impl<'a> HostErrorRecord<'a> {
+    pub fn new(host: &'a str, failure: &HostFailure) -> Self {
+        Self {
+            host,
+            error: failure.to_string(),
+            code: failure.code_name(),
+        }
+    }
 }
 
 /// What happened to a host's connection (watch, events --follow).

@@ -555,7 +555,7 @@ impl Default for LimitsConfig {
 
 /// Top-level sections; environment variables are only read for these, so an
 /// unrelated `GPUWATCH_TOKEN` (a client setting) does not upset the daemon.
-const SECTIONS: &[&str] = &[
+pub const SECTIONS: &[&str] = &[
     "server",
     "sampler",
     "backend",

@@ -28,13 +28,7 @@ fn mixed_fleet() -> String {
 #[tokio::test]
 async fn list_devices_reports_identity_limits_and_capabilities() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(mixed_fleet()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(mixed_fleet()));
     let mut c = d.client().await;
     let list = c
         .list_devices(api::ListDevicesRequest::default())
@@ -85,13 +79,7 @@ async fn list_devices_reports_identity_limits_and_capabilities() {
 #[tokio::test]
 async fn snapshot_has_every_gpu_and_unsupported_fields_are_absent_not_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(mixed_fleet()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(mixed_fleet()));
     let mut c = d.client().await;
     let snap = support::eventually(Duration::from_secs(10), "first snapshot", || {
         let mut c = c.clone();
@@ -144,22 +132,16 @@ async fn snapshot_has_every_gpu_and_unsupported_fields_are_absent_not_zero() {
 #[tokio::test]
 async fn watch_starts_with_full_state_then_frames_at_the_requested_stride() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(mixed_fleet()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(mixed_fleet()));
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest {
+    let mut stream = support::watch(
+        &mut c,
+        WatchRequest {
             interval_ms: 300,
             ..Default::default()
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+        },
+    )
+    .await;
     let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("first message must be start");
     };
@@ -187,22 +169,16 @@ async fn watch_starts_with_full_state_then_frames_at_the_requested_stride() {
 #[tokio::test]
 async fn watch_of_one_gpu_and_interval_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(mixed_fleet()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(mixed_fleet()));
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest {
+    let mut stream = support::watch(
+        &mut c,
+        WatchRequest {
             gpus: vec![index(2)],
             ..Default::default()
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+        },
+    )
+    .await;
     let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("start first");
     };
@@ -231,19 +207,9 @@ async fn watch_of_one_gpu_and_interval_errors() {
 async fn resume_replays_history_and_reports_what_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = format!("{}\n[sampler]\nhistory = 20\n", mixed_fleet());
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(toml),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(toml));
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(&mut c, WatchRequest::default()).await;
     let Message::Start(start) = support::next_message(&mut stream).await else {
         panic!("start");
     };
@@ -298,13 +264,7 @@ async fn resume_replays_history_and_reports_what_is_gone() {
 async fn events_replay_across_a_restart_with_rising_sequence_numbers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let mut d = Daemon::start(
-        &state,
-        Options {
-            config: Some(mixed_fleet()),
-            ..Options::default()
-        },
-    );
+    let mut d = Daemon::start(&state, Options::with_config(mixed_fleet()));
     let mut c = d.client().await;
     c.set_threshold(api::SetThresholdRequest {
         gpus: vec![index(0)],
@@ -321,13 +281,7 @@ async fn events_replay_across_a_restart_with_rising_sequence_numbers() {
     );
     assert_eq!(d.signal_and_wait("TERM", Duration::from_secs(15)), Some(0));
 
-    let d = Daemon::start(
-        &state,
-        Options {
-            config: Some(mixed_fleet()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(&state, Options::with_config(mixed_fleet()));
     let mut c = d.client().await;
     let after = support::events_since(&mut c, 0).await;
     assert!(after.len() > before.len());
@@ -403,11 +357,7 @@ async fn sigterm_ends_open_streams_and_exits_promptly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut d = Daemon::start(dir.path(), Options::default());
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(&mut c, WatchRequest::default()).await;
     let mut events = c
         .watch_events(api::WatchEventsRequest::default())
         .await

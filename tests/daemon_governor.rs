@@ -36,11 +36,7 @@ struct Point {
 /// Watches until `until_sim_s` (simulated seconds since the daemon started)
 /// and returns GPU `gpu`'s samples.
 async fn record(client: &mut support::Client, gpu: u32, until_sim_s: f64) -> Vec<Point> {
-    let mut stream = client
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(client, WatchRequest::default()).await;
     let mut started = None;
     let mut points = Vec::new();
     let deadline = Instant::now() + Duration::from_secs_f64(until_sim_s / SPEED + 20.0);
@@ -124,13 +120,7 @@ fn governor_writes(events: &[api::Event]) -> Vec<&api::Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn governor_holds_a_hot_gpu_at_its_threshold_and_gives_the_power_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(hot_h100("")),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(hot_h100("")));
     let mut c = d.client().await;
     let points = record(&mut c, 0, 125.0).await;
     let threshold = 64;
@@ -208,13 +198,7 @@ async fn governor_holds_a_hot_gpu_at_its_threshold_and_gives_the_power_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_decides_and_records_but_never_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(hot_h100("dry_run = true")),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(hot_h100("dry_run = true")));
     let mut c = d.client().await;
     let points = record(&mut c, 0, 60.0).await;
     assert!(
@@ -264,13 +248,7 @@ demand = [ {{ at = "5s", watts = 110 }} ]
 threshold_c = 66
 "#
     );
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
     let points = record(&mut c, 0, 90.0).await;
     let peak = points
@@ -316,13 +294,7 @@ async fn observe_only_when_nothing_can_be_set() {
 preset = "laptop"
 clocks_lockable = false
 "#;
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config.into()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
     let list = c
         .list_devices(api::ListDevicesRequest::default())
@@ -369,24 +341,12 @@ async fn until_throttled(c: &mut support::Client) {
 async fn sigterm_while_throttled_restores_the_limit_and_records_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let mut d = Daemon::start(
-        &state,
-        Options {
-            config: Some(hot_h100("")),
-            ..Options::default()
-        },
-    );
+    let mut d = Daemon::start(&state, Options::with_config(hot_h100("")));
     let mut c = d.client().await;
     until_throttled(&mut c).await;
     assert_eq!(d.signal_and_wait("TERM", Duration::from_secs(15)), Some(0));
 
-    let d = Daemon::start(
-        &state,
-        Options {
-            config: Some(hot_h100("")),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(&state, Options::with_config(hot_h100("")));
     let mut c = d.client().await;
     let snap = c
         .get_snapshot(api::GetSnapshotRequest::default())
@@ -419,13 +379,7 @@ async fn sigterm_while_throttled_restores_the_limit_and_records_it() {
 async fn sigkill_while_throttled_then_start_clears_the_stale_throttle_and_loses_no_event() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let mut d = Daemon::start(
-        &state,
-        Options {
-            config: Some(hot_h100("")),
-            ..Options::default()
-        },
-    );
+    let mut d = Daemon::start(&state, Options::with_config(hot_h100("")));
     let mut c = d.client().await;
     // A client follows the events live, as an auditor would.
     let mut live = c
@@ -445,13 +399,7 @@ async fn sigkill_while_throttled_then_start_clears_the_stale_throttle_and_loses_
     assert!(!seen.is_empty(), "the governor's writes were seen live");
     d.signal_and_wait("KILL", Duration::from_secs(10));
 
-    let d = Daemon::start(
-        &state,
-        Options {
-            config: Some(hot_h100("")),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(&state, Options::with_config(hot_h100("")));
     let mut c = d.client().await;
     let events = events_since(&mut c, 0).await;
     for (seq, e) in &seen {
@@ -496,13 +444,7 @@ demand = [ {{ at = "0s", watts = 650 }} ]
 limit_reset_at = "40s"
 "#
     );
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
     let r = c
         .set_power_limit(api::SetPowerLimitRequest {
@@ -573,13 +515,7 @@ lost_at = "20s"
 recover_at = "50s"
 "#
     );
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
     let healthy = record(&mut c, 0, 70.0).await;
     assert!(
@@ -625,13 +561,7 @@ demand = [ {{ at = "10s", watts = 400 }} ]
 enabled = false
 "#
     );
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
     let points = record(&mut c, 0, 150.0).await;
     let idle = 25.0 + 70.0 * 0.1;

@@ -49,11 +49,7 @@ async fn many_subscribers_get_identical_complete_frames() {
     let mut streams = Vec::new();
     for _ in 0..20 {
         let mut c = client.clone();
-        let stream = c
-            .watch(WatchRequest::default())
-            .await
-            .expect("watch")
-            .into_inner();
+        let stream = support::watch(&mut c, WatchRequest::default()).await;
         streams.push(stream);
     }
     // Every subscriber's next five frames after `start`.

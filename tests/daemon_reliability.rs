@@ -43,19 +43,9 @@ async fn a_hung_driver_call_costs_only_its_gpu_and_shows_in_the_age() {
             "preset = \"h100-sxm\"\nread_hang_at = \"2s\"\nread_hang_for = \"30s\"",
         ],
     );
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(&mut c, WatchRequest::default()).await;
     let _ = support::next_message(&mut stream).await;
     let frames = frames_for(&mut stream, Duration::from_secs(2)).await;
     // The sampler kept its cadence: ~20 frames in 2 s at 100 ms (allow a
@@ -130,11 +120,7 @@ async fn nvml_gpu_lost_mid_stream_is_announced_while_the_other_streams_and_it_re
         .into_inner();
     assert_eq!(list.host.expect("host").backend, "nvml");
     assert_eq!(list.devices.len(), 2);
-    let mut stream = c
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(&mut c, WatchRequest::default()).await;
     let _ = support::next_message(&mut stream).await;
 
     fake.set_config(&two(true));
@@ -197,11 +183,7 @@ async fn nvml_calls_that_hang_leave_the_healthy_gpu_on_cadence() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = nvml_daemon(dir.path(), &fake);
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(&mut c, WatchRequest::default()).await;
     let _ = support::next_message(&mut stream).await;
     let frames = frames_for(&mut stream, Duration::from_secs(4)).await;
     assert!(frames.len() >= 20, "{} frames in 4 s", frames.len());
@@ -225,13 +207,7 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
     // 100 Hz, so the stalled subscriber falls behind the 256-frame buffer
     // in a few seconds.
     let config = "[sampler]\ninterval = \"10ms\"\nhistory = 100\n";
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config.into()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     // A client with small HTTP/2 windows, so its stall reaches the daemon
     // quickly instead of filling large buffers first.
     let channel = tonic::transport::Channel::from_shared(d.url())
@@ -249,24 +225,20 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
                 .expect("ascii"),
         )),
     );
-    let mut stalled = stalled_client
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stalled = support::watch(&mut stalled_client, WatchRequest::default()).await;
     let _ = support::next_message(&mut stalled).await;
     let rss_before = support::rss_kib(d.pid());
 
     // Meanwhile a healthy subscriber on another connection reads along.
     let mut healthy_client = d.client().await;
-    let mut healthy = healthy_client
-        .watch(WatchRequest {
+    let mut healthy = support::watch(
+        &mut healthy_client,
+        WatchRequest {
             interval_ms: 100,
             ..Default::default()
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+        },
+    )
+    .await;
     let _ = support::next_message(&mut healthy).await;
     let mut arrivals = VecDeque::new();
     let end = Instant::now() + Duration::from_secs(6);
@@ -320,23 +292,13 @@ async fn a_stalled_subscriber_is_told_what_it_missed_and_does_not_hold_back_the_
 async fn thousands_of_connects_and_disconnects_leak_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = "[limits]\nmax_streams = 64\n";
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config.into()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let cycle = |n: usize| {
         let url = d.url();
         async move {
             for _ in 0..n {
                 let mut c = support::connect_with(&url, Some(support::READ_TOKEN)).await;
-                let mut s = c
-                    .watch(WatchRequest::default())
-                    .await
-                    .expect("watch")
-                    .into_inner();
+                let mut s = support::watch(&mut c, WatchRequest::default()).await;
                 let _ = s.message().await;
                 let mut e = c
                     .watch_events(api::WatchEventsRequest {
@@ -387,11 +349,7 @@ async fn a_restart_under_a_watching_client_resumes_with_the_restart_marked() {
     let mut d = Daemon::start(&state, Options::default());
     let port = d.addr.port();
     let mut c = d.client().await;
-    let mut stream = c
-        .watch(WatchRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = support::watch(&mut c, WatchRequest::default()).await;
     let mut last = 0;
     for _ in 0..5 {
         match support::next_message(&mut stream).await {
@@ -453,13 +411,7 @@ demand = [ { at = "0s", watts = 700 } ]
 threshold_c = 60
 "#
     .to_owned();
-    let d = Daemon::start(
-        &state,
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(&state, Options::with_config(config));
     let mut c: Client = d.client().await;
     let events = events_since(&mut c, 0).await;
     let damaged: Vec<_> = events

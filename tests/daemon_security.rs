@@ -310,13 +310,7 @@ async fn tls_serves_trusting_clients_only_and_refuses_plaintext() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = pki();
     let config = tls_config(dir.path(), &pki, false);
-    let d = Daemon::start(
-        &dir.path().join("state"),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(&dir.path().join("state"), Options::with_config(config));
     assert!(
         snapshot_works(tls_client(d.addr, Some(&pki.ca_pem), None).await).await,
         "TLS with the right CA"
@@ -354,13 +348,7 @@ async fn mutual_tls_needs_a_valid_client_certificate_whose_subject_is_the_actor(
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = pki();
     let config = tls_config(dir.path(), &pki, true);
-    let d = Daemon::start(
-        &dir.path().join("state"),
-        Options {
-            config: Some(config),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(&dir.path().join("state"), Options::with_config(config));
     assert!(
         !snapshot_works(tls_client(d.addr, Some(&pki.ca_pem), None).await).await,
         "no certificate"
@@ -469,13 +457,7 @@ async fn stream_limits_answer_resource_exhausted_naming_the_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config =
         "[limits]\nmax_streams = 3\nmax_streams_per_connection = 2\nmax_request_bytes = 2048\n";
-    let d = Daemon::start(
-        dir.path(),
-        Options {
-            config: Some(config.into()),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start(dir.path(), Options::with_config(config));
     let mut a = d.client().await;
     let _s1 = a.watch(api::WatchRequest::default()).await.expect("1");
     let _s2 = a

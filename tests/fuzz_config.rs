@@ -9,19 +9,11 @@ use std::io::Write;
 use gpuwatch::config::{self, Overrides};
 use proptest::prelude::*;
 
-const SECTIONS: &[&str] = &[
-    "server",
-    "sampler",
-    "backend",
-    "simulator",
-    "controller",
-    "events",
-    "log",
-    "auth",
-    "tls",
-    "limits",
-    "bogus",
-];
+/// Every section the daemon knows, and one it does not.
+fn sections() -> Vec<&'static str> {
+    config::SECTIONS.iter().copied().chain(["bogus"]).collect()
+}
+
 const KEYS: &[&str] = &[
     "listen",
     "http_listen",
@@ -78,7 +70,7 @@ fn value() -> impl Strategy<Value = String> {
 fn document() -> impl Strategy<Value = String> {
     let entry = (prop::sample::select(KEYS), value()).prop_map(|(k, v)| format!("{k} = {v}\n"));
     let section = (
-        prop::sample::select(SECTIONS),
+        prop::sample::select(sections()),
         prop::collection::vec(entry, 0..6),
     )
         .prop_map(|(s, entries)| format!("[{s}]\n{}", entries.concat()));
@@ -145,7 +137,7 @@ proptest! {
     #[test]
     fn environment_values_never_panic(
         key in prop::sample::select(KEYS),
-        section in prop::sample::select(SECTIONS),
+        section in prop::sample::select(sections()),
         v in "[ -~]{0,40}",
     ) {
         let env = vec![(format!("GPUWATCH_{}__{}", section.to_uppercase(), key.to_uppercase()), v)];

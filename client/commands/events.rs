@@ -110,11 +110,7 @@ fn write_host_json(
         Ok(items) => items
             .iter()
             .try_for_each(|item| write_item_json(out, &host.label, item)),
-        Err(e) => out.json(&HostErrorRecord {
-            host: &host.label,
-            error: e.to_string(),
-            code: e.code_name(),
-        }),
+        Err(e) => out.json(&HostErrorRecord::new(&host.label, e)),
     }
 }
 

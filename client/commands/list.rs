@@ -46,11 +46,7 @@ fn write_json(
             }
             Ok(())
         }
-        Err(e) => out.json(&HostErrorRecord {
-            host: &host.label,
-            error: e.to_string(),
-            code: e.code_name(),
-        }),
+        Err(e) => out.json(&HostErrorRecord::new(&host.label, e)),
     }
 }
 

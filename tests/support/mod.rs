@@ -75,6 +75,16 @@ pub struct Options {
     pub nvml_library: Option<PathBuf>,
 }
 
+impl Options {
+    /// A daemon started with this TOML configuration, everything else as default.
+    pub fn with_config(config: impl Into<String>) -> Options {
+        Options {
+            config: Some(config.into()),
+            ..Options::default()
+        }
+    }
+}
+
 impl Daemon {
     /// Starts a daemon on simulated GPUs with its own state directory.
     pub fn start(state_dir: &Path, options: Options) -> Daemon {
@@ -305,6 +315,14 @@ pub fn sim_config(speed: f64, extra: &str, gpus: &[&str]) -> String {
     toml.push('\n');
     toml.push_str(extra);
     toml
+}
+
+/// Opens a Watch stream.
+pub async fn watch(
+    client: &mut Client,
+    request: api::WatchRequest,
+) -> tonic::Streaming<api::WatchResponse> {
+    client.watch(request).await.expect("watch").into_inner()
 }
 
 /// The next Watch message (bounded wait).
