@@ -35,26 +35,20 @@ ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04
 FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /src
 
-# 1. Dependencies only: the manifests, the build script and the protos, with
-#    empty crate sources. Only the two shipped binaries are built (the
-#    benchmark harness, bench/, is not in the image). This layer is rebuilt only when Cargo.toml,
-#    Cargo.lock, build.rs or proto/ change, not on every source edit.
+# The workspace as it is (every member's manifest and sources: cargo reads
+# them all to resolve the workspace), then a build of the two shipped
+# packages only. No placeholder sources: the registry and target directory
+# live in BuildKit cache mounts, so a source edit recompiles only the
+# workspace crates, and adding a member needs no change here.
 COPY Cargo.toml Cargo.lock build.rs ./
-COPY tests/fakenvml/Cargo.toml tests/fakenvml/Cargo.toml
 COPY proto proto
-RUN mkdir -p server client tests/fakenvml/src \
-    && echo 'fn main() {}' > server/main.rs \
-    && echo 'fn main() {}' > client/main.rs \
-    && touch server/lib.rs tests/fakenvml/src/lib.rs \
-    && cargo build --release --locked --bin gpuwatch-server --bin gpuwatch-client \
-    && rm -rf server client
-
-# 2. The real sources. `touch` makes cargo rebuild the crate even when the
-#    copied files are older than the placeholders built above.
 COPY server server
 COPY client client
-RUN touch server/lib.rs server/main.rs client/main.rs \
-    && cargo build --release --locked --bin gpuwatch-server --bin gpuwatch-client \
+COPY bench bench
+COPY tests tests
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p gpuwatch-server -p gpuwatch-client \
     && install -D -m 0755 -t /out target/release/gpuwatch-server target/release/gpuwatch-client
 
 FROM ${CUDA_BASE_IMAGE} AS runtime

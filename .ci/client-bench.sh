@@ -22,4 +22,4 @@ fi
 # 256 daemons and 256 client connections.
 ulimit -n 4096 2>/dev/null || true
 
-cargo test --release --test client_bench -- --ignored --nocapture --test-threads 1
+cargo test --release --workspace --test it fleet_bench:: -- --ignored --nocapture --test-threads 1

@@ -19,4 +19,4 @@ fi
 tmux -V
 
 # GPUWATCH_REQUIRE_TMUX turns "tmux missing, skipped" into a failure.
-GPUWATCH_REQUIRE_TMUX=1 cargo test --release --test client_tui -- --nocapture
+GPUWATCH_REQUIRE_TMUX=1 cargo test --release --workspace --test it tui:: -- --nocapture

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SOAK_SECS="${SOAK_SECS:-60}"
-timeout $(( SOAK_SECS + 300 )) cargo test --test soak -- --ignored --nocapture
+timeout $(( SOAK_SECS + 300 )) cargo test --workspace --test it soak:: -- --ignored --nocapture

@@ -262,7 +262,7 @@ impl Drop for Gunicorn {
 fn app_dir() -> anyhow::Result<PathBuf> {
     [
         PathBuf::from("bench/baseline"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/baseline"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("baseline"),
     ]
     .into_iter()
     .find(|d| d.join("app.py").is_file())
@@ -323,9 +323,9 @@ async fn response_size(endpoint: &Endpoint) -> anyhow::Result<usize> {
         }
         Endpoint::Grpc { url } => {
             let mut full =
-                gpuwatch::api::gpu_watch_client::GpuWatchClient::new(lite::connect(url).await?);
+                gpuwatch_api::gpu_watch_client::GpuWatchClient::new(lite::connect(url).await?);
             Ok(full
-                .get_snapshot(gpuwatch::api::GetSnapshotRequest { gpus: Vec::new() })
+                .get_snapshot(gpuwatch_api::GetSnapshotRequest { gpus: Vec::new() })
                 .await
                 .map_err(|s| anyhow!("GetSnapshot: {s}"))?
                 .into_inner()

@@ -1,23 +1,20 @@
-//! The daemon under test: the real `gpuwatch-server` binary, started with a
-//! config written for the figure, its addresses learnt from its log (port 0
-//! everywhere, so runs never collide), and stopped with SIGTERM like an
-//! operator would. A daemon that is dropped without `stop` is killed.
+//! The daemon under test: the real `gpuwatch-server` binary, started by the
+//! test kit's launcher with a config written for the figure, its addresses
+//! read from its ready file (port 0 everywhere, so runs never collide), and
+//! stopped with SIGTERM like an operator would. A daemon that is dropped
+//! without `stop` is killed.
 //!
 //! Every daemon gets its own state directory (a temporary directory removed
 //! afterwards) so no run sees another's event log or simulated boards.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, PoisonError, mpsc},
-    thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, anyhow, bail};
-use tempfile::TempDir;
+use anyhow::anyhow;
+use gpuwatch_testkit::{Gpus, Launch};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -74,33 +71,42 @@ impl DaemonSpec {
     }
 }
 
-/// A running daemon.
+impl DaemonSpec {
+    /// How the test kit starts this daemon.
+    fn launch(&self, server: &Path) -> Launch {
+        Launch {
+            bin: Some(server.to_path_buf()),
+            config: Some(self.toml()),
+            http: self.http,
+            gpus: match &self.nvml {
+                None => Gpus::Simulated,
+                Some(library) => Gpus::Nvml(library.clone()),
+            },
+            // The harness calls reads only, like most clients.
+            tokens: false,
+            log_level: self.log_level.to_owned(),
+            ..Launch::default()
+        }
+    }
+}
+
+/// A running daemon (started by the test kit's launcher, the same one the
+/// tests use), with the figures the harness reads off it.
 #[derive(Debug)]
 pub struct Daemon {
-    child: Option<Child>,
+    inner: gpuwatch_testkit::Daemon,
     pub pid: u32,
     pub grpc: SocketAddr,
     pub http: Option<SocketAddr>,
-    /// From spawn to the "gRPC listening on" line.
+    /// From spawn to ready (the daemon's ready file: listening and serving).
     pub listening_after: Duration,
     /// When the process was spawned.
     pub spawned: Instant,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: TempDir,
 }
 
 /// A daemon spawned but not yet known to listen.
 #[derive(Debug)]
-pub struct Spawned {
-    /// Taken by `wait_ready`; killed on drop while still here.
-    child: Option<Child>,
-    pid: u32,
-    spawned: Instant,
-    spec_http: bool,
-    lines: mpsc::Receiver<(Instant, String)>,
-    log: Arc<Mutex<Vec<String>>>,
-    dir: Option<TempDir>,
-}
+pub struct Spawned(gpuwatch_testkit::Spawned);
 
 impl Daemon {
     /// Starts a daemon and waits (up to 30 s) until it listens.
@@ -110,72 +116,11 @@ impl Daemon {
 
     /// Starts the process without waiting for it.
     pub fn spawn(server: &Path, spec: &DaemonSpec) -> anyhow::Result<Spawned> {
-        let dir = tempfile::Builder::new()
-            .prefix("gpuwatch-bench-")
-            .tempdir()
-            .context("cannot create a state directory for the daemon")?;
-        let config = dir.path().join("gpuwatch.toml");
-        std::fs::write(&config, spec.toml())
-            .with_context(|| format!("cannot write {}", config.display()))?;
-        let mut cmd = Command::new(server);
-        if spec.nvml.is_none() {
-            cmd.arg("--simulate");
-        }
-        if let Some(Some(library)) = &spec.nvml {
-            cmd.env("GPUWATCH_BACKEND__NVML_LIBRARY", library);
-        }
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--http-listen")
-            .arg(if spec.http { "127.0.0.1:0" } else { "off" })
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--log-level")
-            .arg(spec.log_level)
-            .env_remove("GPUWATCH_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let spawned = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", server.display()))?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("the daemon's stderr was not captured"))?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let at = Instant::now();
-                if line.contains("listening on ") {
-                    let _ = tx.send((at, line.clone()));
-                }
-                let mut log = sink.lock().unwrap_or_else(PoisonError::into_inner);
-                // Keep the start and a bounded tail.
-                if log.len() >= 400 {
-                    log.drain(100..200);
-                }
-                log.push(line);
-            }
-        });
-        Ok(Spawned {
-            pid: child.id(),
-            child: Some(child),
-            spawned,
-            spec_http: spec.http,
-            lines,
-            log,
-            dir: Some(dir),
-        })
+        Ok(Spawned(spec.launch(server).spawn()?))
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        self.inner.url()
     }
 
     /// The daemon's HTTP address; an error when it was started without one.
@@ -184,159 +129,30 @@ impl Daemon {
             .ok_or_else(|| anyhow!("this daemon was started without HTTP"))
     }
 
-    /// The last lines of the daemon's log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        let start = log.len().saturating_sub(lines);
-        log[start..].join("\n")
-    }
-
     /// Fails when the daemon has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(child) = self.child.as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            bail!(
-                "the daemon exited ({status}) during the measurement; its log ends:\n{}",
-                self.log_tail(20)
-            );
-        }
-        Ok(())
+        Ok(self.inner.check_alive()?)
     }
 
     /// SIGTERM, then wait up to 15 s for a clean exit.
     pub fn stop(mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        signal(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => bail!(
-                    "the daemon exited with {status} on SIGTERM; its log ends:\n{}",
-                    self.log_tail(20)
-                ),
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("the daemon did not stop within 15 s of SIGTERM; killed it");
-                }
-            }
-        }
+        Ok(self.inner.stop()?)
     }
 }
 
 impl Spawned {
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Waits until the daemon logs its gRPC (and, if asked for, HTTP)
-    /// address.
-    pub fn wait_ready(mut self, within: Duration) -> anyhow::Result<Daemon> {
-        let deadline = Instant::now() + within;
-        let (mut grpc, mut http, mut listening_after) = (None, None, Duration::ZERO);
-        while grpc.is_none() || (self.spec_http && http.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left.min(Duration::from_millis(200)))
-            {
-                Ok((at, line)) => {
-                    let addr = line
-                        .split("listening on ")
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next())
-                        .and_then(|a| a.parse::<SocketAddr>().ok());
-                    if line.contains("gRPC listening on") {
-                        grpc = addr;
-                        listening_after = at.duration_since(self.spawned);
-                    } else if line.contains("HTTP") {
-                        http = addr;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(status) = self.exited() {
-                        bail!(
-                            "the daemon exited ({status}) at startup; its log:\n{}",
-                            self.log()
-                        );
-                    }
-                    if Instant::now() >= deadline {
-                        self.kill();
-                        bail!(
-                            "the daemon did not report its address within {within:?}; its log:\n{}",
-                            self.log()
-                        );
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.kill();
-                    bail!(
-                        "the daemon closed its log before listening; its log:\n{}",
-                        self.log()
-                    );
-                }
-            }
-        }
-        let grpc = grpc.ok_or_else(|| anyhow!("no gRPC address in the daemon's log"))?;
-        let dir = self
-            .dir
-            .take()
-            .ok_or_else(|| anyhow!("the daemon's state directory is gone"))?;
+    /// Waits until the daemon is ready.
+    pub fn wait_ready(self, within: Duration) -> anyhow::Result<Daemon> {
+        let inner = self.0.wait_ready(within)?;
         Ok(Daemon {
-            pid: self.pid,
-            child: self.child.take(),
-            grpc,
-            http,
-            listening_after,
-            spawned: self.spawned,
-            log: self.log.clone(),
-            _dir: dir,
+            pid: inner.pid(),
+            grpc: inner.grpc,
+            http: inner.http,
+            listening_after: inner.ready_after,
+            spawned: inner.spawned,
+            inner,
         })
     }
-
-    fn log(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .join("\n")
-    }
 }
 
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Sends a signal (by name: TERM, STOP, CONT, KILL) to one process.
-pub fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
+pub use gpuwatch_testkit::signal;

@@ -28,7 +28,7 @@ use tonic::{
 };
 use tonic_prost::{ProstCodec, ProstEncoder};
 
-use gpuwatch::api::{GetSnapshotRequest, WatchRequest};
+use gpuwatch_api::{GetSnapshotRequest, WatchRequest};
 
 /// `WatchResponse`: its oneof members read as optional fields.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -203,7 +203,7 @@ pub async fn snapshot(grpc: &mut Grpc<Channel>) -> Result<SnapshotMsg, tonic::St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuwatch::api::{
+    use gpuwatch_api::{
         Frame, Gap, GapReason, GetSnapshotResponse, GpuSample, WatchResponse, WatchStart,
         watch_response::Message,
     };

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, anyhow};
 use clap::Args;
 
-use gpuwatch::backend::{Backend, ReadScope, nvml::NvmlBackend};
+use gpuwatch_server::backend::{Backend, ReadScope, nvml::NvmlBackend};
 
 use crate::{
     Common,

@@ -5,10 +5,11 @@
 //! selectors, event kinds), so a typo is a usage error (exit 2) naming what
 //! is allowed.
 
+use gpuwatch_api::names;
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use gpuwatch::api::{EventKind, GpuSelector, gpu_selector::Selector};
+use gpuwatch_api::{EventKind, GpuSelector, gpu_selector::Selector};
 
 const HOSTS_HELP: &str = "Daemons to contact: NAME, NAME:PORT, [IPV6]:PORT, http://NAME:PORT or https://NAME:PORT (TLS). The port defaults to 9450.";
 
@@ -350,7 +351,7 @@ fn parse_event_kind(text: &str) -> Result<EventKind, String> {
         Some(EventKind::Unspecified) | None => {
             let allowed: Vec<String> = (1..=64)
                 .filter_map(|n| EventKind::try_from(n).ok())
-                .map(|k| crate::record::event_kind_name(k as i32))
+                .map(|k| names::name_of::<gpuwatch_api::EventKind>(k as i32))
                 .collect();
             Err(format!(
                 "\"{text}\" is not an event kind; allowed: {}",

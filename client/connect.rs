@@ -9,7 +9,7 @@
 
 use std::{error::Error as StdError, fmt, path::Path, time::Duration};
 
-use gpuwatch::api::gpu_watch_client::GpuWatchClient;
+use gpuwatch_api::gpu_watch_client::GpuWatchClient;
 use tonic::{
     Code, Request, Status,
     metadata::{Ascii, MetadataValue},

@@ -8,12 +8,10 @@
 //! names without their prefix, in lower case; a metric the GPU does not
 //! report is absent, never 0.
 
+use gpuwatch_api::names;
 use std::time::{Duration, SystemTime};
 
-use gpuwatch::api::{
-    self, ActorKind, DeviceInfo, Event, EventKind, Gap, GapReason, GovernorMode, GovernorState,
-    GpuHealth, GpuSample, ResetOutcome, Severity, TelemetryField, ThresholdSource, ThrottleReason,
-};
+use gpuwatch_api::{self as api, DeviceInfo, Event, Gap, GovernorState, GpuSample};
 use serde::Serialize;
 
 use crate::connect::HostFailure;
@@ -55,58 +53,6 @@ impl Serialize for Exact {
         }
     }
 }
-
-fn lower(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix)
-        .unwrap_or(full)
-        .to_ascii_lowercase()
-}
-
-macro_rules! enum_namer {
-    ($(#[$meta:meta])* $fn_name:ident, $ty:ty, $prefix:literal) => {
-        $(#[$meta])*
-        pub fn $fn_name(value: i32) -> String {
-            match <$ty>::try_from(value) {
-                Ok(v) => lower(v.as_str_name(), $prefix),
-                Err(_) => format!("unknown_{value}"),
-            }
-        }
-    };
-}
-
-enum_namer!(
-    /// `ok`, `lost`, `stale`, `error`.
-    health_name, GpuHealth, "GPU_HEALTH_");
-enum_namer!(
-    /// `idle`, `throttling`, `recovering`, `observe_only`, `disabled`, `suspended`.
-    governor_state_name, GovernorState, "GOVERNOR_STATE_");
-enum_namer!(
-    /// `power_limit`, `clock_lock`, `observe_only`, `disabled`.
-    governor_mode_name, GovernorMode, "GOVERNOR_MODE_");
-enum_namer!(
-    /// `derived`, `config`, `operator`.
-    threshold_source_name, ThresholdSource, "THRESHOLD_SOURCE_");
-enum_namer!(
-    /// `sw_power_cap`, `hw_thermal_slowdown`, ... (ThrottleReasonInfo.name).
-    throttle_reason_name, ThrottleReason, "THROTTLE_REASON_");
-enum_namer!(
-    /// `gpu_lost`, `power_limit_changed`, ...
-    event_kind_name, EventKind, "EVENT_KIND_");
-enum_namer!(
-    /// `info`, `warning`, `error`.
-    severity_name, Severity, "SEVERITY_");
-enum_namer!(
-    /// `governor`, `operator`, `startup`, `shutdown`, `device`, `daemon`.
-    actor_kind_name, ActorKind, "ACTOR_KIND_");
-enum_namer!(
-    /// `reset`, `not_supported`, `failed`.
-    reset_outcome_name, ResetOutcome, "RESET_OUTCOME_");
-enum_namer!(
-    /// `slow_subscriber`, `not_in_history`.
-    gap_reason_name, GapReason, "GAP_REASON_");
-enum_namer!(
-    /// `temperature`, `power_draw`, ...
-    telemetry_field_name, TelemetryField, "TELEMETRY_FIELD_");
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T12:30:05.123Z`.
 pub fn rfc3339(t: &prost_types::Timestamp) -> Option<String> {
@@ -223,7 +169,9 @@ impl<'a> SampleRecord<'a> {
     ) -> Self {
         let governor_state = match GovernorState::try_from(s.governor_state) {
             Ok(GovernorState::Unspecified) => None,
-            _ => Some(governor_state_name(s.governor_state)),
+            _ => Some(names::name_of::<gpuwatch_api::GovernorState>(
+                s.governor_state,
+            )),
         };
         SampleRecord {
             host,
@@ -233,7 +181,7 @@ impl<'a> SampleRecord<'a> {
             seq: s.seq,
             time: s.time.as_ref().or(fallback_time).and_then(rfc3339),
             age_ms: s.age_ms,
-            health: health_name(s.health),
+            health: names::name_of::<gpuwatch_api::GpuHealth>(s.health),
             error: s.error.as_deref(),
             temperature_c: s.temperature_c,
             memory_temperature_c: s.memory_temperature_c,
@@ -257,7 +205,7 @@ impl<'a> SampleRecord<'a> {
             throttle_reasons: s.throttle_reasons_mask.map(|_| {
                 s.throttle_reasons
                     .iter()
-                    .map(|r| throttle_reason_name(*r))
+                    .map(|r| names::name_of::<gpuwatch_api::ThrottleReason>(*r))
                     .collect()
             }),
             throttle_reasons_mask: s.throttle_reasons_mask,
@@ -360,7 +308,7 @@ impl From<&Gap> for GapRecord {
         GapRecord {
             first_seq: g.first_seq,
             last_seq: g.last_seq,
-            reason: gap_reason_name(g.reason),
+            reason: names::name_of::<gpuwatch_api::GapReason>(g.reason),
             missed: g.missed,
             restarted: g.restarted,
         }
@@ -469,11 +417,11 @@ pub struct LastActionRecord<'a> {
 impl<'a> PolicyRecord<'a> {
     pub fn new(p: &'a api::GpuPolicy) -> Self {
         PolicyRecord {
-            mode: governor_mode_name(p.mode),
-            state: governor_state_name(p.state),
+            mode: names::name_of::<gpuwatch_api::GovernorMode>(p.mode),
+            state: names::name_of::<gpuwatch_api::GovernorState>(p.state),
             dry_run: p.dry_run,
             threshold_c: p.threshold_c,
-            threshold_source: threshold_source_name(p.threshold_source),
+            threshold_source: names::name_of::<gpuwatch_api::ThresholdSource>(p.threshold_source),
             hysteresis_c: p.hysteresis_c,
             floor_w: p.floor_mw.map(Exact::watts),
             ceiling_w: p.ceiling_mw.map(Exact::watts),
@@ -502,7 +450,7 @@ impl<'a> DeviceRecord<'a> {
             uuid: &d.uuid,
             name: &d.name,
             pci_bus_id: &d.pci_bus_id,
-            health: health_name(d.health),
+            health: names::name_of::<gpuwatch_api::GpuHealth>(d.health),
             power_min_w: limits.min_mw.map(Exact::watts),
             power_max_w: limits.max_mw.map(Exact::watts),
             power_default_w: limits.default_mw.map(Exact::watts),
@@ -527,7 +475,7 @@ impl<'a> DeviceRecord<'a> {
                 supported_fields: c
                     .supported_fields
                     .iter()
-                    .map(|f| telemetry_field_name(*f))
+                    .map(|f| names::name_of::<gpuwatch_api::TelemetryField>(*f))
                     .collect(),
             }),
             policy: d.policy.as_ref().map(PolicyRecord::new),
@@ -582,11 +530,14 @@ impl<'a> EventRecord<'a> {
             event: "event",
             seq: e.seq,
             time: e.time.as_ref().and_then(rfc3339),
-            kind: event_kind_name(e.kind),
-            severity: severity_name(e.severity),
+            kind: names::name_of::<gpuwatch_api::EventKind>(e.kind),
+            severity: names::name_of::<gpuwatch_api::Severity>(e.severity),
             gpu_index: e.gpu_index,
             gpu_uuid: e.gpu_uuid.as_deref(),
-            actor_kind: e.actor.as_ref().map(|a| actor_kind_name(a.kind)),
+            actor_kind: e
+                .actor
+                .as_ref()
+                .map(|a| names::name_of::<gpuwatch_api::ActorKind>(a.kind)),
             actor: e.actor.as_ref().map(|a| a.name.as_str()),
             reason: &e.reason,
             power_limit: None,
@@ -636,6 +587,7 @@ pub fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpuwatch_api::{GpuHealth, ThrottleReason};
 
     fn json<T: Serialize>(v: &T) -> serde_json::Value {
         serde_json::to_value(v).expect("serializes")
@@ -648,32 +600,6 @@ mod tests {
         assert_eq!(json(&Exact::watts(1)).to_string(), "0.001");
         assert_eq!(json(&Exact::mib(80 << 30)), serde_json::json!(81920));
         assert_eq!(json(&Exact::mib(1 << 19)).to_string(), "0.5");
-    }
-
-    #[test]
-    fn enum_names_drop_prefix_and_case() {
-        assert_eq!(
-            governor_state_name(GovernorState::ObserveOnly as i32),
-            "observe_only"
-        );
-        assert_eq!(
-            throttle_reason_name(ThrottleReason::SwPowerCap as i32),
-            "sw_power_cap"
-        );
-        assert_eq!(
-            throttle_reason_name(ThrottleReason::HwThermalSlowdown as i32),
-            "hw_thermal_slowdown"
-        );
-        assert_eq!(health_name(GpuHealth::Ok as i32), "ok");
-        assert_eq!(
-            gap_reason_name(GapReason::NotInHistory as i32),
-            "not_in_history"
-        );
-        assert_eq!(
-            event_kind_name(EventKind::CeilingChanged as i32),
-            "ceiling_changed"
-        );
-        assert_eq!(health_name(999), "unknown_999");
     }
 
     #[test]

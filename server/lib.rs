@@ -7,22 +7,15 @@
 //! [`control`] plane runs the [`governor`] and operator requests on the
 //! sampler's loop; [`events`] is the audit trail; [`state`] the desired state
 //! that outlives a restart. [`api`] is the wire contract, the only part the
-//! client uses.
+//! client uses (it lives in its own crate, `gpuwatch-api`).
 
-/// The wire contract, generated from `proto/gpuwatch/v1/`.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod api {
-    tonic::include_proto!("gpuwatch.v1");
-
-    /// Encoded file descriptor set of the contract, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("gpuwatch_descriptor");
-}
+/// The wire contract (the `gpuwatch-api` crate), under the name the daemon's
+/// modules use for it.
+pub use gpuwatch_api as api;
 
 pub mod actor;
 pub mod auth;
 pub mod backend;
-pub mod codec;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -32,6 +25,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod sampler;
+#[cfg(feature = "testing")]
 pub mod scenario;
 pub mod selector;
 pub mod service;

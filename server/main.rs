@@ -2,10 +2,15 @@
 //! until SIGTERM/SIGINT, and maps failures to exit codes (64 for a bad
 //! configuration, 69 when the GPUs or the network cannot be used).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::Parser;
-use gpuwatch::config::{self, Config, LogFormat, Overrides};
+use gpuwatch_server::config::{self, Config, LogFormat, Overrides};
 
 /// Exit code for a bad command line or configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -54,6 +59,11 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Once serving, write the bound addresses here as JSON
+    /// (`{"pid":…,"grpc":"127.0.0.1:9450","http":"127.0.0.1:9451"|null}`),
+    /// for supervisors and tests that start the daemon on port 0.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
 }
 
 /// `--http-listen`: an address, or "off".
@@ -101,6 +111,20 @@ async fn wait_for_signal() {
     }
 }
 
+/// Writes the ready file atomically (a temporary file renamed into place),
+/// so a reader never sees half of it.
+fn write_ready_file(path: &Path, daemon: &gpuwatch_server::daemon::Daemon) -> std::io::Result<()> {
+    let ready = serde_json::json!({
+        "pid": std::process::id(),
+        "grpc": daemon.grpc_addr().to_string(),
+        "http": daemon.http_addr().map(|a| a.to_string()),
+    });
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{ready}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -136,11 +160,13 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     if args.check_config {
-        let files = gpuwatch::tls::load(&config.tls).map(|_| ()).and_then(|()| {
-            config::tokens(&config.auth)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        });
+        let files = gpuwatch_server::tls::load(&config.tls)
+            .map(|_| ())
+            .and_then(|()| {
+                config::tokens(&config.auth)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = files {
             eprintln!("gpuwatch-server: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -159,9 +185,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let daemon = match gpuwatch::daemon::start(config).await {
+        let daemon = match gpuwatch_server::daemon::start(config).await {
             Ok(d) => d,
-            Err(e @ gpuwatch::daemon::DaemonError::Config(_)) => {
+            Err(e @ gpuwatch_server::daemon::DaemonError::Config(_)) => {
                 eprintln!("gpuwatch-server: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
@@ -170,6 +196,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_UNAVAILABLE);
             }
         };
+        if let Some(path) = &args.ready_file
+            && let Err(e) = write_ready_file(path, &daemon)
+        {
+            eprintln!(
+                "gpuwatch-server: cannot write the ready file {}: {e}",
+                path.display()
+            );
+            daemon.shutdown_token().cancel();
+            let _ = daemon.wait().await;
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
         let token = daemon.shutdown_token();
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -5,7 +5,8 @@
 //! so on its own line without stopping the others. Any failure makes the
 //! exit code 1.
 
-use gpuwatch::api::{
+use gpuwatch_api::names;
+use gpuwatch_api::{
     ResetClocksRequest, ResetOutcome, SetPowerLimitRequest, SetThresholdRequest,
     set_power_limit_request, set_threshold_request,
 };
@@ -19,7 +20,7 @@ use crate::{
     fleet::Fleet,
     hosts::HostSpec,
     output::{Output, OutputClosed},
-    record::{Exact, reset_outcome_name, threshold_source_name},
+    record::Exact,
     units,
 };
 
@@ -249,9 +250,15 @@ pub async fn reset_clocks(
                     ];
                     let ok = r.error.is_none() && !parts.contains(&(ResetOutcome::Failed as i32));
                     let detail = ResetDetail {
-                        application_clocks: reset_outcome_name(r.application_clocks),
-                        locked_gpu_clocks: reset_outcome_name(r.locked_gpu_clocks),
-                        locked_memory_clocks: reset_outcome_name(r.locked_memory_clocks),
+                        application_clocks: names::name_of::<gpuwatch_api::ResetOutcome>(
+                            r.application_clocks,
+                        ),
+                        locked_gpu_clocks: names::name_of::<gpuwatch_api::ResetOutcome>(
+                            r.locked_gpu_clocks,
+                        ),
+                        locked_memory_clocks: names::name_of::<gpuwatch_api::ResetOutcome>(
+                            r.locked_memory_clocks,
+                        ),
                     };
                     let mut text = format!(
                         "application clocks: {} · locked clocks: {} · locked memory clocks: {}",
@@ -318,7 +325,9 @@ pub async fn set_threshold(
                             previous_threshold_c: r.previous_threshold_c,
                             threshold_c: r.threshold_c,
                             hysteresis_c: r.hysteresis_c,
-                            threshold_source: threshold_source_name(r.threshold_source),
+                            threshold_source: names::name_of::<gpuwatch_api::ThresholdSource>(
+                                r.threshold_source,
+                            ),
                         };
                         let text = format!(
                             "threshold {} °C (was {} °C) · hysteresis {} °C · source {}",

@@ -7,9 +7,10 @@
 //! seen, so nothing is printed twice and nothing is skipped silently (the
 //! daemon reports what it no longer holds as a gap).
 
+use gpuwatch_api::names;
 use std::{io::IsTerminal as _, sync::Arc, time::Duration};
 
-use gpuwatch::api::{Event, WatchEventsRequest, watch_events_response};
+use gpuwatch_api::{Event, WatchEventsRequest, watch_events_response};
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
@@ -22,8 +23,7 @@ use crate::{
     hosts::HostSpec,
     output::{Output, OutputClosed},
     record::{
-        EventRecord, GapRecord, HostErrorRecord, HostEventRecord, HostGapRecord, actor_kind_name,
-        event_kind_name, millis, rfc3339, severity_name,
+        EventRecord, GapRecord, HostErrorRecord, HostEventRecord, HostGapRecord, millis, rfc3339,
     },
     units,
     watch::session::HostStates,
@@ -162,7 +162,7 @@ fn header() -> String {
 /// The change an event records, in words, unless the reason already says
 /// it (or nothing changed).
 fn change_text(e: &Event) -> String {
-    use gpuwatch::api::event::Change;
+    use gpuwatch_api::event::Change;
     if e.reason.contains("->") {
         return String::new();
     }
@@ -221,7 +221,11 @@ fn item_line(host: &str, item: &Item) -> String {
     match item {
         Item::Event(e) => {
             let actor = e.actor.as_ref().map_or_else(String::new, |a| {
-                format!("{}:{}", actor_kind_name(a.kind), a.name)
+                format!(
+                    "{}:{}",
+                    names::name_of::<gpuwatch_api::ActorKind>(a.kind),
+                    a.name
+                )
             });
             let mut reason = e.reason.clone();
             reason.push_str(&change_text(e));
@@ -233,8 +237,8 @@ fn item_line(host: &str, item: &Item) -> String {
                 host,
                 e.seq,
                 e.time.as_ref().and_then(rfc3339).unwrap_or_default(),
-                severity_name(e.severity),
-                event_kind_name(e.kind),
+                names::name_of::<gpuwatch_api::Severity>(e.severity),
+                names::name_of::<gpuwatch_api::EventKind>(e.kind),
                 e.gpu_index
                     .map_or_else(|| "-".to_owned(), |i| i.to_string()),
                 actor,

@@ -2,7 +2,8 @@
 //! identity, power limits, temperature limits, capabilities and the
 //! governor's policy.
 
-use gpuwatch::api::{DeviceInfo, ListDevicesRequest, ListDevicesResponse};
+use gpuwatch_api::names;
+use gpuwatch_api::{DeviceInfo, ListDevicesRequest, ListDevicesResponse};
 
 use crate::{
     app::Exit,
@@ -12,10 +13,7 @@ use crate::{
     fleet::Fleet,
     hosts::HostSpec,
     output::{Output, OutputClosed},
-    record::{
-        DeviceRecord, HostErrorRecord, governor_mode_name, governor_state_name,
-        threshold_source_name,
-    },
+    record::{DeviceRecord, HostErrorRecord},
     units,
 };
 
@@ -102,11 +100,11 @@ fn governor(d: &DeviceInfo) -> String {
     };
     let mut text = format!(
         "{} {} · {} °C ±{} ({})",
-        governor_mode_name(p.mode),
-        governor_state_name(p.state),
+        names::name_of::<gpuwatch_api::GovernorMode>(p.mode),
+        names::name_of::<gpuwatch_api::GovernorState>(p.state),
         p.threshold_c,
         p.hysteresis_c,
-        threshold_source_name(p.threshold_source)
+        names::name_of::<gpuwatch_api::ThresholdSource>(p.threshold_source)
     );
     if let Some(c) = p.operator_ceiling_mw {
         text.push_str(&format!(" · ceiling {} W", units::watts_value(c)));

@@ -5,9 +5,10 @@
 //! never holds the others back); the table waits for all and keeps the
 //! order the hosts were given in.
 
+use gpuwatch_api::names;
 use std::time::Duration;
 
-use gpuwatch::api::{
+use gpuwatch_api::{
     GetSnapshotRequest, GetSnapshotResponse, ListDevicesRequest, ListDevicesResponse,
 };
 
@@ -21,9 +22,7 @@ use crate::{
     fleet::Fleet,
     hosts::HostSpec,
     output::{Output, OutputClosed},
-    record::{
-        HostErrorRecord, SampleRecord, governor_state_name, health_name, throttle_reason_name,
-    },
+    record::{HostErrorRecord, SampleRecord},
     units,
 };
 
@@ -54,7 +53,7 @@ pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, jso
 /// one (the caller's timeout bounds the wait).
 async fn latest(
     mut client: Client,
-    gpus: Vec<gpuwatch::api::GpuSelector>,
+    gpus: Vec<gpuwatch_api::GpuSelector>,
 ) -> Result<GetSnapshotResponse, HostFailure> {
     let mut pause = Duration::from_millis(50);
     loop {
@@ -133,7 +132,7 @@ fn write_table(
                         Some(_) => s
                             .throttle_reasons
                             .iter()
-                            .map(|r| throttle_reason_name(*r))
+                            .map(|r| names::name_of::<gpuwatch_api::ThrottleReason>(*r))
                             .collect::<Vec<_>>()
                             .join(","),
                     };
@@ -147,8 +146,8 @@ fn write_table(
                         units::percent(s.utilization_gpu_pct),
                         units::memory(s.memory_used_bytes, s.memory_total_bytes),
                         throttle,
-                        governor_state_name(s.governor_state),
-                        health_name(s.health),
+                        names::name_of::<gpuwatch_api::GovernorState>(s.governor_state),
+                        names::name_of::<gpuwatch_api::GpuHealth>(s.health),
                     ]);
                 }
             }

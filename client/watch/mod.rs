@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpuwatch::api::WatchRequest;
+use gpuwatch_api::WatchRequest;
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{

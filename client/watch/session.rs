@@ -7,6 +7,7 @@
 //! replayed twice, and reports any jump in sequence numbers the daemon did
 //! not announce (for example a restarted daemon that had nothing to replay).
 
+use gpuwatch_api::names;
 use std::{
     sync::{
         Arc,
@@ -15,14 +16,14 @@ use std::{
     time::Duration,
 };
 
-use gpuwatch::api::{DeviceInfo, Frame, Gap, WatchRequest, WatchStart, watch_response};
+use gpuwatch_api::{DeviceInfo, Frame, Gap, WatchRequest, WatchStart, watch_response};
 use tokio::sync::mpsc;
 
 use crate::{
     backoff::{Backoff, BackoffPolicy},
     connect::{Connector, HostFailure},
     hosts::HostSpec,
-    record::{GapRecord, gap_reason_name},
+    record::GapRecord,
 };
 
 /// What a host's stream reports to the renderer.
@@ -150,7 +151,7 @@ impl SeqTracker {
         GapRecord {
             first_seq: gap.first_seq,
             last_seq: gap.last_seq,
-            reason: gap_reason_name(gap.reason),
+            reason: names::name_of::<gpuwatch_api::GapReason>(gap.reason),
             missed: gap.missed,
             restarted,
         }
@@ -414,7 +415,7 @@ fn push_frame(host: usize, tracker: &mut SeqTracker, frame: Frame, outbox: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuwatch::api::GapReason;
+    use gpuwatch_api::GapReason;
 
     fn start(started: i64, stride: u32, oldest: u64, latest: u64) -> WatchStart {
         WatchStart {

@@ -5,23 +5,19 @@
 //! Pure data in, styled lines out, so it is tested without a terminal; the
 //! `tui` module only owns the screen and the keyboard.
 
+use gpuwatch_api::names;
 use std::{
     collections::VecDeque,
     time::{Duration, Instant},
 };
 
-use gpuwatch::api::{DeviceInfo, GovernorState, GpuHealth, GpuSample};
+use gpuwatch_api::{DeviceInfo, GovernorState, GpuHealth, GpuSample};
 use ratatui::{
     style::{Color, Modifier, Style},
     text::{Line, Span},
 };
 
-use crate::{
-    hosts::HostSpec,
-    record::{GapRecord, governor_state_name, health_name, throttle_reason_name},
-    units,
-    watch::session::Update,
-};
+use crate::{hosts::HostSpec, record::GapRecord, units, watch::session::Update};
 
 /// Temperatures kept per GPU for the sparkline.
 const HISTORY: usize = 16;
@@ -557,10 +553,13 @@ fn gpu_line(gpu: &GpuView, live: bool, cols: Columns) -> Line<'static> {
     };
     let mut gov_text = match governor {
         GovernorState::Unspecified => units::ABSENT.to_owned(),
-        _ => governor_state_name(s.governor_state),
+        _ => names::name_of::<gpuwatch_api::GovernorState>(s.governor_state),
     };
     if !matches!(health, GpuHealth::Ok) {
-        gov_text.push_str(&format!(" [{}]", health_name(s.health)));
+        gov_text.push_str(&format!(
+            " [{}]",
+            names::name_of::<gpuwatch_api::GpuHealth>(s.health)
+        ));
     }
     spans.push(Span::styled(gov_text, gov_style));
     dim_unless(Line::from(spans), live)
@@ -584,16 +583,16 @@ fn throttle_text(s: &GpuSample) -> (String, bool) {
     }
     let hardware = s.throttle_reasons.iter().any(|r| {
         matches!(
-            gpuwatch::api::ThrottleReason::try_from(*r),
-            Ok(gpuwatch::api::ThrottleReason::HwSlowdown
-                | gpuwatch::api::ThrottleReason::HwThermalSlowdown
-                | gpuwatch::api::ThrottleReason::HwPowerBrakeSlowdown)
+            gpuwatch_api::ThrottleReason::try_from(*r),
+            Ok(gpuwatch_api::ThrottleReason::HwSlowdown
+                | gpuwatch_api::ThrottleReason::HwThermalSlowdown
+                | gpuwatch_api::ThrottleReason::HwPowerBrakeSlowdown)
         )
     });
     let names: Vec<String> = s
         .throttle_reasons
         .iter()
-        .map(|r| throttle_reason_name(*r))
+        .map(|r| names::name_of::<gpuwatch_api::ThrottleReason>(*r))
         .collect();
     (names.join(","), hardware)
 }
@@ -601,7 +600,7 @@ fn throttle_text(s: &GpuSample) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuwatch::api::{Frame, GpuPolicy, ThrottleReason};
+    use gpuwatch_api::{Frame, GpuPolicy, ThrottleReason};
 
     fn text(line: &Line<'_>) -> String {
         line.spans.iter().map(|s| s.content.as_ref()).collect()

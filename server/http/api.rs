@@ -10,6 +10,7 @@
 //! their locks, so the snapshot and the live messages after it have no gap
 //! and no overlap.
 
+use crate::api::names;
 use std::{
     convert::Infallible,
     sync::{
@@ -221,40 +222,21 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
 
-/// `GOVERNOR_STATE_THROTTLING` → `throttling`.
-fn word(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix)
-        .unwrap_or(name)
-        .to_ascii_lowercase()
-}
-
 fn health_word(health: i32) -> String {
-    GpuHealth::try_from(health).map_or_else(
-        |_| "unspecified".to_owned(),
-        |h| word(h.as_str_name(), "GPU_HEALTH_"),
-    )
+    names::name_of::<GpuHealth>(health)
 }
 
 fn state_word(state: i32) -> String {
-    GovernorState::try_from(state).map_or_else(
-        |_| "unspecified".to_owned(),
-        |s| word(s.as_str_name(), "GOVERNOR_STATE_"),
-    )
+    names::name_of::<GovernorState>(state)
 }
 
 pub fn policy_view(p: &GpuPolicy) -> PolicyView {
     PolicyView {
-        mode: GovernorMode::try_from(p.mode).map_or_else(
-            |_| "unspecified".to_owned(),
-            |m| word(m.as_str_name(), "GOVERNOR_MODE_"),
-        ),
+        mode: names::name_of::<GovernorMode>(p.mode),
         state: state_word(p.state),
         dry_run: p.dry_run,
         threshold_c: p.threshold_c,
-        threshold_source: ThresholdSource::try_from(p.threshold_source).map_or_else(
-            |_| "unspecified".to_owned(),
-            |s| word(s.as_str_name(), "THRESHOLD_SOURCE_"),
-        ),
+        threshold_source: names::name_of::<ThresholdSource>(p.threshold_source),
         hysteresis_c: p.hysteresis_c,
         floor_w: p.floor_mw.map(watts),
         ceiling_w: p.ceiling_mw.map(watts),
@@ -367,22 +349,14 @@ pub fn event_view(e: &api::Event) -> EventView {
     EventView {
         seq: e.seq,
         time_ms: unix_ms(e.time.as_ref()),
-        kind: EventKind::try_from(e.kind).map_or_else(
-            |_| "unspecified".to_owned(),
-            |k| word(k.as_str_name(), "EVENT_KIND_"),
-        ),
-        severity: Severity::try_from(e.severity).map_or_else(
-            |_| "unspecified".to_owned(),
-            |s| word(s.as_str_name(), "SEVERITY_"),
-        ),
+        kind: names::name_of::<EventKind>(e.kind),
+        severity: names::name_of::<Severity>(e.severity),
         gpu_index: e.gpu_index,
         gpu_uuid: e.gpu_uuid.clone(),
-        actor_kind: actor
-            .and_then(|a| api::ActorKind::try_from(a.kind).ok())
-            .map_or_else(
-                || "unspecified".to_owned(),
-                |k| word(k.as_str_name(), "ACTOR_KIND_"),
-            ),
+        actor_kind: actor.map_or_else(
+            || "unspecified".to_owned(),
+            |a| names::name_of::<api::ActorKind>(a.kind),
+        ),
         actor: actor.map(|a| a.name.clone()).unwrap_or_default(),
         reason: e.reason.clone(),
         change: e.change.as_ref().and_then(change_words),

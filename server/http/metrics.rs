@@ -18,6 +18,7 @@
 //! dashboard shows "no data" rather than a false reading. Metric names and
 //! the dcgm-exporter equivalents are documented in `docs/metrics.md`.
 
+use crate::api::names;
 use std::{
     fmt::{self, Write as _},
     sync::{
@@ -329,13 +330,6 @@ fn ratio(pct: u32) -> f64 {
 
 fn unix_seconds(t: &prost_types::Timestamp) -> f64 {
     t.seconds as f64 + f64::from(t.nanos) / 1e9
-}
-
-/// `EVENT_KIND_GPU_LOST` → `gpu_lost`.
-fn enum_label(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix)
-        .unwrap_or(name)
-        .to_ascii_lowercase()
 }
 
 /// Writes one family of gauges; nothing at all when it has no series.
@@ -938,12 +932,7 @@ fn governor(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
 fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
     let kinds: Vec<(String, f64)> = (1..)
         .map_while(|n| EventKind::try_from(n).ok())
-        .map(|k| {
-            (
-                enum_label(k.as_str_name(), "EVENT_KIND_"),
-                log.count(k) as f64,
-            )
-        })
+        .map(|k| (names::name(k), log.count(k) as f64))
         .collect();
     let event_rows: Vec<([(&str, &str); 1], f64)> = kinds
         .iter()
@@ -1178,18 +1167,6 @@ mod tests {
         assert_eq!(
             classic,
             "# HELP a_joules_total Energy.\n# TYPE a_joules_total counter\na_joules_total{gpu=\"0\"} 1.5\n# HELP b_celsius Temp.\n# TYPE b_celsius gauge\nb_celsius 40\n# HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_sum 1.0\nh_seconds_count 1\nh_seconds_bucket{le=\"+Inf\"} 1\n"
-        );
-    }
-
-    #[test]
-    fn enum_names_become_snake_case_labels() {
-        assert_eq!(
-            enum_label(EventKind::GpuLost.as_str_name(), "EVENT_KIND_"),
-            "gpu_lost"
-        );
-        assert_eq!(
-            enum_label(GovernorState::ObserveOnly.as_str_name(), "GOVERNOR_STATE_"),
-            "observe_only"
         );
     }
 }

@@ -1,0 +1,238 @@
+//! The dashboard at `/` and its data endpoints, against a real daemon: the
+//! page is self-contained, the JSON snapshot holds what the charts need, and
+//! the server-sent-events stream starts with a snapshot, keeps delivering
+//! frames in order, carries events, and ends when the daemon stops.
+//!
+//! That the page draws and updates in a real browser is checked by
+//! `.ci/dashboard.sh` (headless Chromium).
+
+use std::time::Duration;
+
+use crate::http_support::{Daemon, SseReader, eventually, get};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(90);
+const NEXT: Duration = Duration::from_secs(30);
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("the test took too long");
+}
+
+const FLEET: &str = r#"
+[simulator]
+speed = 5.0
+
+[[simulator.gpus]]
+preset = "h100-sxm"
+demand = [ { at = "0s", watts = 650.0 } ]
+
+[[simulator.gpus]]
+preset = "laptop"
+demand = [ { at = "0s", watts = 90.0 } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_self_contained_and_forbids_loading_anything_else() {
+    bounded(async {
+        let d = Daemon::start(Some(FLEET));
+        let page = get(&d.url("/"), None).await;
+        assert_eq!(page.status, 200);
+        assert!(page.header("content-type").starts_with("text/html"));
+        let csp = page.header("content-security-policy");
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(csp.contains("connect-src 'self'"), "{csp}");
+        // No external URL anywhere: no script or stylesheet from elsewhere.
+        for needle in [
+            "http://",
+            "https://",
+            "//cdn",
+            "<script src",
+            "<link rel=\"stylesheet\"",
+        ] {
+            assert!(!page.body.contains(needle), "the page mentions {needle}");
+        }
+        for hook in [
+            "data-updated",
+            "data-points",
+            "api/v1/stream",
+            "getContext(\"2d\")",
+        ] {
+            assert!(page.body.contains(hook), "the page lacks {hook}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_holds_devices_policies_history_and_events() {
+    bounded(async {
+        let d = Daemon::start(Some(FLEET));
+        let snap: Value = eventually(LIMIT, "a few frames of history", || async {
+            let r = get(&d.url("/api/v1/dashboard"), None).await;
+            assert_eq!(r.status, 200);
+            assert!(r.header("content-type").starts_with("application/json"));
+            let v: Value = serde_json::from_str(&r.body).expect("JSON");
+            (v["history"][0]["t_ms"].as_array().map_or(0, Vec::len) >= 5).then_some(v)
+        })
+        .await;
+        let gpus = snap["gpus"].as_array().expect("gpus");
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(gpus[0]["name"], "NVIDIA H100 80GB HBM3");
+        assert!(
+            gpus[0]["policy"]["threshold_c"]
+                .as_u64()
+                .is_some_and(|t| t > 30)
+        );
+        assert!(gpus[0]["power_max_w"].as_f64().is_some_and(|w| w > 600.0));
+        assert!(
+            gpus[1].get("power_max_w").is_none(),
+            "the laptop GPU reports no power limits: {}",
+            gpus[1]
+        );
+        for column in snap["history"].as_array().expect("history") {
+            let n = column["t_ms"].as_array().expect("t_ms").len();
+            for key in ["temperature_c", "power_draw_w", "power_limit_w"] {
+                assert_eq!(column[key].as_array().expect(key).len(), n, "{key}");
+            }
+        }
+        // The laptop's limit is absent, so its limit column is all nulls.
+        let laptop = &snap["history"][1];
+        assert!(
+            laptop["power_limit_w"]
+                .as_array()
+                .expect("column")
+                .iter()
+                .all(Value::is_null)
+        );
+        assert!(
+            laptop["temperature_c"]
+                .as_array()
+                .expect("column")
+                .iter()
+                .any(Value::is_u64)
+        );
+        let latest = &snap["latest"];
+        assert_eq!(latest["seq"], snap["latest_seq"]);
+        assert_eq!(latest["gpus"][0]["health"], "ok");
+        assert!(
+            snap["events"]
+                .as_array()
+                .expect("events")
+                .iter()
+                .any(|e| e["kind"] == "daemon_started"),
+            "{}",
+            snap["events"]
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_starts_with_a_snapshot_then_frames_in_order() {
+    bounded(async {
+        let d = Daemon::start(Some(FLEET));
+        let mut stream = SseReader::open(&d.url("/api/v1/stream?interval_ms=300")).await;
+        let first = stream.next(NEXT).await.expect("a first message");
+        assert_eq!(first.event, "snapshot");
+        let snap: Value = serde_json::from_str(&first.data).expect("snapshot JSON");
+        assert_eq!(snap["gpus"].as_array().map(Vec::len), Some(2));
+        assert_eq!(snap["stream_interval_ms"], 300);
+        let mut last = snap["latest_seq"].as_u64().expect("latest_seq");
+        let mut frames = 0;
+        while frames < 4 {
+            let m = stream.next(NEXT).await.expect("the stream continues");
+            if m.event != "frame" {
+                continue;
+            }
+            let frame: Value = serde_json::from_str(&m.data).expect("frame JSON");
+            let seq = frame["seq"].as_u64().expect("seq");
+            assert_eq!(m.id.as_deref(), Some(seq.to_string().as_str()));
+            if last != 0 {
+                assert!(seq >= last + 3, "300 ms at 100 ms ticks: {last} then {seq}");
+            }
+            last = seq;
+            assert_eq!(frame["gpus"].as_array().map(Vec::len), Some(2));
+            assert!(frame["gpus"][0]["temperature_c"].is_u64());
+            assert!(
+                frame["gpus"][1].get("power_limit_w").is_none(),
+                "absent stays absent"
+            );
+            frames += 1;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_the_stream_as_they_happen() {
+    bounded(async {
+        let d = Daemon::start(Some(
+            r#"
+[simulator]
+[[simulator.gpus]]
+preset = "a100-sxm"
+lost_at = "3s"
+"#,
+        ));
+        let mut stream = SseReader::open(&d.url("/api/v1/stream")).await;
+        assert_eq!(stream.next(NEXT).await.expect("snapshot").event, "snapshot");
+        let lost = loop {
+            let m = stream.next(NEXT).await.expect("the stream continues");
+            if m.event == "event" {
+                let e: Value = serde_json::from_str(&m.data).expect("event JSON");
+                if e["kind"] == "gpu_lost" {
+                    break e;
+                }
+            }
+        };
+        assert_eq!(lost["gpu_index"], 0);
+        assert_eq!(lost["actor_kind"], "device");
+        // Frames after it say the GPU is lost, with no readings.
+        loop {
+            let m = stream.next(NEXT).await.expect("the stream continues");
+            if m.event == "frame" {
+                let f: Value = serde_json::from_str(&m.data).expect("frame JSON");
+                let gpu = &f["gpus"][0];
+                if gpu["health"] == "lost" {
+                    assert!(gpu.get("temperature_c").is_none(), "{gpu}");
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_stream_interval_is_refused_with_the_allowed_range() {
+    bounded(async {
+        let d = Daemon::start(Some(FLEET));
+        let r = get(&d.url("/api/v1/stream?interval_ms=5"), None).await;
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("between 100 and 60000"), "{}", r.body);
+        let r = get(&d.url("/api/v1/stream?interval=1s"), None).await;
+        assert_eq!(r.status, 400, "unknown parameters are refused: {}", r.body);
+        assert!(r.body.contains("interval"), "{}", r.body);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_end_and_the_daemon_exits_cleanly_on_sigterm() {
+    bounded(async {
+        let mut d = Daemon::start(Some(FLEET));
+        let mut stream = SseReader::open(&d.url("/api/v1/stream")).await;
+        assert_eq!(stream.next(NEXT).await.expect("snapshot").event, "snapshot");
+        d.terminate();
+        // The stream ends (rather than holding the shutdown open).
+        while stream.next(NEXT).await.is_some() {}
+        let status = tokio::task::spawn_blocking(move || d.wait_exit(Duration::from_secs(30)))
+            .await
+            .expect("join");
+        let status = status.expect("the daemon exits after SIGTERM");
+        assert!(status.success(), "exit status {status}");
+    })
+    .await;
+}
