@@ -175,8 +175,11 @@ fn serve(pki: &Pki, mutual: bool) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             Server::builder()
                 .tls_config(tls)
                 .expect("server TLS")
-                .add_service(service)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                // One service, no router: the CLI only calls GpuWatch.
+                .serve_with_incoming(
+                    service,
+                    tonic::transport::server::TcpIncoming::from(listener),
+                )
                 .await
                 .expect("serve");
         });
