@@ -21,6 +21,7 @@ pub mod api {
 
 pub mod actor;
 pub mod auth;
+pub mod authz;
 pub mod backend;
 pub mod codec;
 pub mod config;
@@ -38,5 +39,6 @@ pub mod service;
 pub mod state;
 pub mod throttle;
 pub mod tls;
+pub mod watch_frames;
 pub mod watch_wire;
 pub mod wire;
