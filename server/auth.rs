@@ -11,14 +11,21 @@
 //! The safe default: with no tokens configured, control is refused with a
 //! message saying how to enable it, and reads without credentials are served
 //! only on a loopback listener (unless `allow_unauthenticated_reads`).
-//! Health and reflection are not behind this gate (probes need health;
-//! reflection describes the schema, not data).
+//!
+//! This module answers "do this request's credentials reach role R?". Which
+//! method needs which role (and that health and reflection need none) is
+//! decided in one table, in [`crate::authz`], which calls [`Authenticator`]
+//! for every request before any handler runs.
 
 use std::net::SocketAddr;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status};
+use tonic::{
+    Status,
+    codegen::http,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 
 use crate::config::{AuthConfig, ConfigError, RoleName, TokenConfig};
 
@@ -160,11 +167,14 @@ impl Authenticator {
         found
     }
 
-    /// Decides whether `request` may call `method`, which needs `need`.
+    /// Decides whether `request` may call `method`, which needs `need`. It
+    /// reads the request's `authorization` header and, with mutual TLS, the
+    /// client certificate the connection presented (in the extensions the
+    /// transport puts on every request); the body is never looked at.
     #[allow(clippy::result_large_err)]
-    pub fn authorize<T>(
+    pub fn authorize<B>(
         &self,
-        request: &Request<T>,
+        request: &http::Request<B>,
         method: &str,
         need: Role,
     ) -> Result<Caller, Refusal> {
@@ -172,7 +182,7 @@ impl Authenticator {
             status,
             actor: actor.to_owned(),
         };
-        let header = request.metadata().get("authorization");
+        let header = request.headers().get(http::header::AUTHORIZATION);
         if let Some(value) = header {
             let Some(token) = value
                 .to_str()
@@ -255,9 +265,25 @@ impl Authenticator {
     }
 }
 
+/// The peer address of the connection `request` came on.
+pub fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+}
+
 /// The subject CN (else the whole subject) of a verified client certificate.
-fn certificate_subject<T>(request: &Request<T>) -> Option<String> {
-    let certs = request.peer_certs()?;
+fn certificate_subject<B>(request: &http::Request<B>) -> Option<String> {
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
     let der = certs.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let subject = cert.subject();
@@ -289,10 +315,10 @@ mod tests {
         Authenticator::new(&config, false, listen.parse().expect("addr")).expect("auth")
     }
 
-    fn request(bearer: Option<&str>) -> Request<()> {
-        let mut r = Request::new(());
+    fn request(bearer: Option<&str>) -> http::Request<()> {
+        let mut r = http::Request::new(());
         if let Some(b) = bearer {
-            r.metadata_mut()
+            r.headers_mut()
                 .insert("authorization", b.parse().expect("ascii"));
         }
         r

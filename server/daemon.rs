@@ -14,12 +14,16 @@ use std::{
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
 
 use crate::{
     actor::DeviceActor,
     api::{EventKind, Severity, gpu_watch_server::GpuWatchServer},
     auth::Authenticator,
+    authz::Authorize,
     backend::{
         Backend, BackendError,
         nvml::NvmlBackend,
@@ -33,7 +37,8 @@ use crate::{
     sampler::{DESCRIBE_TIMEOUT, GpuSlot, Sampler},
     service::{GpuWatchService, ServiceParts},
     state::StateStore,
-    watch_wire::GpuWatchRoutes,
+    watch_frames::SharedFrames,
+    watch_wire,
 };
 
 /// Why the daemon could not start or stopped with an error.
@@ -297,7 +302,6 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             hub: hub.clone(),
             events: events.clone(),
             control,
-            auth: auth.clone(),
             streams: StreamLimiter::new(
                 config.limits.max_streams,
                 config.limits.max_streams_per_connection,
@@ -335,14 +339,21 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             .tls_config(tls.server_config())
             .map_err(|e| DaemonError::Config(format!("TLS: {e}")))?;
     }
-    let router = builder
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(GpuWatchRoutes::new(
-            service,
-            config.limits.max_request_bytes,
-        ));
+    // Every service, and Watch's shared-encoding route beside the generated
+    // server's other methods, behind the one authorization table: a method
+    // it does not list is refused before any of them sees it.
+    let services = watch_wire::add_gpuwatch(
+        Routes::new(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha),
+        service,
+        SharedFrames::new(),
+        config.limits.max_request_bytes,
+    );
+    let authorized = Authorize::new(services, auth.clone(), events.clone());
+    let router = builder.add_routes(Routes::from(
+        axum::Router::new().fallback_service(authorized),
+    ));
 
     if !auth.reads_open() && auth.token_count() == 0 && !mutual_tls {
         tracing::warn!(

@@ -15,6 +15,7 @@ pub use gpuwatch_api as api;
 
 pub mod actor;
 pub mod auth;
+pub mod authz;
 pub mod backend;
 pub mod config;
 pub mod control;
@@ -32,5 +33,6 @@ pub mod service;
 pub mod state;
 pub mod throttle;
 pub mod tls;
+pub mod watch_frames;
 pub mod watch_wire;
 pub mod wire;

@@ -6,6 +6,11 @@
 //! subscriber filtering, decimation and gap reporting; control requests are
 //! validated here for shape and forwarded to the control plane, which owns
 //! every write to a GPU.
+//!
+//! Who may call what is decided before a request gets here, by the one
+//! authorization table in [`crate::authz`]; control handlers take the
+//! authenticated caller (the actor of their audit events) from the
+//! request's extensions, where that layer put it.
 
 use std::{collections::VecDeque, pin::Pin, sync::Arc, sync::atomic::Ordering, time::SystemTime};
 
@@ -23,15 +28,16 @@ use crate::{
         WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch, watch_events_response,
         watch_response,
     },
-    auth::{Authenticator, Caller, Role},
+    auth::Role,
+    authz,
     backend::HostFacts,
     control::ControlHandle,
-    events::{Actor, EventLog, NewEvent},
+    events::EventLog,
     hub::Hub,
     limits::{StreamLimiter, StreamPermit},
     selector::{self, Empty},
     throttle,
-    watch_wire::{SharedFrames, WatchItem},
+    watch_frames::{SharedFrames, WatchItem},
     wire,
 };
 
@@ -46,7 +52,6 @@ pub struct GpuWatchService {
     hub: Arc<Hub>,
     events: Arc<EventLog>,
     control: ControlHandle,
-    auth: Arc<Authenticator>,
     streams: Arc<StreamLimiter>,
     host: Arc<HostInfo>,
     shutdown: CancellationToken,
@@ -58,7 +63,6 @@ pub struct ServiceParts {
     pub hub: Arc<Hub>,
     pub events: Arc<EventLog>,
     pub control: ControlHandle,
-    pub auth: Arc<Authenticator>,
     pub streams: Arc<StreamLimiter>,
     pub shutdown: CancellationToken,
 }
@@ -74,7 +78,6 @@ impl GpuWatchService {
             hub,
             events,
             control,
-            auth,
             streams,
             shutdown,
         } = parts;
@@ -94,35 +97,10 @@ impl GpuWatchService {
             hub,
             events,
             control,
-            auth,
             streams,
             host: Arc::new(host),
             shutdown,
         }
-    }
-
-    /// Lets the request through, or refuses it (recording refused control
-    /// requests in the audit log).
-    fn allow<T>(&self, request: &Request<T>, method: &str, need: Role) -> Result<Caller, Status> {
-        self.auth
-            .authorize(request, method, need)
-            .map_err(|refusal| {
-                if need == Role::Control {
-                    let peer = request
-                        .remote_addr()
-                        .map_or(String::new(), |a| format!(" from {a}"));
-                    self.events.record(
-                        NewEvent::new(
-                            api::EventKind::ControlRefused,
-                            Actor::operator(&refusal.actor),
-                            format!("{method}{peer} refused: {}", refusal.status.message()),
-                        )
-                        .severity(api::Severity::Warning)
-                        .not_durable(),
-                    );
-                }
-                refusal.status
-            })
     }
 
     /// A place for one more stream from this request's connection.
@@ -169,13 +147,13 @@ impl GpuWatchService {
     /// Opens a Watch stream: validates the request, takes a stream permit,
     /// and returns the stream's messages. With `shared`, frames for
     /// subscribers of every GPU come out encoded once per tick (see
-    /// [`watch_wire`]).
+    /// [`crate::watch_frames`]).
     pub fn open_watch(
         &self,
         request: Request<WatchRequest>,
         shared: Option<Arc<SharedFrames>>,
     ) -> Result<WatchItemStream, Status> {
-        self.allow(&request, "Watch", Role::Read)?;
+        authz::caller(&request, Role::Read)?;
         let permit = self.stream_permit(&request)?;
         let req = request.into_inner();
         let all = req.gpus.is_empty();
@@ -312,7 +290,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
-        self.allow(&request, "ListDevices", Role::Read)?;
+        authz::caller(&request, Role::Read)?;
         let devices = self.devices_with_policy();
         let picked = selector::resolve(&request.get_ref().gpus, &devices, Empty::MeansAll)?;
         let devices = picked.into_iter().map(|i| devices[i].clone()).collect();
@@ -327,7 +305,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        self.allow(&request, "GetSnapshot", Role::Read)?;
+        authz::caller(&request, Role::Read)?;
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
         let Some(latest) = self.hub.latest() else {
             return Err(Status::unavailable(
@@ -360,9 +338,9 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        // The daemon routes Watch through `watch_wire` (frames encoded once
-        // and shared); this path, without the shared encoding, serves
-        // in-process callers of the trait.
+        // The daemon serves Watch through `watch_wire::WatchRoute` (frames
+        // encoded once and shared); this path, without the shared encoding,
+        // serves in-process callers of the trait.
         let items = self.open_watch(request, None)?;
         Ok(Response::new(Box::pin(
             items.map(|item| item.and_then(WatchItem::into_message)),
@@ -375,7 +353,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        self.allow(&request, "WatchEvents", Role::Read)?;
+        authz::caller(&request, Role::Read)?;
         let permit = self.stream_permit(&request)?;
         let req = request.into_inner();
         let filter = if req.gpus.is_empty() {
@@ -445,7 +423,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<GetPolicyResponse>, Status> {
-        self.allow(&request, "GetPolicy", Role::Read)?;
+        authz::caller(&request, Role::Read)?;
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
         let policies = self
             .hub
@@ -461,7 +439,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<SetPowerLimitRequest>,
     ) -> Result<Response<SetPowerLimitResponse>, Status> {
-        let caller = self.allow(&request, "SetPowerLimit", Role::Control)?;
+        let caller = authz::caller(&request, Role::Control)?.clone();
         let req = request.into_inner();
         let indices = self.pick_indices(&req.gpus, Empty::Refused)?;
         let target = req.target.ok_or_else(|| {
@@ -479,7 +457,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<ResetClocksRequest>,
     ) -> Result<Response<ResetClocksResponse>, Status> {
-        let caller = self.allow(&request, "ResetClocks", Role::Control)?;
+        let caller = authz::caller(&request, Role::Control)?.clone();
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::Refused)?;
         self.control
             .reset_clocks(indices, caller)
@@ -491,7 +469,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<SetThresholdRequest>,
     ) -> Result<Response<SetThresholdResponse>, Status> {
-        let caller = self.allow(&request, "SetThreshold", Role::Control)?;
+        let caller = authz::caller(&request, Role::Control)?.clone();
         let req = request.into_inner();
         let indices = self.pick_indices(&req.gpus, Empty::Refused)?;
         let target = req.target.ok_or_else(|| {

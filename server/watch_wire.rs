@@ -1,176 +1,72 @@
-//! Watch frames encoded once per tick and shared by every subscriber.
+//! The Watch method as the daemon serves it: frames encoded once per tick
+//! and shared (see [`crate::watch_frames`]).
 //!
-//! Why: with the generated gRPC plumbing every Watch subscriber deep-copied
-//! each frame and encoded it itself, so a tick with 1,000 subscribers
-//! encoded the same bytes 1,000 times. `gpuwatch-bench fanout` measured that
-//! copy-and-encode as about 40 % of the daemon's CPU under fan-out, and the
-//! tick's burst of work as what set the subscribers' latency (see
-//! BENCHMARKS.md). Here the first subscriber to send a frame encodes it;
-//! the others send the same bytes.
+//! What it owns: [`WatchRoute`], the service for `/gpuwatch.v1.GpuWatch/Watch`,
+//! and [`add_gpuwatch`], which registers it in the gRPC router under that
+//! path next to the generated server that serves every other method (the
+//! router prefers the exact path to the service's `/{*rest}`); nothing here
+//! looks at a request's path. Authorization has already happened in front
+//! of the router ([`crate::authz`]), like for every other method.
 //!
-//! What it owns: the `WatchItem` a Watch stream yields (a message, or a
-//! frame already encoded), the cache of the newest encoded frame, the codec
-//! that writes either, and the route that serves
-//! `/gpuwatch.v1.GpuWatch/Watch` with them in front of the generated
-//! server (every other method goes to the generated server unchanged).
-//! The bytes on the wire are exactly what the generated code would send.
+//! The generated server's own `watch` (without the shared encoding) serves
+//! callers of the `GpuWatch` trait; the route makes sure the network gets
+//! the shared one.
 
 use std::{
     convert::Infallible,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     task::{Context, Poll},
 };
 
-use bytes::{BufMut, Bytes};
-use prost::Message;
 use tonic::{
     Request, Response, Status,
-    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
     codegen::{Body, BoxFuture, Service, StdError, http},
-    server::{Grpc, NamedService, ServerStreamingService},
+    server::{Grpc, ServerStreamingService},
+    service::Routes,
 };
-use tonic_prost::{ProstCodec, ProstDecoder};
 
 use crate::{
-    api::{Frame, WatchRequest, WatchResponse, gpu_watch_server::GpuWatchServer},
+    api::{WatchRequest, gpu_watch_server::GpuWatchServer},
     service::{GpuWatchService, WatchItemStream},
+    watch_frames::{SharedFrames, WatchCodec, WatchItem},
 };
 
-/// The Watch method's path.
-const WATCH_PATH: &str = "/gpuwatch.v1.GpuWatch/Watch";
-/// `WatchResponse.frame`'s field number (`oneof message { Frame frame = 2 }`).
-const FRAME_FIELD: u32 = 2;
+/// The path [`WatchRoute`] serves.
+pub const WATCH_PATH: &str = "/gpuwatch.v1.GpuWatch/Watch";
 
-/// One message of a Watch stream.
+/// `routes` plus the `gpuwatch.v1.GpuWatch` service: Watch served by
+/// [`WatchRoute`] with frames from `shared`, every other method by the
+/// generated server. Requests larger than `max_request_bytes` are refused.
+pub fn add_gpuwatch(
+    routes: Routes,
+    service: GpuWatchService,
+    shared: Arc<SharedFrames>,
+    max_request_bytes: usize,
+) -> Routes {
+    let generated =
+        GpuWatchServer::new(service.clone()).max_decoding_message_size(max_request_bytes);
+    let watch = WatchRoute {
+        service: Arc::new(service),
+        shared,
+        max_request_bytes,
+    };
+    Routes::from(
+        routes
+            .add_service(generated)
+            .into_axum_router()
+            .route_service(WATCH_PATH, watch),
+    )
+}
+
+/// Serves Watch with shared frames.
 #[derive(Debug, Clone)]
-pub enum WatchItem {
-    /// A message to encode (start, gap, or a frame for a subset of GPUs).
-    Message(WatchResponse),
-    /// A `WatchResponse` holding a whole frame, already encoded.
-    Encoded(Bytes),
-}
-
-impl WatchItem {
-    /// The message itself (decoding a shared frame back, for callers that
-    /// want messages rather than bytes).
-    pub fn into_message(self) -> Result<WatchResponse, Status> {
-        match self {
-            WatchItem::Message(m) => Ok(m),
-            WatchItem::Encoded(bytes) => WatchResponse::decode(bytes)
-                .map_err(|e| Status::internal(format!("re-reading a shared frame: {e}"))),
-        }
-    }
-}
-
-/// The newest frame, encoded as a `WatchResponse`.
-#[derive(Debug, Default)]
-pub struct SharedFrames {
-    newest: Mutex<Option<(u64, Bytes)>>,
-}
-
-impl SharedFrames {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// `WatchResponse { frame }` encoded: from the cache when this is the
-    /// frame it holds, else encoded now (and cached if it is newer, so a
-    /// resuming subscriber's replay of old frames never evicts the live one).
-    pub fn encoded(&self, frame: &Frame) -> Bytes {
-        if let Some((seq, bytes)) = self
-            .newest
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            && *seq == frame.seq
-        {
-            return bytes.clone();
-        }
-        let bytes = encode_frame(frame);
-        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
-        if newest.as_ref().is_none_or(|(seq, _)| frame.seq > *seq) {
-            *newest = Some((frame.seq, bytes.clone()));
-        }
-        bytes
-    }
-}
-
-/// `WatchResponse { message: Some(Frame(frame)) }` on the wire, without
-/// copying the frame into a message first.
-fn encode_frame(frame: &Frame) -> Bytes {
-    let len = frame.encoded_len();
-    let mut buf = Vec::with_capacity(len + 8);
-    prost::encoding::message::encode(FRAME_FIELD, frame, &mut buf);
-    Bytes::from(buf)
-}
-
-/// Encodes `WatchItem`s, decodes `WatchRequest`s.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WatchCodec;
-
-/// The encoding half of [`WatchCodec`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WatchEncoder;
-
-impl Encoder for WatchEncoder {
-    type Item = WatchItem;
-    type Error = Status;
-
-    fn encode(&mut self, item: WatchItem, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        match item {
-            WatchItem::Message(m) => m
-                .encode(dst)
-                .map_err(|e| Status::internal(format!("encoding a Watch message: {e}"))),
-            WatchItem::Encoded(bytes) => {
-                dst.put_slice(&bytes);
-                Ok(())
-            }
-        }
-    }
-}
-
-impl Codec for WatchCodec {
-    type Encode = WatchItem;
-    type Decode = WatchRequest;
-    type Encoder = WatchEncoder;
-    type Decoder = ProstDecoder<WatchRequest>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        WatchEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<WatchResponse, WatchRequest>::raw_decoder(BufferSettings::default())
-    }
-}
-
-/// The `gpuwatch.v1.GpuWatch` service as the daemon serves it: Watch with
-/// shared frames, every other method from the generated server.
-#[derive(Debug, Clone)]
-pub struct GpuWatchRoutes {
-    generated: GpuWatchServer<GpuWatchService>,
+pub struct WatchRoute {
     service: Arc<GpuWatchService>,
     shared: Arc<SharedFrames>,
     max_request_bytes: usize,
 }
 
-impl GpuWatchRoutes {
-    pub fn new(service: GpuWatchService, max_request_bytes: usize) -> Self {
-        Self {
-            generated: GpuWatchServer::new(service.clone())
-                .max_decoding_message_size(max_request_bytes),
-            service: Arc::new(service),
-            shared: SharedFrames::new(),
-            max_request_bytes,
-        }
-    }
-}
-
-impl NamedService for GpuWatchRoutes {
-    const NAME: &'static str = <GpuWatchServer<GpuWatchService> as NamedService>::NAME;
-}
-
-impl<B> Service<http::Request<B>> for GpuWatchRoutes
+impl<B> Service<http::Request<B>> for WatchRoute
 where
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
@@ -184,9 +80,6 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != WATCH_PATH {
-            return self.generated.call(request);
-        }
         let method = WatchMethod {
             service: self.service.clone(),
             shared: self.shared.clone(),
@@ -222,50 +115,129 @@ impl ServerStreamingService<WatchRequest> for WatchMethod {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::api::{GpuSample, watch_response};
+    use std::time::Duration;
 
-    fn frame(seq: u64) -> Frame {
-        Frame {
-            seq,
-            time: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 1,
-            }),
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tokio_util::sync::CancellationToken;
+    use tonic::server::NamedService;
+
+    use super::*;
+    use crate::{
+        api::{Frame, GpuSample, WatchResponse, watch_response},
+        auth::{Caller, Role},
+        backend::HostFacts,
+        control::ControlHandle,
+        events::EventLog,
+        hub::Hub,
+        limits::StreamLimiter,
+        service::ServiceParts,
+    };
+
+    /// The gRPC messages in `bytes` (5-byte length-prefixed frames).
+    fn grpc_messages(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut messages = Vec::new();
+        while bytes.len() >= 5 {
+            let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+            messages.push(bytes[5..5 + len].to_vec());
+            bytes = &bytes[5 + len..];
+        }
+        messages
+    }
+
+    #[tokio::test]
+    async fn the_router_sends_watch_through_the_shared_encoding() {
+        let hub = Arc::new(Hub::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            16,
+        ));
+        let (events, _) = EventLog::open(None, 100);
+        let (control, _requests) = ControlHandle::channel();
+        let service = GpuWatchService::new(
+            ServiceParts {
+                hub: hub.clone(),
+                events: Arc::new(events),
+                control,
+                streams: StreamLimiter::new(8, 8),
+                shutdown: CancellationToken::new(),
+            },
+            &HostFacts {
+                backend: "simulator",
+                driver_version: None,
+                nvml_version: None,
+            },
+        );
+        let shared = SharedFrames::new();
+        let mut routes = add_gpuwatch(Routes::default(), service, shared.clone(), 1 << 20);
+
+        // An empty WatchRequest, as the transport hands it over after the
+        // authorization layer attached the caller.
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{WATCH_PATH}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+            )))
+            .expect("request");
+        request
+            .extensions_mut()
+            .insert(Caller::anonymous(Role::Read));
+        let response = routes.call(request).await.expect("infallible");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let frame = Frame {
+            seq: hub.first_seq() + 1,
+            time: None,
             samples: vec![GpuSample {
                 index: 0,
-                uuid: "GPU-shared".into(),
-                seq,
-                temperature_c: Some(70),
-                throttle_reasons: vec![3, 4],
+                uuid: "GPU-route".into(),
+                seq: hub.first_seq() + 1,
                 ..GpuSample::default()
             }],
+        };
+        hub.publish(frame.clone());
+
+        // `start`, then the frame.
+        let mut body = response.into_body();
+        let mut received = Vec::new();
+        while grpc_messages(&received).len() < 2 {
+            let next = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("a message within 5 s")
+                .expect("the stream is open")
+                .expect("a data frame");
+            if let Ok(data) = next.into_data() {
+                received.extend_from_slice(&data);
+            }
         }
+        let messages = grpc_messages(&received);
+        let sent = WatchResponse::decode(messages[1].as_slice()).expect("decodes");
+        assert_eq!(
+            sent.message,
+            Some(watch_response::Message::Frame(frame.clone()))
+        );
+        // Sent from the shared encoding: it cached that tick's bytes.
+        assert_eq!(shared.newest_seq(), Some(frame.seq));
+        assert_eq!(shared.encoded(&frame).as_ref(), messages[1].as_slice());
     }
 
     #[test]
-    fn shared_bytes_are_what_the_generated_code_sends() {
-        let f = frame(7);
-        let expected = WatchResponse {
-            message: Some(watch_response::Message::Frame(f.clone())),
-        }
-        .encode_to_vec();
-        let shared = SharedFrames::default();
-        assert_eq!(shared.encoded(&f).as_ref(), expected.as_slice());
-        // Served from the cache the second time: the same allocation.
-        let a = shared.encoded(&f);
-        let b = shared.encoded(&f);
-        assert_eq!(a.as_ptr(), b.as_ptr());
-        let back = WatchItem::Encoded(a).into_message().expect("decodes");
-        assert_eq!(back.message, Some(watch_response::Message::Frame(f)));
-    }
-
-    #[test]
-    fn an_old_frame_never_evicts_the_newest() {
-        let shared = SharedFrames::default();
-        let newest = shared.encoded(&frame(10));
-        let old = shared.encoded(&frame(3));
-        assert_ne!(old, newest);
-        assert_eq!(shared.encoded(&frame(10)).as_ptr(), newest.as_ptr());
+    fn the_route_is_the_contracts_watch_method() {
+        let set = prost_types::FileDescriptorSet::decode(crate::api::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let service = <GpuWatchServer<GpuWatchService> as NamedService>::NAME;
+        let watch = set
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(move |s| (f, s)))
+            .filter(|(f, s)| format!("{}.{}", f.package(), s.name()) == service)
+            .flat_map(|(_, s)| s.method.iter())
+            .find(|m| format!("/{service}/{}", m.name()) == WATCH_PATH)
+            .expect("WATCH_PATH names a method of the service");
+        assert!(watch.server_streaming() && !watch.client_streaming());
+        assert_eq!(watch.input_type(), ".gpuwatch.v1.WatchRequest");
+        assert_eq!(watch.output_type(), ".gpuwatch.v1.WatchResponse");
     }
 }

@@ -6,113 +6,239 @@
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use crate::support::{CONTROL_TOKEN, Client, Options, READ_TOKEN, events_since, index};
+use crate::support::{CONTROL_TOKEN, Daemon, Options, READ_TOKEN, events_since, index};
+use bytes::{Buf, BufMut, Bytes};
 use gpuwatch_api::{
     self as api, ActorKind, EventKind, gpu_watch_client::GpuWatchClient,
     set_power_limit_request::Target,
 };
+use gpuwatch_server::{auth::Role, authz};
+use prost::Message;
 use tonic::{
-    Code,
+    Code, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::http::uri::PathAndQuery,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Result<(), tonic::Status>)> {
-    fn ok<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
-        r.map(|_| ())
-    }
-    vec![
-        (
-            "ListDevices",
-            ok(c.list_devices(api::ListDevicesRequest::default()).await),
-        ),
-        (
-            "GetSnapshot",
-            ok(c.get_snapshot(api::GetSnapshotRequest::default()).await),
-        ),
-        ("Watch", ok(c.watch(api::WatchRequest::default()).await)),
-        (
-            "WatchEvents",
-            ok(c.watch_events(api::WatchEventsRequest::default()).await),
-        ),
-        (
-            "GetPolicy",
-            ok(c.get_policy(api::GetPolicyRequest::default()).await),
-        ),
-        (
-            "SetPowerLimit",
-            ok(c.set_power_limit(api::SetPowerLimitRequest {
-                gpus: vec![index(0)],
-                target: Some(Target::Watts(500.0)),
-            })
-            .await),
-        ),
-        (
-            "ResetClocks",
-            ok(c.reset_clocks(api::ResetClocksRequest {
-                gpus: vec![index(0)],
-            })
-            .await),
-        ),
-        (
-            "SetThreshold",
-            ok(c.set_threshold(api::SetThresholdRequest {
-                gpus: vec![index(0)],
-                target: Some(api::set_threshold_request::Target::Celsius(75)),
-                hysteresis_c: None,
-            })
-            .await),
-        ),
-    ]
+/// One method of the contract, as its compiled descriptor describes it.
+struct Method {
+    /// `/gpuwatch.v1.Service/Method`
+    path: String,
+    /// `Method`
+    name: String,
+    server_streaming: bool,
 }
 
-fn is_control(rpc: &str) -> bool {
-    matches!(rpc, "SetPowerLimit" | "ResetClocks" | "SetThreshold")
+/// Every method of every service in package `gpuwatch.v1`, read from the
+/// descriptor set compiled into the library (not from a list kept here, so
+/// a new RPC is tested the day it is added).
+fn contract_methods() -> Vec<Method> {
+    let set = prost_types::FileDescriptorSet::decode(api::FILE_DESCRIPTOR_SET)
+        .expect("the compiled descriptor set decodes");
+    let mut methods = Vec::new();
+    for file in set.file.iter().filter(|f| f.package() == "gpuwatch.v1") {
+        for service in &file.service {
+            for method in &service.method {
+                assert!(
+                    !method.client_streaming(),
+                    "{}: this test sends one request message",
+                    method.name()
+                );
+                methods.push(Method {
+                    path: format!("/gpuwatch.v1.{}/{}", service.name(), method.name()),
+                    name: method.name().to_owned(),
+                    server_streaming: method.server_streaming(),
+                });
+            }
+        }
+    }
+    assert!(methods.len() >= 8, "the contract's methods");
+    methods
+}
+
+/// A request `method` carries out for a caller allowed to make it; the
+/// empty (all-default) request for the methods that need nothing more.
+fn sample_request(method: &str) -> Vec<u8> {
+    match method {
+        "SetPowerLimit" => api::SetPowerLimitRequest {
+            gpus: vec![index(0)],
+            target: Some(Target::Watts(500.0)),
+        }
+        .encode_to_vec(),
+        "ResetClocks" => api::ResetClocksRequest {
+            gpus: vec![index(0)],
+        }
+        .encode_to_vec(),
+        "SetThreshold" => api::SetThresholdRequest {
+            gpus: vec![index(0)],
+            target: Some(api::set_threshold_request::Target::Celsius(75)),
+            hysteresis_c: None,
+        }
+        .encode_to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// Sends and receives messages as the bytes they are, so any method can be
+/// called by path.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+/// Calls the method at `path` with `body` and `token`: Ok once the daemon
+/// accepted the call (a unary answer, or a stream's headers).
+async fn call_by_path(
+    channel: &Channel,
+    path: &str,
+    server_streaming: bool,
+    body: Vec<u8>,
+    token: Option<&str>,
+) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
+    let mut request = tonic::Request::new(Bytes::from(body));
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+    }
+    let path = PathAndQuery::try_from(path.to_owned()).expect("a method path");
+    if server_streaming {
+        grpc.server_streaming(request, path, RawCodec)
+            .await
+            .map(|_| ())
+    } else {
+        grpc.unary(request, path, RawCodec).await.map(|_| ())
+    }
+}
+
+/// Calls `method` with its sample request.
+async fn call(channel: &Channel, method: &Method, token: Option<&str>) -> Result<(), Status> {
+    call_by_path(
+        channel,
+        &method.path,
+        method.server_streaming,
+        sample_request(&method.name),
+        token,
+    )
+    .await
+}
+
+async fn channel(d: &Daemon) -> Channel {
+    Channel::from_shared(d.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_against_every_rpc() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = crate::support::start(dir.path(), Options::default());
+    let channel = channel(&d).await;
+    let methods = contract_methods();
+    let needs = |m: &Method| match authz::need(&m.path) {
+        Some(authz::Need::Role(role)) => role,
+        other => panic!("{}: the authorization table says {other:?}", m.path),
+    };
 
-    for (rpc, result) in every_rpc(&mut d.client_with(Some(CONTROL_TOKEN)).await).await {
-        assert!(result.is_ok(), "control token, {rpc}: {result:?}");
+    for m in &methods {
+        let result = call(&channel, m, Some(CONTROL_TOKEN)).await;
+        assert!(result.is_ok(), "control token, {}: {result:?}", m.name);
     }
-    for (rpc, result) in every_rpc(&mut d.client_with(Some(READ_TOKEN)).await).await {
-        if is_control(rpc) {
-            let e = result.expect_err(rpc);
-            assert_eq!(e.code(), Code::PermissionDenied, "read token, {rpc}");
+    for m in &methods {
+        let result = call(&channel, m, Some(READ_TOKEN)).await;
+        if needs(m) == Role::Control {
+            let e = result.expect_err(&m.name);
+            assert_eq!(e.code(), Code::PermissionDenied, "read token, {}", m.name);
             assert!(
                 e.message().contains("reader") && e.message().contains("control"),
                 "{}",
                 e.message()
             );
         } else {
-            assert!(result.is_ok(), "read token, {rpc}: {result:?}");
+            assert!(result.is_ok(), "read token, {}: {result:?}", m.name);
         }
     }
-    for (rpc, result) in
-        every_rpc(&mut d.client_with(Some("not-a-token-anyone-configured")).await).await
-    {
+    for m in &methods {
+        let result = call(&channel, m, Some("not-a-token-anyone-configured")).await;
         assert_eq!(
-            result.expect_err(rpc).code(),
+            result.expect_err(&m.name).code(),
             Code::Unauthenticated,
-            "unknown token, {rpc}"
+            "unknown token, {}",
+            m.name
         );
     }
     // No token on a loopback listener: reads open, control refused.
-    for (rpc, result) in every_rpc(&mut d.client_with(None).await).await {
-        if is_control(rpc) {
+    for m in &methods {
+        let result = call(&channel, m, None).await;
+        if needs(m) == Role::Control {
             assert_eq!(
-                result.expect_err(rpc).code(),
+                result.expect_err(&m.name).code(),
                 Code::Unauthenticated,
-                "no token, {rpc}"
+                "no token, {}",
+                m.name
             );
         } else {
-            assert!(result.is_ok(), "no token, {rpc}: {result:?}");
+            assert!(result.is_ok(), "no token, {}: {result:?}", m.name);
         }
+    }
+    // A method the table does not list is refused, whoever asks.
+    for token in [Some(CONTROL_TOKEN), None] {
+        let e = call_by_path(
+            &channel,
+            "/gpuwatch.v1.GpuWatch/DropEverything",
+            false,
+            Vec::new(),
+            token,
+        )
+        .await
+        .expect_err("not in the table");
+        assert_eq!(e.code(), Code::Unimplemented);
+        assert!(e.message().contains("not served"), "{}", e.message());
     }
 
     // Every refused control call is in the audit log, with who tried.
+    let control = methods.iter().filter(|m| needs(m) == Role::Control).count();
+    assert!(control >= 3, "SetPowerLimit, ResetClocks, SetThreshold");
     let events = events_since(&mut d.client().await, 0).await;
     let refused: Vec<_> = events
         .iter()
@@ -120,8 +246,8 @@ async fn each_role_against_every_rpc() {
         .collect();
     assert_eq!(
         refused.len(),
-        9,
-        "3 control RPCs x 3 refused callers: {refused:?}"
+        3 * control,
+        "{control} control RPCs x 3 refused callers: {refused:?}"
     );
     assert!(
         refused
@@ -189,6 +315,36 @@ async fn reads_on_a_non_loopback_listener_need_a_token_unless_allowed() {
         .expect_err("closed");
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("not loopback"), "{}", e.message());
+    // Health and reflection need no credentials, even here: probes and
+    // schema, not data.
+    let channel = Channel::from_shared(url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health is open");
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .expect("reflection is open")
+        .into_inner();
+    assert!(
+        reflection.message().await.expect("answer").is_some(),
+        "reflection answers"
+    );
     drop(d);
 
     let d = crate::support::start(

@@ -1,0 +1,194 @@
+//! Watch frames encoded once per tick and shared by every subscriber.
+//!
+//! Why: with the generated gRPC plumbing every Watch subscriber deep-copied
+//! each frame and encoded it itself, so a tick with 1,000 subscribers
+//! encoded the same bytes 1,000 times. `gpuwatch-bench fanout` measured that
+//! copy-and-encode as about 40 % of the daemon's CPU under fan-out, and the
+//! tick's burst of work as what set the subscribers' latency (see
+//! BENCHMARKS.md). Here the first subscriber to send a frame encodes it;
+//! the others send the same bytes.
+//!
+//! What it owns: the `WatchItem` a Watch stream yields (a message, or a
+//! frame already encoded), the cache of the newest encoded frame, and the
+//! codec that writes either. It is a leaf: it knows the wire types and
+//! tonic's codec traits, nothing of the service. The service
+//! ([`crate::service`]) produces `WatchItem`s; [`crate::watch_wire`] serves
+//! them. The bytes on the wire are exactly what the generated code would
+//! send.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{BufMut, Bytes};
+use prost::Message;
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
+};
+use tonic_prost::{ProstCodec, ProstDecoder};
+
+use crate::api::{Frame, WatchRequest, WatchResponse};
+
+/// `WatchResponse.frame`'s field number (`oneof message { Frame frame = 2 }`).
+const FRAME_FIELD: u32 = 2;
+
+/// One message of a Watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    /// A message to encode (start, gap, or a frame for a subset of GPUs).
+    Message(WatchResponse),
+    /// A `WatchResponse` holding a whole frame, already encoded.
+    Encoded(Bytes),
+}
+
+impl WatchItem {
+    /// The message itself (decoding a shared frame back, for callers that
+    /// want messages rather than bytes).
+    pub fn into_message(self) -> Result<WatchResponse, Status> {
+        match self {
+            WatchItem::Message(m) => Ok(m),
+            WatchItem::Encoded(bytes) => WatchResponse::decode(bytes)
+                .map_err(|e| Status::internal(format!("re-reading a shared frame: {e}"))),
+        }
+    }
+}
+
+/// The newest frame, encoded as a `WatchResponse`.
+#[derive(Debug, Default)]
+pub struct SharedFrames {
+    newest: Mutex<Option<(u64, Bytes)>>,
+}
+
+impl SharedFrames {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The seq of the frame the cache holds, if any.
+    pub fn newest_seq(&self) -> Option<u64> {
+        self.newest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(seq, _)| *seq)
+    }
+
+    /// `WatchResponse { frame }` encoded: from the cache when this is the
+    /// frame it holds, else encoded now (and cached if it is newer, so a
+    /// resuming subscriber's replay of old frames never evicts the live one).
+    pub fn encoded(&self, frame: &Frame) -> Bytes {
+        if let Some((seq, bytes)) = self
+            .newest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && *seq == frame.seq
+        {
+            return bytes.clone();
+        }
+        let bytes = encode_frame(frame);
+        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
+        if newest.as_ref().is_none_or(|(seq, _)| frame.seq > *seq) {
+            *newest = Some((frame.seq, bytes.clone()));
+        }
+        bytes
+    }
+}
+
+/// `WatchResponse { message: Some(Frame(frame)) }` on the wire, without
+/// copying the frame into a message first.
+fn encode_frame(frame: &Frame) -> Bytes {
+    let len = frame.encoded_len();
+    let mut buf = Vec::with_capacity(len + 8);
+    prost::encoding::message::encode(FRAME_FIELD, frame, &mut buf);
+    Bytes::from(buf)
+}
+
+/// Encodes `WatchItem`s, decodes `WatchRequest`s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchCodec;
+
+/// The encoding half of [`WatchCodec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchEncoder;
+
+impl Encoder for WatchEncoder {
+    type Item = WatchItem;
+    type Error = Status;
+
+    fn encode(&mut self, item: WatchItem, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            WatchItem::Message(m) => m
+                .encode(dst)
+                .map_err(|e| Status::internal(format!("encoding a Watch message: {e}"))),
+            WatchItem::Encoded(bytes) => {
+                dst.put_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Codec for WatchCodec {
+    type Encode = WatchItem;
+    type Decode = WatchRequest;
+    type Encoder = WatchEncoder;
+    type Decoder = ProstDecoder<WatchRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WatchEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<WatchResponse, WatchRequest>::raw_decoder(BufferSettings::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{GpuSample, watch_response};
+
+    fn frame(seq: u64) -> Frame {
+        Frame {
+            seq,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 1,
+            }),
+            samples: vec![GpuSample {
+                index: 0,
+                uuid: "GPU-shared".into(),
+                seq,
+                temperature_c: Some(70),
+                throttle_reasons: vec![3, 4],
+                ..GpuSample::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn shared_bytes_are_what_the_generated_code_sends() {
+        let f = frame(7);
+        let expected = WatchResponse {
+            message: Some(watch_response::Message::Frame(f.clone())),
+        }
+        .encode_to_vec();
+        let shared = SharedFrames::default();
+        assert_eq!(shared.encoded(&f).as_ref(), expected.as_slice());
+        // Served from the cache the second time: the same allocation.
+        let a = shared.encoded(&f);
+        let b = shared.encoded(&f);
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        let back = WatchItem::Encoded(a).into_message().expect("decodes");
+        assert_eq!(back.message, Some(watch_response::Message::Frame(f)));
+    }
+
+    #[test]
+    fn an_old_frame_never_evicts_the_newest() {
+        let shared = SharedFrames::default();
+        let newest = shared.encoded(&frame(10));
+        let old = shared.encoded(&frame(3));
+        assert_ne!(old, newest);
+        assert_eq!(shared.encoded(&frame(10)).as_ptr(), newest.as_ptr());
+    }
+}
