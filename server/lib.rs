@@ -25,6 +25,7 @@ pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod control_status;
 pub mod daemon;
 pub mod events;
 pub mod governor;

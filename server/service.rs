@@ -26,6 +26,7 @@ use crate::{
     auth::{Authenticator, Caller, Role},
     backend::HostFacts,
     control::ControlHandle,
+    control_status,
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
     limits::{StreamLimiter, StreamPermit},
@@ -469,10 +470,12 @@ impl GpuWatch for GpuWatchService {
                 "target: set `watts` (the new limit) or `restore_default: true`",
             )
         })?;
+        let target = target.try_into().map_err(|e| control_status::status(&e))?;
         self.control
             .set_power_limit(indices, target, caller)
             .await
             .map(Response::new)
+            .map_err(|e| control_status::status(&e))
     }
 
     async fn reset_clocks(
@@ -485,6 +488,7 @@ impl GpuWatch for GpuWatchService {
             .reset_clocks(indices, caller)
             .await
             .map(Response::new)
+            .map_err(|e| control_status::status(&e))
     }
 
     async fn set_threshold(
@@ -499,10 +503,12 @@ impl GpuWatch for GpuWatchService {
                 "target: set `celsius` (the new threshold) or `restore_default: true`",
             )
         })?;
+        let target = target.try_into().map_err(|e| control_status::status(&e))?;
         self.control
             .set_threshold(indices, target, req.hysteresis_c, caller)
             .await
             .map(Response::new)
+            .map_err(|e| control_status::status(&e))
     }
 }
 
