@@ -218,8 +218,15 @@ fn drift(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
         })),
     );
     if reapply {
-        // Never above the ceiling in force, whatever was read at start.
-        let limit_mw = gpu.ceiling_mw(facts).map_or(expected, |c| expected.min(c));
+        // Never above the ceiling in force, whatever was read at start; and
+        // a limit below it is recorded as lowered before it is written, like
+        // any other, so the next start gives it back.
+        let ceiling = gpu.ceiling_mw(facts);
+        let limit_mw = ceiling.map_or(expected, |c| expected.min(c));
+        if ceiling.is_some_and(|c| limit_mw + LIMIT_TOLERANCE_MW < c) {
+            DesiredChange::LoweredLimit(true).apply(&mut gpu.desired);
+            plan.persist(DesiredChange::LoweredLimit(true));
+        }
         let write = gpu.plan_write(
             WriteOp::SetPowerLimit { limit_mw },
             Origin::Drift {
