@@ -42,6 +42,7 @@ use crate::{
     events::{Actor, EventLog, NewEvent},
     governor::{Actuator, Decision, Governor, GovernorParams, Observation, ThermalPrior},
     hub::Hub,
+    persist::{Ack, AckSet, PersistError},
     sampler::Sampler,
     state::{GpuState, StateStore},
 };
@@ -50,6 +51,10 @@ use crate::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one device write may take before it counts as failed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write waits for the desired state it depends on to be durable
+/// before it goes ahead anyway: a hung disk must not stop the governor from
+/// cooling a GPU (the failure is logged and counted by the writer).
+const PERSIST_WAIT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for restores.
 const SHUTDOWN_RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Smallest limit difference treated as a real change (mW).
@@ -239,18 +244,21 @@ struct WriteDone {
 
 type WriteFuture = Pin<Box<dyn Future<Output = WriteDone> + Send>>;
 
-/// A control RPC waiting for its writes.
+/// A control RPC waiting for its writes, and for what it changed (events,
+/// desired state) to be durable.
 enum PendingReply {
     PowerLimit {
         results: Vec<PowerLimitResult>,
         errors: Vec<Status>,
         remaining: usize,
+        durable: AckSet,
         reply: oneshot::Sender<Result<SetPowerLimitResponse, Status>>,
     },
     Clocks {
         results: Vec<ClockResetResult>,
         errors: Vec<Status>,
         remaining: usize,
+        durable: AckSet,
         reply: oneshot::Sender<Result<ResetClocksResponse, Status>>,
     },
 }
@@ -867,28 +875,35 @@ impl Controller {
         let lowering = level < ceiling - 0.5;
         let uuid = gpu.uuid().to_owned();
         let clock_mode = gpu.mode == GovernorMode::ClockLock;
-        if lowering {
-            // Persist first: a crash right after the write must still know
-            // the governor left this GPU lowered.
+        // Persist first, and write only once that is acknowledged: a crash
+        // right after the write must still know the governor left this GPU
+        // lowered. The wait happens in the write's future, not on the loop.
+        let durable = lowering.then(|| {
             self.persist(&uuid, |s| {
                 if clock_mode {
                     s.governor_clock_lock = true;
                 } else {
                     s.governor_lowered_limit = true;
                 }
-            });
-        }
-        self.dispatch(pos, op, Origin::Governor { reason });
+            })
+        });
+        self.dispatch_after(pos, op, Origin::Governor { reason }, durable);
     }
 
-    fn persist(&mut self, uuid: &str, change: impl FnOnce(&mut GpuState)) {
-        if let Err(e) = self.store.update(uuid, change) {
-            tracing::error!(error = %e, "could not save desired state; it will not survive a restart");
-        }
+    /// Changes the desired state at once and queues its save; the ack says
+    /// when it is durable (failures are logged and counted by the writer).
+    fn persist(&mut self, uuid: &str, change: impl FnOnce(&mut GpuState)) -> Ack {
+        self.store.update(uuid, change)
     }
 
     /// Sends a write to the GPU's thread.
     fn dispatch(&mut self, pos: usize, op: WriteOp, origin: Origin) {
+        self.dispatch_after(pos, op, origin, None);
+    }
+
+    /// Sends a write to the GPU's thread once `durable` (the desired state
+    /// the write depends on) is acknowledged, or at once without one.
+    fn dispatch_after(&mut self, pos: usize, op: WriteOp, origin: Origin, durable: Option<Ack>) {
         let gpu = &mut self.gpus[pos];
         gpu.in_flight += 1;
         let before = match op {
@@ -896,8 +911,32 @@ impl Controller {
             WriteOp::LockGpuClocks { .. } | WriteOp::ResetGpuLockedClocks => gpu.clock_cap_mhz,
             _ => None,
         };
-        let rx = self.sampler.slots[pos].actor.write(op);
+        let actor = &self.sampler.slots[pos].actor;
+        let queue = actor.write_queue();
+        let sent = durable.is_none().then(|| actor.write(op));
+        let index = gpu.index();
         self.writes.push(Box::pin(async move {
+            let rx = match (sent, durable) {
+                (Some(rx), _) => rx,
+                (None, durable) => {
+                    if let Some(ack) = durable {
+                        match tokio::time::timeout(PERSIST_WAIT, ack).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::error!(
+                                gpu = index,
+                                error = %e,
+                                "writing although the desired state is not durable"
+                            ),
+                            Err(_) => tracing::error!(
+                                gpu = index,
+                                "the desired state was not durable within {}s; writing anyway",
+                                PERSIST_WAIT.as_secs()
+                            ),
+                        }
+                    }
+                    queue.write(op)
+                }
+            };
             let result = match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(BackendError::Other("device thread stopped".into())),
@@ -924,7 +963,7 @@ impl Controller {
         gpu.in_flight = gpu.in_flight.saturating_sub(1);
         let index = gpu.index();
         let uuid = gpu.uuid().to_owned();
-        let mut event_seq = None;
+        let durable;
         match &done.result {
             Ok(()) => {
                 let (kind, change) = match done.op {
@@ -973,8 +1012,9 @@ impl Controller {
                 if let Some(change) = change {
                     event = event.change(change);
                 }
-                let event = self.events.record(event);
-                event_seq = Some(event.seq);
+                let recorded = self.events.record(event);
+                let event = recorded.event().clone();
+                durable = Some(recorded.durable());
                 let description = describe_change(&event);
                 if matches!(done.origin, Origin::Governor { .. }) {
                     self.gpus[pos].last_action = Some(GovernorAction {
@@ -986,7 +1026,7 @@ impl Controller {
                 self.after_successful_write(pos, &done);
             }
             Err(e) => {
-                self.events.record(
+                let recorded = self.events.record(
                     NewEvent::new(
                         EventKind::ControlFailed,
                         actor,
@@ -995,6 +1035,7 @@ impl Controller {
                     .gpu(index, &uuid)
                     .severity(Severity::Error),
                 );
+                durable = Some(recorded.durable());
                 tracing::warn!(gpu = index, error = %e, op = ?done.op, "write failed");
                 if matches!(done.origin, Origin::Governor { .. }) {
                     self.governor_write_failed(pos, e);
@@ -1005,7 +1046,7 @@ impl Controller {
             reply, slot, part, ..
         } = done.origin
         {
-            self.operator_write_done(reply, slot, part, index, &done.result, event_seq);
+            self.operator_write_done(reply, slot, part, index, &done.result, durable);
         }
         self.publish_policies();
     }
@@ -1100,10 +1141,12 @@ impl Controller {
                 hysteresis_c,
                 caller,
                 reply,
-            } => {
-                let result = self.set_threshold(&gpus, target, hysteresis_c, &caller);
-                let _ = reply.send(result);
-            }
+            } => match self.set_threshold(&gpus, target, hysteresis_c, &caller) {
+                Ok((response, durable)) => reply_when_durable(reply, Ok(response), durable),
+                Err(status) => {
+                    let _ = reply.send(Err(status));
+                }
+            },
         }
         self.publish_policies();
     }
@@ -1138,6 +1181,7 @@ impl Controller {
         self.next_reply += 1;
         let mut results = Vec::new();
         let mut writes = Vec::new();
+        let mut durable = AckSet::default();
         for (slot, &pos) in positions.iter().enumerate() {
             let gpu = &mut self.gpus[pos];
             let previous = gpu.operator_ceiling_mw;
@@ -1171,7 +1215,7 @@ impl Controller {
                 _ => (Some(ceiling), String::new()),
             };
             let apply = apply.filter(|c| current.is_none_or(|cur| cur.abs_diff(*c) > 0));
-            self.events.record(
+            let recorded = self.events.record(
                 NewEvent::new(
                     EventKind::CeilingChanged,
                     Actor::operator(&caller.name),
@@ -1189,7 +1233,8 @@ impl Controller {
                     after_mw: new_ceiling,
                 })),
             );
-            self.persist(&uuid, |s| s.operator_ceiling_mw = new_ceiling);
+            durable.push(recorded.durable());
+            durable.push(self.persist(&uuid, |s| s.operator_ceiling_mw = new_ceiling));
             results.push(PowerLimitResult {
                 index,
                 uuid,
@@ -1210,6 +1255,7 @@ impl Controller {
                 results,
                 errors: Vec::new(),
                 remaining,
+                durable,
                 reply,
             },
         );
@@ -1340,6 +1386,7 @@ impl Controller {
                 results,
                 errors: Vec::new(),
                 remaining: writes.len(),
+                durable: AckSet::default(),
                 reply,
             },
         );
@@ -1364,7 +1411,7 @@ impl Controller {
         target: set_threshold_request::Target,
         hysteresis_c: Option<u32>,
         caller: &Caller,
-    ) -> Result<SetThresholdResponse, Status> {
+    ) -> Result<(SetThresholdResponse, AckSet), Status> {
         let positions = self.positions(indices)?;
         if let set_threshold_request::Target::RestoreDefault(false) = target {
             return Err(Status::invalid_argument(
@@ -1428,6 +1475,7 @@ impl Controller {
             planned.push((pos, threshold, source, hysteresis));
         }
         let mut results = Vec::new();
+        let mut durable = AckSet::default();
         for (pos, threshold, source, hysteresis) in planned {
             let gpu = &mut self.gpus[pos];
             let (before_c, before_h) = (gpu.threshold_c, gpu.hysteresis_c);
@@ -1442,11 +1490,11 @@ impl Controller {
             let (index, uuid) = (gpu.index(), gpu.uuid().to_owned());
             let operator_value = (source == ThresholdSource::Operator).then_some(threshold);
             let operator_h = hysteresis_c.filter(|_| source == ThresholdSource::Operator);
-            self.persist(&uuid, |s| {
+            durable.push(self.persist(&uuid, |s| {
                 s.threshold_c = operator_value;
                 s.hysteresis_c = operator_h;
-            });
-            self.events.record(
+            }));
+            let recorded = self.events.record(
                 NewEvent::new(
                     EventKind::ThresholdChanged,
                     Actor::operator(&caller.name),
@@ -1460,6 +1508,7 @@ impl Controller {
                     after_hysteresis_c: Some(hysteresis),
                 })),
             );
+            durable.push(recorded.durable());
             results.push(ThresholdResult {
                 index,
                 uuid,
@@ -1469,7 +1518,7 @@ impl Controller {
                 threshold_source: source as i32,
             });
         }
-        Ok(SetThresholdResponse { results })
+        Ok((SetThresholdResponse { results }, durable))
     }
 
     fn operator_write_done(
@@ -1479,11 +1528,18 @@ impl Controller {
         part: Part,
         index: u32,
         result: &Result<(), BackendError>,
-        _event_seq: Option<u64>,
+        event: Option<Ack>,
     ) {
         let Some(pending) = self.replies.get_mut(&id) else {
             return;
         };
+        if let (
+            Some(ack),
+            PendingReply::PowerLimit { durable, .. } | PendingReply::Clocks { durable, .. },
+        ) = (event, &mut *pending)
+        {
+            durable.push(ack);
+        }
         match pending {
             PendingReply::PowerLimit {
                 results,
@@ -1540,18 +1596,28 @@ impl Controller {
             Some(PendingReply::PowerLimit {
                 results,
                 errors,
+                durable,
                 reply,
                 ..
             }) => {
-                let _ = reply.send(combine(errors, SetPowerLimitResponse { results }));
+                reply_when_durable(
+                    reply,
+                    combine(errors, SetPowerLimitResponse { results }),
+                    durable,
+                );
             }
             Some(PendingReply::Clocks {
                 results,
                 errors,
+                durable,
                 reply,
                 ..
             }) => {
-                let _ = reply.send(combine(errors, ResetClocksResponse { results }));
+                reply_when_durable(
+                    reply,
+                    combine(errors, ResetClocksResponse { results }),
+                    durable,
+                );
             }
             None => {}
         }
@@ -1636,6 +1702,33 @@ fn combine<T>(errors: Vec<Status>, ok: T) -> Result<T, Status> {
             Err(Status::new(first.code(), all.join("; ")))
         }
     }
+}
+
+/// Answers an RPC once what it changed is durable, without holding up the
+/// control loop: a change that could not be made durable is not an OK.
+fn reply_when_durable<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, Status>>,
+    result: Result<T, Status>,
+    durable: AckSet,
+) {
+    if durable.is_empty() {
+        let _ = reply.send(result);
+        return;
+    }
+    tokio::spawn(async move {
+        let result = match (result, durable.wait().await) {
+            (Ok(_), Err(e)) => Err(not_durable(&e)),
+            (result, _) => result,
+        };
+        let _ = reply.send(result);
+    });
+}
+
+/// The gRPC status for a change that was made but is not on disk.
+fn not_durable(e: &PersistError) -> Status {
+    Status::unavailable(format!(
+        "the change was made but could not be saved, so it would not survive a restart: {e}"
+    ))
 }
 
 fn refuse(request: ControlRequest, status: Status) {
