@@ -801,6 +801,58 @@ mod tests {
         assert_eq!(store.get("GPU-a").operator_ceiling_mw, Some(400_000));
     }
 
+    #[tokio::test]
+    async fn a_flood_of_bulk_events_cannot_crowd_the_audit_trail_out_of_the_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer =
+            Persister::start_with_delay(Some(dir.path()), Some(Duration::from_millis(1500)))
+                .expect("writer");
+        let (log, _) = EventLog::with_writer(&writer, 10_000);
+        let refused_request = || {
+            NewEvent::new(
+                EventKind::ControlRefused,
+                Actor::operator("anyone"),
+                "refused",
+            )
+            .not_durable()
+        };
+        let flood: Vec<_> = (0..QUEUE_CAPACITY)
+            .map(|_| log.record(refused_request()))
+            .collect();
+        let governor = log.record(event(1));
+        assert_ne!(governor.seq(), 0, "the governor's event was queued");
+
+        let (mut queued, mut refused) = (Vec::new(), 0);
+        for recorded in flood {
+            if recorded.seq() == 0 {
+                refused += 1;
+                assert!(matches!(
+                    recorded.ack().await,
+                    Err(PersistError::QueueFull { .. })
+                ));
+            } else {
+                queued.push(recorded.seq());
+                recorded
+                    .ack()
+                    .await
+                    .expect("a queued bulk event is written");
+            }
+        }
+        assert!(refused > 0, "the flood was bounded");
+        assert!(
+            queued.len() >= QUEUE_CAPACITY / 2,
+            "half the queue was theirs"
+        );
+        let expected: Vec<u64> = (1..=queued.len() as u64).collect();
+        assert_eq!(queued, expected, "refused events take no seq: no holes");
+        let event = governor
+            .ack()
+            .await
+            .expect("the governor's event is durable");
+        assert_eq!(event.seq, queued.len() as u64 + 1);
+        assert!(log.persist_failures() >= refused);
+    }
+
     #[test]
     fn without_a_state_directory_acks_are_ready_at_once() {
         let writer = Persister::memory();
