@@ -28,7 +28,9 @@ fn code(error: &ControlError) -> Code {
         | ControlError::ThresholdNotBelowSlowdown { .. }
         | ControlError::ThresholdTooHigh { .. }
         | ControlError::BandTooNarrow { .. } => Code::InvalidArgument,
-        ControlError::GpuLost { .. } | ControlError::ShuttingDown => Code::Unavailable,
+        ControlError::GpuLost { .. }
+        | ControlError::NotDurable { .. }
+        | ControlError::ShuttingDown => Code::Unavailable,
         ControlError::PowerLimitUnsupported { .. } => Code::FailedPrecondition,
         ControlError::TimedOut => Code::DeadlineExceeded,
         ControlError::Device { error, .. } => device_code(error),

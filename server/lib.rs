@@ -6,7 +6,8 @@
 //! [`hub`] (latest frame, history, fan-out) → [`service`] (gRPC). The
 //! [`control`] plane runs the [`governor`] and operator requests on the
 //! sampler's loop; [`events`] is the audit trail; [`state`] the desired state
-//! that outlives a restart. [`api`] is the wire contract, the only part the
+//! that outlives a restart; [`persist`] the one writer that puts both on disk,
+//! off the sampling loop. [`api`] is the wire contract, the only part the
 //! client uses.
 
 /// The wire contract, generated from `proto/gpuwatch/v1/`.
@@ -32,6 +33,7 @@ pub mod governor;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod persist;
 pub mod sampler;
 pub mod scenario;
 pub mod selector;

@@ -14,8 +14,8 @@
 //! Each tick also tells the control plane what it saw of every GPU
 //! ([`Observed`]): a fresh reading, the GPU lost, or the GPU back with its
 //! facts read afresh. The sampler owns the device facts; the control plane
-//! borrows them through [`Sampler::facts`] and writes through
-//! [`Sampler::write`], never through the slots.
+//! borrows them through [`Sampler::facts`] and writes through the queues
+//! of [`Sampler::write_queues`], never through the slots.
 //!
 //! Ticks are numbered from the daemon's start time in Unix milliseconds, so
 //! sequence numbers keep rising across restarts (at up to 1 kHz).
@@ -29,7 +29,7 @@ use tokio::{sync::oneshot, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    actor::{DeviceActor, ReadOutcome, WriteOp},
+    actor::{DeviceActor, ReadOutcome, WriteQueue},
     api::{EventKind, Frame, GovernorState, GpuHealth, Severity},
     backend::{BackendError, DeviceEvent, DeviceFacts, ReadScope, Reading, SlowReading},
     config::SamplerConfig,
@@ -254,13 +254,10 @@ impl Sampler {
         self.slots.iter().map(|s| &s.facts).collect()
     }
 
-    /// Sends a write to the device thread of the GPU at `pos`; the answer
-    /// comes on the returned channel (closed if the thread is gone).
-    pub fn write(&self, pos: usize, op: WriteOp) -> oneshot::Receiver<Result<(), BackendError>> {
-        match self.slots.get(pos) {
-            Some(slot) => slot.actor.write(op),
-            None => oneshot::channel().1,
-        }
+    /// Handles that queue writes to each GPU's device thread, by position:
+    /// the control plane's way to write, without reaching into the slots.
+    pub fn write_queues(&self) -> Vec<WriteQueue> {
+        self.slots.iter().map(|s| s.actor.write_queue()).collect()
     }
 
     /// A ticker at the sampler's interval that skips missed ticks.

@@ -5,10 +5,11 @@
 //! each GPU's observations and every operator request to the planners,
 //! then executes what they planned, in order: desired state to the
 //! [`StateStore`], events to the [`EventLog`], writes to the GPUs' device
-//! threads, replies to the callers, policies to the [`Hub`]. All calls to
-//! the store and the log are in [`Controller::execute`] (and the startup
-//! and shutdown records next to it), so that moving persistence behind a
-//! writer with acknowledgements is a change here alone.
+//! threads, replies to the callers, policies to the [`Hub`]. Persistence is
+//! acknowledged: a write waits for the desired state persisted before it in
+//! its plan to be durable, and a reply waits for everything its request
+//! changed (events and desired state); the loop itself never waits for a
+//! disk. Every call to the store and the log is in the executor below.
 
 use std::{
     sync::Arc,
@@ -19,22 +20,24 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    actor::WriteQueue,
     api::{EventKind, GovernorAction, GpuPolicy, SetThresholdResponse},
     config::ControllerConfig,
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
+    persist::{Ack, AckSet},
     sampler::{Observed, Sampler},
     state::StateStore,
 };
 
 use super::{
     ControlRequest,
-    dispatch::{PendingReplies, WRITE_TIMEOUT, WriteDone, Writes},
+    dispatch::{PendingReplies, WRITE_TIMEOUT, WriteDone, Writes, reply_when_durable},
     error::ControlError,
     gpu::GpuControl,
     lifecycle,
-    plan::{Effect, Origin, Plan},
-    requests::{self, RequestPlan},
+    plan::{DesiredChange, Effect, Origin, Plan, Write},
+    requests::{self, Awaiting, RequestPlan},
     wire,
 };
 
@@ -44,6 +47,8 @@ const SHUTDOWN_RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The control loop: sampler, governors, operator requests.
 pub struct Controller {
     sampler: Sampler,
+    /// Where writes to each GPU go, by position.
+    queues: Vec<WriteQueue>,
     gpus: Vec<GpuControl>,
     hub: Arc<Hub>,
     events: Arc<EventLog>,
@@ -83,6 +88,7 @@ impl Controller {
             gpus.push(gpu);
         }
         let mut controller = Self {
+            queues: sampler.write_queues(),
             sampler,
             gpus,
             hub,
@@ -200,38 +206,79 @@ impl Controller {
         self.publish_policies();
     }
 
-    /// Carries out one GPU's plan, in order.
-    fn execute(&mut self, pos: usize, plan: Plan) {
+    /// Carries out one GPU's plan, in order. A write goes to the GPU only
+    /// once the desired state persisted before it in the plan is durable
+    /// (persist, then write); returns the acknowledgements no write waited
+    /// for (its events, later state), for a reply that must.
+    fn execute(&mut self, pos: usize, plan: Plan) -> Vec<Ack> {
+        let mut gate = Vec::new();
+        let mut rest = Vec::new();
         for effect in plan.effects {
-            self.apply(pos, effect);
+            match effect {
+                Effect::Write(write) => {
+                    let mut acks = AckSet::default();
+                    for ack in gate.drain(..) {
+                        acks.push(ack);
+                    }
+                    self.send(pos, write, acks);
+                }
+                Effect::Persist(change) => gate.push(self.persist(pos, change)),
+                effect => rest.extend(self.record(pos, effect)),
+            }
         }
+        rest.extend(gate);
+        rest
     }
 
-    fn apply(&mut self, pos: usize, effect: Effect) {
-        match effect {
-            Effect::Persist(change) => {
-                let uuid = self.sampler.facts(pos).uuid.clone();
-                if let Err(e) = self.store.update(&uuid, |s| change.apply(s)) {
-                    tracing::error!(error = %e, "could not save desired state; it will not survive a restart");
+    /// Carries out a request's effects; writes go at once, and the returned
+    /// set acknowledges everything the request changed, for its reply.
+    fn execute_request<R>(&mut self, plan: RequestPlan<R>) -> (Awaiting<R>, AckSet) {
+        let mut durable = AckSet::default();
+        for (pos, effect) in plan.effects {
+            match effect {
+                Effect::Write(write) => self.send(pos, write, AckSet::default()),
+                Effect::Persist(change) => durable.push(self.persist(pos, change)),
+                effect => {
+                    if let Some(ack) = self.record(pos, effect) {
+                        durable.push(ack);
+                    }
                 }
             }
-            Effect::Record(event) => {
-                self.events.record(event);
-            }
+        }
+        (plan.reply, durable)
+    }
+
+    /// Queues a desired-state change for the writer.
+    fn persist(&mut self, pos: usize, change: DesiredChange) -> Ack {
+        let uuid = &self.sampler.facts(pos).uuid;
+        self.store.update(uuid, |s| change.apply(s))
+    }
+
+    /// Records an event effect; `None` for any other effect.
+    fn record(&mut self, pos: usize, effect: Effect) -> Option<Ack> {
+        match effect {
+            Effect::Record(event) => Some(self.events.record(event).durable()),
             Effect::RecordGovernorAction(event) => {
-                let event = self.events.record(event);
+                let recorded = self.events.record(event);
+                let event = recorded.event();
                 if let Some(gpu) = self.gpus.get_mut(pos) {
                     gpu.last_action = Some(GovernorAction {
                         time: event.time,
-                        description: wire::describe_change(&event),
+                        description: wire::describe_change(event),
                         event_seq: event.seq,
                     });
                 }
+                Some(recorded.durable())
             }
-            Effect::Write(write) => {
-                let rx = self.sampler.write(pos, write.op);
-                self.writes.track(pos, write, rx);
-            }
+            Effect::Persist(_) | Effect::Write(_) => None,
+        }
+    }
+
+    /// Sends a write to GPU `pos` once `gate` is acknowledged.
+    fn send(&mut self, pos: usize, write: Write, gate: AckSet) {
+        match self.queues.get(pos) {
+            Some(queue) => self.writes.send(pos, write, queue, gate),
+            None => tracing::error!(gpu = pos, "no device thread to write to"),
         }
     }
 
@@ -250,12 +297,13 @@ impl Controller {
             tracing::warn!(gpu = index, error = %e, op = ?write.op, "write failed");
         }
         let plan = lifecycle::write_done(gpu, facts, &write, &result);
-        self.execute(pos, plan);
+        let recorded = self.execute(pos, plan);
         if let Origin::Operator {
             reply, slot, part, ..
         } = write.origin
         {
-            self.replies.write_done(reply, slot, part, index, &result);
+            self.replies
+                .write_done(reply, slot, part, index, &result, recorded);
         }
         self.publish_policies();
     }
@@ -279,8 +327,8 @@ impl Controller {
                     id,
                 ) {
                     Ok(plan) => {
-                        let awaiting = self.execute_request(plan);
-                        self.replies.power_limit(id, awaiting, reply);
+                        let (awaiting, durable) = self.execute_request(plan);
+                        self.replies.power_limit(id, awaiting, reply, durable);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -295,8 +343,8 @@ impl Controller {
                 let id = self.replies.next_id();
                 match requests::reset_clocks(&mut self.gpus, &facts, &gpus, &caller.name, id) {
                     Ok(plan) => {
-                        let awaiting = self.execute_request(plan);
-                        self.replies.clocks(id, awaiting, reply);
+                        let (awaiting, durable) = self.execute_request(plan);
+                        self.replies.clocks(id, awaiting, reply, durable);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -310,32 +358,28 @@ impl Controller {
                 caller,
                 reply,
             } => {
-                let result = requests::set_threshold(
+                match requests::set_threshold(
                     &mut self.gpus,
                     &facts,
                     &gpus,
                     target,
                     hysteresis_c,
                     &caller.name,
-                )
-                .and_then(|plan| {
-                    self.execute_request(plan)
-                        .finish()
-                        .map(|results| SetThresholdResponse { results })
-                });
-                let _ = reply.send(result);
+                ) {
+                    Ok(plan) => {
+                        let (awaiting, durable) = self.execute_request(plan);
+                        let result = awaiting
+                            .finish()
+                            .map(|results| SetThresholdResponse { results });
+                        reply_when_durable(reply, result, durable);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
         }
         self.publish_policies();
-    }
-
-    /// Carries out a request's effects; returns its reply, still waiting
-    /// for the writes it sent.
-    fn execute_request<R>(&mut self, plan: RequestPlan<R>) -> requests::Awaiting<R> {
-        for (pos, effect) in plan.effects {
-            self.apply(pos, effect);
-        }
-        plan.reply
     }
 
     /// Gives back every GPU the governor lowered, and records it.

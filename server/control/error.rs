@@ -82,6 +82,12 @@ pub enum ControlError {
     /// Several GPUs' writes failed (the first one's kind decides the code).
     #[error("{}", join(.0))]
     Several(Vec<ControlError>),
+    /// The change was made but its record (event or desired state) could
+    /// not be made durable.
+    #[error(
+        "the change was made but could not be saved, so it would not survive a restart: {reason}"
+    )]
+    NotDurable { reason: String },
     /// The daemon is stopping; the request was not carried out.
     #[error("the daemon is shutting down")]
     ShuttingDown,
