@@ -916,9 +916,9 @@ impl Controller {
         let sent = durable.is_none().then(|| actor.write(op));
         let index = gpu.index();
         self.writes.push(Box::pin(async move {
-            let rx = match (sent, durable) {
-                (Some(rx), _) => rx,
-                (None, durable) => {
+            let rx = match sent {
+                Some(rx) => rx,
+                None => {
                     if let Some(ack) = durable {
                         match tokio::time::timeout(PERSIST_WAIT, ack).await {
                             Ok(Ok(())) => {}
