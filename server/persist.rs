@@ -853,6 +853,51 @@ mod tests {
         assert!(log.persist_failures() >= refused);
     }
 
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_failed_event_write_is_an_error_naming_the_log_and_is_counted() {
+        // /dev/full answers every write with ENOSPC: a full disk.
+        let full = OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = Persister::start(Some(dir.path())).expect("writer");
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = published.clone();
+        let log = AppendLog {
+            dir: dir.path().to_path_buf(),
+            current: "events.log",
+            rotated: "events.log.1",
+            file: full,
+            lines_in_file: 0,
+            retain: 100,
+        };
+        assert!(writer.attach_log(
+            log,
+            Box::new(move |events| sink.lock().expect("sink").extend(events))
+        ));
+        let event = Arc::new(api::Event {
+            seq: 1,
+            ..api::Event::default()
+        });
+        let ack = writer
+            .append(event, "00000000 {}\n".to_owned(), true, false)
+            .map_err(|(_, e)| e)
+            .expect("queued");
+        let err = ack.await.expect_err("a write that failed is not an OK");
+        assert!(
+            err.to_string().contains("events.log"),
+            "the error names the file: {err}"
+        );
+        assert_eq!(writer.stats().event_failures, 1);
+        assert_eq!(
+            published.lock().expect("published").len(),
+            1,
+            "still handed to subscribers, from memory"
+        );
+    }
+
     #[test]
     fn without_a_state_directory_acks_are_ready_at_once() {
         let writer = Persister::memory();
