@@ -974,9 +974,15 @@ mod properties {
             effects: impl IntoIterator<Item = Effect>,
         ) -> Result<(), TestCaseError> {
             let ceiling = self.gpu.ceiling_mw(&self.facts);
+            // What this plan has persisted so far: a lowering write must
+            // come after its own plan recorded it, not rely on an older one.
+            let mut persisted = Vec::new();
             for effect in effects {
                 match effect {
-                    Effect::Persist(change) => change.apply(&mut self.stored),
+                    Effect::Persist(change) => {
+                        change.apply(&mut self.stored);
+                        persisted.push(change);
+                    }
                     Effect::Write(write) => {
                         match write.op {
                             WriteOp::SetPowerLimit { limit_mw } => {
@@ -987,15 +993,15 @@ mod properties {
                                 );
                                 if limit_mw + LIMIT_TOLERANCE_MW < ceiling {
                                     prop_assert!(
-                                        self.stored.governor_lowered_limit,
-                                        "{write:?} lowers the GPU before `lowered` is persisted"
+                                        persisted.contains(&DesiredChange::LoweredLimit(true)),
+                                        "{write:?} lowers the GPU before its plan persists `lowered`"
                                     );
                                 }
                             }
                             WriteOp::LockGpuClocks { max_mhz, .. } => {
                                 prop_assert!(
-                                    self.stored.governor_clock_lock,
-                                    "{write:?} locks clocks before the lock is persisted"
+                                    persisted.contains(&DesiredChange::ClockLock(true)),
+                                    "{write:?} locks clocks before its plan persists the lock"
                                 );
                                 prop_assert!(
                                     max_mhz <= self.facts.max_graphics_clock_mhz.unwrap_or(0)
