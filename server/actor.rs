@@ -119,15 +119,36 @@ impl DeviceActor {
 
     /// Queues a write behind any call in progress.
     pub fn write(&self, op: WriteOp) -> oneshot::Receiver<Result<(), BackendError>> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Command::Write { op, reply });
-        rx
+        self.write_queue().write(op)
+    }
+
+    /// A handle that queues writes to this GPU from elsewhere (for a write
+    /// that must wait for something else first).
+    pub fn write_queue(&self) -> WriteQueue {
+        WriteQueue {
+            tx: self.tx.clone(),
+        }
     }
 
     /// True when the thread has exited (it only does when the handle drops or
     /// the device code panicked).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+/// Queues writes to one GPU's thread; see [`DeviceActor::write_queue`].
+#[derive(Debug, Clone)]
+pub struct WriteQueue {
+    tx: mpsc::Sender<Command>,
+}
+
+impl WriteQueue {
+    /// Queues a write behind any call in progress.
+    pub fn write(&self, op: WriteOp) -> oneshot::Receiver<Result<(), BackendError>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Write { op, reply });
+        rx
     }
 }
 

@@ -34,6 +34,7 @@ use crate::{
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
     limits::StreamLimiter,
+    persist::Persister,
     sampler::{DESCRIBE_TIMEOUT, GpuSlot, Sampler},
     service::{GpuWatchService, ServiceParts},
     state::StateStore,
@@ -227,7 +228,10 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     let backend = make_backend(&config, state_dir.as_deref())?;
     let host_facts = backend.host_facts();
 
-    let (events, log_report) = EventLog::open(state_dir.as_deref(), config.events.retain);
+    // One writer for everything in the state directory, off the sampling loop.
+    let writer = Persister::start(state_dir.as_deref())
+        .map_err(|e| DaemonError::Startup(format!("cannot start the state writer: {e}")))?;
+    let (events, log_report) = EventLog::with_writer(&writer, config.events.retain);
     let events = Arc::new(events);
     if log_report.damaged() {
         tracing::warn!("{}", log_report.describe());
@@ -240,7 +244,7 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             .severity(Severity::Warning),
         );
     }
-    let (store, state_report) = StateStore::open(state_dir.as_deref());
+    let (store, state_report) = StateStore::with_writer(&writer);
     for problem in &state_report.problems {
         tracing::warn!("state: {problem}");
         events.record(
@@ -397,6 +401,11 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             hub.devices().len()
         ),
     ));
+    // Serve only once the startup repairs and this event are committed, so
+    // the first WatchEvents replay already holds them.
+    if let Err(e) = writer.flush().await {
+        tracing::error!(error = %e, "startup events could not be committed");
+    }
 
     let control_task = tokio::spawn(controller.run(requests, shutdown.clone()));
     let grace = config.server.shutdown_grace;
@@ -429,6 +438,11 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         stop.cancel();
         if control_task.await.is_err() {
             tracing::error!("control plane task failed during shutdown");
+        }
+        // A clean stop loses nothing: every event and state change queued
+        // (the restores above included) is on disk before the daemon exits.
+        if let Err(e) = writer.flush().await {
+            tracing::error!(error = %e, "could not commit the last events and state");
         }
         if let Some(http) = http_task {
             let _ = tokio::time::timeout(grace, http).await;

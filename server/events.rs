@@ -2,12 +2,14 @@
 //! numbered, persisted, and streamed.
 //!
 //! Events are the audit trail: who (governor, an operator, startup, shutdown,
-//! the device itself) did what to which GPU, why, and what changed. Each
-//! event is appended to `events.log` in the state directory *before* it is
-//! handed to any subscriber, so a client never sees an event that a crash
-//! (even SIGKILL) could lose. Sequence numbers are persisted with the events
-//! and keep rising across restarts, so `WatchEvents(since_seq)` works across
-//! them.
+//! the device itself) did what to which GPU, why, and what changed.
+//! [`EventLog::record`] numbers an event and queues it for the state
+//! directory's one writer (`persist.rs`) without waiting for the disk; the
+//! writer appends it to `events.log` and only then hands it to subscribers,
+//! so a client never sees an event that a crash (even SIGKILL) could lose.
+//! Whoever must know it is durable awaits the [`Recorded`] acknowledgement.
+//! Sequence numbers are persisted with the events and keep rising across
+//! restarts, so `WatchEvents(since_seq)` works across them.
 //!
 //! The log is bounded: when the current file holds `retain` events it is
 //! rotated to `events.log.1` (replacing the older one). Each line is
@@ -18,7 +20,7 @@
 use std::{
     collections::VecDeque,
     fs::{self, File, OpenOptions},
-    io::{self, BufRead, BufReader, Seek, Write},
+    io::{self, BufRead, BufReader, Seek},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
@@ -30,9 +32,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::api::{
-    self, ActorKind, ClockLockChange, EventKind, PowerLimitChange, Severity, ThresholdChange,
-    event::Change,
+use crate::{
+    api::{
+        self, ActorKind, ClockLockChange, EventKind, PowerLimitChange, Severity, ThresholdChange,
+        event::Change,
+    },
+    persist::{Ack, AppendLog, PersistError, Persister},
 };
 
 /// Who caused an event.
@@ -81,7 +86,8 @@ pub struct NewEvent {
     pub xid: Option<u64>,
     /// fsync the log after this event (default). Events that anyone could
     /// cause in bulk (refused requests) are written but not fsynced, so a
-    /// flood of them cannot turn into a flood of disk flushes.
+    /// flood of them cannot turn into a flood of disk flushes, and they may
+    /// only use half of the writer's queue.
     pub durable: bool,
 }
 
@@ -184,73 +190,164 @@ const ROTATED_FILE: &str = "events.log.1";
 /// Events a live subscriber may fall behind by before it loses some.
 const SUBSCRIBER_BUFFER_EVENTS: usize = 1024;
 
+/// An event as the log numbered it, and the acknowledgement that it is on
+/// disk. Dropping it is fire-and-forget: the event is still written and
+/// published, in order.
 #[derive(Debug)]
-struct Inner {
-    ring: VecDeque<Arc<api::Event>>,
-    next_seq: u64,
-    file: Option<File>,
-    dir: Option<PathBuf>,
-    lines_in_file: usize,
+pub struct Recorded {
+    event: Arc<api::Event>,
+    ack: Ack,
+}
+
+impl Recorded {
+    /// The event as numbered and stamped. Its `seq` is 0 when it could not
+    /// even be queued (the writer is far behind; the ack says why).
+    pub fn event(&self) -> &Arc<api::Event> {
+        &self.event
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.event.seq
+    }
+
+    /// Just the acknowledgement (to await together with others).
+    pub fn durable(self) -> Ack {
+        self.ack
+    }
+
+    /// Resolves once the event is durable and published to subscribers.
+    pub async fn ack(self) -> Result<Arc<api::Event>, PersistError> {
+        self.ack.await.map(|()| self.event)
+    }
+}
+
+/// What subscribers can see: committed events only.
+#[derive(Debug)]
+struct Published {
+    ring: Mutex<Ring>,
+    tx: broadcast::Sender<Arc<api::Event>>,
+    retain: usize,
+    /// Events published since start, by kind (index = EventKind as usize).
+    counts: Vec<AtomicU64>,
+}
+
+#[derive(Debug)]
+struct Ring {
+    events: VecDeque<Arc<api::Event>>,
+    /// The newest published seq (0: none yet).
+    last_seq: u64,
+}
+
+impl Published {
+    /// Hands committed events to the ring and to live subscribers, in order.
+    fn publish(&self, events: Vec<Arc<api::Event>>) {
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in events {
+            if ring.events.len() >= self.retain {
+                ring.events.pop_front();
+            }
+            ring.last_seq = ring.last_seq.max(event.seq);
+            ring.events.push_back(event.clone());
+            if let Some(count) = self.counts.get(event.kind as usize) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            // Sent under the lock so subscribe() sees a consistent cut.
+            let _ = self.tx.send(event);
+        }
+    }
 }
 
 /// The event log. Shared by everything that records or streams events.
 #[derive(Debug)]
 pub struct EventLog {
-    inner: Mutex<Inner>,
-    tx: broadcast::Sender<Arc<api::Event>>,
-    retain: usize,
-    /// Events recorded since start, by kind (index = EventKind as usize).
-    counts: Vec<AtomicU64>,
-    /// Appends that failed to reach the disk.
-    pub persist_failures: AtomicU64,
+    /// The next seq to hand out; held while an event is numbered and queued,
+    /// so the writer receives events in seq order.
+    next_seq: Mutex<u64>,
+    published: Arc<Published>,
+    /// Where events go to disk; None: memory only.
+    writer: Option<Persister>,
 }
 
 impl EventLog {
-    /// Opens (or creates) the log in `dir`; `None` keeps events in memory
-    /// only. Never fails: damage and I/O errors are reported, not fatal.
+    /// Opens (or creates) the log in `dir` with a writer of its own; `None`
+    /// keeps events in memory only. Never fails: damage and I/O errors are
+    /// reported, not fatal.
     pub fn open(dir: Option<&Path>, retain: usize) -> (Self, LoadReport) {
+        match Persister::start(dir) {
+            Ok(writer) => Self::with_writer(&writer, retain),
+            Err(e) => {
+                let (log, mut report) = Self::with_writer(&Persister::memory(), retain);
+                report.io_error = Some(format!("cannot start the event log's writer: {e}"));
+                (log, report)
+            }
+        }
+    }
+
+    /// Opens the log in `writer`'s state directory; events are written by
+    /// that writer (shared with the desired state).
+    pub fn with_writer(writer: &Persister, retain: usize) -> (Self, LoadReport) {
         let retain = retain.max(1);
         let mut report = LoadReport::default();
         let mut ring = VecDeque::new();
-        let mut file = None;
-        let mut lines_in_file = 0;
-        let mut persist_dir = None;
-        if let Some(dir) = dir {
+        let mut loaded = None;
+        if let Some(dir) = writer.dir() {
             match load_dir(dir, retain, &mut report) {
-                Ok((events, current_lines, f)) => {
+                Ok((events, current_lines, file)) => {
                     ring = events;
-                    lines_in_file = current_lines;
-                    file = Some(f);
-                    persist_dir = Some(dir.to_path_buf());
+                    loaded = Some((dir.to_path_buf(), current_lines, file));
                 }
                 Err(e) => report.io_error = Some(format!("{}: {e}", dir.display())),
             }
         }
         report.loaded = ring.len();
-        let next_seq = ring.back().map_or(1, |e: &Arc<api::Event>| e.seq + 1);
+        let last_seq = ring.back().map_or(0, |e: &Arc<api::Event>| e.seq);
         let (tx, _) = broadcast::channel(SUBSCRIBER_BUFFER_EVENTS);
         let kinds = EventKind::DryRunDecision as usize + 8;
-        let log = Self {
-            inner: Mutex::new(Inner {
-                ring,
-                next_seq,
-                file,
-                dir: persist_dir,
-                lines_in_file,
+        let published = Arc::new(Published {
+            ring: Mutex::new(Ring {
+                events: ring,
+                last_seq,
             }),
             tx,
             retain,
             counts: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
-            persist_failures: AtomicU64::new(0),
+        });
+        let mut attached = None;
+        if let Some((dir, lines_in_file, file)) = loaded {
+            let log = AppendLog {
+                dir,
+                current: LOG_FILE,
+                rotated: ROTATED_FILE,
+                file,
+                lines_in_file,
+                retain,
+            };
+            let sink = published.clone();
+            if writer.attach_log(log, Box::new(move |events| sink.publish(events))) {
+                attached = Some(writer.clone());
+            } else {
+                report.io_error = Some("the state directory's writer has stopped".to_owned());
+            }
+        }
+        let log = Self {
+            next_seq: Mutex::new(last_seq + 1),
+            published,
+            writer: attached,
         };
         (log, report)
     }
 
-    /// Numbers, stamps, persists and publishes an event, in that order.
-    pub fn record(&self, new: NewEvent) -> Arc<api::Event> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Numbers and stamps an event and queues it for the disk; it is
+    /// published to subscribers once the writer has committed it. Never
+    /// waits for the disk. Events that are not `durable` (the ones anyone
+    /// can cause in bulk) are refused when the writer is half a queue
+    /// behind, so they cannot crowd out the rest; any event is refused
+    /// (seq 0, an error ack, a tracing error) when the queue is full.
+    pub fn record(&self, new: NewEvent) -> Recorded {
+        let mut next_seq = self.next_seq.lock().unwrap_or_else(PoisonError::into_inner);
+        let (kind, durable) = (new.kind, new.durable);
         let event = Arc::new(api::Event {
-            seq: inner.next_seq,
+            seq: *next_seq,
             time: Some(SystemTime::now().into()),
             kind: new.kind as i32,
             severity: new.severity as i32,
@@ -264,57 +361,81 @@ impl EventLog {
             change: new.change,
             xid: new.xid,
         });
-        inner.next_seq += 1;
-        if let Err(e) = self.persist(&mut inner, &event, new.durable) {
-            self.persist_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, seq = event.seq, "could not persist event; kept in memory only");
+        let Some(writer) = &self.writer else {
+            *next_seq += 1;
+            self.published.publish(vec![event.clone()]);
+            return Recorded {
+                event,
+                ack: Ack::ready(Ok(())),
+            };
+        };
+        let line = match encode_line(&event) {
+            Ok(line) => line,
+            Err(e) => {
+                let e = PersistError::Io {
+                    action: "encode an event for",
+                    path: PathBuf::from(LOG_FILE),
+                    source: Arc::new(e),
+                };
+                tracing::error!(error = %e, ?kind, "event not recorded");
+                return refused(&event, e);
+            }
+        };
+        match writer.append(event.clone(), line, durable, !durable) {
+            Ok(ack) => {
+                *next_seq += 1;
+                Recorded { event, ack }
+            }
+            Err((event, PersistError::Stopped)) => {
+                *next_seq += 1;
+                tracing::error!(
+                    seq = event.seq,
+                    "the event writer has stopped; event kept in memory only"
+                );
+                self.published.publish(vec![event.clone()]);
+                Recorded {
+                    event,
+                    ack: Ack::ready(Err(PersistError::Stopped)),
+                }
+            }
+            Err((event, e)) => {
+                if durable {
+                    tracing::error!(error = %e, ?kind, reason = %event.reason, "event not recorded");
+                } else {
+                    tracing::debug!(error = %e, ?kind, "bulk event not recorded");
+                }
+                refused(&event, e)
+            }
         }
-        if inner.ring.len() == self.retain {
-            inner.ring.pop_front();
-        }
-        inner.ring.push_back(event.clone());
-        if let Some(count) = self.counts.get(new.kind as usize) {
-            count.fetch_add(1, Ordering::Relaxed);
-        }
-        // Sent under the lock so subscribe() sees a consistent cut.
-        let _ = self.tx.send(event.clone());
-        event
     }
 
-    fn persist(&self, inner: &mut Inner, event: &api::Event, durable: bool) -> io::Result<()> {
-        let Some(dir) = inner.dir.clone() else {
-            return Ok(());
-        };
-        if inner.lines_in_file >= self.retain {
-            inner.file = None;
-            fs::rename(dir.join(LOG_FILE), dir.join(ROTATED_FILE))?;
-            inner.file = Some(open_append(&dir.join(LOG_FILE))?);
-            sync_dir(&dir);
-            inner.lines_in_file = 0;
-        }
-        let file = match &mut inner.file {
-            Some(f) => f,
-            None => inner.file.insert(open_append(&dir.join(LOG_FILE))?),
-        };
-        let line = encode_line(event)?;
-        file.write_all(line.as_bytes())?;
-        if durable {
-            file.sync_data()?;
-        }
-        inner.lines_in_file += 1;
-        Ok(())
+    /// Resolves once every event recorded before the call is committed.
+    pub fn flush(&self) -> Ack {
+        self.writer
+            .as_ref()
+            .map_or(Ack::ready(Ok(())), Persister::flush)
+    }
+
+    /// Events that could not be written to disk since start.
+    pub fn persist_failures(&self) -> u64 {
+        self.writer.as_ref().map_or(0, |w| w.stats().event_failures)
     }
 
     /// Subscribes; with `since`, returns the retained events after it.
     pub fn subscribe(&self, since: Option<u64>) -> EventSubscription {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let live = self.tx.subscribe();
-        let latest_seq = inner.next_seq - 1;
+        let ring = self
+            .published
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let live = self.published.tx.subscribe();
+        let latest_seq = ring.last_seq;
+        let next_seq = latest_seq + 1;
         let (replay, missing) = match since {
             Some(after) => {
-                let start = inner.ring.partition_point(|e| e.seq <= after);
-                let replay: Vec<_> = inner.ring.range(start..).cloned().collect();
-                let first_kept = replay.first().map_or(inner.next_seq, |e| e.seq);
+                let start = ring.events.partition_point(|e| e.seq <= after);
+                let replay: Vec<_> = ring.events.range(start..).cloned().collect();
+                let first_kept = replay.first().map_or(next_seq, |e| e.seq);
                 let missing = (after + 1 < first_kept).then(|| (after + 1, first_kept - 1));
                 (replay, missing)
             }
@@ -328,39 +449,48 @@ impl EventLog {
         }
     }
 
-    /// The newest seq (0 when empty).
+    /// The newest published seq (0 when empty).
     pub fn latest_seq(&self) -> u64 {
-        self.inner
+        self.published
+            .ring
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .next_seq
-            - 1
+            .last_seq
     }
 
     /// Retained events, oldest first (for tests and the dashboard).
     pub fn recent(&self, max: usize) -> Vec<Arc<api::Event>> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let skip = inner.ring.len().saturating_sub(max);
-        inner.ring.iter().skip(skip).cloned().collect()
+        let ring = self
+            .published
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let skip = ring.events.len().saturating_sub(max);
+        ring.events.iter().skip(skip).cloned().collect()
     }
 
-    /// Events recorded since start, per kind.
+    /// Events published since start, per kind.
     pub fn count(&self, kind: EventKind) -> u64 {
-        self.counts
+        self.published
+            .counts
             .get(kind as usize)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+/// An event that was not queued: not numbered, not published.
+fn refused(event: &api::Event, e: PersistError) -> Recorded {
+    Recorded {
+        event: Arc::new(api::Event {
+            seq: 0,
+            ..event.clone()
+        }),
+        ack: Ack::ready(Err(e)),
+    }
 }
 
-/// Makes a rename durable; best effort (some filesystems refuse).
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// Loads `events.log.1` then `events.log`, repairing a partial tail.
@@ -592,7 +722,8 @@ mod tests {
         let replayed = log.subscribe(Some(0)).replay;
         assert_eq!(replayed.len(), 2);
         assert_eq!(
-            *replayed[1], *second,
+            *replayed[1],
+            **second.event(),
             "an event reads back exactly as recorded"
         );
         let third = log.record(NewEvent::new(
@@ -600,7 +731,7 @@ mod tests {
             Actor::daemon(),
             "up",
         ));
-        assert_eq!(third.seq, 3, "numbering continues after a restart");
+        assert_eq!(third.seq(), 3, "numbering continues after a restart");
     }
 
     #[test]
@@ -665,7 +796,7 @@ mod tests {
         assert_eq!(replay.replay.len(), 100);
         assert_eq!(replay.replay.last().map(|e| e.seq), Some(350));
         assert_eq!(replay.missing, Some((1, 250)));
-        assert_eq!(log.record(limit_event(0, 1)).seq, 351);
+        assert_eq!(log.record(limit_event(0, 1)).seq(), 351);
     }
 
     #[test]
@@ -688,6 +819,6 @@ mod tests {
         let (log, report) = EventLog::open(Some(&file_in_the_way), 100);
         assert!(report.io_error.is_some());
         let e = log.record(limit_event(1, 2));
-        assert_eq!(e.seq, 1, "events still flow, in memory");
+        assert_eq!(e.seq(), 1, "events still flow, in memory");
     }
 }

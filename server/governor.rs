@@ -30,7 +30,17 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use crate::api::GovernorState;
+/// Where the governor stands, in its own terms (the control plane maps it
+/// onto the wire's `GovernorState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// At the ceiling, nothing to do.
+    Idle,
+    /// Holding the GPU below its ceiling because it runs hot.
+    Throttling,
+    /// Giving power back after the GPU cooled.
+    Recovering,
+}
 
 /// Fixed settings of one GPU's governor.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,7 +132,7 @@ const AIM_BELOW_C: f64 = 1.0;
 #[derive(Debug, Clone)]
 pub struct Governor {
     params: GovernorParams,
-    state: GovernorState,
+    state: Phase,
     history: VecDeque<(f64, f64)>,
     /// Power draw for each entry of `history`.
     powers: VecDeque<f64>,
@@ -140,9 +150,9 @@ impl Governor {
     pub fn new(params: GovernorParams, current_level: f64) -> Self {
         let level = current_level.clamp(params.floor, params.ceiling.max(params.floor));
         let state = if level < params.ceiling {
-            GovernorState::Throttling
+            Phase::Throttling
         } else {
-            GovernorState::Idle
+            Phase::Idle
         };
         Self {
             model: ThermalModel::new(params.ambient_guess_c, params.thermal_prior),
@@ -166,7 +176,7 @@ impl Governor {
         self.params = params;
     }
 
-    pub fn state(&self) -> GovernorState {
+    pub fn state(&self) -> Phase {
         self.state
     }
 
@@ -352,7 +362,7 @@ impl Governor {
         let hot = predicted >= p.threshold_c
             || (settles_at > p.threshold_c + 0.5 && temp >= p.threshold_c - 1.0);
         if hot {
-            self.state = GovernorState::Throttling;
+            self.state = Phase::Throttling;
             let aim = p.threshold_c - AIM_BELOW_C;
             let power_target = self.model.power_for(aim);
             let mut target = self.level_for_power(power_target, obs);
@@ -383,7 +393,7 @@ impl Governor {
 
         let cool_edge = p.threshold_c - p.hysteresis_c;
         if temp <= cool_edge && slope <= 0.05 && self.level < ceiling {
-            self.state = GovernorState::Recovering;
+            self.state = Phase::Recovering;
             let not_using_it = draw < 0.85 * self.level;
             let target = if not_using_it {
                 ceiling
@@ -407,9 +417,9 @@ impl Governor {
             return Decision::Hold;
         }
         self.state = if self.level < ceiling - 0.5 {
-            GovernorState::Throttling
+            Phase::Throttling
         } else {
-            GovernorState::Idle
+            Phase::Idle
         };
         Decision::Hold
     }
@@ -435,7 +445,7 @@ impl Governor {
         self.level = level;
         self.last_write = Some(at);
         if level >= self.params.ceiling - 0.5 {
-            self.state = GovernorState::Idle;
+            self.state = Phase::Idle;
         }
         Decision::Set { level, reason }
     }

@@ -6,7 +6,8 @@
 //! [`hub`] (latest frame, history, fan-out) → [`service`] (gRPC). The
 //! [`control`] plane runs the [`governor`] and operator requests on the
 //! sampler's loop; [`events`] is the audit trail; [`state`] the desired state
-//! that outlives a restart. [`api`] is the wire contract, the only part the
+//! that outlives a restart; [`persist`] the one writer that puts both on disk,
+//! off the sampling loop. [`api`] is the wire contract, the only part the
 //! client uses (it lives in its own crate, `gpuwatch-api`).
 
 /// The wire contract (the `gpuwatch-api` crate), under the name the daemon's
@@ -19,12 +20,14 @@ pub mod authz;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod control_status;
 pub mod daemon;
 pub mod events;
 pub mod governor;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod persist;
 pub mod sampler;
 #[cfg(feature = "testing")]
 pub mod scenario;

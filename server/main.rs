@@ -88,25 +88,23 @@ fn init_logging(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. SIGTERM's handler is installed by this
+/// call, not when the future is first polled, so a signal that arrives while
+/// the daemon is still starting is taken as a request to stop once it has
+/// started (instead of killing it midway, with the default disposition).
+fn wait_for_signal() -> impl Future<Output = ()> + Send {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = ctrl_c.await;
     }
 }
@@ -185,6 +183,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let signal = wait_for_signal();
         let daemon = match gpuwatch_server::daemon::start(config).await {
             Ok(d) => d,
             Err(e @ gpuwatch_server::daemon::DaemonError::Config(_)) => {
@@ -209,7 +208,7 @@ fn main() -> ExitCode {
         }
         let token = daemon.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             tracing::info!("signal received; shutting down");
             token.cancel();
         });

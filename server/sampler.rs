@@ -11,6 +11,12 @@
 //! transitions and XID errors also become events here, since this is where
 //! consecutive readings meet.
 //!
+//! Each tick also tells the control plane what it saw of every GPU
+//! ([`Observed`]): a fresh reading, the GPU lost, or the GPU back with its
+//! facts read afresh. The sampler owns the device facts; the control plane
+//! borrows them through [`Sampler::facts`] and writes through the queues
+//! of [`Sampler::write_queues`], never through the slots.
+//!
 //! Ticks are numbered from the daemon's start time in Unix milliseconds, so
 //! sequence numbers keep rising across restarts (at up to 1 kHz).
 
@@ -23,7 +29,7 @@ use tokio::{sync::oneshot, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    actor::{DeviceActor, ReadOutcome},
+    actor::{DeviceActor, ReadOutcome, WriteQueue},
     api::{EventKind, Frame, GovernorState, GpuHealth, Severity},
     backend::{BackendError, DeviceEvent, DeviceFacts, ReadScope, Reading, SlowReading},
     config::SamplerConfig,
@@ -42,12 +48,30 @@ enum Health {
     Lost(String),
 }
 
+/// What one tick saw of one GPU, for the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observed {
+    /// Nothing new: the read is late or failed, or the GPU is still lost
+    /// (or back, with its facts still being read).
+    Nothing,
+    /// A fresh reading.
+    Reading(Reading),
+    /// The GPU stopped answering (reported once, when it goes).
+    Lost,
+    /// The GPU answers again and its facts have been read afresh; with
+    /// this tick's reading, if it is fresh.
+    Recovered(Option<Reading>),
+}
+
 /// The sampler's view of one GPU.
 #[derive(Debug)]
 pub struct GpuSlot {
-    pub actor: DeviceActor,
-    pub facts: DeviceFacts,
+    actor: DeviceActor,
+    facts: DeviceFacts,
     health: Health,
+    /// The control plane was told this GPU is lost and not yet told it is
+    /// back.
+    reported_lost: bool,
     /// A read that has not answered yet.
     pending: Option<oneshot::Receiver<ReadOutcome>>,
     /// When the pending read was asked for.
@@ -69,6 +93,7 @@ impl GpuSlot {
             actor,
             facts,
             health: Health::Ok,
+            reported_lost: false,
             pending: None,
             pending_since: SystemTime::UNIX_EPOCH,
             pending_describe: None,
@@ -106,6 +131,59 @@ impl GpuSlot {
         self.last.as_ref().map(|(r, _)| r)
     }
 
+    /// The GPU's facts (refreshed when it comes back after being lost).
+    pub fn facts(&self) -> &DeviceFacts {
+        &self.facts
+    }
+
+    /// Takes refreshed facts if they have arrived; true when a refresh
+    /// finished (whether or not it succeeded).
+    fn poll_describe(&mut self) -> bool {
+        let Some(rx) = self.pending_describe.as_mut() else {
+            return false;
+        };
+        match rx.try_recv() {
+            Ok(result) => {
+                self.pending_describe = None;
+                if let Ok(facts) = result {
+                    self.facts = facts;
+                }
+                true
+            }
+            Err(oneshot::error::TryRecvError::Empty) => false,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                self.pending_describe = None;
+                true
+            }
+        }
+    }
+
+    /// What the control plane is told of this tick, and what it has now
+    /// been told.
+    fn observe(&mut self, fresh: bool, described: bool) -> Observed {
+        let lost = self.is_lost();
+        let reading = if fresh {
+            self.last_reading().cloned()
+        } else {
+            None
+        };
+        if lost {
+            if self.reported_lost {
+                return Observed::Nothing;
+            }
+            self.reported_lost = true;
+            return Observed::Lost;
+        }
+        if described {
+            self.reported_lost = false;
+            return Observed::Recovered(reading);
+        }
+        if self.reported_lost || self.pending_describe.is_some() {
+            return Observed::Nothing;
+        }
+        reading.map_or(Observed::Nothing, Observed::Reading)
+    }
+
     fn wire_health(&self) -> GpuHealth {
         match &self.health {
             Health::Lost(_) => GpuHealth::Lost,
@@ -127,7 +205,7 @@ impl GpuSlot {
 /// The sampler.
 #[derive(Debug)]
 pub struct Sampler {
-    pub slots: Vec<GpuSlot>,
+    slots: Vec<GpuSlot>,
     hub: Arc<Hub>,
     events: Arc<EventLog>,
     config: SamplerConfig,
@@ -153,6 +231,35 @@ impl Sampler {
         }
     }
 
+    /// How many GPUs the sampler reads.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when there are no GPUs.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The facts of the GPU at position `pos` (`0..len()`).
+    ///
+    /// # Panics
+    /// When `pos` is out of range (a programming error).
+    pub fn facts(&self, pos: usize) -> &DeviceFacts {
+        &self.slots[pos].facts
+    }
+
+    /// The facts of every GPU, by position.
+    pub fn all_facts(&self) -> Vec<&DeviceFacts> {
+        self.slots.iter().map(|s| &s.facts).collect()
+    }
+
+    /// Handles that queue writes to each GPU's device thread, by position:
+    /// the control plane's way to write, without reaching into the slots.
+    pub fn write_queues(&self) -> Vec<WriteQueue> {
+        self.slots.iter().map(|s| s.actor.write_queue()).collect()
+    }
+
     /// A ticker at the sampler's interval that skips missed ticks.
     pub fn ticker(&self) -> tokio::time::Interval {
         let mut ticker = tokio::time::interval(self.config.interval);
@@ -170,10 +277,10 @@ impl Sampler {
         self.hub.set_devices(devices);
     }
 
-    /// Runs one tick: read, detect transitions, publish. Returns which GPUs
-    /// produced fresh readings, for the governor; `governor` gives each GPU's
-    /// governor state for the published samples.
-    pub async fn tick(&mut self, governor: impl Fn(u32) -> GovernorState) -> Vec<bool> {
+    /// Runs one tick: read, detect transitions, publish. Returns what the
+    /// tick saw of each GPU, by position, for the control plane; `governor`
+    /// gives each GPU's governor state for the published samples.
+    pub async fn tick(&mut self, governor: impl Fn(u32) -> GovernorState) -> Vec<Observed> {
         let started = Instant::now();
         let tick_wall = SystemTime::now();
         let slow_fields = self
@@ -202,26 +309,24 @@ impl Sampler {
 
         let deadline =
             tokio::time::Instant::from_std(started + self.config.effective_read_timeout());
-        let mut fresh = vec![false; self.slots.len()];
+        let mut observed = Vec::with_capacity(self.slots.len());
         let mut devices_changed = false;
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if let Some(rx) = slot.pending_describe.as_mut()
-                && let Ok(result) = rx.try_recv()
-            {
-                slot.pending_describe = None;
-                if let Ok(facts) = result {
-                    slot.facts = facts;
-                    devices_changed = true;
-                }
-            }
+        for slot in &mut self.slots {
+            let mut described = slot.poll_describe();
+            let mut fresh = false;
             let Some(rx) = slot.pending.as_mut() else {
+                devices_changed |= described;
+                observed.push(slot.observe(fresh, described));
                 continue;
             };
             match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(outcome)) => {
                     slot.pending = None;
                     slot.stale = false;
-                    fresh[i] = Self::absorb(slot, outcome, &self.events, &mut devices_changed);
+                    fresh = Self::absorb(slot, outcome, &self.events, &mut devices_changed);
+                    // The device thread answers in order: facts asked for
+                    // before this read are in by now.
+                    described |= slot.poll_describe();
                 }
                 Ok(Err(_)) => {
                     // The device thread is gone (it panicked): treat as an error.
@@ -238,6 +343,8 @@ impl Sampler {
                     slot.stale = true;
                 }
             }
+            devices_changed |= described;
+            observed.push(slot.observe(fresh, described));
         }
         self.hub.stats.record_sample_duration(started.elapsed());
 
@@ -245,7 +352,7 @@ impl Sampler {
             self.publish_devices();
         }
         self.publish(tick_wall, governor);
-        fresh
+        observed
     }
 
     /// Takes a finished read into the slot. Returns true for a fresh reading.

@@ -32,6 +32,7 @@ use crate::{
     authz,
     backend::HostFacts,
     control::ControlHandle,
+    control_status,
     events::EventLog,
     hub::Hub,
     limits::{StreamLimiter, StreamPermit},
@@ -447,10 +448,12 @@ impl GpuWatch for GpuWatchService {
                 "target: set `watts` (the new limit) or `restore_default: true`",
             )
         })?;
+        let target = target.try_into().map_err(|e| control_status::status(&e))?;
         self.control
             .set_power_limit(indices, target, caller)
             .await
             .map(Response::new)
+            .map_err(|e| control_status::status(&e))
     }
 
     async fn reset_clocks(
@@ -463,6 +466,7 @@ impl GpuWatch for GpuWatchService {
             .reset_clocks(indices, caller)
             .await
             .map(Response::new)
+            .map_err(|e| control_status::status(&e))
     }
 
     async fn set_threshold(
@@ -477,10 +481,12 @@ impl GpuWatch for GpuWatchService {
                 "target: set `celsius` (the new threshold) or `restore_default: true`",
             )
         })?;
+        let target = target.try_into().map_err(|e| control_status::status(&e))?;
         self.control
             .set_threshold(indices, target, req.hysteresis_c, caller)
             .await
             .map(Response::new)
+            .map_err(|e| control_status::status(&e))
     }
 }
 

@@ -2,24 +2,34 @@
 //! thresholds, and whether the governor left a GPU lowered.
 //!
 //! Stored as `state.json` in the state directory, keyed by GPU UUID (indices
-//! can change across reboots; UUIDs do not). Every save is atomic: write a
-//! temporary file, fsync, keep the previous version as `state.json.prev`,
-//! rename. A damaged file never stops the daemon: entries that still parse
-//! are kept, the previous version is tried next, and what happened is
-//! reported so the caller can log it and record an event.
+//! can change across reboots; UUIDs do not). [`StateStore::update`] changes
+//! the state in memory at once and hands a snapshot to the state directory's
+//! one writer (`persist.rs`), which saves it atomically (write a temporary
+//! file, fsync, keep the previous version as `state.json.prev`, rename) off
+//! the caller's loop; the returned [`Ack`] resolves once it is durable. A
+//! damaged file never stops the daemon: entries that still parse are kept,
+//! the previous version is tried next, and what happened is reported so the
+//! caller can log it and record an event.
 
 use std::{
     collections::BTreeMap,
-    fs::{self, File},
-    io::{self, Write},
+    fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 
+use crate::persist::{Ack, PersistError, Persister, ReplacedFile};
+
 const FILE: &str = "state.json";
 const PREVIOUS: &str = "state.json.prev";
 const VERSION: u32 = 1;
+const STATE_FILE: ReplacedFile = ReplacedFile {
+    current: FILE,
+    previous: PREVIOUS,
+    temporary: "state.json.tmp",
+};
 
 /// What gpuwatch wants for one GPU.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -55,7 +65,7 @@ struct FileFormat<'a> {
 /// The persisted desired state of every GPU.
 #[derive(Debug)]
 pub struct StateStore {
-    dir: Option<PathBuf>,
+    writer: Persister,
     gpus: BTreeMap<String, GpuState>,
 }
 
@@ -67,11 +77,27 @@ pub struct StateReport {
 }
 
 impl StateStore {
-    /// Loads the state from `dir` (None: in memory only).
+    /// Loads the state from `dir` (None: in memory only), with a writer of
+    /// its own.
     pub fn open(dir: Option<&Path>) -> (Self, StateReport) {
+        match Persister::start(dir) {
+            Ok(writer) => Self::with_writer(&writer),
+            Err(e) => {
+                let (store, mut report) = Self::with_writer(&Persister::memory());
+                report
+                    .problems
+                    .push(format!("cannot start the state writer: {e}"));
+                (store, report)
+            }
+        }
+    }
+
+    /// Loads the state from `writer`'s state directory; saves go through
+    /// that writer (shared with the event log).
+    pub fn with_writer(writer: &Persister) -> (Self, StateReport) {
         let mut report = StateReport::default();
         let mut gpus = BTreeMap::new();
-        if let Some(dir) = dir {
+        if let Some(dir) = writer.dir() {
             let current = dir.join(FILE);
             match load_file(&current, &mut report) {
                 Some(loaded) => gpus = loaded,
@@ -89,7 +115,7 @@ impl StateStore {
         }
         (
             Self {
-                dir: dir.map(Path::to_path_buf),
+                writer: writer.clone(),
                 gpus,
             },
             report,
@@ -101,49 +127,42 @@ impl StateStore {
         self.gpus.get(uuid).cloned().unwrap_or_default()
     }
 
-    /// Changes the state for `uuid` and saves. Save errors are returned; the
-    /// in-memory state is updated regardless.
-    pub fn update(&mut self, uuid: &str, change: impl FnOnce(&mut GpuState)) -> io::Result<()> {
+    /// Changes the state for `uuid` in memory (so [`get`](Self::get) sees it
+    /// at once) and queues a save; never waits for the disk. The ack
+    /// resolves once the state, as changed, is durable — also when nothing
+    /// changed, so "unchanged" is never an OK for a save still pending or
+    /// one that failed (a failed save is retried by the next update).
+    pub fn update(&mut self, uuid: &str, change: impl FnOnce(&mut GpuState)) -> Ack {
         let mut entry = self.get(uuid);
         let before = entry.clone();
         change(&mut entry);
         if entry == before {
-            return Ok(());
+            return self.writer.replace(STATE_FILE, None);
         }
         if entry.is_empty() {
             self.gpus.remove(uuid);
         } else {
             self.gpus.insert(uuid.to_owned(), entry);
         }
-        self.save()
+        match self.encode() {
+            Ok(bytes) => self.writer.replace(STATE_FILE, Some(bytes)),
+            Err(e) => Ack::ready(Err(e)),
+        }
     }
 
-    fn save(&self) -> io::Result<()> {
-        let Some(dir) = &self.dir else {
-            return Ok(());
-        };
-        fs::create_dir_all(dir)?;
-        let json = serde_json::to_vec_pretty(&FileFormat {
+    /// The file's bytes: the format a previous release wrote and reads.
+    fn encode(&self) -> Result<Vec<u8>, PersistError> {
+        let mut json = serde_json::to_vec_pretty(&FileFormat {
             version: VERSION,
             gpus: &self.gpus,
         })
-        .map_err(io::Error::other)?;
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-        }
-        let current = dir.join(FILE);
-        if current.exists() {
-            fs::rename(&current, dir.join(PREVIOUS))?;
-        }
-        fs::rename(&tmp, &current)?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        .map_err(|e| PersistError::Io {
+            action: "encode",
+            path: PathBuf::from(FILE),
+            source: Arc::new(io::Error::other(e)),
+        })?;
+        json.push(b'\n');
+        Ok(json)
     }
 }
 
@@ -196,16 +215,18 @@ fn load_file(path: &Path, report: &mut StateReport) -> Option<BTreeMap<String, G
 mod tests {
     use super::*;
 
-    #[test]
-    fn state_round_trips_and_keeps_the_previous_version() {
+    #[tokio::test]
+    async fn state_round_trips_and_keeps_the_previous_version() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut store, report) = StateStore::open(Some(dir.path()));
         assert!(report.problems.is_empty());
         store
             .update("GPU-a", |s| s.operator_ceiling_mw = Some(500_000))
+            .await
             .expect("save");
         store
             .update("GPU-a", |s| s.governor_lowered_limit = true)
+            .await
             .expect("save");
         let (store, _) = StateStore::open(Some(dir.path()));
         let a = store.get("GPU-a");
@@ -214,8 +235,8 @@ mod tests {
         assert!(dir.path().join(PREVIOUS).exists());
     }
 
-    #[test]
-    fn damaged_entry_is_skipped_and_the_rest_kept() {
+    #[tokio::test]
+    async fn damaged_entry_is_skipped_and_the_rest_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::write(
             dir.path().join(FILE),
@@ -229,15 +250,17 @@ mod tests {
         assert!(report.problems[0].contains("GPU-b"));
     }
 
-    #[test]
-    fn truncated_file_falls_back_to_the_previous_version() {
+    #[tokio::test]
+    async fn truncated_file_falls_back_to_the_previous_version() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut store, _) = StateStore::open(Some(dir.path()));
         store
             .update("GPU-a", |s| s.threshold_c = Some(75))
+            .await
             .expect("save");
         store
             .update("GPU-a", |s| s.threshold_c = Some(76))
+            .await
             .expect("save");
         // Power loss mid-write of the newest file.
         let text = fs::read_to_string(dir.path().join(FILE)).expect("read");
@@ -247,11 +270,12 @@ mod tests {
         assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
     }
 
-    #[test]
-    fn memory_only_store_works_without_a_directory() {
+    #[tokio::test]
+    async fn memory_only_store_works_without_a_directory() {
         let (mut store, _) = StateStore::open(None);
         store
             .update("GPU-a", |s| s.threshold_c = Some(70))
+            .await
             .expect("no-op save");
         assert_eq!(store.get("GPU-a").threshold_c, Some(70));
     }

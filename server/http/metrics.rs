@@ -950,7 +950,7 @@ fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
         "gpuwatch_event_persist_failures",
         "Events that could not be written to the event log on disk",
         None,
-        log.persist_failures.load(Ordering::Relaxed) as f64,
+        log.persist_failures() as f64,
     )?;
     Ok(())
 }

@@ -14,6 +14,8 @@ mod support;
 mod daemon_api;
 mod daemon_governor;
 mod daemon_latency;
+mod daemon_lifecycle;
+mod daemon_persistence;
 mod daemon_reliability;
 mod daemon_security;
 mod deploy_config;

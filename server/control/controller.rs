@@ -1,0 +1,408 @@
+//! The control loop and the effects layer: the one place plans are carried
+//! out.
+//!
+//! The [`Controller`] runs the [`Sampler`] and, on the same loop, feeds
+//! each GPU's observations and every operator request to the planners,
+//! then executes what they planned, in order: desired state to the
+//! [`StateStore`], events to the [`EventLog`], writes to the GPUs' device
+//! threads, replies to the callers, policies to the [`Hub`]. Persistence is
+//! acknowledged: a write waits for the desired state persisted before it in
+//! its plan to be durable, and a reply waits for everything its request
+//! changed (events and desired state); the loop itself never waits for a
+//! disk. Every call to the store and the log is in the executor below.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    actor::WriteQueue,
+    api::{EventKind, GovernorAction, GpuPolicy, SetThresholdResponse},
+    config::ControllerConfig,
+    events::{Actor, EventLog, NewEvent},
+    hub::Hub,
+    persist::{Ack, AckSet},
+    sampler::{Observed, Sampler},
+    state::StateStore,
+};
+
+use super::{
+    ControlRequest,
+    dispatch::{PendingReplies, WRITE_TIMEOUT, WriteDone, Writes, reply_when_durable},
+    error::ControlError,
+    gpu::GpuControl,
+    lifecycle,
+    plan::{DesiredChange, Effect, Origin, Plan, Write},
+    requests::{self, Awaiting, RequestPlan},
+    wire,
+};
+
+/// How long shutdown waits for restores.
+const SHUTDOWN_RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The control loop: sampler, governors, operator requests.
+pub struct Controller {
+    sampler: Sampler,
+    /// Where writes to each GPU go, by position.
+    queues: Vec<WriteQueue>,
+    gpus: Vec<GpuControl>,
+    hub: Arc<Hub>,
+    events: Arc<EventLog>,
+    store: StateStore,
+    config: ControllerConfig,
+    writes: Writes,
+    replies: PendingReplies,
+    last_policies: Vec<GpuPolicy>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("gpus", &self.gpus.len())
+            .field("writes_in_flight", &self.writes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Builds the control state of every GPU from config, persisted state
+    /// and device facts.
+    pub fn new(
+        sampler: Sampler,
+        hub: Arc<Hub>,
+        events: Arc<EventLog>,
+        store: StateStore,
+        config: ControllerConfig,
+    ) -> Self {
+        let mut gpus = Vec::with_capacity(sampler.len());
+        for pos in 0..sampler.len() {
+            let facts = sampler.facts(pos);
+            let (gpu, warning) = GpuControl::new(facts, &config, &store.get(&facts.uuid));
+            if let Some(warning) = warning {
+                events.record(warning);
+            }
+            gpus.push(gpu);
+        }
+        let mut controller = Self {
+            queues: sampler.write_queues(),
+            sampler,
+            gpus,
+            hub,
+            events,
+            store,
+            config,
+            writes: Writes::default(),
+            replies: PendingReplies::default(),
+            last_policies: Vec::new(),
+        };
+        controller.publish_policies();
+        controller
+    }
+
+    fn publish_policies(&mut self) {
+        let policies: Vec<GpuPolicy> = self
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(pos, gpu)| wire::policy(gpu, self.sampler.facts(pos)))
+            .collect();
+        if policies != self.last_policies {
+            self.hub.set_policies(policies.clone());
+            self.last_policies = policies;
+        }
+    }
+
+    /// Runs until `shutdown`, then gives back every GPU the governor lowered.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<ControlRequest>,
+        shutdown: CancellationToken,
+    ) {
+        for pos in 0..self.gpus.len() {
+            if let Some(event) = self.gpus[pos].mode_announcement(self.sampler.facts(pos)) {
+                self.events.record(event);
+            }
+        }
+        let mut ticker = self.sampler.ticker();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(done) = self.writes.next(), if !self.writes.is_empty() => self.on_write_done(done),
+                Some(request) = requests.recv() => self.on_request(request),
+                _ = ticker.tick() => self.tick().await,
+            }
+        }
+        requests.close();
+        while let Ok(request) = requests.try_recv() {
+            request.refuse(ControlError::ShuttingDown);
+        }
+        self.shutdown_restore().await;
+    }
+
+    /// The first tick, before the daemon serves: reads every GPU, clears
+    /// what a previous run left behind and re-applies the operator's
+    /// ceilings, and waits (bounded) for those writes, so that by the time
+    /// clients connect the GPUs are in their intended state and the repairs
+    /// are in the event log.
+    pub async fn start(&mut self) {
+        self.tick().await;
+        self.drain_writes(WRITE_TIMEOUT).await;
+    }
+
+    /// Waits up to `limit` for the writes under way; true when all finished.
+    async fn drain_writes(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            while let Some(done) = self.writes.next().await {
+                self.on_write_done(done);
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// One sampler tick, then what each GPU's observation calls for.
+    pub async fn tick(&mut self) {
+        let states: Vec<_> = self
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(pos, g)| (self.sampler.facts(pos).index, wire::governor_state(g)))
+            .collect();
+        let observed = self
+            .sampler
+            .tick(|index| {
+                states
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map_or(crate::api::GovernorState::Unspecified, |(_, s)| *s)
+            })
+            .await;
+        let now = SystemTime::now();
+        for (pos, observation) in observed.into_iter().enumerate() {
+            let Some(gpu) = self.gpus.get_mut(pos) else {
+                continue;
+            };
+            let facts = self.sampler.facts(pos);
+            let plan = match observation {
+                Observed::Nothing => continue,
+                Observed::Reading(reading) => lifecycle::reading(gpu, facts, &reading, now),
+                Observed::Lost => lifecycle::lost(gpu),
+                Observed::Recovered(reading) => {
+                    let saved = self.store.get(&facts.uuid);
+                    let mut plan = lifecycle::recovered(gpu, facts, &self.config, &saved);
+                    if let Some(reading) = reading {
+                        plan.extend(lifecycle::reading(gpu, facts, &reading, now));
+                    }
+                    plan
+                }
+            };
+            self.execute(pos, plan);
+        }
+        self.publish_policies();
+    }
+
+    /// Carries out one GPU's plan, in order. A write goes to the GPU only
+    /// once the desired state persisted before it in the plan is durable
+    /// (persist, then write); returns the acknowledgements no write waited
+    /// for (its events, later state), for a reply that must.
+    fn execute(&mut self, pos: usize, plan: Plan) -> Vec<Ack> {
+        let mut gate = Vec::new();
+        let mut rest = Vec::new();
+        for effect in plan.effects {
+            match effect {
+                Effect::Write(write) => {
+                    let mut acks = AckSet::default();
+                    for ack in gate.drain(..) {
+                        acks.push(ack);
+                    }
+                    self.send(pos, write, acks);
+                }
+                Effect::Persist(change) => gate.push(self.persist(pos, change)),
+                effect => rest.extend(self.record(pos, effect)),
+            }
+        }
+        rest.extend(gate);
+        rest
+    }
+
+    /// Carries out a request's effects; writes go at once, and the returned
+    /// set acknowledges everything the request changed, for its reply.
+    fn execute_request<R>(&mut self, plan: RequestPlan<R>) -> (Awaiting<R>, AckSet) {
+        let mut durable = AckSet::default();
+        for (pos, effect) in plan.effects {
+            match effect {
+                Effect::Write(write) => self.send(pos, write, AckSet::default()),
+                Effect::Persist(change) => durable.push(self.persist(pos, change)),
+                effect => {
+                    if let Some(ack) = self.record(pos, effect) {
+                        durable.push(ack);
+                    }
+                }
+            }
+        }
+        (plan.reply, durable)
+    }
+
+    /// Queues a desired-state change for the writer.
+    fn persist(&mut self, pos: usize, change: DesiredChange) -> Ack {
+        let uuid = &self.sampler.facts(pos).uuid;
+        self.store.update(uuid, |s| change.apply(s))
+    }
+
+    /// Records an event effect; `None` for any other effect.
+    fn record(&mut self, pos: usize, effect: Effect) -> Option<Ack> {
+        match effect {
+            Effect::Record(event) => Some(self.events.record(event).durable()),
+            Effect::RecordGovernorAction(event) => {
+                let recorded = self.events.record(event);
+                let event = recorded.event();
+                if let Some(gpu) = self.gpus.get_mut(pos) {
+                    gpu.last_action = Some(GovernorAction {
+                        time: event.time,
+                        description: wire::describe_change(event),
+                        event_seq: event.seq,
+                    });
+                }
+                Some(recorded.durable())
+            }
+            Effect::Persist(_) | Effect::Write(_) => None,
+        }
+    }
+
+    /// Sends a write to GPU `pos` once `gate` is acknowledged.
+    fn send(&mut self, pos: usize, write: Write, gate: AckSet) {
+        match self.queues.get(pos) {
+            Some(queue) => self.writes.send(pos, write, queue, gate),
+            None => tracing::error!(gpu = pos, "no device thread to write to"),
+        }
+    }
+
+    fn on_write_done(&mut self, done: WriteDone) {
+        let WriteDone {
+            gpu: pos,
+            write,
+            result,
+        } = done;
+        let Some(gpu) = self.gpus.get_mut(pos) else {
+            return;
+        };
+        let facts = self.sampler.facts(pos);
+        let index = facts.index;
+        if let Err(e) = &result {
+            tracing::warn!(gpu = index, error = %e, op = ?write.op, "write failed");
+        }
+        let plan = lifecycle::write_done(gpu, facts, &write, &result);
+        let recorded = self.execute(pos, plan);
+        if let Origin::Operator {
+            reply, slot, part, ..
+        } = write.origin
+        {
+            self.replies
+                .write_done(reply, slot, part, index, &result, recorded);
+        }
+        self.publish_policies();
+    }
+
+    fn on_request(&mut self, request: ControlRequest) {
+        let facts = self.sampler.all_facts();
+        match request {
+            ControlRequest::SetPowerLimit {
+                gpus,
+                target,
+                caller,
+                reply,
+            } => {
+                let id = self.replies.next_id();
+                match requests::set_power_limit(
+                    &mut self.gpus,
+                    &facts,
+                    &gpus,
+                    target,
+                    &caller.name,
+                    id,
+                ) {
+                    Ok(plan) => {
+                        let (awaiting, durable) = self.execute_request(plan);
+                        self.replies.power_limit(id, awaiting, reply, durable);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            ControlRequest::ResetClocks {
+                gpus,
+                caller,
+                reply,
+            } => {
+                let id = self.replies.next_id();
+                match requests::reset_clocks(&mut self.gpus, &facts, &gpus, &caller.name, id) {
+                    Ok(plan) => {
+                        let (awaiting, durable) = self.execute_request(plan);
+                        self.replies.clocks(id, awaiting, reply, durable);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            ControlRequest::SetThreshold {
+                gpus,
+                target,
+                hysteresis_c,
+                caller,
+                reply,
+            } => {
+                match requests::set_threshold(
+                    &mut self.gpus,
+                    &facts,
+                    &gpus,
+                    target,
+                    hysteresis_c,
+                    &caller.name,
+                ) {
+                    Ok(plan) => {
+                        let (awaiting, durable) = self.execute_request(plan);
+                        let result = awaiting
+                            .finish()
+                            .map(|results| SetThresholdResponse { results });
+                        reply_when_durable(reply, result, durable);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
+        self.publish_policies();
+    }
+
+    /// Gives back every GPU the governor lowered, and records it.
+    async fn shutdown_restore(mut self) {
+        self.events.record(NewEvent::new(
+            EventKind::DaemonStopping,
+            Actor::shutdown(),
+            "daemon stopping",
+        ));
+        // Let writes already under way finish first.
+        self.drain_writes(SHUTDOWN_RESTORE_TIMEOUT).await;
+        for pos in 0..self.gpus.len() {
+            let plan = lifecycle::shutdown(&mut self.gpus[pos], self.sampler.facts(pos));
+            self.execute(pos, plan);
+        }
+        let restoring = self.writes.len();
+        if restoring > 0 {
+            tracing::info!(gpus = restoring, "restoring GPUs the governor lowered");
+        }
+        if !self.drain_writes(SHUTDOWN_RESTORE_TIMEOUT).await {
+            tracing::error!(
+                "some GPUs did not answer the restore in time; the next start will clear their throttle"
+            );
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The life of one GPU under the control plane, and the planning of every
+//! step in it.
+//!
+//! [`Lifecycle`] is the one place that says whether a GPU is waiting for its
+//! first reading, governed, only observed, or lost. Every way out of
+//! [`Lifecycle::Lost`] leads back to [`Lifecycle::AwaitingFirstReading`], and
+//! the only way into [`Lifecycle::Governed`] is the first-reading path
+//! (re-apply the operator's ceiling, clear a stale throttle, build a
+//! governor) — so a GPU that comes back is governed again.
+//!
+//! The planners here are pure: each takes the GPU's control state, its
+//! facts and one input (a reading, lost, recovered, a finished write,
+//! shutdown), updates the state and returns a [`Plan`]. No clock (`now` is
+//! passed in), no I/O.
+
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    actor::WriteOp,
+    api::{ClockLockChange, EventKind, GovernorMode, PowerLimitChange, Severity, event::Change},
+    backend::{BackendError, DeviceFacts, Reading},
+    config::ControllerConfig,
+    events::{Actor, NewEvent},
+    governor::{Decision, Governor, GovernorParams, Observation},
+    state::GpuState,
+};
+
+use super::{
+    gpu::{GpuControl, LIMIT_TOLERANCE_MW},
+    plan::{DesiredChange, Effect, Origin, Plan, Write},
+};
+
+/// Dry-run decisions are recorded at most this often per GPU, unless the
+/// decision changes.
+const DRY_RUN_EVENT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Where one GPU is in its life.
+#[derive(Debug, Clone)]
+pub(crate) enum Lifecycle {
+    /// Known, not read yet (at start, or back after being lost): the next
+    /// fresh reading runs the first-reading path.
+    AwaitingFirstReading,
+    /// Read; its mode lets the governor move it (in dry run: decide only).
+    Governed { governor: Box<Governor> },
+    /// Read; its mode does not let anything move it (observe-only,
+    /// disabled).
+    Observing,
+    /// Not answering. Nothing is written to it.
+    Lost,
+}
+
+impl Lifecycle {
+    /// The state after a first reading: governed where the mode has
+    /// governor settings, observed otherwise. `level` gives the level the
+    /// governor starts believing in.
+    fn running(params: Option<GovernorParams>, level: impl FnOnce(&GovernorParams) -> f64) -> Self {
+        match params {
+            Some(params) => {
+                let level = level(&params);
+                Lifecycle::Governed {
+                    governor: Box::new(Governor::new(params, level)),
+                }
+            }
+            None => Lifecycle::Observing,
+        }
+    }
+
+    pub(crate) fn governor(&self) -> Option<&Governor> {
+        match self {
+            Lifecycle::Governed { governor } => Some(governor.as_ref()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn governor_mut(&mut self) -> Option<&mut Governor> {
+        match self {
+            Lifecycle::Governed { governor } => Some(governor.as_mut()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        matches!(self, Lifecycle::Lost)
+    }
+
+    /// Read at least once since it was last (re)started.
+    pub(crate) fn is_running(&self) -> bool {
+        matches!(self, Lifecycle::Governed { .. } | Lifecycle::Observing)
+    }
+}
+
+fn gpu_event(facts: &DeviceFacts, kind: EventKind, actor: Actor, reason: String) -> NewEvent {
+    NewEvent::new(kind, actor, reason).gpu(facts.index, &facts.uuid)
+}
+
+/// A fresh reading of a GPU: its first (repairs and a new governor), or a
+/// later one (drift check, then the governor). Nothing while writes to it
+/// are still in flight.
+pub(crate) fn reading(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    reading: &Reading,
+    now: SystemTime,
+) -> Plan {
+    if gpu.in_flight > 0 {
+        return Plan::none();
+    }
+    match gpu.lifecycle {
+        Lifecycle::Lost => Plan::none(),
+        Lifecycle::AwaitingFirstReading => first_reading(gpu, facts, reading),
+        Lifecycle::Governed { .. } | Lifecycle::Observing => {
+            let mut plan = drift(gpu, facts, reading);
+            if gpu.in_flight == 0 {
+                plan.extend(govern(gpu, facts, reading, now));
+            }
+            plan
+        }
+    }
+}
+
+/// First reading: clear what a previous run left, re-apply the operator's
+/// ceiling, start the governor.
+pub(crate) fn first_reading(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
+    let current = reading.power_limit_mw;
+    gpu.expected_limit_mw = current;
+    gpu.clock_cap_mhz = reading.locked_gpu_clock_max_mhz;
+    let mut ops = Vec::new();
+    if gpu.desired.governor_clock_lock && facts.controls.gpu_clocks_lockable {
+        ops.push((
+            WriteOp::ResetGpuLockedClocks,
+            "clearing a clock lock a previous run of the governor left behind".to_owned(),
+        ));
+    }
+    if let (Some(ceiling), Some(now)) = (gpu.ceiling_mw(facts), current)
+        && facts.controls.power_limit_settable
+        && now.abs_diff(ceiling) > LIMIT_TOLERANCE_MW
+    {
+        if gpu.desired.governor_lowered_limit {
+            ops.push((
+                WriteOp::SetPowerLimit { limit_mw: ceiling },
+                format!(
+                    "clearing a stale throttle a previous run left behind: {} W -> {} W",
+                    now / 1000,
+                    ceiling / 1000
+                ),
+            ));
+        } else if gpu.operator_ceiling_mw().is_some() {
+            ops.push((
+                WriteOp::SetPowerLimit { limit_mw: ceiling },
+                format!("re-applying the operator's ceiling of {} W", ceiling / 1000),
+            ));
+        }
+    }
+    let mut plan = Plan::none();
+    if gpu.dry_run {
+        for (_, reason) in &ops {
+            plan.record(gpu_event(
+                facts,
+                EventKind::DryRunDecision,
+                Actor::startup(),
+                format!("dry run: would be {reason}"),
+            ));
+        }
+        ops.clear();
+    }
+    let restored = !ops.is_empty();
+    let mode = gpu.mode;
+    gpu.lifecycle = Lifecycle::running(gpu.governor_params(facts), |params| {
+        if restored {
+            return params.ceiling;
+        }
+        match mode {
+            GovernorMode::ClockLock => f64::from(
+                reading
+                    .locked_gpu_clock_max_mhz
+                    .unwrap_or(params.ceiling as u32),
+            ),
+            _ => current.map_or(params.ceiling, |mw| f64::from(mw) / 1000.0),
+        }
+    });
+    for (op, reason) in ops {
+        let write = gpu.plan_write(op, Origin::Startup { reason });
+        plan.write(write);
+    }
+    plan
+}
+
+/// Re-applies the limit gpuwatch set when something else changed it.
+fn drift(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
+    let mut plan = Plan::none();
+    let (Some(expected), Some(actual)) = (gpu.expected_limit_mw, reading.power_limit_mw) else {
+        return plan;
+    };
+    if expected.abs_diff(actual) <= LIMIT_TOLERANCE_MW {
+        return plan;
+    }
+    let reason = format!(
+        "power limit changed behind gpuwatch's back: {} W where {} W was set",
+        actual / 1000,
+        expected / 1000
+    );
+    let reapply = !gpu.dry_run && facts.controls.power_limit_settable;
+    plan.record(
+        gpu_event(
+            facts,
+            EventKind::LimitDrift,
+            Actor::device(),
+            if reapply {
+                format!("{reason}; re-applying")
+            } else {
+                format!("{reason}; dry run, not re-applied")
+            },
+        )
+        .severity(Severity::Warning)
+        .change(Change::PowerLimit(PowerLimitChange {
+            before_mw: Some(expected),
+            after_mw: Some(actual),
+        })),
+    );
+    if reapply {
+        // Never above the ceiling in force, whatever was read at start; and
+        // a limit below it is recorded as lowered before it is written, like
+        // any other, so the next start gives it back.
+        let ceiling = gpu.ceiling_mw(facts);
+        let limit_mw = ceiling.map_or(expected, |c| expected.min(c));
+        if ceiling.is_some_and(|c| limit_mw + LIMIT_TOLERANCE_MW < c) {
+            DesiredChange::LoweredLimit(true).apply(&mut gpu.desired);
+            plan.persist(DesiredChange::LoweredLimit(true));
+        }
+        let write = gpu.plan_write(
+            WriteOp::SetPowerLimit { limit_mw },
+            Origin::Drift {
+                reason: format!("re-applying the {} W gpuwatch had set", limit_mw / 1000),
+            },
+        );
+        plan.write(write);
+    }
+    // The device has `actual` now; the event of the re-apply says so when
+    // it completes.
+    gpu.expected_limit_mw = Some(actual);
+    plan
+}
+
+/// One step of the governor on a fresh reading.
+fn govern(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading, now: SystemTime) -> Plan {
+    let mut plan = Plan::none();
+    if !gpu.enabled || gpu.mode == GovernorMode::ObserveOnly {
+        return plan;
+    }
+    let Some(temperature) = reading.temperature_c else {
+        return plan;
+    };
+    let (mode, dry_run) = (gpu.mode, gpu.dry_run);
+    let Some(governor) = gpu.lifecycle.governor_mut() else {
+        return plan;
+    };
+    let level = match mode {
+        GovernorMode::ClockLock => Some(f64::from(
+            reading
+                .locked_gpu_clock_max_mhz
+                .unwrap_or(governor.params().ceiling as u32),
+        )),
+        _ => reading.power_limit_mw.map(|mw| f64::from(mw) / 1000.0),
+    };
+    let obs = Observation {
+        time: reading.device_time,
+        temperature_c: f64::from(temperature),
+        power_w: reading.power_draw_mw.map(|mw| f64::from(mw) / 1000.0),
+        level: if dry_run { None } else { level },
+        clock_mhz: reading.graphics_clock_mhz.map(f64::from),
+    };
+    let Decision::Set { level, reason } = governor.step(&obs) else {
+        return plan;
+    };
+    let ceiling = governor.params().ceiling;
+    let op = match mode {
+        GovernorMode::ClockLock if level >= ceiling - 0.5 => WriteOp::ResetGpuLockedClocks,
+        GovernorMode::ClockLock => WriteOp::LockGpuClocks {
+            min_mhz: GpuControl::clock_floor_mhz(facts).min(level as u32),
+            max_mhz: level.round() as u32,
+        },
+        _ => WriteOp::SetPowerLimit {
+            limit_mw: (level * 1000.0).round() as u32,
+        },
+    };
+    if dry_run {
+        let repeat = gpu.last_dry_run.is_some_and(|(last, at)| {
+            (last - level).abs() < 5.0
+                && now.duration_since(at).unwrap_or_default() < DRY_RUN_EVENT_INTERVAL
+        });
+        if !repeat {
+            gpu.last_dry_run = Some((level, now));
+            let unit = if mode == GovernorMode::ClockLock {
+                "MHz"
+            } else {
+                "W"
+            };
+            plan.record(gpu_event(
+                facts,
+                EventKind::DryRunDecision,
+                Actor::governor(),
+                format!("dry run: would set {level:.0} {unit}: {reason}"),
+            ));
+        }
+        return plan;
+    }
+    if level < ceiling - 0.5 {
+        // Persist first: a crash right after the write must still know the
+        // governor left this GPU lowered.
+        let change = if mode == GovernorMode::ClockLock {
+            DesiredChange::ClockLock(true)
+        } else {
+            DesiredChange::LoweredLimit(true)
+        };
+        change.apply(&mut gpu.desired);
+        plan.persist(change);
+    }
+    let write = gpu.plan_write(op, Origin::Governor { reason });
+    plan.write(write);
+    plan
+}
+
+/// The GPU stopped answering: nothing is governed or written until it is
+/// back.
+pub(crate) fn lost(gpu: &mut GpuControl) -> Plan {
+    gpu.lifecycle = Lifecycle::Lost;
+    Plan::none()
+}
+
+/// The GPU answers again, with facts read afresh (a reset GPU may report
+/// new limits). Its control state is rebuilt from those facts, the
+/// configuration and what was persisted, as at start; the next reading
+/// runs the first-reading path.
+pub(crate) fn recovered(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    config: &ControllerConfig,
+    saved: &GpuState,
+) -> Plan {
+    let mut plan = Plan::none();
+    let (mut fresh, warning) = GpuControl::new(facts, config, saved);
+    fresh.in_flight = gpu.in_flight;
+    fresh.last_action = gpu.last_action.take();
+    if let Some(warning) = warning {
+        plan.record(warning);
+    }
+    if fresh.mode != gpu.mode
+        && let Some(announcement) = fresh.mode_announcement(facts)
+    {
+        plan.record(announcement);
+    }
+    *gpu = fresh;
+    plan
+}
+
+/// A write finished: record it, keep the desired state and the governor's
+/// belief in step with it, and fall back to clocks or observing when the
+/// governor may not write.
+pub(crate) fn write_done(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    write: &Write,
+    result: &Result<(), BackendError>,
+) -> Plan {
+    let mut plan = Plan::none();
+    gpu.in_flight = gpu.in_flight.saturating_sub(1);
+    let actor = actor(&write.origin);
+    let reason = reason(&write.origin);
+    let by_governor = matches!(write.origin, Origin::Governor { .. });
+    match result {
+        Ok(()) => {
+            let (kind, change) = match write.op {
+                WriteOp::SetPowerLimit { limit_mw } => {
+                    gpu.expected_limit_mw = Some(limit_mw);
+                    (
+                        EventKind::PowerLimitChanged,
+                        Some(Change::PowerLimit(PowerLimitChange {
+                            before_mw: write.before,
+                            after_mw: Some(limit_mw),
+                        })),
+                    )
+                }
+                WriteOp::LockGpuClocks { max_mhz, .. } => {
+                    gpu.clock_cap_mhz = Some(max_mhz);
+                    (
+                        EventKind::ClocksLocked,
+                        Some(Change::ClockLock(ClockLockChange {
+                            before_max_mhz: write.before,
+                            after_max_mhz: Some(max_mhz),
+                        })),
+                    )
+                }
+                WriteOp::ResetGpuLockedClocks => {
+                    gpu.clock_cap_mhz = None;
+                    (
+                        EventKind::ClocksReset,
+                        Some(Change::ClockLock(ClockLockChange {
+                            before_max_mhz: write.before,
+                            after_max_mhz: None,
+                        })),
+                    )
+                }
+                WriteOp::ResetMemoryLockedClocks | WriteOp::ResetApplicationClocks => {
+                    (EventKind::ClocksReset, None)
+                }
+            };
+            let what = match write.op {
+                WriteOp::ResetApplicationClocks => "application clocks reset; ",
+                WriteOp::ResetMemoryLockedClocks => "memory clock lock released; ",
+                WriteOp::ResetGpuLockedClocks => "graphics clock lock released; ",
+                _ => "",
+            };
+            let mut event = gpu_event(facts, kind, actor, format!("{what}{reason}"));
+            if let Some(change) = change {
+                event = event.change(change);
+            }
+            plan.push(if by_governor {
+                Effect::RecordGovernorAction(event)
+            } else {
+                Effect::Record(event)
+            });
+            plan.extend(after_successful_write(gpu, facts, write));
+        }
+        Err(e) => {
+            plan.record(
+                gpu_event(
+                    facts,
+                    EventKind::ControlFailed,
+                    actor,
+                    format!("{:?} failed: {e} ({reason})", write.op),
+                )
+                .severity(Severity::Error),
+            );
+            if by_governor {
+                plan.extend(governor_write_failed(gpu, facts, e));
+            }
+        }
+    }
+    plan
+}
+
+/// Keeps the persisted "governor lowered" flags and the governor's belief
+/// in step with a write that succeeded.
+fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Write) -> Plan {
+    let mut plan = Plan::none();
+    let ceiling = gpu.ceiling_mw(facts);
+    let mode = gpu.mode;
+    match write.op {
+        WriteOp::SetPowerLimit { limit_mw } => {
+            let at_ceiling = ceiling.is_none_or(|c| limit_mw + LIMIT_TOLERANCE_MW >= c);
+            if let Some(g) = gpu.lifecycle.governor_mut()
+                && mode == GovernorMode::PowerLimit
+                && !matches!(write.origin, Origin::Governor { .. })
+            {
+                g.note_written(f64::from(limit_mw) / 1000.0, Duration::ZERO);
+            }
+            if at_ceiling {
+                DesiredChange::LoweredLimit(false).apply(&mut gpu.desired);
+                plan.persist(DesiredChange::LoweredLimit(false));
+            }
+        }
+        WriteOp::ResetGpuLockedClocks => {
+            if let Some(g) = gpu.lifecycle.governor_mut()
+                && mode == GovernorMode::ClockLock
+            {
+                let ceiling = g.params().ceiling;
+                g.note_written(ceiling, Duration::ZERO);
+            }
+            DesiredChange::ClockLock(false).apply(&mut gpu.desired);
+            plan.persist(DesiredChange::ClockLock(false));
+        }
+        _ => {}
+    }
+    plan
+}
+
+/// A governor write failed: fall back to clocks, or to observing.
+fn governor_write_failed(gpu: &mut GpuControl, facts: &DeviceFacts, e: &BackendError) -> Plan {
+    let mut plan = Plan::none();
+    let (mode, reason) = match (e, gpu.mode) {
+        (BackendError::NotSupported(_), GovernorMode::PowerLimit)
+            if facts.controls.gpu_clocks_lockable && facts.max_graphics_clock_mhz.is_some() =>
+        {
+            (
+                GovernorMode::ClockLock,
+                "setting the power limit is not supported; locking graphics clocks instead"
+                    .to_owned(),
+            )
+        }
+        (BackendError::NotSupported(_), _) => (
+            GovernorMode::ObserveOnly,
+            "the GPU refused the governor's write as not supported; observing only".to_owned(),
+        ),
+        (BackendError::NoPermission(_), _) => (
+            GovernorMode::ObserveOnly,
+            "no permission to change GPU settings (run gpuwatch-server as root or with CAP_SYS_ADMIN); observing only"
+                .to_owned(),
+        ),
+        _ => return plan,
+    };
+    gpu.mode = mode;
+    gpu.mode_reason = reason.clone();
+    if gpu.lifecycle.is_running() {
+        gpu.lifecycle = Lifecycle::running(gpu.governor_params(facts), |p| p.ceiling);
+    }
+    plan.record(
+        gpu_event(
+            facts,
+            EventKind::GovernorModeChanged,
+            Actor::governor(),
+            reason,
+        )
+        .severity(Severity::Warning),
+    );
+    plan
+}
+
+/// The daemon is stopping: give back what the governor took. Nothing for
+/// a GPU that is lost or in dry run.
+pub(crate) fn shutdown(gpu: &mut GpuControl, facts: &DeviceFacts) -> Plan {
+    let mut plan = Plan::none();
+    if gpu.dry_run || gpu.lifecycle.is_lost() {
+        return plan;
+    }
+    let lowered = gpu.lifecycle.governor().is_some_and(Governor::is_lowered)
+        || gpu.desired.governor_lowered_limit;
+    match gpu.mode {
+        GovernorMode::PowerLimit if lowered => {
+            if let Some(ceiling) = gpu.ceiling_mw(facts) {
+                let write = gpu.plan_write(
+                    WriteOp::SetPowerLimit { limit_mw: ceiling },
+                    Origin::Shutdown,
+                );
+                plan.write(write);
+            }
+        }
+        GovernorMode::ClockLock
+            if lowered || gpu.desired.governor_clock_lock || gpu.clock_cap_mhz.is_some() =>
+        {
+            let write = gpu.plan_write(WriteOp::ResetGpuLockedClocks, Origin::Shutdown);
+            plan.write(write);
+        }
+        _ => {}
+    }
+    plan
+}
+
+/// Who an event about a write names as its actor.
+fn actor(origin: &Origin) -> Actor {
+    match origin {
+        Origin::Governor { .. } => Actor::governor(),
+        Origin::Operator { name, .. } => Actor::operator(name),
+        Origin::Startup { .. } => Actor::startup(),
+        Origin::Drift { .. } => Actor::daemon(),
+        Origin::Shutdown => Actor::shutdown(),
+    }
+}
+
+/// Why a write was made, for its event.
+fn reason(origin: &Origin) -> String {
+    match origin {
+        Origin::Governor { reason } | Origin::Startup { reason } | Origin::Drift { reason } => {
+            reason.clone()
+        }
+        Origin::Operator { name, .. } => format!("requested by {name}"),
+        Origin::Shutdown => "daemon stopping: giving back what the governor took".to_owned(),
+    }
+}

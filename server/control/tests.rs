@@ -1,0 +1,1345 @@
+//! The planners, tested the way the governor is: no runtime, no clock, no
+//! device. Unit tests pin each operator request and lifecycle step; the
+//! property tests drive random sequences of both through the planners
+//! against a model GPU and check the promises the control plane makes.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    actor::WriteOp,
+    api::{ActorKind, EventKind, GovernorMode, GovernorState, ResetOutcome, ThresholdSource},
+    backend::{BackendError, DeviceFacts, Reading},
+    config::ControllerConfig,
+    state::GpuState,
+};
+
+use super::{
+    error::ControlError,
+    gpu::{
+        GpuControl, LIMIT_TOLERANCE_MW,
+        tests::{h100, laptop},
+    },
+    lifecycle::{self, Lifecycle},
+    plan::{DesiredChange, Effect, Origin, Part, Plan, Write},
+    requests::{self, PowerTarget, ThresholdTarget},
+    wire,
+};
+
+const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+fn control(facts: &DeviceFacts, config: &ControllerConfig, saved: &GpuState) -> GpuControl {
+    GpuControl::new(facts, config, saved).0
+}
+
+fn config() -> ControllerConfig {
+    ControllerConfig {
+        threshold_c: Some(70),
+        ..ControllerConfig::default()
+    }
+}
+
+/// A reading at `temperature_c`, drawing what the limit allows.
+fn reading(at_s: u64, temperature_c: u32, limit_mw: Option<u32>) -> Reading {
+    Reading {
+        device_time: Duration::from_secs(at_s),
+        temperature_c: Some(temperature_c),
+        power_limit_mw: limit_mw,
+        power_draw_mw: limit_mw,
+        graphics_clock_mhz: Some(1980),
+        ..Reading::default()
+    }
+}
+
+/// A GPU past its first reading, at `limit_mw`, cool.
+fn running(facts: &DeviceFacts, config: &ControllerConfig, saved: &GpuState) -> GpuControl {
+    let mut gpu = control(facts, config, saved);
+    let limit = gpu
+        .ceiling_mw(facts)
+        .filter(|_| facts.controls.power_limit_settable);
+    let plan = lifecycle::reading(&mut gpu, facts, &reading(0, 40, limit), T0);
+    assert_eq!(plan.writes().count(), 0, "{plan:?}");
+    gpu
+}
+
+fn ok_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Write) -> Plan {
+    lifecycle::write_done(gpu, facts, write, &Ok(()))
+}
+
+fn only_write(plan: &Plan) -> Write {
+    let writes: Vec<_> = plan.writes().cloned().collect();
+    assert_eq!(writes.len(), 1, "{plan:?}");
+    writes[0].clone()
+}
+
+fn persists(plan: &Plan) -> Vec<DesiredChange> {
+    plan.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Persist(c) => Some(*c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kinds(plan: &Plan) -> Vec<EventKind> {
+    plan.events().map(|e| e.kind).collect()
+}
+
+/// Feeds hot readings until the governor writes; returns that plan.
+fn heat_until_write(gpu: &mut GpuControl, facts: &DeviceFacts, limit_mw: u32) -> Plan {
+    for s in 1..30 {
+        let plan = lifecycle::reading(gpu, facts, &reading(s, 80, Some(limit_mw)), T0);
+        if plan.writes().count() > 0 {
+            return plan;
+        }
+    }
+    panic!("the governor never cut a GPU at 80 °C with threshold 70 °C");
+}
+
+// --- lifecycle: first reading -------------------------------------------
+
+#[test]
+fn first_reading_builds_a_governor_and_writes_nothing_when_all_is_as_asked() {
+    let facts = h100(0);
+    let mut gpu = control(&facts, &config(), &GpuState::default());
+    assert!(matches!(gpu.lifecycle, Lifecycle::AwaitingFirstReading));
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(700_000)), T0);
+    assert!(plan.is_empty(), "{plan:?}");
+    assert!(gpu.lifecycle.governor().is_some());
+    assert_eq!(gpu.expected_limit_mw, Some(700_000));
+    assert_eq!(wire::governor_state(&gpu), GovernorState::Idle);
+}
+
+#[test]
+fn first_reading_clears_a_stale_throttle_a_previous_run_left() {
+    let facts = h100(0);
+    let saved = GpuState {
+        governor_lowered_limit: true,
+        ..GpuState::default()
+    };
+    let mut gpu = control(&facts, &config(), &saved);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(400_000)), T0);
+    let write = only_write(&plan);
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 700_000 });
+    assert!(
+        matches!(&write.origin, Origin::Startup { reason } if reason.contains("stale throttle"))
+    );
+    assert_eq!(write.before, Some(400_000));
+    assert_eq!(gpu.in_flight, 1);
+    // The governor starts from the ceiling it is being restored to.
+    let governor = gpu.lifecycle.governor().expect("governed");
+    assert!(!governor.is_lowered());
+    // Done: the flag is cleared.
+    let done = ok_write(&mut gpu, &facts, &write);
+    assert_eq!(persists(&done), vec![DesiredChange::LoweredLimit(false)]);
+    assert!(!gpu.desired.governor_lowered_limit);
+    assert_eq!(gpu.in_flight, 0);
+}
+
+#[test]
+fn first_reading_reapplies_the_operator_ceiling() {
+    let facts = h100(0);
+    let saved = GpuState {
+        operator_ceiling_mw: Some(550_000),
+        ..GpuState::default()
+    };
+    let mut gpu = control(&facts, &config(), &saved);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(700_000)), T0);
+    let write = only_write(&plan);
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 550_000 });
+    assert!(
+        matches!(&write.origin, Origin::Startup { reason } if reason.contains("operator's ceiling"))
+    );
+}
+
+#[test]
+fn first_reading_releases_a_clock_lock_a_previous_run_left() {
+    let facts = laptop(0);
+    let saved = GpuState {
+        governor_clock_lock: true,
+        ..GpuState::default()
+    };
+    let mut gpu = control(&facts, &config(), &saved);
+    assert_eq!(gpu.mode, GovernorMode::ClockLock);
+    let mut r = reading(0, 40, None);
+    r.locked_gpu_clock_max_mhz = Some(900);
+    let plan = lifecycle::reading(&mut gpu, &facts, &r, T0);
+    let write = only_write(&plan);
+    assert_eq!(write.op, WriteOp::ResetGpuLockedClocks);
+    assert_eq!(write.before, Some(900));
+    let done = ok_write(&mut gpu, &facts, &write);
+    assert_eq!(persists(&done), vec![DesiredChange::ClockLock(false)]);
+    assert_eq!(gpu.clock_cap_mhz, None);
+}
+
+#[test]
+fn first_reading_in_dry_run_records_what_it_would_do_and_writes_nothing() {
+    let facts = h100(0);
+    let saved = GpuState {
+        governor_lowered_limit: true,
+        ..GpuState::default()
+    };
+    let config = ControllerConfig {
+        dry_run: true,
+        ..config()
+    };
+    let mut gpu = control(&facts, &config, &saved);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(400_000)), T0);
+    assert_eq!(plan.writes().count(), 0);
+    assert_eq!(kinds(&plan), vec![EventKind::DryRunDecision]);
+    assert!(gpu.lifecycle.governor().is_some(), "dry run still decides");
+    assert_eq!(wire::governor_state(&gpu), GovernorState::ObserveOnly);
+}
+
+#[test]
+fn a_gpu_that_can_set_nothing_is_observed_not_governed() {
+    let mut facts = laptop(0);
+    facts.controls.gpu_clocks_lockable = false;
+    let mut gpu = control(&facts, &config(), &GpuState::default());
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    assert!(gpu.mode_announcement(&facts).is_some());
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 95, None), T0);
+    assert!(plan.is_empty());
+    assert!(matches!(gpu.lifecycle, Lifecycle::Observing));
+    assert_eq!(wire::governor_state(&gpu), GovernorState::ObserveOnly);
+}
+
+// --- lifecycle: governing, drift --------------------------------------
+
+#[test]
+fn a_hot_gpu_is_recorded_as_lowered_before_the_write_that_lowers_it() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = heat_until_write(&mut gpu, &facts, 700_000);
+    let persist = plan
+        .effects
+        .iter()
+        .position(|e| matches!(e, Effect::Persist(DesiredChange::LoweredLimit(true))))
+        .expect("lowered persisted");
+    let write = plan
+        .effects
+        .iter()
+        .position(|e| matches!(e, Effect::Write(_)))
+        .expect("a write");
+    assert!(persist < write, "{plan:?}");
+    let write = only_write(&plan);
+    let WriteOp::SetPowerLimit { limit_mw } = write.op else {
+        panic!("a power limit write: {write:?}");
+    };
+    assert!((200_000..700_000).contains(&limit_mw));
+    assert!(matches!(write.origin, Origin::Governor { .. }));
+    // The governor's write, once done, is its last action.
+    let done = ok_write(&mut gpu, &facts, &write);
+    assert!(matches!(done.effects[0], Effect::RecordGovernorAction(_)));
+    assert!(gpu.desired.governor_lowered_limit, "still lowered");
+}
+
+#[test]
+fn readings_while_a_write_is_in_flight_plan_nothing() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = heat_until_write(&mut gpu, &facts, 700_000);
+    assert_eq!(gpu.in_flight, 1, "{plan:?}");
+    for s in 40..45 {
+        let plan = lifecycle::reading(&mut gpu, &facts, &reading(s, 90, Some(300_000)), T0);
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+}
+
+#[test]
+fn a_limit_changed_behind_gpuwatchs_back_is_recorded_and_reapplied() {
+    let facts = h100(0);
+    let saved = GpuState {
+        operator_ceiling_mw: Some(550_000),
+        ..GpuState::default()
+    };
+    let mut gpu = control(&facts, &config(), &saved);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(550_000)), T0);
+    assert!(plan.is_empty(), "{plan:?}");
+    // The driver resets to its default.
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(1, 40, Some(700_000)), T0);
+    assert_eq!(kinds(&plan), vec![EventKind::LimitDrift]);
+    let write = only_write(&plan);
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 550_000 });
+    assert!(matches!(write.origin, Origin::Drift { .. }));
+}
+
+#[test]
+fn drift_in_dry_run_is_recorded_not_reapplied() {
+    let facts = h100(0);
+    let config = ControllerConfig {
+        dry_run: true,
+        ..config()
+    };
+    let mut gpu = running(&facts, &config, &GpuState::default());
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(1, 40, Some(500_000)), T0);
+    assert_eq!(plan.writes().count(), 0);
+    let drift = plan.events().next().expect("an event");
+    assert_eq!(drift.kind, EventKind::LimitDrift);
+    assert!(drift.reason.contains("dry run"), "{}", drift.reason);
+    assert_eq!(gpu.expected_limit_mw, Some(500_000));
+}
+
+#[test]
+fn dry_run_decisions_are_recorded_not_written_and_not_repeated() {
+    let facts = h100(0);
+    let config = ControllerConfig {
+        dry_run: true,
+        ..config()
+    };
+    let mut gpu = running(&facts, &config, &GpuState::default());
+    let mut decisions = 0;
+    for s in 1..20 {
+        let plan = lifecycle::reading(&mut gpu, &facts, &reading(s, 80, Some(700_000)), T0);
+        assert_eq!(plan.writes().count(), 0);
+        decisions += kinds(&plan)
+            .iter()
+            .filter(|k| **k == EventKind::DryRunDecision)
+            .count();
+    }
+    assert!(decisions >= 1, "a decision was recorded");
+    assert!(
+        decisions < 19,
+        "not one per reading at the same time: {decisions}"
+    );
+}
+
+// --- lifecycle: lost and recovered ---------------------------------------
+
+#[test]
+fn a_lost_gpu_is_suspended_and_refuses_operator_requests() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    assert!(lifecycle::lost(&mut gpu).is_empty());
+    assert_eq!(wire::governor_state(&gpu), GovernorState::Suspended);
+    let mut gpus = vec![gpu];
+    let err = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::Watts(500.0),
+        "ops",
+        1,
+    )
+    .expect_err("lost");
+    assert_eq!(err, ControlError::GpuLost { index: 0 });
+    let err = requests::reset_clocks(&mut gpus, &[&facts], &[0], "ops", 2).expect_err("lost");
+    assert_eq!(err, ControlError::GpuLost { index: 0 });
+    // A lost GPU is not restored at shutdown: it cannot be written.
+    assert!(lifecycle::shutdown(&mut gpus[0], &facts).is_empty());
+}
+
+/// The bug this shape exists to prevent: a GPU that was lost and came back
+/// was never governed again.
+#[test]
+fn a_gpu_lost_and_back_is_governed_again() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let _ = heat_until_write(&mut gpu, &facts, 700_000);
+    lifecycle::lost(&mut gpu);
+    let saved = gpu.desired.clone();
+    let plan = lifecycle::recovered(&mut gpu, &facts, &config(), &saved);
+    assert!(plan.writes().next().is_none());
+    assert!(matches!(gpu.lifecycle, Lifecycle::AwaitingFirstReading));
+    // The write that was under way when it went still completes.
+    assert_eq!(gpu.in_flight, 1);
+    let write = Write {
+        op: WriteOp::SetPowerLimit { limit_mw: 500_000 },
+        origin: Origin::Governor {
+            reason: "hot".into(),
+        },
+        before: Some(700_000),
+    };
+    let _ = lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &write,
+        &Err(BackendError::GpuLost("gone".into())),
+    );
+    assert_eq!(gpu.in_flight, 0);
+    // Back at the driver default, with the lowered flag persisted: the
+    // first reading gives the ceiling back, then the governor governs.
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(100, 40, Some(700_000)), T0);
+    assert!(gpu.lifecycle.governor().is_some(), "{plan:?}");
+    let plan = heat_until_write(&mut gpu, &facts, 700_000);
+    assert!(persists(&plan).contains(&DesiredChange::LoweredLimit(true)));
+}
+
+#[test]
+fn a_gpu_back_with_new_default_limits_is_governed_within_them() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    lifecycle::lost(&mut gpu);
+    let mut back = facts.clone();
+    back.power_default_mw = Some(600_000);
+    back.power_max_mw = Some(650_000);
+    lifecycle::recovered(&mut gpu, &back, &config(), &GpuState::default());
+    lifecycle::reading(&mut gpu, &back, &reading(10, 40, Some(600_000)), T0);
+    let governor = gpu.lifecycle.governor().expect("governed");
+    assert!((governor.params().ceiling - 600.0).abs() < 1e-9);
+    let plan = heat_until_write(&mut gpu, &back, 600_000);
+    let WriteOp::SetPowerLimit { limit_mw } = only_write(&plan).op else {
+        panic!("power write");
+    };
+    assert!(limit_mw < 600_000);
+}
+
+#[test]
+fn a_gpu_lost_at_start_takes_its_mode_from_the_facts_it_comes_back_with() {
+    // Lost at start: nothing but the index is known, so it looks observe-only.
+    let unknown = DeviceFacts {
+        index: 0,
+        ..DeviceFacts::default()
+    };
+    let mut gpu = control(&unknown, &config(), &GpuState::default());
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    lifecycle::lost(&mut gpu);
+    let facts = h100(0);
+    let plan = lifecycle::recovered(&mut gpu, &facts, &config(), &GpuState::default());
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit);
+    assert!(plan.writes().next().is_none());
+    lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(700_000)), T0);
+    assert!(gpu.lifecycle.governor().is_some());
+}
+
+// --- lifecycle: writes that fail -----------------------------------------
+
+fn governor_write(limit_mw: u32) -> Write {
+    Write {
+        op: WriteOp::SetPowerLimit { limit_mw },
+        origin: Origin::Governor {
+            reason: "hot".into(),
+        },
+        before: Some(700_000),
+    }
+}
+
+#[test]
+fn a_governor_write_refused_as_not_supported_falls_back_to_clock_locks() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    gpu.in_flight = 1;
+    let plan = lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &governor_write(500_000),
+        &Err(BackendError::NotSupported("power limit".into())),
+    );
+    assert_eq!(
+        kinds(&plan),
+        vec![EventKind::ControlFailed, EventKind::GovernorModeChanged]
+    );
+    assert_eq!(gpu.mode, GovernorMode::ClockLock);
+    let governor = gpu.lifecycle.governor().expect("still governed, by clocks");
+    assert!((governor.params().ceiling - 1980.0).abs() < 1e-9);
+}
+
+#[test]
+fn a_governor_write_without_permission_falls_back_to_observing() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &governor_write(500_000),
+        &Err(BackendError::NoPermission("power limit".into())),
+    );
+    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    assert!(matches!(gpu.lifecycle, Lifecycle::Observing));
+}
+
+#[test]
+fn other_write_failures_are_recorded_and_change_no_mode() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &governor_write(500_000),
+        &Err(BackendError::Other("driver".into())),
+    );
+    assert_eq!(kinds(&plan), vec![EventKind::ControlFailed]);
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit);
+    assert_eq!(gpu.expected_limit_mw, Some(700_000), "nothing was written");
+}
+
+#[test]
+fn a_successful_write_is_recorded_with_before_and_after() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = ok_write(&mut gpu, &facts, &governor_write(500_000));
+    let event = plan.events().next().expect("event");
+    assert_eq!(event.kind, EventKind::PowerLimitChanged);
+    assert_eq!(event.actor.kind, ActorKind::Governor);
+    assert_eq!(
+        event.change,
+        Some(crate::api::event::Change::PowerLimit(
+            crate::api::PowerLimitChange {
+                before_mw: Some(700_000),
+                after_mw: Some(500_000),
+            }
+        ))
+    );
+    assert_eq!(gpu.expected_limit_mw, Some(500_000));
+}
+
+// --- lifecycle: shutdown -------------------------------------------------
+
+#[test]
+fn shutdown_gives_back_what_the_governor_took() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = heat_until_write(&mut gpu, &facts, 700_000);
+    let write = only_write(&plan);
+    ok_write(&mut gpu, &facts, &write);
+    let plan = lifecycle::shutdown(&mut gpu, &facts);
+    let write = only_write(&plan);
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 700_000 });
+    assert_eq!(write.origin, Origin::Shutdown);
+}
+
+#[test]
+fn shutdown_restores_to_the_operator_ceiling_not_the_default() {
+    let facts = h100(0);
+    let saved = GpuState {
+        operator_ceiling_mw: Some(550_000),
+        governor_lowered_limit: true,
+        ..GpuState::default()
+    };
+    let mut gpu = control(&facts, &config(), &saved);
+    lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(550_000)), T0);
+    let write = only_write(&lifecycle::shutdown(&mut gpu, &facts));
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 550_000 });
+}
+
+#[test]
+fn shutdown_leaves_alone_what_was_never_lowered() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    assert!(lifecycle::shutdown(&mut gpu, &facts).is_empty());
+    let config = ControllerConfig {
+        dry_run: true,
+        ..config()
+    };
+    let saved = GpuState {
+        governor_lowered_limit: true,
+        ..GpuState::default()
+    };
+    let mut dry = running(&facts, &config, &saved);
+    assert!(
+        lifecycle::shutdown(&mut dry, &facts).is_empty(),
+        "dry run never writes"
+    );
+}
+
+#[test]
+fn shutdown_releases_the_governors_clock_lock() {
+    let facts = laptop(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    assert!(lifecycle::shutdown(&mut gpu, &facts).is_empty());
+    gpu.clock_cap_mhz = Some(1200);
+    let write = only_write(&lifecycle::shutdown(&mut gpu, &facts));
+    assert_eq!(write.op, WriteOp::ResetGpuLockedClocks);
+}
+
+// --- operator requests ---------------------------------------------------
+
+#[test]
+fn set_power_limit_sets_persists_records_and_writes_the_ceiling() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    let plan = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::Watts(550.0),
+        "ops",
+        7,
+    )
+    .expect("valid");
+    let effects: Vec<_> = plan.effects.iter().map(|(_, e)| e).collect();
+    assert!(matches!(effects[0], Effect::Record(e) if e.kind == EventKind::CeilingChanged));
+    assert_eq!(
+        *effects[1],
+        Effect::Persist(DesiredChange::OperatorCeiling(Some(550_000)))
+    );
+    let Effect::Write(write) = effects[2] else {
+        panic!("a write: {effects:?}");
+    };
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 550_000 });
+    assert_eq!(
+        write.origin,
+        Origin::Operator {
+            name: "ops".into(),
+            reply: 7,
+            slot: 0,
+            part: Part::PowerLimit
+        }
+    );
+    assert_eq!(plan.reply.remaining, 1);
+    assert_eq!(plan.reply.results[0].ceiling_mw, 550_000);
+    assert!(plan.reply.results[0].written);
+    assert_eq!(gpus[0].ceiling_mw(&facts), Some(550_000));
+    let governor = gpus[0].lifecycle.governor().expect("governed");
+    assert!(
+        (governor.params().ceiling - 550.0).abs() < 1e-9,
+        "the governor's ceiling follows"
+    );
+}
+
+#[test]
+fn a_new_ceiling_above_what_the_governor_holds_waits_until_it_cools() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    let plan = heat_until_write(&mut gpus[0], &facts, 700_000);
+    ok_write(&mut gpus[0], &facts, &only_write(&plan));
+    let plan = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::Watts(690.0),
+        "ops",
+        1,
+    )
+    .expect("valid");
+    assert_eq!(plan.reply.remaining, 0);
+    assert!(!plan.reply.results[0].written);
+    assert!(plan.reply.results[0].note.contains("governor holds"));
+}
+
+#[test]
+fn restore_default_removes_the_operator_ceiling() {
+    let facts = h100(0);
+    let saved = GpuState {
+        operator_ceiling_mw: Some(550_000),
+        ..GpuState::default()
+    };
+    let mut gpus = vec![running(&facts, &config(), &saved)];
+    gpus[0].expected_limit_mw = Some(550_000);
+    let plan = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::RestoreDefault,
+        "ops",
+        1,
+    )
+    .expect("valid");
+    assert_eq!(plan.reply.results[0].previous_ceiling_mw, Some(550_000));
+    assert_eq!(plan.reply.results[0].ceiling_mw, 700_000);
+    assert!(
+        plan.effects
+            .iter()
+            .any(|(_, e)| *e == Effect::Persist(DesiredChange::OperatorCeiling(None)))
+    );
+    assert_eq!(gpus[0].operator_ceiling_mw(), None);
+}
+
+#[test]
+fn set_power_limit_refusals_name_what_is_wrong_and_change_nothing() {
+    let (a, b) = (h100(0), laptop(1));
+    let mut gpus = vec![
+        running(&a, &config(), &GpuState::default()),
+        running(&b, &config(), &GpuState::default()),
+    ];
+    let facts = [&a, &b];
+    let cases = [
+        (
+            vec![5],
+            PowerTarget::Watts(500.0),
+            ControlError::UnknownGpu { index: 5 },
+        ),
+        (
+            vec![0],
+            PowerTarget::Watts(750.0),
+            ControlError::WattsOutOfRange {
+                index: 0,
+                watts: 750.0,
+                min_mw: 200_000,
+                max_mw: 700_000,
+            },
+        ),
+        (
+            vec![0, 1],
+            PowerTarget::Watts(500.0),
+            ControlError::PowerLimitUnsupported {
+                index: 1,
+                name: "Test laptop".into(),
+            },
+        ),
+    ];
+    for (indices, target, expected) in cases {
+        let err = requests::set_power_limit(&mut gpus, &facts, &indices, target, "ops", 1)
+            .expect_err("refused");
+        assert_eq!(err, expected);
+        assert_eq!(
+            gpus[0].operator_ceiling_mw(),
+            None,
+            "GPU 0 untouched by a refused request"
+        );
+    }
+    let err = requests::set_power_limit(
+        &mut gpus,
+        &facts,
+        &[0],
+        PowerTarget::Watts(f64::NAN),
+        "ops",
+        1,
+    )
+    .expect_err("NaN");
+    assert!(matches!(
+        err,
+        ControlError::WattsNotANumber { index: 0, .. }
+    ));
+}
+
+#[test]
+fn reset_clocks_writes_each_supported_part_and_reports_each_outcome() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    let plan = requests::reset_clocks(&mut gpus, &[&facts], &[0], "ops", 3).expect("valid");
+    let ops: Vec<_> = plan
+        .effects
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Write(w) => Some(w.op),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            WriteOp::ResetApplicationClocks,
+            WriteOp::ResetGpuLockedClocks,
+            WriteOp::ResetMemoryLockedClocks
+        ]
+    );
+    let mut reply = plan.reply;
+    assert_eq!(reply.remaining, 3);
+    reply.absorb(0, Part::ApplicationClocks, 0, &Ok(()));
+    reply.absorb(
+        0,
+        Part::LockedGpuClocks,
+        0,
+        &Err(BackendError::NotSupported("x".into())),
+    );
+    assert!(!reply.is_complete());
+    reply.absorb(
+        0,
+        Part::LockedMemoryClocks,
+        0,
+        &Err(BackendError::Other("y".into())),
+    );
+    assert!(reply.is_complete());
+    let r = reply.results[0].clone();
+    assert_eq!(r.application_clocks, ResetOutcome::Reset as i32);
+    assert_eq!(r.locked_gpu_clocks, ResetOutcome::NotSupported as i32);
+    assert_eq!(r.locked_memory_clocks, ResetOutcome::Failed as i32);
+    let err = reply.finish().expect_err("one part failed");
+    assert!(matches!(err, ControlError::Device { index: 0, .. }));
+}
+
+#[test]
+fn a_reply_for_several_gpus_names_every_failure() {
+    let (a, b) = (h100(0), h100(1));
+    let mut gpus = vec![
+        running(&a, &config(), &GpuState::default()),
+        running(&b, &config(), &GpuState::default()),
+    ];
+    let plan = requests::set_power_limit(
+        &mut gpus,
+        &[&a, &b],
+        &[0, 1],
+        PowerTarget::Watts(500.0),
+        "ops",
+        1,
+    )
+    .expect("valid");
+    let mut reply = plan.reply;
+    assert_eq!(reply.remaining, 2);
+    reply.absorb(
+        0,
+        Part::PowerLimit,
+        0,
+        &Err(BackendError::NoPermission("a".into())),
+    );
+    reply.absorb(
+        1,
+        Part::PowerLimit,
+        1,
+        &Err(BackendError::Other("b".into())),
+    );
+    assert!(!reply.results[0].written && reply.results[0].note.contains("write failed"));
+    let Err(ControlError::Several(errors)) = reply.finish() else {
+        panic!("both failures");
+    };
+    assert_eq!(errors.len(), 2);
+}
+
+#[test]
+fn set_threshold_sets_persists_and_retunes_the_governor() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    let plan = requests::set_threshold(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        ThresholdTarget::Celsius(75),
+        Some(4),
+        "ops",
+    )
+    .expect("valid");
+    assert_eq!(plan.reply.remaining, 0, "nothing to write");
+    assert_eq!(
+        plan.effects[0].1,
+        Effect::Persist(DesiredChange::Threshold {
+            threshold_c: Some(75),
+            hysteresis_c: Some(4)
+        })
+    );
+    assert!(
+        matches!(&plan.effects[1].1, Effect::Record(e) if e.kind == EventKind::ThresholdChanged)
+    );
+    let result = plan.reply.finish().expect("ok");
+    assert_eq!(result[0].previous_threshold_c, 70);
+    assert_eq!(result[0].threshold_c, 75);
+    let governor = gpus[0].lifecycle.governor().expect("governed");
+    assert!((governor.params().threshold_c - 75.0).abs() < 1e-9);
+    assert!((governor.params().hysteresis_c - 4.0).abs() < 1e-9);
+    // Restore default: back to the configuration's, not the operator's.
+    let plan = requests::set_threshold(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        ThresholdTarget::RestoreDefault,
+        None,
+        "ops",
+    )
+    .expect("valid");
+    let result = plan.reply.finish().expect("ok");
+    assert_eq!(result[0].threshold_c, 70);
+    assert_eq!(result[0].threshold_source, ThresholdSource::Config as i32);
+    assert_eq!(gpus[0].desired.threshold_c, None);
+}
+
+#[test]
+fn set_threshold_refusals_name_the_allowed_range() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    let f = [&facts];
+    let refused = |gpus: &mut Vec<GpuControl>, target, h| {
+        requests::set_threshold(gpus, &f, &[0], target, h, "ops").expect_err("refused")
+    };
+    assert_eq!(
+        refused(&mut gpus, ThresholdTarget::Celsius(70), Some(50)),
+        ControlError::HysteresisOutOfRange { hysteresis_c: 50 }
+    );
+    assert_eq!(
+        refused(&mut gpus, ThresholdTarget::Celsius(10), None),
+        ControlError::ThresholdTooLow { threshold_c: 10 }
+    );
+    assert_eq!(
+        refused(&mut gpus, ThresholdTarget::Celsius(89), None),
+        ControlError::ThresholdNotBelowSlowdown {
+            index: 0,
+            threshold_c: 89,
+            slowdown_c: 89
+        }
+    );
+    assert_eq!(
+        refused(&mut gpus, ThresholdTarget::Celsius(35), Some(20)),
+        ControlError::BandTooNarrow {
+            index: 0,
+            threshold_c: 35,
+            hysteresis_c: 20
+        }
+    );
+    let mut no_slowdown = h100(0);
+    no_slowdown.slowdown_c = None;
+    let mut gpus2 = vec![running(&no_slowdown, &config(), &GpuState::default())];
+    let err = requests::set_threshold(
+        &mut gpus2,
+        &[&no_slowdown],
+        &[0],
+        ThresholdTarget::Celsius(130),
+        None,
+        "ops",
+    )
+    .expect_err("too high");
+    assert_eq!(err, ControlError::ThresholdTooHigh { threshold_c: 130 });
+    assert_eq!(gpus[0].threshold_c, 70, "refusals changed nothing");
+}
+
+// --- property tests --------------------------------------------------------
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// How the model device answers a write.
+    #[derive(Debug, Clone, Copy)]
+    enum Outcome {
+        Ok,
+        Failed,
+        NotSupported,
+        NoPermission,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        /// A reading at this temperature (the device supplies the limit).
+        Reading(u32),
+        Lost,
+        /// Back; with new default limits when `true`.
+        Recovered(bool),
+        /// The driver resets the limit to its default (drift).
+        DriverReset,
+        /// The oldest write in flight finishes.
+        Complete(Outcome),
+        SetPowerLimit(Option<u32>),
+        SetThreshold(Option<u32>),
+        ResetClocks,
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            6 => (35u32..95).prop_map(Input::Reading),
+            1 => Just(Input::Lost),
+            1 => any::<bool>().prop_map(Input::Recovered),
+            1 => Just(Input::DriverReset),
+            3 => prop_oneof![
+                6 => Just(Outcome::Ok),
+                1 => Just(Outcome::Failed),
+                1 => Just(Outcome::NotSupported),
+                1 => Just(Outcome::NoPermission),
+            ]
+            .prop_map(Input::Complete),
+            1 => proptest::option::of(200u32..=700).prop_map(Input::SetPowerLimit),
+            1 => proptest::option::of(50u32..=85).prop_map(Input::SetThreshold),
+            1 => Just(Input::ResetClocks),
+        ]
+    }
+
+    /// The GPU as the hardware has it, and the desired state as the disk
+    /// has it.
+    struct World {
+        facts: DeviceFacts,
+        gpu: GpuControl,
+        config: ControllerConfig,
+        limit_mw: Option<u32>,
+        /// The limit is one gpuwatch wrote (not a driver default).
+        limit_written: bool,
+        clock_cap_mhz: Option<u32>,
+        lost: bool,
+        stored: GpuState,
+        in_flight: VecDeque<Write>,
+        time_s: u64,
+        next_reply: u64,
+    }
+
+    impl World {
+        fn new(facts: DeviceFacts, dry_run: bool) -> Self {
+            let config = ControllerConfig {
+                dry_run,
+                ..config()
+            };
+            let gpu = control(&facts, &config, &GpuState::default());
+            Self {
+                limit_mw: facts
+                    .power_default_mw
+                    .filter(|_| facts.controls.power_limit_settable),
+                limit_written: false,
+                facts,
+                gpu,
+                config,
+                clock_cap_mhz: None,
+                lost: false,
+                stored: GpuState::default(),
+                in_flight: VecDeque::new(),
+                time_s: 0,
+                next_reply: 0,
+            }
+        }
+
+        /// Checks a plan's promises while carrying it out against the
+        /// model: every limit within the ceiling, every lowering persisted
+        /// before its write.
+        fn carry_out(
+            &mut self,
+            effects: impl IntoIterator<Item = Effect>,
+        ) -> Result<(), TestCaseError> {
+            let ceiling = self.gpu.ceiling_mw(&self.facts);
+            // What this plan has persisted so far: a lowering write must
+            // come after its own plan recorded it, not rely on an older one.
+            let mut persisted = Vec::new();
+            for effect in effects {
+                match effect {
+                    Effect::Persist(change) => {
+                        change.apply(&mut self.stored);
+                        persisted.push(change);
+                    }
+                    Effect::Write(write) => {
+                        match write.op {
+                            WriteOp::SetPowerLimit { limit_mw } => {
+                                let ceiling = ceiling.unwrap_or(u32::MAX);
+                                prop_assert!(
+                                    limit_mw <= ceiling + 1,
+                                    "{limit_mw} mW planned above the ceiling {ceiling} mW: {write:?}"
+                                );
+                                if limit_mw + LIMIT_TOLERANCE_MW < ceiling {
+                                    prop_assert!(
+                                        persisted.contains(&DesiredChange::LoweredLimit(true)),
+                                        "{write:?} lowers the GPU before its plan persists `lowered`"
+                                    );
+                                }
+                            }
+                            WriteOp::LockGpuClocks { max_mhz, .. } => {
+                                prop_assert!(
+                                    persisted.contains(&DesiredChange::ClockLock(true)),
+                                    "{write:?} locks clocks before its plan persists the lock"
+                                );
+                                prop_assert!(
+                                    max_mhz <= self.facts.max_graphics_clock_mhz.unwrap_or(0)
+                                );
+                            }
+                            _ => {}
+                        }
+                        self.in_flight.push_back(write);
+                    }
+                    Effect::Record(_) | Effect::RecordGovernorAction(_) => {}
+                }
+            }
+            prop_assert_eq!(
+                &self.stored,
+                &self.gpu.desired,
+                "the mirror is what is stored"
+            );
+            prop_assert_eq!(self.in_flight.len(), self.gpu.in_flight);
+            Ok(())
+        }
+
+        fn complete(&mut self, outcome: Outcome) -> Result<(), TestCaseError> {
+            let Some(write) = self.in_flight.pop_front() else {
+                return Ok(());
+            };
+            let result = match outcome {
+                _ if self.lost => Err(BackendError::GpuLost("off the bus".into())),
+                Outcome::Ok => {
+                    match write.op {
+                        WriteOp::SetPowerLimit { limit_mw } => {
+                            self.limit_mw = Some(limit_mw);
+                            self.limit_written = true;
+                        }
+                        WriteOp::LockGpuClocks { max_mhz, .. } => {
+                            self.clock_cap_mhz = Some(max_mhz)
+                        }
+                        WriteOp::ResetGpuLockedClocks => self.clock_cap_mhz = None,
+                        _ => {}
+                    }
+                    Ok(())
+                }
+                Outcome::Failed => Err(BackendError::Other("driver error".into())),
+                Outcome::NotSupported => Err(BackendError::NotSupported("refused".into())),
+                Outcome::NoPermission => Err(BackendError::NoPermission("refused".into())),
+            };
+            let plan = lifecycle::write_done(&mut self.gpu, &self.facts, &write, &result);
+            self.carry_out(plan.effects)
+        }
+
+        fn step(&mut self, input: &Input) -> Result<(), TestCaseError> {
+            let effects: Vec<Effect> = match *input {
+                Input::Reading(temperature_c) => {
+                    if self.lost {
+                        return Ok(());
+                    }
+                    self.time_s += 1;
+                    let idle_before = self.gpu.in_flight == 0;
+                    let mut r = reading(self.time_s, temperature_c, self.limit_mw);
+                    r.locked_gpu_clock_max_mhz = self.clock_cap_mhz;
+                    let plan = lifecycle::reading(
+                        &mut self.gpu,
+                        &self.facts,
+                        &r,
+                        T0 + Duration::from_secs(self.time_s),
+                    );
+                    if idle_before && self.gpu.mode_governs() {
+                        prop_assert!(
+                            self.gpu.lifecycle.governor().is_some(),
+                            "a GPU reading normally in mode {:?} is not governed: {:?}",
+                            self.gpu.mode,
+                            self.gpu.lifecycle
+                        );
+                    }
+                    plan.effects
+                }
+                Input::Lost => {
+                    if self.lost {
+                        return Ok(());
+                    }
+                    self.lost = true;
+                    lifecycle::lost(&mut self.gpu).effects
+                }
+                Input::Recovered(new_limits) => {
+                    if !self.lost {
+                        return Ok(());
+                    }
+                    self.lost = false;
+                    if new_limits {
+                        let default = self
+                            .facts
+                            .power_default_mw
+                            .map(|d| d.saturating_sub(50_000).max(300_000));
+                        self.facts.power_default_mw = default;
+                    }
+                    // A GPU that comes back has been reset.
+                    self.limit_mw = self
+                        .facts
+                        .power_default_mw
+                        .filter(|_| self.facts.controls.power_limit_settable);
+                    self.limit_written = false;
+                    self.clock_cap_mhz = None;
+                    let saved = self.stored.clone();
+                    lifecycle::recovered(&mut self.gpu, &self.facts, &self.config, &saved).effects
+                }
+                Input::DriverReset => {
+                    self.limit_mw = self
+                        .facts
+                        .power_default_mw
+                        .filter(|_| self.facts.controls.power_limit_settable);
+                    self.limit_written = false;
+                    return Ok(());
+                }
+                Input::Complete(outcome) => return self.complete(outcome),
+                Input::SetPowerLimit(watts) => {
+                    self.next_reply += 1;
+                    let target = watts.map_or(PowerTarget::RestoreDefault, |w| {
+                        PowerTarget::Watts(f64::from(w))
+                    });
+                    let mut gpus = [self.gpu.clone()];
+                    match requests::set_power_limit(
+                        &mut gpus,
+                        &[&self.facts],
+                        &[self.facts.index],
+                        target,
+                        "ops",
+                        self.next_reply,
+                    ) {
+                        Ok(plan) => {
+                            let [gpu] = gpus;
+                            self.gpu = gpu;
+                            plan.effects.into_iter().map(|(_, e)| e).collect()
+                        }
+                        Err(_) => return Ok(()),
+                    }
+                }
+                Input::SetThreshold(celsius) => {
+                    let target =
+                        celsius.map_or(ThresholdTarget::RestoreDefault, ThresholdTarget::Celsius);
+                    let mut gpus = [self.gpu.clone()];
+                    match requests::set_threshold(
+                        &mut gpus,
+                        &[&self.facts],
+                        &[self.facts.index],
+                        target,
+                        None,
+                        "ops",
+                    ) {
+                        Ok(plan) => {
+                            let [gpu] = gpus;
+                            self.gpu = gpu;
+                            plan.effects.into_iter().map(|(_, e)| e).collect()
+                        }
+                        Err(_) => return Ok(()),
+                    }
+                }
+                Input::ResetClocks => {
+                    self.next_reply += 1;
+                    let mut gpus = [self.gpu.clone()];
+                    match requests::reset_clocks(
+                        &mut gpus,
+                        &[&self.facts],
+                        &[self.facts.index],
+                        "ops",
+                        self.next_reply,
+                    ) {
+                        Ok(plan) => {
+                            let [gpu] = gpus;
+                            self.gpu = gpu;
+                            plan.effects.into_iter().map(|(_, e)| e).collect()
+                        }
+                        Err(_) => return Ok(()),
+                    }
+                }
+            };
+            self.carry_out(effects)
+        }
+
+        /// Shutdown as the controller does it: writes under way finish,
+        /// then the restore is planned and carried out.
+        fn shut_down(&mut self) -> Result<(), TestCaseError> {
+            while !self.in_flight.is_empty() {
+                self.complete(Outcome::Ok)?;
+            }
+            let governor_lowered = self
+                .gpu
+                .lifecycle
+                .governor()
+                .is_some_and(|g| g.is_lowered());
+            let plan = lifecycle::shutdown(&mut self.gpu, &self.facts);
+            let wrote = plan.writes().count() > 0;
+            let ceiling = self.gpu.ceiling_mw(&self.facts);
+            let below_ceiling = matches!((self.limit_mw, ceiling), (Some(l), Some(c)) if l + LIMIT_TOLERANCE_MW < c);
+            let untouched = !below_ceiling
+                && self.clock_cap_mhz.is_none()
+                && !self.stored.governor_lowered_limit
+                && !self.stored.governor_clock_lock
+                && !governor_lowered;
+            self.carry_out(plan.effects)?;
+            while !self.in_flight.is_empty() {
+                self.complete(Outcome::Ok)?;
+            }
+            if untouched {
+                prop_assert!(!wrote, "shutdown wrote to a GPU nothing had lowered");
+            }
+            let writable = !self.lost && !self.gpu.dry_run;
+            match self.gpu.mode {
+                // A limit gpuwatch wrote below the ceiling is given back (a
+                // driver default below an operator ceiling is not gpuwatch's
+                // to undo before it has read the GPU again).
+                GovernorMode::PowerLimit if writable && self.limit_written => {
+                    let (Some(limit), Some(ceiling)) = (self.limit_mw, ceiling) else {
+                        return Ok(());
+                    };
+                    prop_assert!(
+                        limit + LIMIT_TOLERANCE_MW >= ceiling,
+                        "left lowered at shutdown: {limit} mW under a {ceiling} mW ceiling"
+                    );
+                }
+                GovernorMode::ClockLock if writable => {
+                    prop_assert_eq!(self.clock_cap_mhz, None, "clock lock left at shutdown");
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Random lifecycles of a GPU whose power limit can be set: it is
+        /// governed whenever it reads normally, never planned above its
+        /// ceiling, recorded as lowered before it is lowered, and given
+        /// back at shutdown.
+        #[test]
+        fn a_power_limited_gpu_keeps_the_control_planes_promises(
+            dry_run in proptest::bool::weighted(0.15),
+            inputs in proptest::collection::vec(input(), 1..120),
+        ) {
+            let mut world = World::new(h100(0), dry_run);
+            for input in &inputs {
+                world.step(input)?;
+            }
+            world.shut_down()?;
+        }
+
+        /// The same for a GPU governed by clock locks.
+        #[test]
+        fn a_clock_locked_gpu_keeps_the_control_planes_promises(
+            dry_run in proptest::bool::weighted(0.15),
+            inputs in proptest::collection::vec(input(), 1..120),
+        ) {
+            let mut world = World::new(laptop(0), dry_run);
+            for input in &inputs {
+                world.step(input)?;
+            }
+            world.shut_down()?;
+        }
+    }
+
+    /// The cases the brief names, spelled out so they always run.
+    #[test]
+    fn named_sequences_keep_the_promises() {
+        use Input::*;
+        let sequences: Vec<Vec<Input>> = vec![
+            // Lost and back, hot.
+            vec![
+                Reading(40),
+                Reading(85),
+                Reading(88),
+                Lost,
+                Recovered(false),
+                Reading(88),
+                Reading(89),
+            ],
+            // Lost twice.
+            vec![
+                Reading(40),
+                Lost,
+                Recovered(false),
+                Reading(85),
+                Complete(Outcome::Ok),
+                Lost,
+                Recovered(true),
+                Reading(86),
+                Reading(88),
+            ],
+            // Lost before an operator ceiling change (refused), then after one.
+            vec![
+                Reading(40),
+                Lost,
+                SetPowerLimit(Some(500)),
+                Recovered(false),
+                Reading(40),
+                SetPowerLimit(Some(450)),
+                Lost,
+                Recovered(false),
+                Reading(80),
+                Reading(85),
+            ],
+            // A driver limit reset while lost.
+            vec![
+                Reading(40),
+                SetPowerLimit(Some(500)),
+                Complete(Outcome::Ok),
+                Lost,
+                DriverReset,
+                Recovered(false),
+                Reading(40),
+                Reading(41),
+            ],
+            // Lowered, then the write refused: fallback.
+            vec![
+                Reading(40),
+                Reading(85),
+                Complete(Outcome::NotSupported),
+                Reading(86),
+                Reading(88),
+                Complete(Outcome::Ok),
+            ],
+        ];
+        for facts in [h100(0), laptop(0)] {
+            for inputs in &sequences {
+                let mut world = World::new(facts.clone(), false);
+                let result: Result<(), TestCaseError> = (|| {
+                    for input in inputs {
+                        world.step(input)?;
+                    }
+                    // Whatever is under way finishes; the next reading
+                    // (checked in `step`) finds the GPU governed.
+                    while !world.in_flight.is_empty() {
+                        world.complete(Outcome::Ok)?;
+                    }
+                    world.step(&Reading(50))?;
+                    world.shut_down()
+                })();
+                assert!(result.is_ok(), "{:?} on {}: {result:?}", inputs, facts.name);
+            }
+        }
+    }
+}
