@@ -359,6 +359,22 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         axum::Router::new().fallback_service(authorized),
     ));
 
+    events.record(NewEvent::new(
+        EventKind::DaemonStarted,
+        Actor::startup(),
+        format!(
+            "gpuwatch {} started: {} backend, {} GPU(s)",
+            env!("CARGO_PKG_VERSION"),
+            host_facts.backend,
+            hub.devices().len()
+        ),
+    ));
+    // Serve (and say so) only once the startup repairs and this event are
+    // committed, so the first WatchEvents replay or scrape already holds them.
+    if let Err(e) = writer.flush().await {
+        tracing::error!(error = %e, "startup events could not be committed");
+    }
+
     if !auth.reads_open() && auth.token_count() == 0 && !mutual_tls {
         tracing::warn!(
             "listening on {grpc_addr} (not loopback) without tokens or mutual TLS: every read and control request will be refused; configure [auth] tokens"
@@ -391,21 +407,6 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             }
         })
     });
-    events.record(NewEvent::new(
-        EventKind::DaemonStarted,
-        Actor::startup(),
-        format!(
-            "gpuwatch {} started: {} backend, {} GPU(s)",
-            env!("CARGO_PKG_VERSION"),
-            host_facts.backend,
-            hub.devices().len()
-        ),
-    ));
-    // Serve only once the startup repairs and this event are committed, so
-    // the first WatchEvents replay already holds them.
-    if let Err(e) = writer.flush().await {
-        tracing::error!(error = %e, "startup events could not be committed");
-    }
 
     let control_task = tokio::spawn(controller.run(requests, shutdown.clone()));
     let grace = config.server.shutdown_grace;
