@@ -6,12 +6,7 @@
 //! reports the stuck one as stale. Reads and writes for one GPU go through the
 //! same thread, in order, so they never race. Nothing else touches a device.
 
-use std::{
-    io,
-    sync::mpsc,
-    thread::{self, JoinHandle},
-    time::{Instant, SystemTime},
-};
+use std::{io, sync::mpsc, thread, time::SystemTime};
 
 use tokio::sync::oneshot;
 
@@ -35,8 +30,6 @@ pub struct ReadOutcome {
     pub events: Vec<DeviceEvent>,
     /// Wall time when the read finished.
     pub at: SystemTime,
-    /// How long the read took.
-    pub took: std::time::Duration,
 }
 
 enum Command {
@@ -57,29 +50,28 @@ enum Command {
 /// current call and exit; a thread stuck in the driver is left detached.
 #[derive(Debug)]
 pub struct DeviceActor {
-    index: u32,
     tx: mpsc::Sender<Command>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl DeviceActor {
     /// Starts the thread that owns `device`.
     pub fn spawn(index: u32, mut device: Box<dyn GpuDevice>) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Command>();
-        let thread = thread::Builder::new()
+        // The thread's handle is not kept: dropping the actor lets the
+        // thread finish its call and exit, and a thread stuck in the driver
+        // is left detached.
+        thread::Builder::new()
             .name(format!("gpu{index}"))
             .spawn(move || {
                 while let Ok(command) = rx.recv() {
                     match command {
                         Command::Read { scope, reply } => {
-                            let started = Instant::now();
                             let result = device.read(scope);
                             let events = device.drain_events();
                             let _ = reply.send(ReadOutcome {
                                 result,
                                 events,
                                 at: SystemTime::now(),
-                                took: started.elapsed(),
                             });
                         }
                         Command::Describe { reply } => {
@@ -91,15 +83,7 @@ impl DeviceActor {
                     }
                 }
             })?;
-        Ok(Self {
-            index,
-            tx,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn index(&self) -> u32 {
-        self.index
+        Ok(Self { tx })
     }
 
     /// Asks for a reading. If the thread is gone, the receiver reports an
@@ -117,23 +101,12 @@ impl DeviceActor {
         rx
     }
 
-    /// Queues a write behind any call in progress.
-    pub fn write(&self, op: WriteOp) -> oneshot::Receiver<Result<(), BackendError>> {
-        self.write_queue().write(op)
-    }
-
     /// A handle that queues writes to this GPU from elsewhere (for a write
     /// that must wait for something else first).
     pub fn write_queue(&self) -> WriteQueue {
         WriteQueue {
             tx: self.tx.clone(),
         }
-    }
-
-    /// True when the thread has exited (it only does when the handle drops or
-    /// the device code panicked).
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 }
 

@@ -128,16 +128,6 @@ impl Authenticator {
         })
     }
 
-    /// An authenticator that lets everything through (tests, benchmarks).
-    pub fn open(listen: SocketAddr) -> Self {
-        Self {
-            tokens: Vec::new(),
-            open_reads: true,
-            certificate_role: None,
-            listen,
-        }
-    }
-
     /// True when some credential can grant control.
     pub fn control_possible(&self) -> bool {
         self.tokens.iter().any(|t| t.role == Role::Control)

@@ -180,11 +180,6 @@ impl Governor {
         self.state
     }
 
-    /// The learned temperature rise per watt (°C/W).
-    pub fn learned_resistance(&self) -> f64 {
-        self.model.resistance
-    }
-
     /// The level the governor believes is in force.
     pub fn level(&self) -> f64 {
         self.level

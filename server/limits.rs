@@ -63,6 +63,7 @@ impl StreamLimiter {
     }
 
     /// Streams open now.
+    #[cfg(test)]
     pub fn open_streams(&self) -> usize {
         self.open.lock().unwrap_or_else(PoisonError::into_inner).0
     }

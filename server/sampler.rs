@@ -26,7 +26,6 @@ use std::{
 };
 
 use tokio::{sync::oneshot, time::MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     actor::{DeviceActor, ReadOutcome, WriteQueue},
@@ -131,11 +130,6 @@ impl GpuSlot {
         self.last.as_ref().map(|(r, _)| r)
     }
 
-    /// The GPU's facts (refreshed when it comes back after being lost).
-    pub fn facts(&self) -> &DeviceFacts {
-        &self.facts
-    }
-
     /// Takes refreshed facts if they have arrived; true when a refresh
     /// finished (whether or not it succeeded).
     fn poll_describe(&mut self) -> bool {
@@ -234,11 +228,6 @@ impl Sampler {
     /// How many GPUs the sampler reads.
     pub fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// True when there are no GPUs.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 
     /// The facts of the GPU at position `pos` (`0..len()`).
@@ -502,27 +491,6 @@ impl Sampler {
             samples,
         });
     }
-
-    /// The sampler's configuration.
-    pub fn config(&self) -> &SamplerConfig {
-        &self.config
-    }
-}
-
-/// Runs the sampler alone (no governor) until `shutdown`; used by tests and
-/// by the daemon when the governor is disabled.
-pub async fn run_plain(mut sampler: Sampler, shutdown: CancellationToken) -> Sampler {
-    let mut ticker = sampler.ticker();
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {
-                sampler.tick(|_| GovernorState::Disabled).await;
-            }
-        }
-    }
-    sampler
 }
 
 /// How long startup waits for one GPU to describe itself.

@@ -78,7 +78,8 @@ pub struct StateReport {
 
 impl StateStore {
     /// Loads the state from `dir` (None: in memory only), with a writer of
-    /// its own.
+    /// its own (tests; the daemon shares one writer, see `with_writer`).
+    #[cfg(test)]
     pub fn open(dir: Option<&Path>) -> (Self, StateReport) {
         match Persister::start(dir) {
             Ok(writer) => Self::with_writer(&writer),

@@ -128,6 +128,7 @@ pub fn decode(bits: u64) -> impl Iterator<Item = &'static ReasonSpec> {
 }
 
 /// The table entry for `reason`.
+#[cfg(test)]
 pub fn spec(reason: ThrottleReason) -> Option<&'static ReasonSpec> {
     REASONS.iter().find(|spec| spec.reason == reason)
 }

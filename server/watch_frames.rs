@@ -64,6 +64,7 @@ impl SharedFrames {
     }
 
     /// The seq of the frame the cache holds, if any.
+    #[cfg(test)]
     pub fn newest_seq(&self) -> Option<u64> {
         self.newest
             .lock()

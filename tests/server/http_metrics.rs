@@ -601,7 +601,12 @@ preset = "a100-sxm"
                 "gpuwatch_gpu_health",
                 &[("gpu", "0"), ("state", "lost")],
             );
-            (lost.first().map(|s| s.value) == Some(1.0)).then_some(all)
+            // The GPU_LOST event is counted once the writer has committed
+            // it, which may be a moment after the frame that shows the loss.
+            let counted = find(&all, "gpuwatch_events_total", &[("kind", "gpu_lost")])
+                .first()
+                .is_some_and(|s| s.value >= 1.0);
+            (lost.first().map(|s| s.value) == Some(1.0) && counted).then_some(all)
         })
         .await;
         assert!(find(&all, "gpuwatch_temperature_celsius", &[("gpu", "0")]).is_empty());
