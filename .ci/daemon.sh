@@ -7,8 +7,8 @@
 #   stop_daemon             # SIGTERM; fails unless the daemon exits 0
 #
 # The binary is $GPUWATCH_SERVER_BIN, default target/release/gpuwatch-server
-# (run `cargo build --release` first). The address comes from the daemon's own
-# log line "gRPC listening on ADDR"; the wait for it is bounded.
+# (run `cargo build --release` first). The addresses come from the daemon's
+# --ready-file (JSON); the wait for it is bounded.
 
 DAEMON_START_TIMEOUT_S="${DAEMON_START_TIMEOUT_S:-60}"
 DAEMON_STOP_TIMEOUT_S="${DAEMON_STOP_TIMEOUT_S:-30}"
@@ -29,34 +29,32 @@ start_daemon() {
     local http=off
     [ -n "${DAEMON_HTTP:-}" ] && http=127.0.0.1:0
     "$bin" --simulate --listen 127.0.0.1:0 --http-listen "$http" \
-        --state-dir "$DAEMON_DIR/state" 2>"$DAEMON_DIR/server.log" &
+        --state-dir "$DAEMON_DIR/state" --ready-file "$DAEMON_DIR/ready.json" \
+        2>"$DAEMON_DIR/server.log" &
     DAEMON_PID=$!
     local deadline=$((SECONDS + DAEMON_START_TIMEOUT_S))
-    DAEMON_ADDR=""
-    while [ -z "$DAEMON_ADDR" ]; do
-        DAEMON_ADDR="$(sed -n 's/.*gRPC listening on \([^ ]*\).*/\1/p' "$DAEMON_DIR/server.log" | head -n 1)"
-        [ -n "$DAEMON_ADDR" ] && break
+    # The daemon writes the ready file (atomically) once it serves:
+    # {"pid":N,"grpc":"127.0.0.1:PORT","http":"127.0.0.1:PORT"|null}.
+    while [ ! -s "$DAEMON_DIR/ready.json" ]; do
         if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
-            echo "error: gpuwatch-server exited before listening:" >&2
+            echo "error: gpuwatch-server exited before it was ready:" >&2
             cat "$DAEMON_DIR/server.log" >&2
             return 1
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
-            echo "error: gpuwatch-server did not report its address in ${DAEMON_START_TIMEOUT_S}s" >&2
+            echo "error: gpuwatch-server was not ready in ${DAEMON_START_TIMEOUT_S}s" >&2
             cat "$DAEMON_DIR/server.log" >&2
             kill -KILL "$DAEMON_PID" 2>/dev/null
             return 1
         fi
-        sleep 0.2
+        sleep 0.1
     done
-    DAEMON_HTTP_ADDR=""
-    if [ -n "${DAEMON_HTTP:-}" ]; then
-        # Logged right after the gRPC line.
-        while [ -z "$DAEMON_HTTP_ADDR" ] && [ "$SECONDS" -lt "$deadline" ]; do
-            DAEMON_HTTP_ADDR="$(sed -n 's/.*healthz) listening on \([^ ]*\).*/\1/p' "$DAEMON_DIR/server.log" | head -n 1)"
-            [ -n "$DAEMON_HTTP_ADDR" ] || sleep 0.2
-        done
-        [ -n "$DAEMON_HTTP_ADDR" ] || { echo "error: no HTTP address in the daemon's log" >&2; return 1; }
+    DAEMON_ADDR="$(sed -n 's/.*"grpc":"\([^"]*\)".*/\1/p' "$DAEMON_DIR/ready.json")"
+    DAEMON_HTTP_ADDR="$(sed -n 's/.*"http":"\([^"]*\)".*/\1/p' "$DAEMON_DIR/ready.json")"
+    [ -n "$DAEMON_ADDR" ] || { echo "error: no gRPC address in the ready file" >&2; return 1; }
+    if [ -n "${DAEMON_HTTP:-}" ] && [ -z "$DAEMON_HTTP_ADDR" ]; then
+        echo "error: no HTTP address in the ready file" >&2
+        return 1
     fi
     echo "gpuwatch-server (pid $DAEMON_PID) listening on $DAEMON_ADDR${DAEMON_HTTP_ADDR:+, HTTP on $DAEMON_HTTP_ADDR}"
 }

@@ -62,17 +62,18 @@ EOF
 GPUS=3
 
 "$SERVER" --simulate --config "$WORK/gpuwatch.toml" --listen 127.0.0.1:0 \
-  --http-listen 127.0.0.1:0 --state-dir "$WORK/state" 2>"$WORK/daemon.log" &
+  --http-listen 127.0.0.1:0 --state-dir "$WORK/state" --ready-file "$WORK/ready.json" 2>"$WORK/daemon.log" &
 DAEMON_PID=$!
 
 ADDR=
 for _ in $(seq 1 100); do
-  ADDR=$(sed -n 's/.*HTTP (metrics, dashboard, healthz) listening on \([0-9.:]*\).*/\1/p' "$WORK/daemon.log" | head -n1)
+  # The ready file (JSON, written once the daemon serves) names the addresses.
+  ADDR=$(sed -n 's/.*"http":"\([^"]*\)".*/\1/p' "$WORK/ready.json" 2>/dev/null || true)
   [ -n "$ADDR" ] && break
   kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$WORK/daemon.log" >&2; die "the daemon exited"; }
   sleep 0.2
 done
-[ -n "$ADDR" ] || { cat "$WORK/daemon.log" >&2; die "the daemon did not log its HTTP address within 20 s"; }
+[ -n "$ADDR" ] || { cat "$WORK/daemon.log" >&2; die "the daemon did not write its ready file within 20 s"; }
 say "daemon HTTP on $ADDR"
 
 # A scrape with every GPU's temperature in it.

@@ -16,10 +16,11 @@ cleanup() { [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -
 trap cleanup EXIT
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q grpcio grpcio-reflection protobuf
-"$SERVER" --simulate --listen 127.0.0.1:0 --http-listen off --state-dir "$WORK/state" 2>"$WORK/daemon.log" &
+"$SERVER" --simulate --listen 127.0.0.1:0 --http-listen off --state-dir "$WORK/state" --ready-file "$WORK/ready.json" 2>"$WORK/daemon.log" &
 PID=$!
 for _ in $(seq 100); do
-    ADDR=$(sed -n 's/.*gRPC listening on \([0-9.:]*\).*/\1/p' "$WORK/daemon.log" | head -1)
+    # The ready file (JSON, written once the daemon serves) names the address.
+    ADDR=$(sed -n 's/.*"grpc":"\([^"]*\)".*/\1/p' "$WORK/ready.json" 2>/dev/null || true)
     [ -n "$ADDR" ] && break
     sleep 0.1
 done
