@@ -7,7 +7,8 @@
 //! [`control`] plane runs the [`governor`] and operator requests on the
 //! sampler's loop; [`events`] is the audit trail; [`state`] the desired state
 //! that outlives a restart; [`persist`] the one writer that puts both on disk,
-//! off the sampling loop. [`api`] is the wire contract, the only part the
+//! off the sampling loop; [`statedir`] claims the state directory for one
+//! daemon and checks it usable before anything touches a GPU. [`api`] is the wire contract, the only part the
 //! client uses (it lives in its own crate, `gpuwatch-api`).
 
 /// The wire contract (the `gpuwatch-api` crate), under the name the daemon's
@@ -34,6 +35,7 @@ pub mod scenario;
 pub mod selector;
 pub mod service;
 pub mod state;
+pub mod statedir;
 pub mod throttle;
 pub mod tls;
 pub mod watch_frames;

@@ -75,12 +75,21 @@ impl Controller {
         sampler: Sampler,
         hub: Arc<Hub>,
         events: Arc<EventLog>,
-        store: StateStore,
+        mut store: StateStore,
         config: ControllerConfig,
     ) -> Self {
         let mut gpus = Vec::with_capacity(sampler.len());
         for pos in 0..sampler.len() {
             let facts = sampler.facts(pos);
+            // Saved values out of range for this GPU never reach a planner.
+            for problem in store.sanitize(facts) {
+                tracing::warn!("state: {problem}");
+                events.record(
+                    NewEvent::new(EventKind::StateDamaged, Actor::startup(), problem)
+                        .gpu(facts.index, &facts.uuid)
+                        .severity(crate::api::Severity::Warning),
+                );
+            }
             let (gpu, warning) = GpuControl::new(facts, &config, &store.get(&facts.uuid));
             if let Some(warning) = warning {
                 events.record(warning);

@@ -464,7 +464,11 @@ pub(crate) fn set_threshold(
             g.set_params(params);
         }
         let operator_value = (source == ThresholdSource::Operator).then_some(threshold);
-        let operator_h = hysteresis_c.filter(|_| source == ThresholdSource::Operator);
+        // The operator's hysteresis is kept exactly: one given now, else the
+        // one they set before (a new threshold alone does not drop it).
+        let operator_h = hysteresis_c
+            .or(gpu.desired.hysteresis_c)
+            .filter(|_| source == ThresholdSource::Operator);
         let change = DesiredChange::Threshold {
             threshold_c: operator_value,
             hysteresis_c: operator_h,
