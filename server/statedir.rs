@@ -111,7 +111,10 @@ pub fn claim(dir: &Path) -> Result<StateDirLock, StateDirError> {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             let holder = match text.trim().parse::<u32>() {
-                Ok(pid) => format!("pid {pid}"),
+                Ok(pid) => match fs::read_to_string(format!("/proc/{pid}/comm")) {
+                    Ok(name) => format!("pid {pid}, {}", name.trim()),
+                    Err(_) => format!("pid {pid}"),
+                },
                 Err(_) => "a process that has not written its pid yet".to_owned(),
             };
             return Err(StateDirError::Locked {

@@ -100,8 +100,20 @@ async fn a_change_that_cannot_be_made_durable_is_an_error_and_the_durable_ceilin
         "the error names the state file: {err:?}"
     );
 
-    // An event and a metric say persistence is failing.
-    let events = events_since(&mut c, 0).await;
+    // An event and a metric say persistence is failing (the writer records
+    // the event right after it answers the failed save).
+    let events =
+        crate::support::eventually(Duration::from_secs(10), "a PERSIST_FAILED event", || {
+            let mut c = c.clone();
+            async move {
+                let events = events_since(&mut c, 0).await;
+                events
+                    .iter()
+                    .any(|e| e.kind() == EventKind::PersistFailed)
+                    .then_some(events)
+            }
+        })
+        .await;
     let failed: Vec<_> = events
         .iter()
         .filter(|e| e.kind() == EventKind::PersistFailed)
