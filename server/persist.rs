@@ -631,6 +631,12 @@ impl Health {
     }
 }
 
+/// Acknowledgements to send once a commit (and what it reports) is done.
+type Replies = Vec<(
+    oneshot::Sender<Result<(), PersistError>>,
+    Result<(), PersistError>,
+)>;
+
 /// One event waiting for the disk.
 struct Pending {
     event: Arc<api::Event>,
@@ -673,13 +679,21 @@ impl Writer {
             if let Some(delay) = self.delay {
                 thread::sleep(delay);
             }
-            self.commit(batch);
-            self.report(&mut rx);
+            self.commit_and_answer(batch, &mut rx);
         }
         // The channel is closed: a last try for a save still pending.
         if self.unsaved.is_some() {
-            self.commit(Vec::new());
-            self.report(&mut rx);
+            self.commit_and_answer(Vec::new(), &mut rx);
+        }
+    }
+
+    /// Commits `batch`, records what is due about the disk, then answers:
+    /// whoever is told a write failed can already see the event saying so.
+    fn commit_and_answer(&mut self, batch: Vec<Request>, rx: &mut mpsc::Receiver<Request>) {
+        let mut replies = self.commit_with(batch, Vec::new());
+        replies.extend(self.report(rx));
+        for (ack, result) in replies {
+            let _ = ack.send(result);
         }
     }
 
@@ -692,9 +706,9 @@ impl Writer {
     /// numbered after everything already queued (so subscribers still see
     /// seqs in order) and committed like any other — published even when
     /// the disk refuses them.
-    fn report(&mut self, rx: &mut mpsc::Receiver<Request>) {
+    fn report(&mut self, rx: &mut mpsc::Receiver<Request>) -> Replies {
         if self.reporter.is_none() {
-            return;
+            return Replies::new();
         }
         let now = Instant::now();
         let events_file = self.dir.join(
@@ -715,10 +729,10 @@ impl Writer {
         .flatten()
         .collect();
         if due.is_empty() {
-            return;
+            return Replies::new();
         }
         let Some(reporter) = &self.reporter else {
-            return;
+            return Replies::new();
         };
         let mut batch = Vec::new();
         let mut own = Vec::new();
@@ -760,18 +774,14 @@ impl Writer {
                 }
             }
         }
-        self.commit_with(batch, own);
+        self.commit_with(batch, own)
     }
 
     /// Group commit: all event lines with one fsync, the latest snapshot
-    /// once, then publish, then acknowledge.
-    fn commit(&mut self, batch: Vec<Request>) {
-        self.commit_with(batch, Vec::new());
-    }
-
-    /// [`commit`](Self::commit), with the writer's own events after the
-    /// batch's.
-    fn commit_with(&mut self, batch: Vec<Request>, own: Vec<Pending>) {
+    /// once, then publish; with the writer's own events after the batch's.
+    /// Returns the acknowledgements to send.
+    fn commit_with(&mut self, batch: Vec<Request>, own: Vec<Pending>) -> Replies {
+        let mut replies = Replies::new();
         let mut events = Vec::new();
         let mut state_acks = Vec::new();
         let mut flushes = Vec::new();
@@ -782,7 +792,7 @@ impl Writer {
                     publish,
                     reporter,
                 } => {
-                    self.commit_events(std::mem::take(&mut events));
+                    replies.extend(self.commit_events(std::mem::take(&mut events)));
                     self.log = Some((files, publish));
                     self.reporter = reporter;
                 }
@@ -807,7 +817,7 @@ impl Writer {
             }
         }
         events.extend(own);
-        self.commit_events(events);
+        replies.extend(self.commit_events(events));
         // A save still pending (a new version, or one that failed before)
         // is tried on every wake-up until it works.
         if let Some((file, bytes)) = self.unsaved.take() {
@@ -828,17 +838,20 @@ impl Writer {
             }
         }
         for ack in state_acks {
-            let _ = ack.send(self.last_save.clone());
+            replies.push((ack, self.last_save.clone()));
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         for ack in flushes {
-            let _ = ack.send(Ok(()));
+            replies.push((ack, Ok(())));
         }
+        replies
     }
 
-    fn commit_events(&mut self, events: Vec<Pending>) {
+    /// Appends and publishes `events`; returns their acknowledgements.
+    fn commit_events(&mut self, events: Vec<Pending>) -> Replies {
+        let mut replies = Replies::new();
         if events.is_empty() {
-            return;
+            return replies;
         }
         // Bulk events (not durable) go to their own file.
         let (results, failed) = match &mut self.log {
@@ -918,9 +931,10 @@ impl Writer {
                 bulk_result.clone()
             };
             if let Some(ack) = pending.ack {
-                let _ = ack.send(result);
+                replies.push((ack, result));
             }
         }
+        replies
     }
 }
 
@@ -1568,6 +1582,11 @@ mod tests {
                 .update("GPU-a", |s| s.operator_ceiling_mw = Some(ceiling))
                 .await
                 .expect_err("the disk refuses");
+            assert_eq!(
+                log.count(api::EventKind::PersistFailed),
+                1,
+                "published by the time the failure is answered, and only once"
+            );
         }
         let failed = tokio::time::timeout(Duration::from_secs(10), sub.live.recv())
             .await
