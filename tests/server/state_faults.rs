@@ -342,3 +342,39 @@ async fn saved_values_out_of_range_are_dropped_with_a_warning_naming_the_gpu() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(policy(&mut c).await.ceiling_mw.is_some_and(|c| c > 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_cannot_push_the_operators_events_out_of_the_log_or_the_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!("{}\n[events]\nretain = 100\n", one_h100());
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let mut c = d.client().await;
+    set_watts(&mut c, 500.0)
+        .await
+        .expect("the operator's change");
+    let mut anonymous = d.client_with(None).await;
+    for _ in 0..250 {
+        set_watts(&mut anonymous, 400.0)
+            .await
+            .expect_err("refused without a token");
+    }
+    let events = events_since(&mut c, 0).await;
+    let operator: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind() == EventKind::CeilingChanged)
+        .collect();
+    assert_eq!(operator.len(), 1, "the replay keeps the operator's event");
+    assert!(
+        events.iter().any(|e| e.kind() == EventKind::DaemonStarted),
+        "and the lifecycle's"
+    );
+    let on_disk = std::fs::read_to_string(dir.path().join("events.log")).expect("events.log");
+    assert!(
+        on_disk.contains("EVENT_KIND_CEILING_CHANGED"),
+        "the log on disk keeps it"
+    );
+    assert!(
+        !on_disk.contains("EVENT_KIND_CONTROL_REFUSED"),
+        "refused calls are kept apart"
+    );
+}
