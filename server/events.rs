@@ -254,6 +254,10 @@ struct Ring {
     events: VecDeque<Arc<api::Event>>,
     /// Bulk events (refused requests), oldest first, bounded on their own.
     bulk: VecDeque<Arc<api::Event>>,
+    /// The newest seq of the audit trail that is no longer kept (0: none):
+    /// a replay from before it starts after it and reports the gap, rather
+    /// than filling it with bulk events as if nothing were missing.
+    main_floor: u64,
     /// The newest published seq (0: none yet).
     last_seq: u64,
 }
@@ -264,9 +268,10 @@ impl Ring {
         let main = self
             .events
             .range(self.events.partition_point(|e| e.seq <= after)..);
+        let from = after.max(self.main_floor);
         let bulk = self
             .bulk
-            .range(self.bulk.partition_point(|e| e.seq <= after)..);
+            .range(self.bulk.partition_point(|e| e.seq <= from)..);
         merge(main, bulk)
     }
 }
@@ -296,15 +301,19 @@ impl Published {
     fn publish(&self, events: Vec<(Arc<api::Event>, bool)>) {
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         for (event, bulk) in events {
-            let (part, bound) = if bulk {
-                (&mut ring.bulk, self.bulk_retain)
+            if bulk {
+                if ring.bulk.len() >= self.bulk_retain {
+                    ring.bulk.pop_front();
+                }
+                ring.bulk.push_back(event.clone());
             } else {
-                (&mut ring.events, self.retain)
-            };
-            if part.len() >= bound {
-                part.pop_front();
+                if ring.events.len() >= self.retain
+                    && let Some(gone) = ring.events.pop_front()
+                {
+                    ring.main_floor = ring.main_floor.max(gone.seq);
+                }
+                ring.events.push_back(event.clone());
             }
-            part.push_back(event.clone());
             ring.last_seq = ring.last_seq.max(event.seq);
             if let Some(count) = self.counts.get(event.kind as usize) {
                 count.fetch_add(1, Ordering::Relaxed);
@@ -349,15 +358,18 @@ impl EventLog {
         let bulk_retain = retain.min(BULK_RETAIN_MAX);
         let mut report = LoadReport::default();
         let mut ring = (VecDeque::new(), VecDeque::new());
+        let mut main_floor = 0;
         let mut loaded = None;
         if let Some(dir) = writer.dir() {
             match load_dir(dir, retain, bulk_retain, &mut report) {
                 Ok(Loaded {
                     events,
                     bulk,
+                    main_floor: floor,
                     files,
                 }) => {
                     ring = (events, bulk);
+                    main_floor = floor;
                     loaded = Some(files);
                 }
                 Err(e) => report.io_error = Some(format!("{}: {e}", dir.display())),
@@ -378,6 +390,7 @@ impl EventLog {
             ring: Mutex::new(Ring {
                 events: ring.0,
                 bulk: ring.1,
+                main_floor,
                 last_seq,
             }),
             tx,
@@ -583,6 +596,9 @@ fn open_append(path: &Path) -> io::Result<File> {
 struct Loaded {
     events: VecDeque<Arc<api::Event>>,
     bulk: VecDeque<Arc<api::Event>>,
+    /// The newest audit-trail seq known to be gone (rotated away or beyond
+    /// `retain`).
+    main_floor: u64,
     files: EventFiles,
 }
 
@@ -605,11 +621,19 @@ fn load_dir(
     let (refused, kept): (Vec<_>, Vec<_>) = main
         .into_iter()
         .partition(|e| e.kind() == EventKind::ControlRefused);
-    let events = ordered(kept, retain);
-    let bulk = ordered(bulk.into_iter().chain(refused).collect(), bulk_retain);
+    let (events, skipped) = ordered(kept, retain);
+    let (bulk, _) = ordered(bulk.into_iter().chain(refused).collect(), bulk_retain);
+    // Once the audit trail has rotated, what came before its oldest kept
+    // event is gone.
+    let rotated_away = if dir.join(ROTATED_FILE).exists() {
+        events.front().map_or(0, |e| e.seq.saturating_sub(1))
+    } else {
+        0
+    };
     Ok(Loaded {
         events,
         bulk,
+        main_floor: skipped.max(rotated_away),
         files: EventFiles {
             main: AppendLog::new(
                 dir.to_path_buf(),
@@ -632,12 +656,16 @@ fn load_dir(
 }
 
 /// Seqs strictly increasing (even if a damaged file repeated some), the
-/// newest `keep`.
-fn ordered(mut events: Vec<Arc<api::Event>>, keep: usize) -> VecDeque<Arc<api::Event>> {
+/// newest `keep`; with the newest seq left out (0: none).
+fn ordered(mut events: Vec<Arc<api::Event>>, keep: usize) -> (VecDeque<Arc<api::Event>>, u64) {
     events.sort_by_key(|e| e.seq);
     events.dedup_by_key(|e| e.seq);
     let skip = events.len().saturating_sub(keep);
-    events.into_iter().skip(skip).collect()
+    let skipped = skip
+        .checked_sub(1)
+        .and_then(|i| events.get(i))
+        .map_or(0, |e| e.seq);
+    (events.into_iter().skip(skip).collect(), skipped)
 }
 
 /// Loads `rotated` then `current` into `events`, cuts a partial last line
@@ -1065,6 +1093,34 @@ mod tests {
         assert!(lines(BULK_LOG_FILE) <= 100 && lines(BULK_ROTATED_FILE) <= 100);
         let next = log.record(limit_event(3, 4)).seq();
         assert_eq!(next, 251 + audit.len() as u64, "numbering continues");
+    }
+
+    #[test]
+    fn old_refused_events_do_not_hide_a_gap_in_the_audit_trail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        assert_eq!(log.record(refused_event(0)).seq(), 1);
+        for i in 0..150 {
+            log.record(limit_event(i, i + 1));
+        }
+        assert!(log.flush().now_or_never_ok());
+        let check = |log: &EventLog, when: &str| {
+            let sub = log.subscribe(Some(0));
+            assert_eq!(
+                sub.replay.first().map(|e| e.seq),
+                Some(52),
+                "{when}: the replay starts at the oldest audit event kept"
+            );
+            assert_eq!(
+                sub.missing,
+                Some((1, 51)),
+                "{when}: the audit events no longer kept are reported missing"
+            );
+        };
+        check(&log, "live");
+        drop(log);
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        check(&log, "after a restart");
     }
 
     trait NowOrNeverOk {
