@@ -812,7 +812,39 @@ fn check_tokens(key: &str, tokens: &[TokenConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Reads a token file: `[[tokens]]` tables with name, role and token.
+/// Refuses a token file that anyone but its owner may read or write (like
+/// ssh with a private key): its secrets grant control of the GPUs.
+#[cfg(unix)]
+fn check_token_file_mode(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        invalid(
+            "auth.token_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            "auth.token_file",
+            format!(
+                "{} has mode {mode:04o}: its tokens are open to other users; \
+                 make it readable by the daemon only (chmod 600 {})",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_token_file_mode(_path: &Path) -> Result<(), ConfigError> {
+    Ok(())
+}
+
+/// Reads a token file: `[[tokens]]` tables with name, role and token. The
+/// file must be readable by its owner only (mode 0600 or 0400).
 pub fn load_token_file(path: &Path) -> Result<Vec<TokenConfig>, ConfigError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -820,6 +852,7 @@ pub fn load_token_file(path: &Path) -> Result<Vec<TokenConfig>, ConfigError> {
         #[serde(default)]
         tokens: Vec<TokenConfig>,
     }
+    check_token_file_mode(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| {
         invalid(
             "auth.token_file",
@@ -1081,6 +1114,38 @@ mod tests {
         assert_eq!(cfg, Config::default());
         assert_eq!(cfg.server.listen.port(), DEFAULT_GRPC_PORT);
         assert!(cfg.server.listen.ip().is_loopback());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_token_file_open_to_other_users_is_refused_naming_the_file_and_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(
+            &path,
+            "[[tokens]]\nname = \"ops\"\nrole = \"control\"\ntoken = \"0123456789abcdef0123\"\n",
+        )
+        .expect("write");
+        let auth = AuthConfig {
+            token_file: Some(path.clone()),
+            ..AuthConfig::default()
+        };
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o606] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = tokens(&auth).expect_err("a token file others can read is refused");
+            let text = err.to_string();
+            assert!(text.contains("tokens.toml"), "names the file: {text}");
+            assert!(
+                text.contains(&format!("{mode:04o}")),
+                "names the mode: {text}"
+            );
+            assert!(text.contains("auth.token_file"), "{text}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            assert_eq!(tokens(&auth).expect("owner-only is fine").len(), 1);
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::{
     sampler::{DESCRIBE_TIMEOUT, GpuSlot, Sampler},
     service::{GpuWatchService, ServiceParts},
     state::StateStore,
+    statedir::StateDirError,
     watch_frames::SharedFrames,
     watch_wire,
 };
@@ -58,6 +59,10 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The state directory cannot be used (locked by another daemon, not
+    /// readable or writable, its contents unloadable): exit code 73.
+    #[error(transparent)]
+    StateDir(#[from] crate::statedir::StateDirError),
     /// Anything else at startup.
     #[error("{0}")]
     Startup(String),
@@ -220,11 +225,12 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             .map_err(|e| DaemonError::Config(e.to_string()))?,
     );
     let state_dir = resolve_state_dir(&config);
-    if let Some(dir) = &state_dir
-        && let Err(e) = std::fs::create_dir_all(dir)
-    {
-        tracing::error!(dir = %dir.display(), error = %e, "cannot create the state directory; state and events stay in memory");
-    }
+    // The state directory is this daemon's alone, and usable, before the
+    // backend (or anything else) writes anything — to a GPU or to the disk.
+    let state_lock = state_dir
+        .as_deref()
+        .map(crate::statedir::claim)
+        .transpose()?;
     let backend = make_backend(&config, state_dir.as_deref())?;
     let host_facts = backend.host_facts();
 
@@ -233,6 +239,9 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         .map_err(|e| DaemonError::Startup(format!("cannot start the state writer: {e}")))?;
     let (events, log_report) = EventLog::with_writer(&writer, config.events.retain);
     let events = Arc::new(events);
+    if let Some(e) = &log_report.io_error {
+        return Err(StateDirError::Unusable(format!("the event log cannot be used: {e}")).into());
+    }
     if log_report.damaged() {
         tracing::warn!("{}", log_report.describe());
         events.record(
@@ -245,6 +254,11 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         );
     }
     let (store, state_report) = StateStore::with_writer(&writer);
+    if let Some(e) = &state_report.unreadable {
+        return Err(
+            StateDirError::Unusable(format!("the desired state cannot be read: {e}")).into(),
+        );
+    }
     for problem in &state_report.problems {
         tracing::warn!("state: {problem}");
         events.record(
@@ -448,6 +462,8 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         if let Some(http) = http_task {
             let _ = tokio::time::timeout(grace, http).await;
         }
+        // Another daemon may have the directory once everything is on disk.
+        drop(state_lock);
         served
     });
 

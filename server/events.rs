@@ -12,7 +12,13 @@
 //! restarts, so `WatchEvents(since_seq)` works across them.
 //!
 //! The log is bounded: when the current file holds `retain` events it is
-//! rotated to `events.log.1` (replacing the older one). Each line is
+//! rotated to `events.log.1` (replacing the older one). Refused requests —
+//! the events anyone can cause in bulk — are kept apart, in
+//! `events.refused.log` (and `.1`) and their own part of the replay ring,
+//! bounded on their own (at most 1,000), so no amount of them can push an
+//! operator's, the governor's or a lifecycle event out; a replay merges both
+//! in seq order (old refused events may be gone without a gap being
+//! reported for them). Each line is
 //! `CRC32 JSON`; at startup, lines that fail their checksum (a torn write,
 //! power loss) are skipped and reported, and a partial last line is cut off,
 //! so a damaged log never stops the daemon — it keeps what is valid.
@@ -37,7 +43,9 @@ use crate::{
         self, ActorKind, ClockLockChange, EventKind, PowerLimitChange, Severity, ThresholdChange,
         event::Change,
     },
-    persist::{Ack, AppendLog, PersistError, Persister},
+    persist::{
+        Ack, AppendLog, DiskReport, EventFiles, PersistError, PersistStats, Persister, Reporter,
+    },
 };
 
 /// Who caused an event.
@@ -187,6 +195,13 @@ impl LoadReport {
 
 const LOG_FILE: &str = "events.log";
 const ROTATED_FILE: &str = "events.log.1";
+/// Refused requests (the events anyone can cause in bulk) are kept apart:
+/// their own files, rotated on their own, and their own part of the replay
+/// ring, so that no amount of them pushes the audit trail out.
+const BULK_LOG_FILE: &str = "events.refused.log";
+const BULK_ROTATED_FILE: &str = "events.refused.log.1";
+/// Most bulk events kept (in memory and per file), whatever `retain` is.
+const BULK_RETAIN_MAX: usize = 1000;
 /// Events a live subscriber may fall behind by before it loses some.
 const SUBSCRIBER_BUFFER_EVENTS: usize = 1024;
 
@@ -227,27 +242,79 @@ struct Published {
     ring: Mutex<Ring>,
     tx: broadcast::Sender<Arc<api::Event>>,
     retain: usize,
+    /// Bulk events kept (their own bound).
+    bulk_retain: usize,
     /// Events published since start, by kind (index = EventKind as usize).
     counts: Vec<AtomicU64>,
 }
 
 #[derive(Debug)]
 struct Ring {
+    /// The audit trail: everything but bulk events, oldest first.
     events: VecDeque<Arc<api::Event>>,
+    /// Bulk events (refused requests), oldest first, bounded on their own.
+    bulk: VecDeque<Arc<api::Event>>,
+    /// The newest seq of the audit trail that is no longer kept (0: none):
+    /// a replay from before it starts after it and reports the gap, rather
+    /// than filling it with bulk events as if nothing were missing.
+    main_floor: u64,
     /// The newest published seq (0: none yet).
     last_seq: u64,
 }
 
+impl Ring {
+    /// Both parts after `after`, merged in seq order.
+    fn after(&self, after: u64) -> Vec<Arc<api::Event>> {
+        let main = self
+            .events
+            .range(self.events.partition_point(|e| e.seq <= after)..);
+        let from = after.max(self.main_floor);
+        let bulk = self
+            .bulk
+            .range(self.bulk.partition_point(|e| e.seq <= from)..);
+        merge(main, bulk)
+    }
+}
+
+/// Two seq-ordered runs merged into one.
+fn merge<'a>(
+    a: impl Iterator<Item = &'a Arc<api::Event>>,
+    b: impl Iterator<Item = &'a Arc<api::Event>>,
+) -> Vec<Arc<api::Event>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    let mut out = Vec::new();
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.seq <= y.seq => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => return out,
+        };
+        out.extend(next.cloned());
+    }
+}
+
 impl Published {
-    /// Hands committed events to the ring and to live subscribers, in order.
-    fn publish(&self, events: Vec<Arc<api::Event>>) {
+    /// Hands committed events to the ring and to live subscribers, in order;
+    /// each with whether it is a bulk event.
+    fn publish(&self, events: Vec<(Arc<api::Event>, bool)>) {
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        for event in events {
-            if ring.events.len() >= self.retain {
-                ring.events.pop_front();
+        for (event, bulk) in events {
+            if bulk {
+                if ring.bulk.len() >= self.bulk_retain {
+                    ring.bulk.pop_front();
+                }
+                ring.bulk.push_back(event.clone());
+            } else {
+                if ring.events.len() >= self.retain
+                    && let Some(gone) = ring.events.pop_front()
+                {
+                    ring.main_floor = ring.main_floor.max(gone.seq);
+                }
+                ring.events.push_back(event.clone());
             }
             ring.last_seq = ring.last_seq.max(event.seq);
-            ring.events.push_back(event.clone());
             if let Some(count) = self.counts.get(event.kind as usize) {
                 count.fetch_add(1, Ordering::Relaxed);
             }
@@ -261,8 +328,9 @@ impl Published {
 #[derive(Debug)]
 pub struct EventLog {
     /// The next seq to hand out; held while an event is numbered and queued,
-    /// so the writer receives events in seq order.
-    next_seq: Mutex<u64>,
+    /// so the writer receives events in seq order (the writer takes it too,
+    /// to number its own reports of a failing disk).
+    next_seq: Arc<Mutex<u64>>,
     published: Arc<Published>,
     /// Where events go to disk; None: memory only.
     writer: Option<Persister>,
@@ -287,50 +355,69 @@ impl EventLog {
     /// that writer (shared with the desired state).
     pub fn with_writer(writer: &Persister, retain: usize) -> (Self, LoadReport) {
         let retain = retain.max(1);
+        let bulk_retain = retain.min(BULK_RETAIN_MAX);
         let mut report = LoadReport::default();
-        let mut ring = VecDeque::new();
+        let mut ring = (VecDeque::new(), VecDeque::new());
+        let mut main_floor = 0;
         let mut loaded = None;
         if let Some(dir) = writer.dir() {
-            match load_dir(dir, retain, &mut report) {
-                Ok((events, current_lines, file)) => {
-                    ring = events;
-                    loaded = Some((dir.to_path_buf(), current_lines, file));
+            match load_dir(dir, retain, bulk_retain, &mut report) {
+                Ok(Loaded {
+                    events,
+                    bulk,
+                    main_floor: floor,
+                    files,
+                }) => {
+                    ring = (events, bulk);
+                    main_floor = floor;
+                    loaded = Some(files);
                 }
                 Err(e) => report.io_error = Some(format!("{}: {e}", dir.display())),
             }
         }
-        report.loaded = ring.len();
-        let last_seq = ring.back().map_or(0, |e: &Arc<api::Event>| e.seq);
+        report.loaded = ring.0.len() + ring.1.len();
+        let last_seq = ring
+            .0
+            .back()
+            .into_iter()
+            .chain(ring.1.back())
+            .map(|e: &Arc<api::Event>| e.seq)
+            .max()
+            .unwrap_or(0);
         let (tx, _) = broadcast::channel(SUBSCRIBER_BUFFER_EVENTS);
         let kinds = EventKind::DryRunDecision as usize + 8;
         let published = Arc::new(Published {
             ring: Mutex::new(Ring {
-                events: ring,
+                events: ring.0,
+                bulk: ring.1,
+                main_floor,
                 last_seq,
             }),
             tx,
             retain,
+            bulk_retain,
             counts: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
         });
+        let next_seq = Arc::new(Mutex::new(last_seq + 1));
         let mut attached = None;
-        if let Some((dir, lines_in_file, file)) = loaded {
-            let log = AppendLog {
-                dir,
-                current: LOG_FILE,
-                rotated: ROTATED_FILE,
-                file,
-                lines_in_file,
-                retain,
-            };
+        if let Some(files) = loaded {
             let sink = published.clone();
-            if writer.attach_log(log, Box::new(move |events| sink.publish(events))) {
+            let reporter = Reporter {
+                next_seq: next_seq.clone(),
+                make: Box::new(disk_event),
+            };
+            if writer.attach_log(
+                files,
+                Box::new(move |events| sink.publish(events)),
+                Some(reporter),
+            ) {
                 attached = Some(writer.clone());
             } else {
                 report.io_error = Some("the state directory's writer has stopped".to_owned());
             }
         }
         let log = Self {
-            next_seq: Mutex::new(last_seq + 1),
+            next_seq,
             published,
             writer: attached,
         };
@@ -363,7 +450,7 @@ impl EventLog {
         });
         let Some(writer) = &self.writer else {
             *next_seq += 1;
-            self.published.publish(vec![event.clone()]);
+            self.published.publish(vec![(event.clone(), !durable)]);
             return Recorded {
                 event,
                 ack: Ack::ready(Ok(())),
@@ -392,7 +479,7 @@ impl EventLog {
                     seq = event.seq,
                     "the event writer has stopped; event kept in memory only"
                 );
-                self.published.publish(vec![event.clone()]);
+                self.published.publish(vec![(event.clone(), !durable)]);
                 Recorded {
                     event,
                     ack: Ack::ready(Err(PersistError::Stopped)),
@@ -421,6 +508,12 @@ impl EventLog {
         self.writer.as_ref().map_or(0, |w| w.stats().event_failures)
     }
 
+    /// The state directory writer's counters (failures per file, whether
+    /// each is failing now); `None` when nothing is written to disk.
+    pub fn persist_stats(&self) -> Option<PersistStats> {
+        self.writer.as_ref().map(Persister::stats)
+    }
+
     /// Subscribes; with `since`, returns the retained events after it.
     pub fn subscribe(&self, since: Option<u64>) -> EventSubscription {
         let ring = self
@@ -433,8 +526,7 @@ impl EventLog {
         let next_seq = latest_seq + 1;
         let (replay, missing) = match since {
             Some(after) => {
-                let start = ring.events.partition_point(|e| e.seq <= after);
-                let replay: Vec<_> = ring.events.range(start..).cloned().collect();
+                let replay = ring.after(after);
                 let first_kept = replay.first().map_or(next_seq, |e| e.seq);
                 let missing = (after + 1 < first_kept).then(|| (after + 1, first_kept - 1));
                 (replay, missing)
@@ -465,8 +557,14 @@ impl EventLog {
             .ring
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let skip = ring.events.len().saturating_sub(max);
-        ring.events.iter().skip(skip).cloned().collect()
+        let main = ring
+            .events
+            .iter()
+            .skip(ring.events.len().saturating_sub(max));
+        let bulk = ring.bulk.iter().skip(ring.bulk.len().saturating_sub(max));
+        let merged = merge(main, bulk);
+        let skip = merged.len().saturating_sub(max);
+        merged.into_iter().skip(skip).collect()
     }
 
     /// Events published since start, per kind.
@@ -493,23 +591,101 @@ fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// Loads `events.log.1` then `events.log`, repairing a partial tail.
+/// What [`load_dir`] found: both parts of the ring, and the files to
+/// append to.
+struct Loaded {
+    events: VecDeque<Arc<api::Event>>,
+    bulk: VecDeque<Arc<api::Event>>,
+    /// The newest audit-trail seq known to be gone (rotated away or beyond
+    /// `retain`).
+    main_floor: u64,
+    files: EventFiles,
+}
+
+/// Loads the audit trail (`events.log.1`, `events.log`) and the refused
+/// requests (`events.refused.log.1`, `events.refused.log`), repairing
+/// partial tails. A refused request in the audit trail's files (where
+/// releases before 0.2 wrote them) counts as a bulk event.
 fn load_dir(
     dir: &Path,
     retain: usize,
+    bulk_retain: usize,
     report: &mut LoadReport,
-) -> io::Result<(VecDeque<Arc<api::Event>>, usize, File)> {
+) -> io::Result<Loaded> {
     fs::create_dir_all(dir)?;
-    let mut events = VecDeque::new();
-    let rotated = dir.join(ROTATED_FILE);
+    let mut main = VecDeque::new();
+    let (main_file, main_lines) = load_pair(dir, ROTATED_FILE, LOG_FILE, &mut main, report)?;
+    let mut bulk = VecDeque::new();
+    let (bulk_file, bulk_lines) =
+        load_pair(dir, BULK_ROTATED_FILE, BULK_LOG_FILE, &mut bulk, report)?;
+    let (refused, kept): (Vec<_>, Vec<_>) = main
+        .into_iter()
+        .partition(|e| e.kind() == EventKind::ControlRefused);
+    let (events, skipped) = ordered(kept, retain);
+    let (bulk, _) = ordered(bulk.into_iter().chain(refused).collect(), bulk_retain);
+    // Once the audit trail has rotated, what came before its oldest kept
+    // event is gone.
+    let rotated_away = if dir.join(ROTATED_FILE).exists() {
+        events.front().map_or(0, |e| e.seq.saturating_sub(1))
+    } else {
+        0
+    };
+    Ok(Loaded {
+        events,
+        bulk,
+        main_floor: skipped.max(rotated_away),
+        files: EventFiles {
+            main: AppendLog::new(
+                dir.to_path_buf(),
+                LOG_FILE,
+                ROTATED_FILE,
+                main_file,
+                main_lines,
+                retain,
+            ),
+            bulk: AppendLog::new(
+                dir.to_path_buf(),
+                BULK_LOG_FILE,
+                BULK_ROTATED_FILE,
+                bulk_file,
+                bulk_lines,
+                bulk_retain,
+            ),
+        },
+    })
+}
+
+/// Seqs strictly increasing (even if a damaged file repeated some), the
+/// newest `keep`; with the newest seq left out (0: none).
+fn ordered(mut events: Vec<Arc<api::Event>>, keep: usize) -> (VecDeque<Arc<api::Event>>, u64) {
+    events.sort_by_key(|e| e.seq);
+    events.dedup_by_key(|e| e.seq);
+    let skip = events.len().saturating_sub(keep);
+    let skipped = skip
+        .checked_sub(1)
+        .and_then(|i| events.get(i))
+        .map_or(0, |e| e.seq);
+    (events.into_iter().skip(skip).collect(), skipped)
+}
+
+/// Loads `rotated` then `current` into `events`, cuts a partial last line
+/// off `current`, and opens it for appending; with its line count.
+fn load_pair(
+    dir: &Path,
+    rotated: &str,
+    current: &str,
+    events: &mut VecDeque<Arc<api::Event>>,
+    report: &mut LoadReport,
+) -> io::Result<(File, usize)> {
+    let rotated = dir.join(rotated);
     if rotated.exists() {
-        read_lines(&rotated, &mut events, report)?;
+        read_lines(&rotated, events, report)?;
     }
-    let current = dir.join(LOG_FILE);
+    let current = dir.join(current);
     let mut current_lines = 0;
     if current.exists() {
         let before = events.len();
-        let good_len = read_lines(&current, &mut events, report)?;
+        let good_len = read_lines(&current, events, report)?;
         current_lines = events.len() - before;
         let actual = fs::metadata(&current)?.len();
         if good_len < actual {
@@ -519,15 +695,47 @@ fn load_dir(
             f.sync_all()?;
         }
     }
-    // Keep seqs strictly increasing even if a damaged file repeated some.
-    let mut ordered: Vec<Arc<api::Event>> = events.into_iter().collect();
-    ordered.sort_by_key(|e| e.seq);
-    ordered.dedup_by_key(|e| e.seq);
-    let skip = ordered.len().saturating_sub(retain);
-    let events = ordered.into_iter().skip(skip).collect();
     let mut file = open_append(&current)?;
     file.seek(io::SeekFrom::End(0))?;
-    Ok((events, current_lines, file))
+    Ok((file, current_lines))
+}
+
+/// The event the writer records about the disk: numbered `seq`, with its
+/// line (`None` when it cannot be encoded).
+fn disk_event(seq: u64, report: &DiskReport) -> Option<(Arc<api::Event>, String)> {
+    let (kind, severity, reason) = match report {
+        DiskReport::Failing {
+            file,
+            error,
+            failures,
+        } => (
+            EventKind::PersistFailed,
+            Severity::Error,
+            format!(
+                "persistence is failing: {error} ({failures} failed write(s) of {file} so far); \
+                 changes are kept in memory and not answered OK until they are durable"
+            ),
+        ),
+        DiskReport::Recovered { file, failures } => (
+            EventKind::PersistRecovered,
+            Severity::Info,
+            format!("{file} can be written again after {failures} failed write(s)"),
+        ),
+    };
+    let event = Arc::new(api::Event {
+        seq,
+        time: Some(SystemTime::now().into()),
+        kind: kind as i32,
+        severity: severity as i32,
+        actor: Some(api::Actor {
+            kind: ActorKind::Daemon as i32,
+            name: "daemon".to_owned(),
+        }),
+        reason,
+        ..api::Event::default()
+    });
+    let line = encode_line(&event).ok()?;
+    Some((event, line))
 }
 
 /// Reads the valid lines of one file into `out`; returns the byte length
@@ -820,5 +1028,112 @@ mod tests {
         assert!(report.io_error.is_some());
         let e = log.record(limit_event(1, 2));
         assert_eq!(e.seq(), 1, "events still flow, in memory");
+    }
+
+    fn refused_event(i: u32) -> NewEvent {
+        NewEvent::new(
+            EventKind::ControlRefused,
+            Actor::operator("anonymous"),
+            format!("SetPowerLimit from 127.0.0.1:{i} refused"),
+        )
+        .not_durable()
+    }
+
+    fn audit_seqs(events: &[Arc<api::Event>]) -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e.kind() != EventKind::ControlRefused)
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    #[test]
+    fn refused_events_cannot_push_the_audit_trail_out_of_the_log_or_the_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        let mut audit = Vec::new();
+        for i in 0..250 {
+            if i % 25 == 0 {
+                audit.push(log.record(limit_event(i, i + 1)).seq());
+            }
+            log.record(refused_event(i));
+        }
+        audit.push(log.record(limit_event(1, 2)).seq());
+        assert!(log.flush().now_or_never_ok(), "committed");
+        let replay = log.subscribe(Some(0));
+        assert_eq!(
+            audit_seqs(&replay.replay),
+            audit,
+            "the replay keeps every audit event"
+        );
+        let refused = replay.replay.len() - audit.len();
+        assert!(refused <= 100, "refused events are bounded: {refused}");
+        assert!(
+            replay.replay.windows(2).all(|w| w[0].seq < w[1].seq),
+            "in seq order"
+        );
+        assert_eq!(audit_seqs(&log.recent(1000)), audit);
+        drop(log);
+
+        let (log, report) = EventLog::open(Some(dir.path()), 100);
+        assert!(!report.damaged(), "{report:?}");
+        let replay = log.subscribe(Some(0)).replay;
+        assert_eq!(
+            audit_seqs(&replay),
+            audit,
+            "nor the log on disk, across a restart"
+        );
+        let lines = |name: &str| {
+            fs::read_to_string(dir.path().join(name))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        assert_eq!(lines(LOG_FILE), audit.len(), "the audit trail's own file");
+        assert!(lines(BULK_LOG_FILE) <= 100 && lines(BULK_ROTATED_FILE) <= 100);
+        let next = log.record(limit_event(3, 4)).seq();
+        assert_eq!(next, 251 + audit.len() as u64, "numbering continues");
+    }
+
+    #[test]
+    fn old_refused_events_do_not_hide_a_gap_in_the_audit_trail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        assert_eq!(log.record(refused_event(0)).seq(), 1);
+        for i in 0..150 {
+            log.record(limit_event(i, i + 1));
+        }
+        assert!(log.flush().now_or_never_ok());
+        let check = |log: &EventLog, when: &str| {
+            let sub = log.subscribe(Some(0));
+            assert_eq!(
+                sub.replay.first().map(|e| e.seq),
+                Some(52),
+                "{when}: the replay starts at the oldest audit event kept"
+            );
+            assert_eq!(
+                sub.missing,
+                Some((1, 51)),
+                "{when}: the audit events no longer kept are reported missing"
+            );
+        };
+        check(&log, "live");
+        drop(log);
+        let (log, _) = EventLog::open(Some(dir.path()), 100);
+        check(&log, "after a restart");
+    }
+
+    trait NowOrNeverOk {
+        fn now_or_never_ok(self) -> bool;
+    }
+
+    impl NowOrNeverOk for Ack {
+        /// Waits for the ack on a runtime of its own (these tests are sync).
+        fn now_or_never_ok(self) -> bool {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map(|rt| rt.block_on(self).is_ok())
+                .unwrap_or(false)
+        }
     }
 }

@@ -7,7 +7,8 @@
 //! `authz`) and `http`. The `control` plane runs the `governor` and
 //! operator requests on the sampler's loop; `events` is the audit trail;
 //! `state` the desired state that outlives a restart; `persist` the one
-//! writer that puts both on disk, off the sampling loop. [`api`] is the wire
+//! writer that puts both on disk, off the sampling loop; `statedir` claims
+//! the state directory for one daemon. [`api`] is the wire
 //! contract (its own crate, `gpuwatch-api`, the only part the CLI uses).
 //!
 //! The library's interface is [`daemon`], [`config`], [`backend`] and
@@ -28,12 +29,12 @@ pub mod tls;
 mod actor;
 mod control;
 mod control_status;
-
 mod limits;
 mod sampler;
 mod selector;
 mod service;
 mod state;
+mod statedir;
 mod throttle;
 mod watch_frames;
 mod watch_wire;

@@ -1,6 +1,7 @@
 //! `gpuwatch-server`: parses flags, loads the configuration, runs the daemon
 //! until SIGTERM/SIGINT, and maps failures to exit codes (64 for a bad
-//! configuration, 69 when the GPUs or the network cannot be used).
+//! configuration, 69 when the GPUs or the network cannot be used, 73 when the
+//! state directory cannot be).
 
 use std::{
     net::SocketAddr,
@@ -16,6 +17,10 @@ use gpuwatch_server::config::{self, Config, LogFormat, Overrides};
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when the GPUs or a listener cannot be used (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code when the state directory cannot be used: locked by another
+/// daemon, not readable or writable, or its contents unloadable
+/// (EX_CANTCREAT).
+const EXIT_STATE_DIR: u8 = 73;
 
 /// Watches and governs NVIDIA GPUs: streams telemetry over gRPC, accepts
 /// control requests, and runs a thermal governor that lowers a hot GPU's power
@@ -189,6 +194,10 @@ fn main() -> ExitCode {
             Err(e @ gpuwatch_server::daemon::DaemonError::Config(_)) => {
                 eprintln!("gpuwatch-server: {e}");
                 return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e @ gpuwatch_server::daemon::DaemonError::StateDir(_)) => {
+                eprintln!("gpuwatch-server: {e}");
+                return ExitCode::from(EXIT_STATE_DIR);
             }
             Err(e) => {
                 eprintln!("gpuwatch-server: {e}");

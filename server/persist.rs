@@ -18,6 +18,14 @@
 //! the ordering (the sampler) drop the ack: fire and forget. Without a state
 //! directory every ack is ready at once.
 //!
+//! A failure is never forgotten: a state snapshot that could not be saved
+//! stays pending and is retried every [`RETRY_INTERVAL`] until it is durable
+//! (so a `lowered` flag is never lost while the daemon runs), a line torn by
+//! a full disk is cut back, and the writer records a `PERSIST_FAILED` event
+//! of its own (numbered after everything queued, published even though the
+//! disk refused it, at most once per [`REPORT_INTERVAL`] per file) and a
+//! `PERSIST_RECOVERED` one when writing works again.
+//!
 //! This module knows files, not formats: the event log's line format,
 //! rotation names and load/recovery live in `events.rs`, the desired state's
 //! JSON in `state.rs`.
@@ -29,12 +37,12 @@ use std::{
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use thiserror::Error;
@@ -51,6 +59,14 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// but the requests' own acknowledgements waits for the disk. Not a setting.
 #[doc(hidden)]
 pub const TEST_DELAY_ENV: &str = "GPUWATCH_TEST_WRITER_DELAY";
+/// How often a save that failed is tried again while nothing else wakes the
+/// writer: a `lowered` flag (or an operator's setting) that could not be
+/// made durable keeps being retried until it is.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// While a file keeps failing, how often it is announced again (an event
+/// and a log line); its first failure and its recovery are announced at
+/// once.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why something could not be made durable.
 #[derive(Debug, Clone, Error)]
@@ -154,6 +170,8 @@ struct Stats {
     state_saves: AtomicU64,
     event_failures: AtomicU64,
     state_failures: AtomicU64,
+    events_failing: AtomicBool,
+    state_failing: AtomicBool,
 }
 
 /// A snapshot of the writer's counters.
@@ -170,21 +188,97 @@ pub struct PersistStats {
     pub event_failures: u64,
     /// State saves that failed.
     pub state_failures: u64,
+    /// The last write to the event log failed (and none has worked since).
+    pub events_failing: bool,
+    /// The newest desired state is not durable: its save failed and is
+    /// being retried.
+    pub state_failing: bool,
 }
 
 /// A line-per-record log with one rotated generation: `current` holds up to
 /// `retain` lines, then becomes `rotated` (replacing the older one).
 #[derive(Debug)]
 pub(crate) struct AppendLog {
-    pub(crate) dir: PathBuf,
-    pub(crate) current: &'static str,
-    pub(crate) rotated: &'static str,
+    dir: PathBuf,
+    current: &'static str,
+    rotated: &'static str,
     /// `current`, open for appending, positioned at its end.
-    pub(crate) file: File,
+    file: File,
     /// Lines already in `current`.
-    pub(crate) lines_in_file: usize,
-    pub(crate) retain: usize,
+    lines_in_file: usize,
+    retain: usize,
+    /// A rotation renamed `current` away but could not open a new one:
+    /// `file` is the rotated file, and nothing is appended until the new
+    /// one is open.
+    reopen_pending: bool,
+    /// A failed write could not be cut back: the length to cut `file` to
+    /// before anything else is appended.
+    cut_pending: Option<u64>,
+    /// Test hook: bytes the disk has left (then every write fails with
+    /// ENOSPC, after writing what fits).
+    #[cfg(test)]
+    space_left: Option<u64>,
 }
+
+impl AppendLog {
+    pub(crate) fn new(
+        dir: PathBuf,
+        current: &'static str,
+        rotated: &'static str,
+        file: File,
+        lines_in_file: usize,
+        retain: usize,
+    ) -> Self {
+        Self {
+            dir,
+            current,
+            rotated,
+            file,
+            lines_in_file,
+            retain: retain.max(1),
+            reopen_pending: false,
+            cut_pending: None,
+            #[cfg(test)]
+            space_left: None,
+        }
+    }
+}
+
+/// The event log's files: the audit trail, and the refused requests that
+/// anyone can cause in bulk, each rotated on its own so that no amount of
+/// the second can push the first out.
+#[derive(Debug)]
+pub(crate) struct EventFiles {
+    pub(crate) main: AppendLog,
+    pub(crate) bulk: AppendLog,
+}
+
+/// What the writer tells the event log about the disk, to record as an
+/// event of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DiskReport {
+    /// Writing `file` fails (`failures` times since it last worked).
+    Failing {
+        file: String,
+        error: String,
+        failures: u64,
+    },
+    /// Writing `file` works again, after `failures` failures.
+    Recovered { file: String, failures: u64 },
+}
+
+/// How the writer numbers and encodes an event of its own (a
+/// [`DiskReport`]), in the event log's sequence.
+pub(crate) struct Reporter {
+    /// The event log's next seq, held while events are numbered and queued.
+    pub(crate) next_seq: Arc<Mutex<u64>>,
+    /// The event numbered `seq` for a report, and its line.
+    pub(crate) make: MakeReport,
+}
+
+/// Builds the event numbered `seq` for a report, with its line.
+pub(crate) type MakeReport =
+    Box<dyn Fn(u64, &DiskReport) -> Option<(Arc<api::Event>, String)> + Send>;
 
 /// A file replaced atomically on every save, keeping the previous version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,12 +289,17 @@ pub struct ReplacedFile {
 }
 
 /// Hands events to subscribers once they are committed (called by the
-/// writer, in sequence order).
-pub(crate) type Publish = Box<dyn Fn(Vec<Arc<api::Event>>) + Send>;
+/// writer, in sequence order), each with whether it is a bulk event.
+pub(crate) type Publish = Box<dyn Fn(Vec<(Arc<api::Event>, bool)>) + Send>;
 
 enum Request {
-    /// The event log to append to, and who to publish to.
-    AttachLog { log: AppendLog, publish: Publish },
+    /// The event log to append to, who to publish to, and how to record
+    /// the writer's own reports.
+    AttachLog {
+        files: EventFiles,
+        publish: Publish,
+        reporter: Option<Reporter>,
+    },
     /// One event line. `durable`: fsync before acknowledging.
     Append {
         event: Arc<api::Event>,
@@ -278,8 +377,11 @@ impl Persister {
             delay,
             stats: stats.clone(),
             log: None,
+            reporter: None,
             unsaved: None,
             last_save: Ok(()),
+            events_health: Health::default(),
+            state_health: Health::default(),
         };
         let thread = thread::Builder::new()
             .name("state-writer".into())
@@ -325,6 +427,8 @@ impl Persister {
             state_saves: s.state_saves.load(Ordering::Relaxed),
             event_failures: s.event_failures.load(Ordering::Relaxed),
             state_failures: s.state_failures.load(Ordering::Relaxed),
+            events_failing: s.events_failing.load(Ordering::Relaxed),
+            state_failing: s.state_failing.load(Ordering::Relaxed),
         }
     }
 
@@ -346,9 +450,21 @@ impl Persister {
 
     /// Hands the event log to the writer. False when it cannot (memory only,
     /// or the writer is gone): the caller keeps events in memory.
-    pub(crate) fn attach_log(&self, log: AppendLog, publish: Publish) -> bool {
-        self.try_send(Request::AttachLog { log, publish }, false)
-            .is_ok()
+    pub(crate) fn attach_log(
+        &self,
+        files: EventFiles,
+        publish: Publish,
+        reporter: Option<Reporter>,
+    ) -> bool {
+        self.try_send(
+            Request::AttachLog {
+                files,
+                publish,
+                reporter,
+            },
+            false,
+        )
+        .is_ok()
     }
 
     /// Queues one event line. Never waits: when the queue is full (or, for
@@ -425,25 +541,136 @@ struct Writer {
     dir: PathBuf,
     delay: Option<Duration>,
     stats: Arc<Stats>,
-    log: Option<(AppendLog, Publish)>,
+    log: Option<(EventFiles, Publish)>,
+    reporter: Option<Reporter>,
     /// The newest version of the replaced file not yet saved.
     unsaved: Option<(ReplacedFile, Vec<u8>)>,
     /// How the newest save went.
     last_save: Result<(), PersistError>,
+    events_health: Health,
+    state_health: Health,
 }
+
+/// Whether writing one kind of file works, and what has been said about it.
+#[derive(Debug, Default)]
+struct Health {
+    /// Failures since it last worked, the last error, and when the failing
+    /// was last announced.
+    failing: Option<Failing>,
+    /// It works again after `n` failures; not announced yet.
+    recovered: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Failing {
+    file: String,
+    error: String,
+    failures: u64,
+    announced: Option<Instant>,
+}
+
+impl Health {
+    fn failed(&mut self, e: &PersistError) {
+        let (file, error) = match e {
+            PersistError::Io { path, .. } => (path.display().to_string(), e.to_string()),
+            e => (String::new(), e.to_string()),
+        };
+        self.recovered = None;
+        match &mut self.failing {
+            Some(f) => {
+                f.failures += 1;
+                f.error = error;
+                f.file = file;
+            }
+            None => {
+                self.failing = Some(Failing {
+                    file,
+                    error,
+                    failures: 1,
+                    announced: None,
+                });
+            }
+        }
+    }
+
+    fn worked(&mut self, file: &Path) {
+        if let Some(f) = self.failing.take() {
+            // Announce a recovery only of a failure that was announced.
+            if f.announced.is_some() {
+                self.recovered = Some(f.failures);
+            }
+            tracing::info!(file = %file.display(), failures = f.failures, "writing to the state directory works again");
+        }
+    }
+
+    /// What is due to be announced now (at most one report per file per
+    /// [`REPORT_INTERVAL`] while it fails).
+    fn due(&mut self, file: &Path, now: Instant) -> Option<DiskReport> {
+        if let Some(failures) = self.recovered.take() {
+            return Some(DiskReport::Recovered {
+                file: file.display().to_string(),
+                failures,
+            });
+        }
+        let f = self.failing.as_mut()?;
+        if f.announced
+            .is_some_and(|at| now.duration_since(at) < REPORT_INTERVAL)
+        {
+            return None;
+        }
+        f.announced = Some(now);
+        Some(DiskReport::Failing {
+            file: if f.file.is_empty() {
+                file.display().to_string()
+            } else {
+                f.file.clone()
+            },
+            error: f.error.clone(),
+            failures: f.failures,
+        })
+    }
+}
+
+/// Acknowledgements to send once a commit (and what it reports) is done.
+type Replies = Vec<(
+    oneshot::Sender<Result<(), PersistError>>,
+    Result<(), PersistError>,
+)>;
 
 /// One event waiting for the disk.
 struct Pending {
     event: Arc<api::Event>,
     line: String,
     durable: bool,
-    ack: oneshot::Sender<Result<(), PersistError>>,
+    /// None for the writer's own reports.
+    ack: Option<oneshot::Sender<Result<(), PersistError>>>,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
+        // A timer for retrying a failed save while nothing else arrives.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build();
+        loop {
+            let retrying = self.unsaved.is_some() || self.reports_waiting();
+            let first = match (&timer, retrying) {
+                (Ok(rt), true) => {
+                    // The timer is made inside the runtime, which drives it.
+                    let next = rt
+                        .block_on(async { tokio::time::timeout(RETRY_INTERVAL, rx.recv()).await });
+                    match next {
+                        Ok(Some(request)) => Some(request),
+                        Ok(None) => break,
+                        Err(_) => None,
+                    }
+                }
+                _ => match rx.blocking_recv() {
+                    Some(request) => Some(request),
+                    None => break,
+                },
+            };
+            let mut batch: Vec<Request> = first.into_iter().collect();
             while batch.len() < QUEUE_CAPACITY
                 && let Ok(more) = rx.try_recv()
             {
@@ -452,21 +679,122 @@ impl Writer {
             if let Some(delay) = self.delay {
                 thread::sleep(delay);
             }
-            self.commit(batch);
+            self.commit_and_answer(batch, &mut rx);
+        }
+        // The channel is closed: a last try for a save still pending.
+        if self.unsaved.is_some() {
+            self.commit_and_answer(Vec::new(), &mut rx);
         }
     }
 
+    /// Commits `batch`, records what is due about the disk, then answers:
+    /// whoever is told a write failed can already see the event saying so.
+    fn commit_and_answer(&mut self, batch: Vec<Request>, rx: &mut mpsc::Receiver<Request>) {
+        let mut replies = self.commit_with(batch, Vec::new());
+        replies.extend(self.report(rx));
+        for (ack, result) in replies {
+            let _ = ack.send(result);
+        }
+    }
+
+    fn reports_waiting(&self) -> bool {
+        let waiting = |h: &Health| h.failing.is_some() || h.recovered.is_some();
+        self.reporter.is_some() && (waiting(&self.events_health) || waiting(&self.state_health))
+    }
+
+    /// Records the disk reports that are due as events of the log's own,
+    /// numbered after everything already queued (so subscribers still see
+    /// seqs in order) and committed like any other — published even when
+    /// the disk refuses them.
+    fn report(&mut self, rx: &mut mpsc::Receiver<Request>) -> Replies {
+        if self.reporter.is_none() {
+            return Replies::new();
+        }
+        let now = Instant::now();
+        let events_file = self.dir.join(
+            self.log
+                .as_ref()
+                .map_or("events.log", |(files, _)| files.main.current),
+        );
+        let state_file = self.dir.join(
+            self.unsaved
+                .as_ref()
+                .map_or("state.json", |(file, _)| file.current),
+        );
+        let due: Vec<DiskReport> = [
+            self.events_health.due(&events_file, now),
+            self.state_health.due(&state_file, now),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if due.is_empty() {
+            return Replies::new();
+        }
+        let Some(reporter) = &self.reporter else {
+            return Replies::new();
+        };
+        let mut batch = Vec::new();
+        let mut own = Vec::new();
+        {
+            let mut next_seq = reporter
+                .next_seq
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Everything queued so far has a lower seq.
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            for report in &due {
+                if let Some((event, line)) = (reporter.make)(*next_seq, report) {
+                    *next_seq += 1;
+                    own.push(Pending {
+                        event,
+                        line,
+                        durable: true,
+                        ack: None,
+                    });
+                }
+            }
+        }
+        for report in &due {
+            match report {
+                DiskReport::Failing {
+                    file,
+                    error,
+                    failures,
+                } => tracing::error!(
+                    file,
+                    failures,
+                    error,
+                    "the state directory cannot be written"
+                ),
+                DiskReport::Recovered { file, failures } => {
+                    tracing::info!(file, failures, "the state directory can be written again");
+                }
+            }
+        }
+        self.commit_with(batch, own)
+    }
+
     /// Group commit: all event lines with one fsync, the latest snapshot
-    /// once, then publish, then acknowledge.
-    fn commit(&mut self, batch: Vec<Request>) {
+    /// once, then publish; with the writer's own events after the batch's.
+    /// Returns the acknowledgements to send.
+    fn commit_with(&mut self, batch: Vec<Request>, own: Vec<Pending>) -> Replies {
+        let mut replies = Replies::new();
         let mut events = Vec::new();
         let mut state_acks = Vec::new();
         let mut flushes = Vec::new();
         for request in batch {
             match request {
-                Request::AttachLog { log, publish } => {
-                    self.commit_events(std::mem::take(&mut events));
-                    self.log = Some((log, publish));
+                Request::AttachLog {
+                    files,
+                    publish,
+                    reporter,
+                } => {
+                    replies.extend(self.commit_events(std::mem::take(&mut events)));
+                    self.log = Some((files, publish));
+                    self.reporter = reporter;
                 }
                 Request::Append {
                     event,
@@ -477,7 +805,7 @@ impl Writer {
                     event,
                     line,
                     durable,
-                    ack,
+                    ack: Some(ack),
                 }),
                 Request::Replace { file, bytes, ack } => {
                     if let Some(bytes) = bytes {
@@ -488,79 +816,156 @@ impl Writer {
                 Request::Flush { ack } => flushes.push(ack),
             }
         }
-        self.commit_events(events);
-        if !state_acks.is_empty()
-            && let Some((file, bytes)) = self.unsaved.take()
-        {
+        events.extend(own);
+        replies.extend(self.commit_events(events));
+        // A save still pending (a new version, or one that failed before)
+        // is tried on every wake-up until it works.
+        if let Some((file, bytes)) = self.unsaved.take() {
             self.last_save = save_replaced(&self.dir, file, &bytes);
             match &self.last_save {
                 Ok(()) => {
                     self.stats.state_saves.fetch_add(1, Ordering::Relaxed);
+                    self.stats.state_failing.store(false, Ordering::Relaxed);
+                    self.state_health.worked(&self.dir.join(file.current));
                 }
                 Err(e) => {
                     self.stats.state_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "could not save the desired state; it will not survive a restart until a save succeeds");
+                    self.stats.state_failing.store(true, Ordering::Relaxed);
+                    self.state_health.failed(e);
+                    tracing::debug!(error = %e, "could not save the desired state; retrying");
                     self.unsaved = Some((file, bytes));
                 }
             }
         }
         for ack in state_acks {
-            let _ = ack.send(self.last_save.clone());
+            replies.push((ack, self.last_save.clone()));
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         for ack in flushes {
-            let _ = ack.send(Ok(()));
+            replies.push((ack, Ok(())));
         }
+        replies
     }
 
-    fn commit_events(&mut self, events: Vec<Pending>) {
+    /// Appends and publishes `events`; returns their acknowledgements.
+    fn commit_events(&mut self, events: Vec<Pending>) -> Replies {
+        let mut replies = Replies::new();
         if events.is_empty() {
-            return;
+            return replies;
         }
-        let result = match &mut self.log {
-            Some((log, _)) => {
-                let durable = events.iter().any(|p| p.durable);
-                let lines: Vec<&str> = events.iter().map(|p| p.line.as_str()).collect();
-                log.append(&lines, durable, &self.stats)
+        // Bulk events (not durable) go to their own file.
+        let (results, failed) = match &mut self.log {
+            Some((files, _)) => {
+                let main: Vec<&str> = events
+                    .iter()
+                    .filter(|p| p.durable)
+                    .map(|p| p.line.as_str())
+                    .collect();
+                let bulk: Vec<&str> = events
+                    .iter()
+                    .filter(|p| !p.durable)
+                    .map(|p| p.line.as_str())
+                    .collect();
+                let main_result = if main.is_empty() {
+                    Ok(())
+                } else {
+                    files.main.append(&main, true, &self.stats)
+                };
+                let bulk_result = if bulk.is_empty() {
+                    Ok(())
+                } else {
+                    files.bulk.append(&bulk, false, &self.stats)
+                };
+                let failed = [&main_result, &bulk_result]
+                    .into_iter()
+                    .find_map(|r| r.as_ref().err().cloned());
+                ((main_result, bulk_result), failed)
             }
-            None => Err(PersistError::Stopped),
+            None => (
+                (Err(PersistError::Stopped), Err(PersistError::Stopped)),
+                Some(PersistError::Stopped),
+            ),
         };
-        if let Err(e) = &result {
-            self.stats
-                .event_failures
-                .fetch_add(events.len() as u64, Ordering::Relaxed);
-            tracing::error!(error = %e, events = events.len(), "could not persist events; kept in memory only");
+        let (main_result, bulk_result) = results;
+        let failures = events
+            .iter()
+            .filter(|p| {
+                if p.durable {
+                    main_result.is_err()
+                } else {
+                    bulk_result.is_err()
+                }
+            })
+            .count();
+        match &failed {
+            Some(e) => {
+                self.stats
+                    .event_failures
+                    .fetch_add(failures as u64, Ordering::Relaxed);
+                self.stats.events_failing.store(true, Ordering::Relaxed);
+                self.events_health.failed(e);
+                tracing::debug!(error = %e, events = failures, "could not persist events; kept in memory only");
+            }
+            None => {
+                self.stats.events_failing.store(false, Ordering::Relaxed);
+                if let Some((files, _)) = &self.log {
+                    self.events_health
+                        .worked(&files.main.dir.join(files.main.current));
+                }
+            }
         }
         // Published even when the write failed: the trail in memory is
         // better than none, and whoever waits on the ack is told.
         if let Some((_, publish)) = &self.log {
-            publish(events.iter().map(|p| p.event.clone()).collect());
+            publish(
+                events
+                    .iter()
+                    .map(|p| (p.event.clone(), !p.durable))
+                    .collect(),
+            );
         }
         for pending in events {
-            let _ = pending.ack.send(result.clone());
+            let result = if pending.durable {
+                main_result.clone()
+            } else {
+                bulk_result.clone()
+            };
+            if let Some(ack) = pending.ack {
+                replies.push((ack, result));
+            }
         }
+        replies
     }
 }
 
 impl AppendLog {
     /// Appends `lines` (each ending in a newline), rotating as needed;
     /// `durable`: fsync once at the end. A failed append is cut back to where
-    /// the batch started, so the next one starts on a clean line.
+    /// the batch started in the file it was writing (also right after a
+    /// rotation), so the next one starts on a clean line and nothing after
+    /// it is lost; where even the cut fails, it is retried before the next
+    /// append, and the next line starts on a line of its own.
     fn append(&mut self, lines: &[&str], durable: bool, stats: &Stats) -> Result<(), PersistError> {
         let path = self.dir.join(self.current);
-        let start = self.file.metadata().map(|m| m.len()).ok();
-        let lines_before = self.lines_in_file;
-        let mut rotated = false;
+        self.repair_tail(&path)?;
+        let mut start = self
+            .file
+            .metadata()
+            .map_err(|e| PersistError::io("stat", &path, e))?
+            .len();
+        let mut lines_before = self.lines_in_file;
         let mut result = Ok(());
         for line in lines {
-            if self.lines_in_file >= self.retain {
+            if self.lines_in_file >= self.retain || self.reopen_pending {
                 if let Err(e) = self.rotate(stats) {
                     result = Err(e);
                     break;
                 }
-                rotated = true;
+                // The new file starts empty.
+                start = 0;
+                lines_before = 0;
             }
-            if let Err(e) = self.file.write_all(line.as_bytes()) {
+            if let Err(e) = self.write_line(line) {
                 result = Err(PersistError::io("write", &path, e));
                 break;
             }
@@ -573,56 +978,175 @@ impl AppendLog {
                 .map_err(|e| PersistError::io("fsync", &path, e));
             stats.event_fsyncs.fetch_add(1, Ordering::Relaxed);
         }
-        if result.is_err()
-            && !rotated
-            && let Some(start) = start
-            && self.file.set_len(start).is_ok()
-        {
+        if result.is_err() {
             self.lines_in_file = lines_before;
+            if self.file.set_len(start).is_err() {
+                self.cut_pending = Some(start);
+            }
         }
         result
+    }
+
+    /// Cuts back what an earlier failed append could not; failing that,
+    /// ends the torn line so the next one is whole.
+    fn repair_tail(&mut self, path: &Path) -> Result<(), PersistError> {
+        let Some(len) = self.cut_pending else {
+            return Ok(());
+        };
+        if self.file.set_len(len).is_ok() || self.file.write_all(b"\n").is_ok() {
+            self.cut_pending = None;
+            return Ok(());
+        }
+        Err(PersistError::io(
+            "repair",
+            path,
+            io::Error::other("a torn line could not be cut back"),
+        ))
+    }
+
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(left) = self.space_left {
+            let fits = usize::try_from(left).unwrap_or(usize::MAX).min(line.len());
+            self.file.write_all(&line.as_bytes()[..fits])?;
+            self.space_left = Some(left - fits as u64);
+            if fits < line.len() {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+            return Ok(());
+        }
+        self.file.write_all(line.as_bytes())
     }
 
     fn rotate(&mut self, stats: &Stats) -> Result<(), PersistError> {
         let current = self.dir.join(self.current);
         let rotated = self.dir.join(self.rotated);
-        // Lines of this batch already in the old file must be durable
-        // before it stops being the one that is synced.
-        self.file
-            .sync_data()
-            .map_err(|e| PersistError::io("fsync", &current, e))?;
-        stats.event_fsyncs.fetch_add(1, Ordering::Relaxed);
-        fs::rename(&current, &rotated).map_err(|e| PersistError::io("rename", &current, e))?;
+        if !self.reopen_pending {
+            // Lines of this batch already in the old file must be durable
+            // before it stops being the one that is synced.
+            self.file
+                .sync_data()
+                .map_err(|e| PersistError::io("fsync", &current, e))?;
+            stats.event_fsyncs.fetch_add(1, Ordering::Relaxed);
+            fs::rename(&current, &rotated).map_err(|e| PersistError::io("rename", &current, e))?;
+            self.reopen_pending = true;
+        }
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&current)
             .map_err(|e| PersistError::io("open", &current, e))?;
+        self.reopen_pending = false;
         sync_dir(&self.dir);
         self.lines_in_file = 0;
         Ok(())
     }
 }
 
-/// Write the temporary file, fsync, keep the previous version, rename,
-/// fsync the directory.
+/// The steps of a save, in order. A crash can stop a save after any of
+/// them; at every point `state.json` (or, before the first save ever
+/// completed, the fsynced temporary file) holds a complete version, which
+/// is what `state.rs` loads: the current file is never removed or renamed
+/// away, only replaced by an atomic rename of a file already on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SaveStep {
+    /// Create the temporary file and write the new version into it.
+    WriteTemporary,
+    /// fsync it: the new version is complete on disk.
+    SyncTemporary,
+    /// Remove the old previous version (the current one is untouched).
+    DropPrevious,
+    /// Hard-link (or, where links are refused, copy) the current version
+    /// as the previous one.
+    KeepPrevious,
+    /// Rename the temporary file over the current one (atomic).
+    Replace,
+    /// fsync the directory, so the rename survives a power loss.
+    SyncDirectory,
+}
+
+impl SaveStep {
+    pub(crate) const ALL: [SaveStep; 6] = [
+        SaveStep::WriteTemporary,
+        SaveStep::SyncTemporary,
+        SaveStep::DropPrevious,
+        SaveStep::KeepPrevious,
+        SaveStep::Replace,
+        SaveStep::SyncDirectory,
+    ];
+}
+
+/// Saves `bytes` as `file`, keeping the previous version: every step of
+/// [`SaveStep::ALL`].
 fn save_replaced(dir: &Path, file: ReplacedFile, bytes: &[u8]) -> Result<(), PersistError> {
     fs::create_dir_all(dir).map_err(|e| PersistError::io("create", dir, e))?;
+    let mut tmp = None;
+    for step in SaveStep::ALL {
+        save_step(dir, file, bytes, step, &mut tmp)?;
+    }
+    Ok(())
+}
+
+/// Runs the save steps before `stop` and no others, as a crash right there
+/// would leave the directory (tests).
+#[cfg(test)]
+pub(crate) fn save_interrupted_before(
+    dir: &Path,
+    file: ReplacedFile,
+    bytes: &[u8],
+    stop: Option<SaveStep>,
+) -> Result<(), PersistError> {
+    let mut tmp = None;
+    for step in SaveStep::ALL {
+        if Some(step) == stop {
+            break;
+        }
+        save_step(dir, file, bytes, step, &mut tmp)?;
+    }
+    Ok(())
+}
+
+fn save_step(
+    dir: &Path,
+    file: ReplacedFile,
+    bytes: &[u8],
+    step: SaveStep,
+    tmp_file: &mut Option<File>,
+) -> Result<(), PersistError> {
     let tmp = dir.join(file.temporary);
-    {
-        let mut f = File::create(&tmp).map_err(|e| PersistError::io("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| PersistError::io("write", &tmp, e))?;
-        f.sync_all()
-            .map_err(|e| PersistError::io("fsync", &tmp, e))?;
-    }
     let current = dir.join(file.current);
-    if current.exists() {
-        fs::rename(&current, dir.join(file.previous))
-            .map_err(|e| PersistError::io("rename", &current, e))?;
+    let previous = dir.join(file.previous);
+    match step {
+        SaveStep::WriteTemporary => {
+            let mut f = File::create(&tmp).map_err(|e| PersistError::io("create", &tmp, e))?;
+            f.write_all(bytes)
+                .map_err(|e| PersistError::io("write", &tmp, e))?;
+            *tmp_file = Some(f);
+        }
+        SaveStep::SyncTemporary => {
+            if let Some(f) = tmp_file.take() {
+                f.sync_all()
+                    .map_err(|e| PersistError::io("fsync", &tmp, e))?;
+            }
+        }
+        SaveStep::DropPrevious => match fs::remove_file(&previous) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(PersistError::io("remove", &previous, e)),
+        },
+        SaveStep::KeepPrevious => {
+            if current.exists() && fs::hard_link(&current, &previous).is_err() {
+                // Some filesystems refuse hard links: a copy, made durable.
+                fs::copy(&current, &previous)
+                    .and_then(|_| File::open(&previous)?.sync_all())
+                    .map_err(|e| PersistError::io("copy", &current, e))?;
+            }
+        }
+        SaveStep::Replace => {
+            fs::rename(&tmp, &current).map_err(|e| PersistError::io("rename", &tmp, e))?;
+        }
+        SaveStep::SyncDirectory => sync_dir(dir),
     }
-    fs::rename(&tmp, &current).map_err(|e| PersistError::io("rename", &tmp, e))?;
-    sync_dir(dir);
     Ok(())
 }
 
@@ -865,17 +1389,32 @@ mod tests {
         let writer = Persister::start(Some(dir.path())).expect("writer");
         let published = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = published.clone();
-        let log = AppendLog {
-            dir: dir.path().to_path_buf(),
-            current: "events.log",
-            rotated: "events.log.1",
-            file: full,
-            lines_in_file: 0,
-            retain: 100,
+        let bulk = OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let files = EventFiles {
+            main: AppendLog::new(
+                dir.path().to_path_buf(),
+                "events.log",
+                "events.log.1",
+                full,
+                0,
+                100,
+            ),
+            bulk: AppendLog::new(
+                dir.path().to_path_buf(),
+                "events.refused.log",
+                "events.refused.log.1",
+                bulk,
+                0,
+                100,
+            ),
         };
         assert!(writer.attach_log(
-            log,
-            Box::new(move |events| sink.lock().expect("sink").extend(events))
+            files,
+            Box::new(move |events| sink.lock().expect("sink").extend(events)),
+            None,
         ));
         let event = Arc::new(api::Event {
             seq: 1,
@@ -914,5 +1453,168 @@ mod tests {
         ));
         assert!(matches!(writer.flush().now_or_never(), Some(Ok(()))));
         assert_eq!(log.recent(10).len(), 1);
+    }
+
+    fn append_log(dir: &Path, retain: usize) -> AppendLog {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("events.log"))
+            .expect("open");
+        AppendLog::new(
+            dir.to_path_buf(),
+            "events.log",
+            "events.log.1",
+            file,
+            0,
+            retain,
+        )
+    }
+
+    fn read(dir: &Path, name: &str) -> String {
+        fs::read_to_string(dir.join(name)).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_line_torn_by_a_full_disk_is_cut_back_and_the_next_line_survives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Stats::default();
+        let mut log = append_log(dir.path(), 100);
+        log.append(&["one\n", "two\n"], true, &stats).expect("room");
+        // The disk fills up in the middle of the second line of a batch.
+        log.space_left = Some(6);
+        let err = log
+            .append(&["three\n", "four\n"], true, &stats)
+            .expect_err("the disk is full");
+        assert!(err.to_string().contains("events.log"), "{err}");
+        assert_eq!(
+            read(dir.path(), "events.log"),
+            "one\ntwo\n",
+            "cut back to before the batch"
+        );
+        log.space_left = None;
+        log.append(&["five\n"], true, &stats).expect("room again");
+        assert_eq!(read(dir.path(), "events.log"), "one\ntwo\nfive\n");
+        assert_eq!(log.lines_in_file, 3);
+    }
+
+    #[test]
+    fn a_line_torn_by_a_full_disk_right_after_a_rotation_is_cut_back_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Stats::default();
+        let mut log = append_log(dir.path(), 2);
+        log.append(&["one\n", "two\n"], true, &stats).expect("room");
+        // The batch rotates first, then the disk fills mid-line in the new
+        // file.
+        log.space_left = Some(3);
+        log.append(&["three\n"], true, &stats)
+            .expect_err("the disk is full");
+        assert_eq!(read(dir.path(), "events.log.1"), "one\ntwo\n");
+        assert_eq!(
+            read(dir.path(), "events.log"),
+            "",
+            "the torn line is cut from the new file"
+        );
+        log.space_left = None;
+        log.append(&["four\n"], true, &stats).expect("room again");
+        assert_eq!(read(dir.path(), "events.log"), "four\n");
+        assert_eq!(read(dir.path(), "events.log.1"), "one\ntwo\n");
+    }
+
+    #[test]
+    fn a_rotation_that_could_not_reopen_the_log_is_finished_by_the_next_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Stats::default();
+        let mut log = append_log(dir.path(), 1);
+        log.append(&["one\n"], true, &stats).expect("room");
+        // As if the rename of a rotation worked and the open did not.
+        fs::rename(
+            dir.path().join("events.log"),
+            dir.path().join("events.log.1"),
+        )
+        .expect("rename");
+        log.reopen_pending = true;
+        log.append(&["two\n"], true, &stats).expect("reopened");
+        assert_eq!(read(dir.path(), "events.log"), "two\n");
+        assert_eq!(read(dir.path(), "events.log.1"), "one\n");
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_is_retried_until_durable_without_another_update() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blocker = dir.path().join("state.json.tmp");
+        fs::create_dir(&blocker).expect("a directory where the temporary file goes");
+        let writer = Persister::start(Some(dir.path())).expect("writer");
+        let (mut store, _) = StateStore::with_writer(&writer);
+        store
+            .update("GPU-a", |s| s.governor_lowered_limit = true)
+            .await
+            .expect_err("not durable yet");
+        assert!(writer.stats().state_failing);
+        fs::remove_dir(&blocker).expect("the disk recovers");
+        // No further update: the writer retries on its own.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !read(dir.path(), "state.json").contains("\"governor_lowered_limit\": true") {
+            assert!(
+                Instant::now() < deadline,
+                "the lowered flag was never saved"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!writer.stats().state_failing);
+        drop(store);
+        drop(writer);
+        let (store, _) = StateStore::open(Some(dir.path()));
+        assert!(store.get("GPU-a").governor_lowered_limit);
+    }
+
+    #[tokio::test]
+    async fn a_failing_disk_is_announced_once_then_again_when_it_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blocker = dir.path().join("state.json.tmp");
+        fs::create_dir(&blocker).expect("a directory where the temporary file goes");
+        let writer = Persister::start(Some(dir.path())).expect("writer");
+        let (log, _) = EventLog::with_writer(&writer, 1000);
+        let (mut store, _) = StateStore::with_writer(&writer);
+        let mut sub = log.subscribe(Some(0));
+        for ceiling in [400_000, 410_000, 420_000] {
+            store
+                .update("GPU-a", |s| s.operator_ceiling_mw = Some(ceiling))
+                .await
+                .expect_err("the disk refuses");
+            assert_eq!(
+                log.count(api::EventKind::PersistFailed),
+                1,
+                "published by the time the failure is answered, and only once"
+            );
+        }
+        let failed = tokio::time::timeout(Duration::from_secs(10), sub.live.recv())
+            .await
+            .expect("announced in time")
+            .expect("live");
+        assert_eq!(failed.kind(), api::EventKind::PersistFailed);
+        assert!(
+            failed.reason.contains("state.json.tmp"),
+            "{}",
+            failed.reason
+        );
+        writer.flush().await.expect("flushed");
+        assert_eq!(
+            log.count(api::EventKind::PersistFailed),
+            1,
+            "announced once, not once per failure"
+        );
+        fs::remove_dir(&blocker).expect("the disk recovers");
+        let recovered = tokio::time::timeout(Duration::from_secs(10), sub.live.recv())
+            .await
+            .expect("announced in time")
+            .expect("live");
+        assert_eq!(recovered.kind(), api::EventKind::PersistRecovered);
+        assert!(recovered.seq > failed.seq);
+        let stats = writer.stats();
+        assert!(
+            stats.state_failures >= 3 && !stats.state_failing,
+            "{stats:?}"
+        );
     }
 }

@@ -41,6 +41,14 @@ use super::{
     wire,
 };
 
+/// The warning for a saved value dropped as out of range for its GPU.
+fn saved_value_dropped(facts: &crate::backend::DeviceFacts, problem: String) -> NewEvent {
+    tracing::warn!("state: {problem}");
+    NewEvent::new(EventKind::StateDamaged, Actor::startup(), problem)
+        .gpu(facts.index, &facts.uuid)
+        .severity(crate::api::Severity::Warning)
+}
+
 /// How long shutdown waits for restores.
 const SHUTDOWN_RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,12 +83,16 @@ impl Controller {
         sampler: Sampler,
         hub: Arc<Hub>,
         events: Arc<EventLog>,
-        store: StateStore,
+        mut store: StateStore,
         config: ControllerConfig,
     ) -> Self {
         let mut gpus = Vec::with_capacity(sampler.len());
         for pos in 0..sampler.len() {
             let facts = sampler.facts(pos);
+            // Saved values out of range for this GPU never reach a planner.
+            for problem in store.sanitize(facts) {
+                events.record(saved_value_dropped(facts, problem));
+            }
             let (gpu, warning) = GpuControl::new(facts, &config, &store.get(&facts.uuid));
             if let Some(warning) = warning {
                 events.record(warning);
@@ -193,6 +205,10 @@ impl Controller {
                 Observed::Reading(reading) => lifecycle::reading(gpu, facts, &reading, now),
                 Observed::Lost => lifecycle::lost(gpu),
                 Observed::Recovered(reading) => {
+                    // Checked again against the facts it came back with.
+                    for problem in self.store.sanitize(facts) {
+                        self.events.record(saved_value_dropped(facts, problem));
+                    }
                     let saved = self.store.get(&facts.uuid);
                     let mut plan = lifecycle::recovered(gpu, facts, &self.config, &saved);
                     if let Some(reading) = reading {

@@ -464,7 +464,13 @@ pub(crate) fn set_threshold(
             g.set_params(params);
         }
         let operator_value = (source == ThresholdSource::Operator).then_some(threshold);
-        let operator_h = hysteresis_c.filter(|_| source == ThresholdSource::Operator);
+        // The operator's hysteresis is kept exactly: one given now (also
+        // with restore-default's threshold), else, with a new threshold, the
+        // one they set before (a new threshold alone does not drop it).
+        let operator_h = match target {
+            ThresholdTarget::Celsius(_) => hysteresis_c.or(gpu.desired.hysteresis_c),
+            ThresholdTarget::RestoreDefault => hysteresis_c,
+        };
         let change = DesiredChange::Threshold {
             threshold_c: operator_value,
             hysteresis_c: operator_h,

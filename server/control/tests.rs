@@ -827,6 +827,68 @@ fn set_threshold_sets_persists_and_retunes_the_governor() {
 }
 
 #[test]
+fn a_new_threshold_alone_keeps_the_operators_hysteresis_in_desired_state() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    for (threshold, hysteresis) in [(75, Some(8)), (76, None)] {
+        let plan = requests::set_threshold(
+            &mut gpus,
+            &[&facts],
+            &[0],
+            ThresholdTarget::Celsius(threshold),
+            hysteresis,
+            "ops",
+        )
+        .expect("valid");
+        assert_eq!(
+            plan.effects[0].1,
+            Effect::Persist(DesiredChange::Threshold {
+                threshold_c: Some(threshold),
+                hysteresis_c: Some(8)
+            }),
+            "what is persisted after SetThreshold {threshold} {hysteresis:?}"
+        );
+    }
+    assert_eq!(gpus[0].desired.hysteresis_c, Some(8));
+    assert_eq!(gpus[0].hysteresis_c, 8);
+    // Restore-default with a hysteresis: the threshold is the
+    // configuration's again, the hysteresis the operator's.
+    let plan = requests::set_threshold(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        ThresholdTarget::RestoreDefault,
+        Some(6),
+        "ops",
+    )
+    .expect("valid");
+    assert_eq!(
+        plan.effects[0].1,
+        Effect::Persist(DesiredChange::Threshold {
+            threshold_c: None,
+            hysteresis_c: Some(6)
+        })
+    );
+    // And without one, both go back to the configuration's.
+    let plan = requests::set_threshold(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        ThresholdTarget::RestoreDefault,
+        None,
+        "ops",
+    )
+    .expect("valid");
+    assert_eq!(
+        plan.effects[0].1,
+        Effect::Persist(DesiredChange::Threshold {
+            threshold_c: None,
+            hysteresis_c: None
+        })
+    );
+}
+
+#[test]
 fn set_threshold_refusals_name_the_allowed_range() {
     let facts = h100(0);
     let mut gpus = vec![running(&facts, &config(), &GpuState::default())];

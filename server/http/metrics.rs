@@ -952,7 +952,35 @@ fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
         None,
         log.persist_failures() as f64,
     )?;
-    Ok(())
+    persistence(e, log)
+}
+
+/// Whether the state directory can be written (faults-state, issue 12 row 3):
+/// failed writes per file since start, and whether each fails now.
+fn persistence(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
+    let Some(stats) = log.persist_stats() else {
+        return Ok(());
+    };
+    counters(
+        e,
+        "gpuwatch_persist_failures",
+        "Writes to the state directory that failed since the daemon started, by file",
+        None,
+        &[
+            ([("file", "events.log")], stats.event_failures as f64),
+            ([("file", "state.json")], stats.state_failures as f64),
+        ],
+    )?;
+    gauges(
+        e,
+        "gpuwatch_persist_failing",
+        "1 while writing this file of the state directory fails (changes are kept in memory, not answered OK, and retried)",
+        None,
+        &[
+            ([("file", "events.log")], i64::from(stats.events_failing)),
+            ([("file", "state.json")], i64::from(stats.state_failing)),
+        ],
+    )
 }
 
 /// The daemon's own cost and state.

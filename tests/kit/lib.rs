@@ -222,7 +222,7 @@ impl Launch {
             .stderr(Stdio::piped());
         if self.tokens {
             let tokens = files.path().join("tokens.toml");
-            write(
+            write_private(
                 &tokens,
                 &format!(
                     "[[tokens]]\nname = \"{CONTROL_TOKEN_NAME}\"\nrole = \"control\"\ntoken = \"{CONTROL_TOKEN}\"\n\n\
@@ -274,6 +274,20 @@ impl Launch {
 
 fn write(path: &Path, text: &str) -> Result<(), LaunchError> {
     std::fs::write(path, text)
+        .map_err(|e| LaunchError(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Writes a file only its owner can read (mode 0600): the daemon refuses a
+/// token file that others can.
+fn write_private(path: &Path, text: &str) -> Result<(), LaunchError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|e| LaunchError(format!("cannot write {}: {e}", path.display())))
 }
 

@@ -29,4 +29,5 @@ mod nvml_backend;
 mod nvml_control;
 mod nvml_faults;
 mod soak;
+mod state_faults;
 mod upgrade;
