@@ -64,6 +64,10 @@ pub(crate) struct GpuControl {
     pub last_action: Option<GovernorAction>,
     /// The power limit gpuwatch last wrote (drift reference).
     pub expected_limit_mw: Option<u32>,
+    /// `expected_limit_mw` was written by gpuwatch in this run (not read
+    /// from the GPU at its first reading): a limit of gpuwatch's that is
+    /// below the ceiling at shutdown is given back, whoever asked for it.
+    pub limit_is_ours: bool,
     /// The graphics clock cap the governor holds.
     pub clock_cap_mhz: Option<u32>,
     /// The last dry-run decision recorded (level, when).
@@ -147,6 +151,7 @@ impl GpuControl {
             in_flight: 0,
             last_action: None,
             expected_limit_mw: None,
+            limit_is_ours: false,
             clock_cap_mhz: None,
             last_dry_run: None,
         };

@@ -123,6 +123,7 @@ pub(crate) fn reading(
 pub(crate) fn first_reading(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
     let current = reading.power_limit_mw;
     gpu.expected_limit_mw = current;
+    gpu.limit_is_ours = false;
     gpu.clock_cap_mhz = reading.locked_gpu_clock_max_mhz;
     let mut ops = Vec::new();
     if gpu.desired.governor_clock_lock && facts.controls.gpu_clocks_lockable {
@@ -238,6 +239,7 @@ fn drift(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
     // The device has `actual` now; the event of the re-apply says so when
     // it completes.
     gpu.expected_limit_mw = Some(actual);
+    gpu.limit_is_ours = false;
     plan
 }
 
@@ -372,6 +374,7 @@ pub(crate) fn write_done(
             let (kind, change) = match write.op {
                 WriteOp::SetPowerLimit { limit_mw } => {
                     gpu.expected_limit_mw = Some(limit_mw);
+                    gpu.limit_is_ours = true;
                     (
                         EventKind::PowerLimitChanged,
                         Some(Change::PowerLimit(PowerLimitChange {
@@ -524,6 +527,15 @@ pub(crate) fn shutdown(gpu: &mut GpuControl, facts: &DeviceFacts) -> Plan {
     }
     let lowered = gpu.lifecycle.governor().is_some_and(Governor::is_lowered)
         || gpu.desired.governor_lowered_limit;
+    // A limit gpuwatch itself wrote that is below the ceiling now (an
+    // operator's earlier, lower ceiling whose write landed late, say) is
+    // given back too.
+    let ours_below_ceiling = gpu.limit_is_ours
+        && matches!(
+            (gpu.expected_limit_mw, gpu.ceiling_mw(facts)),
+            (Some(limit), Some(ceiling)) if limit.saturating_add(LIMIT_TOLERANCE_MW) < ceiling
+        );
+    let lowered = lowered || ours_below_ceiling;
     match gpu.mode {
         GovernorMode::PowerLimit if lowered => {
             if let Some(ceiling) = gpu.ceiling_mw(facts) {

@@ -258,7 +258,12 @@ pub(crate) fn set_power_limit(
             ),
             _ => (Some(ceiling), String::new()),
         };
-        let apply = apply.filter(|c| current.is_none_or(|cur| cur.abs_diff(*c) > 0));
+        // Skipped only when the GPU already holds the ceiling and nothing
+        // else is on its way there: a write still under way (an earlier
+        // request's) lands after `current` was taken and would leave its
+        // limit behind.
+        let apply =
+            apply.filter(|c| gpu.in_flight > 0 || current.is_none_or(|cur| cur.abs_diff(*c) > 0));
         effects.push((
             pos,
             Effect::Record(

@@ -548,6 +548,54 @@ fn shutdown_releases_the_governors_clock_lock() {
 
 // --- operator requests ---------------------------------------------------
 
+/// Found by the property test: a ceiling the GPU already "has" is still
+/// written while an earlier request's write is under way, or that write
+/// lands last and leaves its limit behind.
+#[test]
+fn a_ceiling_asked_for_while_a_write_is_under_way_is_written_again() {
+    let facts = h100(0);
+    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
+    gpus[0].expected_limit_mw = Some(700_000);
+    // SetPowerLimit(200 W) is planned; its write has not landed yet.
+    let lower = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::Watts(200.0),
+        "ops",
+        1,
+    )
+    .expect("valid");
+    let wrote = |plan: &requests::RequestPlan<_>| -> Vec<WriteOp> {
+        plan.effects
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Effect::Write(w) => Some(w.op),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        wrote(&lower),
+        [WriteOp::SetPowerLimit { limit_mw: 200_000 }]
+    );
+    assert_eq!(gpus[0].in_flight, 1);
+    // Back to the default (700 W, what `expected_limit_mw` still says).
+    let restore = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::RestoreDefault,
+        "ops",
+        2,
+    )
+    .expect("valid");
+    assert_eq!(
+        wrote(&restore),
+        [WriteOp::SetPowerLimit { limit_mw: 700_000 }]
+    );
+}
+
 #[test]
 fn set_power_limit_sets_persists_records_and_writes_the_ceiling() {
     let facts = h100(0);
@@ -1256,11 +1304,17 @@ mod properties {
             let wrote = plan.writes().count() > 0;
             let ceiling = self.gpu.ceiling_mw(&self.facts);
             let below_ceiling = matches!((self.limit_mw, ceiling), (Some(l), Some(c)) if l + LIMIT_TOLERANCE_MW < c);
+            // gpuwatch's own last write left the limit below the ceiling (as
+            // far as it knows: a driver reset it has not read yet may have
+            // undone it); giving it back is then the safe side.
+            let ours_below = self.gpu.limit_is_ours
+                && matches!((self.gpu.expected_limit_mw, ceiling), (Some(l), Some(c)) if l + LIMIT_TOLERANCE_MW < c);
             let untouched = !below_ceiling
                 && self.clock_cap_mhz.is_none()
                 && !self.stored.governor_lowered_limit
                 && !self.stored.governor_clock_lock
-                && !governor_lowered;
+                && !governor_lowered
+                && !ours_below;
             self.carry_out(plan.effects)?;
             while !self.in_flight.is_empty() {
                 self.complete(Outcome::Ok)?;
