@@ -1383,6 +1383,23 @@ mod properties {
     fn named_sequences_keep_the_promises() {
         use Input::*;
         let sequences: Vec<Vec<Input>> = vec![
+            // Found by the property test: back to the default while an
+            // earlier, lower ceiling's write is still under way.
+            vec![
+                SetPowerLimit(None),
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                SetPowerLimit(None),
+            ],
+            // Found by the property test: an operator's lower ceiling lands
+            // after the GPU was lost and came back.
+            vec![
+                Reading(35),
+                SetPowerLimit(Some(200)),
+                SetPowerLimit(None),
+                Lost,
+                Recovered(false),
+            ],
             // Lost and back, hot.
             vec![
                 Reading(40),
