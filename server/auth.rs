@@ -128,6 +128,18 @@ impl Authenticator {
         })
     }
 
+    /// The gate of the HTTP listener on `listen`: the same tokens, no
+    /// client certificates, and reads without a token only when no token is
+    /// configured and `listen` is loopback (or with
+    /// `allow_unauthenticated_reads`): once tokens exist, the HTTP data
+    /// paths need one (see `crate::http::access`).
+    pub fn for_http(auth: &AuthConfig, listen: SocketAddr) -> Result<Self, ConfigError> {
+        let mut gate = Self::new(auth, false, listen)?;
+        gate.open_reads = auth.allow_unauthenticated_reads
+            || (listen.ip().is_loopback() && gate.tokens.is_empty());
+        Ok(gate)
+    }
+
     /// An authenticator that lets everything through (tests, benchmarks).
     pub fn open(listen: SocketAddr) -> Self {
         Self {
@@ -400,6 +412,43 @@ mod tests {
             a.authorize(&request(None), "GetSnapshot", Role::Read)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn on_http_tokens_close_reads_even_on_loopback() {
+        let open = Authenticator::for_http(
+            &AuthConfig::default(),
+            "127.0.0.1:9451".parse().expect("addr"),
+        )
+        .expect("auth");
+        assert!(open.reads_open());
+        let config = AuthConfig {
+            tokens: vec![token("dashboard", RoleName::Read, READ)],
+            ..AuthConfig::default()
+        };
+        let closed = Authenticator::for_http(&config, "127.0.0.1:9451".parse().expect("addr"))
+            .expect("auth");
+        assert!(!closed.reads_open());
+        assert!(
+            closed
+                .authorize(&request(None), "/api/v1/stream", Role::Read)
+                .is_err()
+        );
+        assert!(
+            closed
+                .authorize(
+                    &request(Some(&format!("Bearer {READ}"))),
+                    "/api/v1/stream",
+                    Role::Read
+                )
+                .is_ok()
+        );
+        let network = Authenticator::for_http(
+            &AuthConfig::default(),
+            "0.0.0.0:9451".parse().expect("addr"),
+        )
+        .expect("auth");
+        assert!(!network.reads_open());
     }
 
     #[test]

@@ -1,0 +1,246 @@
+//! The edges of the gRPC side (issue 12): extreme client numbers
+//! (`since_seq`, `resume_after_seq` = 2^64−1), streams of open methods
+//! (health Watch, reflection) under `[limits]`, and refused control traffic
+//! that must stay bounded and leave the operator's events in the replay.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{CONTROL_TOKEN, Options, events_since, index, start};
+use gpuwatch_api::{
+    self as api, EventKind, set_power_limit_request, set_threshold_request,
+    watch_events_response::Message as EventsMessage, watch_response::Message as WatchMessage,
+};
+use tonic::{Code, transport::Channel};
+
+async fn next_events_message(
+    stream: &mut tonic::Streaming<api::WatchEventsResponse>,
+) -> EventsMessage {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message in time")
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+        .message
+        .expect("a message")
+}
+
+#[tokio::test]
+async fn watch_events_since_the_largest_seq_is_caught_up_without_a_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(dir.path(), Options::default());
+    let mut client = d.client().await;
+    for since in [u64::MAX, u64::MAX - 1, 1 << 63, 1_000_000_000] {
+        let mut stream = client
+            .watch_events(api::WatchEventsRequest {
+                since_seq: Some(since),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("since_seq {since}: {e}"))
+            .into_inner();
+        match next_events_message(&mut stream).await {
+            EventsMessage::CaughtUp(up) => assert!(up.latest_seq > 0, "{up:?}"),
+            other => panic!("since_seq {since}: expected caught_up first, got {other:?}"),
+        }
+        // And live events still arrive on it.
+        client
+            .set_threshold(api::SetThresholdRequest {
+                gpus: vec![index(0)],
+                target: Some(set_threshold_request::Target::Celsius(
+                    70 + u32::try_from(since % 10).expect("small"),
+                )),
+                hysteresis_c: None,
+            })
+            .await
+            .expect("set threshold");
+        let live = next_events_message(&mut stream).await;
+        assert!(
+            matches!(&live, EventsMessage::Event(e) if e.kind() == EventKind::ThresholdChanged),
+            "since_seq {since}: {live:?}"
+        );
+    }
+    // The daemon is still serving.
+    client
+        .get_snapshot(api::GetSnapshotRequest::default())
+        .await
+        .expect("still serving");
+}
+
+#[tokio::test]
+async fn watch_resume_after_the_largest_seq_starts_fresh_without_a_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(dir.path(), Options::default());
+    let mut client = d.client().await;
+    for (resume, interval_ms) in [(u64::MAX, 0), (u64::MAX - 1, u32::MAX), (u64::MAX, 100)] {
+        let result = client
+            .watch(api::WatchRequest {
+                gpus: Vec::new(),
+                interval_ms,
+                resume_after_seq: Some(resume),
+            })
+            .await;
+        let mut stream = match result {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                assert_eq!(
+                    e.code(),
+                    Code::InvalidArgument,
+                    "{resume}/{interval_ms}: {e}"
+                );
+                continue;
+            }
+        };
+        let mut saw_start = false;
+        for _ in 0..3 {
+            let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("in time")
+                .expect("healthy")
+                .expect("open")
+                .message
+                .expect("a message");
+            match message {
+                WatchMessage::Start(_) => saw_start = true,
+                WatchMessage::Gap(gap) => panic!("resume {resume}: a bogus gap {gap:?}"),
+                WatchMessage::Frame(_) => {}
+            }
+        }
+        assert!(saw_start);
+    }
+}
+
+#[tokio::test]
+async fn health_and_reflection_streams_count_against_max_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(
+        dir.path(),
+        Options {
+            config: Some("[limits]\nmax_streams = 2\n".into()),
+            no_tokens: true,
+            ..Options::default()
+        },
+    );
+    let channel = Channel::from_shared(d.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        match health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(stream) => open.push(stream.into_inner()),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(
+                    e.message().contains("limits.max_streams"),
+                    "{}",
+                    e.message()
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((open.len(), refused), (2, 38));
+    // Reflection is a stream too, and the places are taken.
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        );
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let e = reflection
+        .server_reflection_info(tokio_stream::iter([request.clone()]))
+        .await
+        .expect_err("no place left");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    // Unary health checks are not streams: still answered.
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("Check is answered");
+    // Closing a stream gives its place back.
+    drop(open.pop());
+    let mut reopened = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reopened.is_none() && Instant::now() < deadline {
+        match reflection
+            .server_reflection_info(tokio_stream::iter([request.clone()]))
+            .await
+        {
+            Ok(stream) => reopened = Some(stream),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(reopened.is_some(), "a closed stream's place came back");
+}
+
+#[tokio::test]
+async fn refused_control_calls_are_coalesced_per_peer_and_leave_operator_events_in_the_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(dir.path(), Options::with_config("[events]\nretain = 100\n"));
+    let mut operator = d.client().await;
+    operator
+        .set_power_limit(api::SetPowerLimitRequest {
+            gpus: vec![index(0)],
+            target: Some(set_power_limit_request::Target::Watts(450.0)),
+        })
+        .await
+        .expect("the operator sets a ceiling");
+    operator
+        .set_threshold(api::SetThresholdRequest {
+            gpus: vec![index(0)],
+            target: Some(set_threshold_request::Target::Celsius(76)),
+            hysteresis_c: Some(4),
+        })
+        .await
+        .expect("the operator sets a threshold");
+
+    // 250 token-less, then 50 wrong-token, SetPowerLimit calls.
+    let mut anonymous = d.client_with(None).await;
+    let mut wrong = d.client_with(Some("not-the-token-0123456789")).await;
+    for i in 0..300 {
+        let client = if i < 250 { &mut anonymous } else { &mut wrong };
+        let e = client
+            .set_power_limit(api::SetPowerLimitRequest {
+                gpus: vec![index(0)],
+                target: Some(set_power_limit_request::Target::Watts(300.0)),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let _ = CONTROL_TOKEN;
+    let events = events_since(&mut operator, 0).await;
+    let kinds: Vec<EventKind> = events.iter().map(api::Event::kind).collect();
+    let refused = kinds
+        .iter()
+        .filter(|k| **k == EventKind::ControlRefused)
+        .count();
+    // One per (peer, method, reason) in the window: the anonymous caller
+    // and the unknown token.
+    assert_eq!(refused, 2, "refused calls recorded one by one: {kinds:?}");
+    for kind in [EventKind::CeilingChanged, EventKind::ThresholdChanged] {
+        assert!(
+            kinds.contains(&kind),
+            "{kind:?} was pushed out of the replay by refused calls: {kinds:?}"
+        );
+    }
+}
