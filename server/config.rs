@@ -562,6 +562,9 @@ pub struct LimitsConfig {
     /// progress writing to a client before the connection is dropped.
     #[serde(with = "humantime_serde")]
     pub http_write_timeout: Duration,
+    /// gRPC connections open at once; at the cap a new one replaces the
+    /// oldest one that has not sent a byte, or is closed.
+    pub grpc_max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -574,6 +577,7 @@ impl Default for LimitsConfig {
             http_header_timeout: Duration::from_secs(10),
             http_max_header_bytes: 16 * 1024,
             http_write_timeout: Duration::from_secs(15),
+            grpc_max_connections: 8192,
         }
     }
 }
@@ -788,6 +792,13 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         Duration::from_millis(100),
         Duration::from_secs(600),
         dur,
+    )?;
+    check_range(
+        "limits.grpc_max_connections",
+        l.grpc_max_connections,
+        16,
+        1_000_000,
+        |v| v.to_string(),
     )?;
     if cfg.tls.http && cfg.server.http_listen.is_none() {
         return Err(invalid(

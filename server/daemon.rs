@@ -434,6 +434,27 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         "gRPC listening on {grpc_addr}"
     );
     let http_addr = http.as_ref().map(|(_, addr)| *addr);
+    // Both listeners' connection caps fit in the open-files limit, so a
+    // flood on one cannot take the file descriptors the other needs.
+    let nofile = crate::grpc_listen::open_files_limit();
+    let (http_cap, grpc_cap) = crate::grpc_listen::fit_caps(
+        config.limits.http_max_connections,
+        config.limits.grpc_max_connections,
+        nofile,
+    );
+    if (http_cap, grpc_cap)
+        != (
+            config.limits.http_max_connections,
+            config.limits.grpc_max_connections,
+        )
+    {
+        tracing::warn!(
+            open_files = nofile.unwrap_or(0),
+            http_max_connections = http_cap,
+            grpc_max_connections = grpc_cap,
+            "the connection caps were lowered to fit the open-files limit (raise it: LimitNOFILE= in the unit, ulimit -n)"
+        );
+    }
     let http_parts = match http_addr {
         Some(addr) => http_gate(&config, tls.as_ref(), addr)?,
         None => (Arc::new(crate::http::access::HttpAccess::open()), None),
@@ -449,7 +470,7 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
             write_timeout: config.limits.http_write_timeout,
         };
         let limits = crate::http::conn::ConnLimits {
-            max_connections: config.limits.http_max_connections,
+            max_connections: http_cap,
             header_timeout: config.limits.http_header_timeout,
             max_header_bytes: config.limits.http_max_header_bytes,
             write_timeout: config.limits.http_write_timeout,
@@ -474,6 +495,8 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
+        let incoming =
+            crate::grpc_listen::capped(incoming, grpc_cap, crate::grpc_listen::FIRST_BYTE_TIMEOUT);
         let serve = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         tokio::pin!(serve);
         let served = tokio::select! {

@@ -24,6 +24,7 @@ pub mod control_status;
 pub mod daemon;
 pub mod events;
 pub mod governor;
+pub mod grpc_listen;
 pub mod http;
 pub mod hub;
 pub mod limits;

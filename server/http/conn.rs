@@ -73,24 +73,27 @@ struct Entry {
     busy: Arc<AtomicUsize>,
 }
 
-/// The open connections, oldest first.
+/// The open connections, oldest first (also used by `crate::grpc_listen`).
 #[derive(Debug)]
-struct Registry {
+pub(crate) struct Registry {
     max: usize,
     open: Mutex<(u64, BTreeMap<u64, Entry>)>,
 }
 
 /// A connection's registration; dropping it frees the place.
 #[derive(Debug)]
-struct Place {
+pub(crate) struct Place {
     registry: Arc<Registry>,
     id: u64,
-    evict: CancellationToken,
-    busy: Arc<AtomicUsize>,
+    /// Cancelled when the connection was evicted to make room.
+    pub(crate) evict: CancellationToken,
+    /// Nonzero: not evictable (requests in flight, or a gRPC connection
+    /// that has spoken).
+    pub(crate) busy: Arc<AtomicUsize>,
 }
 
 impl Registry {
-    fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
             open: Mutex::new((0, BTreeMap::new())),
@@ -99,7 +102,7 @@ impl Registry {
 
     /// A place for a new connection: evicts the oldest connection with no
     /// request in flight when at the cap; None when every one is busy.
-    fn admit(self: &Arc<Self>) -> Option<Place> {
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<Place> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.1.len() >= self.max {
             let idle = open

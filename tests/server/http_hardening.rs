@@ -345,17 +345,13 @@ async fn a_stalled_event_stream_reader_is_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_second() {
-    let mut d = launch("", true);
+    const CAP: usize = 64;
+    let mut d = launch(&format!("grpc_max_connections = {CAP}"), true);
     let http = d.http.expect("HTTP");
     let grpc = d.grpc;
-    // 300 idle TCP connections to the gRPC port (no HTTP/2 preface)...
-    let mut idle_conns = Vec::new();
-    for _ in 0..300 {
-        if let Ok(s) = TcpStream::connect(grpc).await {
-            idle_conns.push(s);
-        }
-    }
-    // ...and 100 Watch streams on 10 connections whose readers never read.
+    let pid = d.pid();
+    let baseline = open_fds(pid);
+    // 100 Watch streams on 10 connections whose readers never read...
     let mut stalled = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..10 {
@@ -370,8 +366,17 @@ async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_sec
         }
         clients.push(client);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ...and 300 TCP connections to the gRPC port that never speak: far
+    // over the cap.
+    let mut idle_conns = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = TcpStream::connect(grpc).await {
+            idle_conns.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut worst = Duration::ZERO;
+    let mut max_fds = 0;
     for round in 0..5 {
         let (status, took) = fresh_get(http, "/healthz").await;
         assert_eq!(status, 200, "round {round}: /healthz during the gRPC flood");
@@ -390,12 +395,42 @@ async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_sec
             .await
             .expect("SetPowerLimit during the gRPC flood");
         worst = worst.max(started.elapsed());
+        max_fds = max_fds.max(open_fds(pid));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(
         worst < Duration::from_secs(1),
         "the slowest answer during the gRPC flood took {worst:?}"
     );
+    assert!(
+        max_fds <= baseline + CAP + 32,
+        "the daemon had {max_fds} fds open (baseline {baseline}, gRPC cap {CAP})"
+    );
+    // The silent connections are all closed: evicted, or after the
+    // first-byte timeout (10 s).
+    // (The server's HTTP/2 SETTINGS may arrive first: read to the end.)
+    let mut buf = [0u8; 1024];
+    for (i, conn) in idle_conns.iter_mut().enumerate() {
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "silent gRPC connection {i} still open after 20 s"
+        );
+    }
+    // The stalled streams' connections, which spoke, were never evicted.
+    let mut client = clients.pop().expect("a client");
+    client
+        .get_snapshot(api::GetSnapshotRequest::default())
+        .await
+        .expect("an established connection still works");
     drop((idle_conns, stalled, clients));
     d.check_alive().expect("the daemon survived");
 }
