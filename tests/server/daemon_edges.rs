@@ -244,3 +244,70 @@ async fn refused_control_calls_are_coalesced_per_peer_and_leave_operator_events_
         );
     }
 }
+
+#[tokio::test]
+async fn refused_calls_from_many_peers_cause_a_bounded_number_of_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(dir.path(), Options::with_config("[events]\nretain = 100\n"));
+    let mut operator = d.client().await;
+    operator
+        .set_threshold(api::SetThresholdRequest {
+            gpus: vec![index(0)],
+            target: Some(set_threshold_request::Target::Celsius(77)),
+            hysteresis_c: Some(5),
+        })
+        .await
+        .expect("the operator sets a threshold");
+    // 60 peers (127.0.0.2 .. 127.0.0.61), each trying three control methods
+    // three times without a token: 540 refusals, 180 distinct ones.
+    let mut tried = 0;
+    for last in 2..62u8 {
+        let channel = tonic::transport::Endpoint::from_shared(d.url())
+            .expect("url")
+            .local_address(Some(std::net::IpAddr::from([127, 0, 0, last])))
+            .connect()
+            .await
+            .expect("connect from another loopback address");
+        let mut client = api::gpu_watch_client::GpuWatchClient::new(channel);
+        for _ in 0..3 {
+            let a = client
+                .set_power_limit(api::SetPowerLimitRequest {
+                    gpus: vec![index(0)],
+                    target: Some(set_power_limit_request::Target::Watts(300.0)),
+                })
+                .await;
+            let b = client
+                .reset_clocks(api::ResetClocksRequest {
+                    gpus: vec![index(0)],
+                })
+                .await;
+            let c = client
+                .set_threshold(api::SetThresholdRequest {
+                    gpus: vec![index(0)],
+                    target: Some(set_threshold_request::Target::Celsius(90)),
+                    hysteresis_c: None,
+                })
+                .await;
+            for r in [a.err(), b.err(), c.err()] {
+                assert_eq!(r.map(|e| e.code()), Some(Code::Unauthenticated));
+                tried += 1;
+            }
+        }
+    }
+    assert_eq!(tried, 540);
+    let events = events_since(&mut operator, 0).await;
+    let refused = events
+        .iter()
+        .filter(|e| e.kind() == EventKind::ControlRefused)
+        .count();
+    assert!(
+        (1..=2 * gpuwatch_server::authz::MAX_REFUSALS_PER_WINDOW + 1).contains(&refused),
+        "{refused} CONTROL_REFUSED events for 540 refusals from 60 peers"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind() == EventKind::ThresholdChanged),
+        "the operator's threshold event was pushed out"
+    );
+}
