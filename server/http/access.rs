@@ -8,7 +8,8 @@
 //!   names, peers) need the read role, like gRPC's WatchEvents;
 //! - `/metrics` needs the read role too, unless `auth.open_metrics = true`
 //!   (Prometheus sends a bearer token: `authorization.credentials_file`);
-//! - a path not in the table is not served (404), whatever the credentials.
+//! - a path not in the table is not served (404), whatever the credentials
+//!   — even one the router has a route for.
 //!
 //! When is a token needed? Reads are open when no token is configured and
 //! the HTTP listener is on loopback (the default install: nothing to set
@@ -140,9 +141,10 @@ pub async fn enforce(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_owned();
-    // Not in the table: the router answers 404, as for any unknown path.
+    // Not in the table: not served, even if a route exists for it (a
+    // route added without a row here is refused, not served unprotected).
     let Some(need) = need(&path) else {
-        return next.run(request).await;
+        return super::not_found(request.uri().clone()).await;
     };
     let Some(role) = access.role(need) else {
         return next.run(request).await;
@@ -205,6 +207,31 @@ mod tests {
         assert_eq!(cookie_token(&request("gpuwatch_token=%zz")), None);
         assert_eq!(cookie_token(&request("gpuwatch_token=%e2")), None);
         assert_eq!(cookie_token(&request("other=x")), None);
+    }
+
+    #[tokio::test]
+    async fn a_route_missing_from_the_table_is_not_served() {
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/secret", axum::routing::get(|| async { "secret" }))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(HttpAccess::open()),
+                enforce,
+            ));
+        let get = |path: &str| {
+            axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
+        let served = app
+            .clone()
+            .oneshot(get("/healthz"))
+            .await
+            .expect("infallible");
+        assert_eq!(served.status(), StatusCode::OK);
+        let refused = app.oneshot(get("/secret")).await.expect("infallible");
+        assert_eq!(refused.status(), StatusCode::NOT_FOUND);
     }
 
     #[test]

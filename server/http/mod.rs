@@ -177,7 +177,7 @@ async fn healthz(State(app): State<App>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> Response {
+pub(crate) async fn not_found(uri: Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         format!(
