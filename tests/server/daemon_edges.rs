@@ -311,3 +311,56 @@ async fn refused_calls_from_many_peers_cause_a_bounded_number_of_events() {
         "the operator's threshold event was pushed out"
     );
 }
+
+#[test]
+fn the_listener_limits_are_validated_naming_the_key_and_the_allowed_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let load = |toml: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write");
+        gpuwatch_server::config::load(
+            Some(&path),
+            Vec::new(),
+            &gpuwatch_server::config::Overrides::default(),
+        )
+    };
+    for (toml, key) in [
+        (
+            "[limits]\nhttp_max_connections = 0\n",
+            "limits.http_max_connections",
+        ),
+        (
+            "[limits]\nhttp_header_timeout = \"1ms\"\n",
+            "limits.http_header_timeout",
+        ),
+        (
+            "[limits]\nhttp_header_timeout = \"1h\"\n",
+            "limits.http_header_timeout",
+        ),
+        (
+            "[limits]\nhttp_max_header_bytes = 1024\n",
+            "limits.http_max_header_bytes",
+        ),
+        (
+            "[limits]\nhttp_write_timeout = \"0s\"\n",
+            "limits.http_write_timeout",
+        ),
+        (
+            "[limits]\ngrpc_max_connections = 1\n",
+            "limits.grpc_max_connections",
+        ),
+        ("[tls]\nhttp = true\n", "tls.http"),
+    ] {
+        let e = load(toml).expect_err(toml).to_string();
+        assert!(e.contains(key), "{toml}: {e}");
+    }
+    let ok = load(
+        "[limits]\nhttp_max_connections = 100\nhttp_header_timeout = \"3s\"\n\
+         http_max_header_bytes = 8192\nhttp_write_timeout = \"2s\"\ngrpc_max_connections = 64\n\
+         [auth]\nopen_metrics = true\n",
+    )
+    .expect("valid limits");
+    assert_eq!(ok.limits.http_max_connections, 100);
+    assert_eq!(ok.limits.http_header_timeout, Duration::from_secs(3));
+    assert!(ok.auth.open_metrics);
+}
