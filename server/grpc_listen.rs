@@ -6,10 +6,12 @@
 //! - **A connection cap** (`limits.grpc_max_connections`, clamped at start
 //!   so that it and the HTTP cap fit in the process's open-files limit). At
 //!   the cap, a new connection takes the place of the oldest one that has
-//!   not sent a byte yet; when every connection has spoken, the new one is
-//!   closed at once (a client retries; established clients keep working).
-//! - **A first-byte timeout** ([`FIRST_BYTE_TIMEOUT`]): a connection that
-//!   sends nothing (no HTTP/2 preface, no TLS ClientHello) is closed.
+//!   not yet sent its opening bytes; when every connection has, the new one
+//!   is closed at once (a client retries; established clients keep working).
+//! - **An opening timeout** ([`FIRST_BYTE_TIMEOUT`]): a connection that does
+//!   not send its first [`OPENING_BYTES`] bytes in time (the HTTP/2 preface
+//!   is 24 bytes, a TLS ClientHello more) is closed — silent ones and ones
+//!   that trickle a byte at a time alike.
 //!
 //! Each accepted socket is wrapped in a [`CappedStream`], which tonic serves
 //! like the `TcpStream` inside it (same connect info, so peers and client
@@ -38,6 +40,10 @@ use crate::http::conn::{Place, Registry};
 /// How long a new gRPC connection may stay silent before it is closed.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many bytes a connection must send before it counts as opened: the
+/// length of the HTTP/2 client preface.
+pub const OPENING_BYTES: usize = 24;
+
 /// File descriptors kept out of both caps: state files, NVML, the
 /// listeners, logging.
 pub const FD_RESERVE: usize = 128;
@@ -47,7 +53,9 @@ pub struct CappedStream {
     io: TcpStream,
     place: Place,
     evicted: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Armed until the opening bytes have arrived.
     first_byte: Option<Pin<Box<Sleep>>>,
+    received: usize,
 }
 
 impl std::fmt::Debug for CappedStream {
@@ -67,6 +75,7 @@ impl CappedStream {
             place,
             evicted,
             first_byte: Some(Box::pin(tokio::time::sleep(first_byte_timeout))),
+            received: 0,
         }
     }
 }
@@ -88,15 +97,18 @@ impl AsyncRead for CappedStream {
         if self.first_byte.is_some() && self.evicted.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "closed to make room (limits.grpc_max_connections) before it sent anything",
+                "closed to make room (limits.grpc_max_connections) before it finished opening",
             )));
         }
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.io).poll_read(cx, buf);
         match &poll {
-            Poll::Ready(Ok(())) if buf.filled().len() > before && self.first_byte.is_some() => {
-                self.first_byte = None;
-                self.place.busy.store(1, Ordering::Release);
+            Poll::Ready(Ok(())) if self.first_byte.is_some() => {
+                self.received += buf.filled().len() - before;
+                if self.received >= OPENING_BYTES {
+                    self.first_byte = None;
+                    self.place.busy.store(1, Ordering::Release);
+                }
             }
             Poll::Pending => {
                 if let Some(timer) = self.first_byte.as_mut()
@@ -105,7 +117,8 @@ impl AsyncRead for CappedStream {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!(
-                            "sent nothing for {} after connecting",
+                            "sent {} of its first {OPENING_BYTES} bytes in {} after connecting",
+                            self.received,
                             humantime::format_duration(FIRST_BYTE_TIMEOUT)
                         ),
                     )));

@@ -374,6 +374,36 @@ async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_sec
             idle_conns.push(s);
         }
     }
+    // And 50 that trickle 23 bytes of the 24-byte HTTP/2 preface, a byte
+    // every 400 ms, and then wait.
+    let mut trickles = Vec::new();
+    for _ in 0..50 {
+        trickles.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let Ok(mut s) = TcpStream::connect(grpc).await else {
+                return Some(Duration::ZERO);
+            };
+            let mut buf = [0u8; 1024];
+            let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r".iter();
+            loop {
+                tokio::select! {
+                    read = s.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) {
+                        return Some(started.elapsed());
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(400)) => {
+                        if started.elapsed() > Duration::from_secs(30) {
+                            return None;
+                        }
+                        if let Some(byte) = preface.next()
+                            && s.write_all(&[*byte]).await.is_err()
+                        {
+                            return Some(started.elapsed());
+                        }
+                    }
+                }
+            }
+        }));
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut worst = Duration::ZERO;
     let mut max_fds = 0;
@@ -423,6 +453,13 @@ async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_sec
         assert!(
             closed.is_ok(),
             "silent gRPC connection {i} still open after 20 s"
+        );
+    }
+    for trickle in trickles {
+        let kept = trickle.await.expect("trickle task");
+        assert!(
+            kept.is_some_and(|k| k < Duration::from_secs(20)),
+            "a connection trickling its preface was kept: {kept:?}"
         );
     }
     // The stalled streams' connections, which spoke, were never evicted.
