@@ -223,6 +223,11 @@ fn http_gate(
     let gate = Authenticator::for_http(&config.auth, addr)
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     let access = crate::http::access::HttpAccess::new(gate, config.auth.open_metrics);
+    if access.reads_need_token() && !access.has_tokens() {
+        tracing::warn!(
+            "HTTP on {addr} (not loopback) without tokens: /api/v1/* and /metrics answer 401; configure [auth] tokens (and open_metrics for an open scrape), or allow_unauthenticated_reads on a trusted network"
+        );
+    }
     if !access.reads_need_token() && !addr.ip().is_loopback() {
         tracing::warn!(
             "HTTP on {addr} (not loopback) serves the dashboard data and the audit log without a token (auth.allow_unauthenticated_reads)"

@@ -96,6 +96,11 @@ impl HttpAccess {
         }
     }
 
+    /// True when any token is configured.
+    pub fn has_tokens(&self) -> bool {
+        self.auth.token_count() > 0
+    }
+
     /// True when data paths need a token.
     pub fn reads_need_token(&self) -> bool {
         !self.auth.reads_open()
