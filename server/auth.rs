@@ -27,7 +27,10 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::config::{AuthConfig, ConfigError, RoleName, TokenConfig};
+use crate::{
+    config::{AuthConfig, ConfigError, RoleName, TokenConfig},
+    grpc_listen::GrpcConnectInfo,
+};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -279,7 +282,35 @@ impl Authenticator {
 
 /// The peer address of the connection `request` came on.
 pub fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    peer_in(request.extensions())
+}
+
+/// The peer address in a request's extensions: the gRPC listener's
+/// [`GrpcConnectInfo`] (plain or under TLS), or tonic's plain TCP info.
+pub fn peer_in(extensions: &http::Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<GrpcConnectInfo>()
+        .and_then(GrpcConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<GrpcConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+        .or_else(|| tcp_peer(extensions))
+}
+
+/// The connection's in-flight counter, when it came through the gRPC
+/// listener's cap.
+pub fn grpc_connection<B>(request: &http::Request<B>) -> Option<&GrpcConnectInfo> {
     let extensions = request.extensions();
+    extensions.get::<GrpcConnectInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<GrpcConnectInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })
+}
+
+fn tcp_peer(extensions: &http::Extensions) -> Option<SocketAddr> {
     extensions
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
@@ -292,10 +323,15 @@ pub fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
 
 /// The subject CN (else the whole subject) of a verified client certificate.
 fn certificate_subject<B>(request: &http::Request<B>) -> Option<String> {
-    let certs = request
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
+    let extensions = request.extensions();
+    let certs = extensions
+        .get::<TlsConnectInfo<GrpcConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs)
+        })?;
     let der = certs.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let subject = cert.subject();

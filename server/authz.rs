@@ -441,17 +441,22 @@ where
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }
+                // In flight on its connection (not evictable at the cap)
+                // until the response body is done.
+                let in_flight = auth::grpc_connection(&request).map(|c| c.enter());
                 let response = self.inner.call(request);
                 Either::Right(Box::pin(async move {
                     let response = response.await?;
                     // The stream's place is held by its body: freed when the
                     // stream ends or its client goes away.
-                    Ok(response.map(|body| match permit {
-                        Some(permit) => Body::new(body.map_frame(move |frame| {
-                            let _held = &permit;
+                    Ok(response.map(|body| {
+                        if permit.is_none() && in_flight.is_none() {
+                            return Body::new(body);
+                        }
+                        Body::new(body.map_frame(move |frame| {
+                            let _held = (&permit, &in_flight);
                             frame
-                        })),
-                        None => Body::new(body),
+                        }))
                     }))
                 }))
             }

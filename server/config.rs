@@ -563,7 +563,7 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub http_write_timeout: Duration,
     /// gRPC connections open at once; at the cap a new one replaces the
-    /// oldest one that has not sent its opening bytes, or is closed.
+    /// oldest one with no request in flight, or is closed.
     pub grpc_max_connections: usize,
 }
 

@@ -5,23 +5,29 @@
 //!
 //! - **A connection cap** (`limits.grpc_max_connections`, clamped at start
 //!   so that it and the HTTP cap fit in the process's open-files limit). At
-//!   the cap, a new connection takes the place of the oldest one that has
-//!   not yet sent its opening bytes; when every connection has, the new one
-//!   is closed at once (a client retries; established clients keep working).
+//!   the cap, a new connection takes the place of the oldest one with no
+//!   request in flight (silent, still opening, or an idle HTTP/2
+//!   connection: a client that comes back reconnects); when every
+//!   connection is serving a request or stream, the new one is closed at
+//!   once.
 //! - **An opening timeout** ([`FIRST_BYTE_TIMEOUT`]): a connection that does
 //!   not send its first [`OPENING_BYTES`] bytes in time (the HTTP/2 preface
 //!   is 24 bytes, a TLS ClientHello more) is closed — silent ones and ones
 //!   that trickle a byte at a time alike.
 //!
 //! Each accepted socket is wrapped in a [`CappedStream`], which tonic serves
-//! like the `TcpStream` inside it (same connect info, so peers and client
-//! certificates are seen as before).
+//! like the `TcpStream` inside it; its connect info is a
+//! [`GrpcConnectInfo`] (`crate::auth::remote_addr` reads the peer from it).
 
 use std::{
     future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
-    sync::atomic::Ordering,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -47,6 +53,39 @@ pub const OPENING_BYTES: usize = 24;
 /// File descriptors kept out of both caps: state files, NVML, the
 /// listeners, logging.
 pub const FD_RESERVE: usize = 128;
+
+/// What tonic attaches to every request of a [`CappedStream`]: the TCP
+/// addresses, and the connection's count of requests in flight (the
+/// authorization layer counts each request there until its response body is
+/// done, so a connection with nothing in flight can make room at the cap).
+#[derive(Debug, Clone)]
+pub struct GrpcConnectInfo {
+    pub tcp: TcpConnectInfo,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl GrpcConnectInfo {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tcp.remote_addr()
+    }
+
+    /// Counts one request in flight until the guard is dropped.
+    pub fn enter(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.in_flight.clone())
+    }
+}
+
+/// One request in flight on a gRPC connection.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// An accepted gRPC connection holding its place under the cap.
 pub struct CappedStream {
@@ -81,10 +120,13 @@ impl CappedStream {
 }
 
 impl Connected for CappedStream {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = GrpcConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        GrpcConnectInfo {
+            tcp: self.io.connect_info(),
+            in_flight: self.place.busy.clone(),
+        }
     }
 }
 
@@ -94,10 +136,10 @@ impl AsyncRead for CappedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.first_byte.is_some() && self.evicted.as_mut().poll(cx).is_ready() {
+        if self.evicted.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "closed to make room (limits.grpc_max_connections) before it finished opening",
+                "closed to make room (limits.grpc_max_connections): it had no request in flight",
             )));
         }
         let before = buf.filled().len();
@@ -107,7 +149,6 @@ impl AsyncRead for CappedStream {
                 self.received += buf.filled().len() - before;
                 if self.received >= OPENING_BYTES {
                     self.first_byte = None;
-                    self.place.busy.store(1, Ordering::Release);
                 }
             }
             Poll::Pending => {

@@ -106,7 +106,8 @@ impl GpuWatchService {
 
     /// A place for one more stream from this request's connection.
     fn stream_permit<T>(&self, request: &Request<T>) -> Result<StreamPermit, Status> {
-        self.streams.acquire(request.remote_addr())
+        self.streams
+            .acquire(crate::auth::peer_in(request.extensions()).or_else(|| request.remote_addr()))
     }
 
     /// Devices with their current policy, health and power limits merged in.

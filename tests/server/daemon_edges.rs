@@ -364,3 +364,55 @@ fn the_listener_limits_are_validated_naming_the_key_and_the_allowed_range() {
     assert_eq!(ok.limits.http_header_timeout, Duration::from_secs(3));
     assert!(ok.auth.open_metrics);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_grpc_connection_cap_idle_connections_make_room_and_streaming_ones_stay() {
+    const CAP: usize = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(
+        dir.path(),
+        Options::with_config(format!("[limits]\ngrpc_max_connections = {CAP}\n")),
+    );
+    // The oldest connection holds a Watch stream: it must never be evicted.
+    let mut watcher = d.client().await;
+    let mut stream = watcher
+        .watch(api::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    // Three times the cap of HTTP/2 connections that made one call and
+    // went idle.
+    let mut idle = Vec::new();
+    for i in 0..3 * CAP {
+        let mut client = d.client().await;
+        client
+            .get_snapshot(api::GetSnapshotRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        idle.push(client);
+    }
+    // A fresh connection still gets in, and answers at once.
+    let started = Instant::now();
+    let mut fresh = d.client().await;
+    fresh
+        .set_power_limit(api::SetPowerLimitRequest {
+            gpus: vec![index(0)],
+            target: Some(set_power_limit_request::Target::Watts(470.0)),
+        })
+        .await
+        .expect("SetPowerLimit at the cap");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The streaming connection kept its stream.
+    for _ in 0..3 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("frames in time")
+            .expect("the stream survived the flood")
+            .expect("open");
+        assert!(message.message.is_some());
+    }
+}
