@@ -27,7 +27,10 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::config::{AuthConfig, ConfigError, RoleName, TokenConfig};
+use crate::{
+    config::{AuthConfig, ConfigError, RoleName, TokenConfig},
+    grpc_listen::GrpcConnectInfo,
+};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -126,6 +129,29 @@ impl Authenticator {
             certificate_role: mutual_tls.then(|| auth.mtls_role.map_or(Role::Read, Role::from)),
             listen,
         })
+    }
+
+    /// The gate of the HTTP listener on `listen`: the same tokens, no
+    /// client certificates, and reads without a token only when no token is
+    /// configured and `listen` is loopback (or with
+    /// `allow_unauthenticated_reads`): once tokens exist, the HTTP data
+    /// paths need one (see `crate::http::access`).
+    pub fn for_http(auth: &AuthConfig, listen: SocketAddr) -> Result<Self, ConfigError> {
+        let mut gate = Self::new(auth, false, listen)?;
+        gate.open_reads = auth.allow_unauthenticated_reads
+            || (listen.ip().is_loopback() && gate.tokens.is_empty());
+        Ok(gate)
+    }
+
+    /// An authenticator that lets everything through (the HTTP gate when
+    /// HTTP is off; tests of the handlers).
+    pub fn open(listen: SocketAddr) -> Self {
+        Self {
+            tokens: Vec::new(),
+            open_reads: true,
+            certificate_role: None,
+            listen,
+        }
     }
 
     /// True when some credential can grant control.
@@ -257,7 +283,35 @@ impl Authenticator {
 
 /// The peer address of the connection `request` came on.
 pub fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    peer_in(request.extensions())
+}
+
+/// The peer address in a request's extensions: the gRPC listener's
+/// [`GrpcConnectInfo`] (plain or under TLS), or tonic's plain TCP info.
+pub fn peer_in(extensions: &http::Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<GrpcConnectInfo>()
+        .and_then(GrpcConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<GrpcConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+        .or_else(|| tcp_peer(extensions))
+}
+
+/// The connection's in-flight counter, when it came through the gRPC
+/// listener's cap.
+pub fn grpc_connection<B>(request: &http::Request<B>) -> Option<&GrpcConnectInfo> {
     let extensions = request.extensions();
+    extensions.get::<GrpcConnectInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<GrpcConnectInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })
+}
+
+fn tcp_peer(extensions: &http::Extensions) -> Option<SocketAddr> {
     extensions
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
@@ -270,10 +324,15 @@ pub fn remote_addr<B>(request: &http::Request<B>) -> Option<SocketAddr> {
 
 /// The subject CN (else the whole subject) of a verified client certificate.
 fn certificate_subject<B>(request: &http::Request<B>) -> Option<String> {
-    let certs = request
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
+    let extensions = request.extensions();
+    let certs = extensions
+        .get::<TlsConnectInfo<GrpcConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs)
+        })?;
     let der = certs.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let subject = cert.subject();
@@ -390,6 +449,43 @@ mod tests {
             a.authorize(&request(None), "GetSnapshot", Role::Read)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn on_http_tokens_close_reads_even_on_loopback() {
+        let open = Authenticator::for_http(
+            &AuthConfig::default(),
+            "127.0.0.1:9451".parse().expect("addr"),
+        )
+        .expect("auth");
+        assert!(open.reads_open());
+        let config = AuthConfig {
+            tokens: vec![token("dashboard", RoleName::Read, READ)],
+            ..AuthConfig::default()
+        };
+        let closed = Authenticator::for_http(&config, "127.0.0.1:9451".parse().expect("addr"))
+            .expect("auth");
+        assert!(!closed.reads_open());
+        assert!(
+            closed
+                .authorize(&request(None), "/api/v1/stream", Role::Read)
+                .is_err()
+        );
+        assert!(
+            closed
+                .authorize(
+                    &request(Some(&format!("Bearer {READ}"))),
+                    "/api/v1/stream",
+                    Role::Read
+                )
+                .is_ok()
+        );
+        let network = Authenticator::for_http(
+            &AuthConfig::default(),
+            "0.0.0.0:9451".parse().expect("addr"),
+        )
+        .expect("auth");
+        assert!(!network.reads_open());
     }
 
     #[test]

@@ -513,6 +513,10 @@ pub struct AuthConfig {
     /// `tls.client_ca_file` but no token; the certificate's subject is the
     /// actor. Absent: a certificate identifies but grants `read` only.
     pub mtls_role: Option<RoleName>,
+    /// Serve `/metrics` without a token even when the HTTP data paths need
+    /// one (a scraper on a trusted network). Default: `/metrics` is a read
+    /// like `/api/*` (Prometheus sends `authorization: Bearer`).
+    pub open_metrics: bool,
 }
 
 /// TLS for the gRPC listener (rustls, ring provider).
@@ -529,6 +533,10 @@ pub struct TlsConfig {
     /// With `client_ca_file`: refuse clients without a certificate (default)
     /// or let them in to authenticate with a token instead.
     pub require_client_cert: Option<bool>,
+    /// Serve the HTTP listener (/metrics, dashboard, /api, /healthz) over
+    /// TLS too, with the same `cert_file` and `key_file` (no client
+    /// certificates on HTTP: tokens authenticate there).
+    pub http: bool,
 }
 
 /// Bounds on what clients may ask for.
@@ -541,6 +549,22 @@ pub struct LimitsConfig {
     pub max_streams_per_connection: usize,
     /// Largest request message accepted, in bytes.
     pub max_request_bytes: usize,
+    /// HTTP connections open at once; at the cap a new one replaces the
+    /// oldest idle one, or is closed when all are serving.
+    pub http_max_connections: usize,
+    /// How long an HTTP client may take to send a request's headers (and
+    /// an idle keep-alive connection may stay open).
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
+    /// Largest HTTP request head accepted, in bytes (its buffer's bound).
+    pub http_max_header_bytes: usize,
+    /// How long an HTTP response (the SSE stream included) may make no
+    /// progress writing to a client before the connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub http_write_timeout: Duration,
+    /// gRPC connections open at once; at the cap a new one replaces the
+    /// oldest one with no request in flight, or is closed.
+    pub grpc_max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -549,6 +573,11 @@ impl Default for LimitsConfig {
             max_streams: 20_000,
             max_streams_per_connection: 4_096,
             max_request_bytes: 64 * 1024,
+            http_max_connections: 512,
+            http_header_timeout: Duration::from_secs(10),
+            http_max_header_bytes: 16 * 1024,
+            http_write_timeout: Duration::from_secs(15),
+            grpc_max_connections: 8192,
         }
     }
 }
@@ -736,6 +765,47 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         16 * 1024 * 1024,
         |v| v.to_string(),
     )?;
+    check_range(
+        "limits.http_max_connections",
+        l.http_max_connections,
+        1,
+        65_536,
+        |v| v.to_string(),
+    )?;
+    check_range(
+        "limits.http_header_timeout",
+        l.http_header_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+        dur,
+    )?;
+    check_range(
+        "limits.http_max_header_bytes",
+        l.http_max_header_bytes,
+        8 * 1024,
+        1024 * 1024,
+        |v| v.to_string(),
+    )?;
+    check_range(
+        "limits.http_write_timeout",
+        l.http_write_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+        dur,
+    )?;
+    check_range(
+        "limits.grpc_max_connections",
+        l.grpc_max_connections,
+        16,
+        1_000_000,
+        |v| v.to_string(),
+    )?;
+    if cfg.tls.http && cfg.server.http_listen.is_none() {
+        return Err(invalid(
+            "tls.http",
+            "needs the HTTP listener (server.http_listen is \"off\")",
+        ));
+    }
     if cfg.log.level.trim().is_empty() {
         return Err(invalid(
             "log.level",
@@ -888,6 +958,12 @@ fn validate_tls(t: &TlsConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             "tls.require_client_cert",
             "needs tls.client_ca_file",
+        ));
+    }
+    if t.http && t.cert_file.is_none() {
+        return Err(invalid(
+            "tls.http",
+            "TLS on the HTTP listener needs tls.cert_file and tls.key_file",
         ));
     }
     Ok(())

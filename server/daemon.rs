@@ -23,7 +23,7 @@ use crate::{
     actor::DeviceActor,
     api::{EventKind, Severity, gpu_watch_server::GpuWatchServer},
     auth::Authenticator,
-    authz::Authorize,
+    authz::{Authorize, RefusalGate},
     backend::{
         Backend, BackendError,
         nvml::NvmlBackend,
@@ -213,6 +213,42 @@ async fn open_devices(backend: &dyn Backend) -> Result<Vec<GpuSlot>, DaemonError
     Ok(slots)
 }
 
+/// The HTTP listener's credentials check and TLS configuration.
+fn http_gate(
+    config: &Config,
+    tls: Option<&crate::tls::TlsMaterial>,
+    addr: SocketAddr,
+) -> Result<
+    (
+        Arc<crate::http::access::HttpAccess>,
+        Option<Arc<rustls::ServerConfig>>,
+    ),
+    DaemonError,
+> {
+    let gate = Authenticator::for_http(&config.auth, addr)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    let access = crate::http::access::HttpAccess::new(gate, config.auth.open_metrics);
+    if access.reads_need_token() && !access.has_tokens() {
+        tracing::warn!(
+            "HTTP on {addr} (not loopback) without tokens: /api/v1/* and /metrics answer 401; configure [auth] tokens (and open_metrics for an open scrape), or allow_unauthenticated_reads on a trusted network"
+        );
+    }
+    if !access.reads_need_token() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            "HTTP on {addr} (not loopback) serves the dashboard data and the audit log without a token (auth.allow_unauthenticated_reads)"
+        );
+    }
+    let http_tls = match (config.tls.http, tls) {
+        (true, Some(material)) => Some(
+            material
+                .http_server_config()
+                .map_err(|e| DaemonError::Config(format!("TLS for HTTP: {e}")))?,
+        ),
+        _ => None,
+    };
+    Ok((Arc::new(access), http_tls))
+}
+
 /// Starts the daemon. Returns once it is serving.
 pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     let shutdown = CancellationToken::new();
@@ -315,15 +351,19 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         None => None,
     };
 
+    // One count of open streams for every service: GpuWatch streams take
+    // their place in the service, health and reflection streams in the
+    // authorization layer.
+    let streams = StreamLimiter::new(
+        config.limits.max_streams,
+        config.limits.max_streams_per_connection,
+    );
     let service = GpuWatchService::new(
         ServiceParts {
             hub: hub.clone(),
             events: events.clone(),
             control,
-            streams: StreamLimiter::new(
-                config.limits.max_streams,
-                config.limits.max_streams_per_connection,
-            ),
+            streams: streams.clone(),
             shutdown: shutdown.clone(),
         },
         &host_facts,
@@ -368,7 +408,13 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         SharedFrames::new(),
         config.limits.max_request_bytes,
     );
-    let authorized = Authorize::new(services, auth.clone(), events.clone());
+    let refusals = Arc::new(RefusalGate::new());
+    tokio::spawn(crate::authz::sweep_refusals(
+        refusals.clone(),
+        events.clone(),
+        shutdown.clone(),
+    ));
+    let authorized = Authorize::new(services, auth.clone(), events.clone(), streams, refusals);
     let router = builder.add_routes(Routes::from(
         axum::Router::new().fallback_service(authorized),
     ));
@@ -407,16 +453,50 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         "gRPC listening on {grpc_addr}"
     );
     let http_addr = http.as_ref().map(|(_, addr)| *addr);
+    // Both listeners' connection caps fit in the open-files limit, so a
+    // flood on one cannot take the file descriptors the other needs.
+    let nofile = crate::grpc_listen::open_files_limit();
+    let (http_cap, grpc_cap) = crate::grpc_listen::fit_caps(
+        config.limits.http_max_connections,
+        config.limits.grpc_max_connections,
+        nofile,
+    );
+    if (http_cap, grpc_cap)
+        != (
+            config.limits.http_max_connections,
+            config.limits.grpc_max_connections,
+        )
+    {
+        tracing::warn!(
+            open_files = nofile.unwrap_or(0),
+            http_max_connections = http_cap,
+            grpc_max_connections = grpc_cap,
+            "the connection caps were lowered to fit the open-files limit (raise it: LimitNOFILE= in the unit, ulimit -n)"
+        );
+    }
+    let http_parts = match http_addr {
+        Some(addr) => http_gate(&config, tls.as_ref(), addr)?,
+        None => (Arc::new(crate::http::access::HttpAccess::open()), None),
+    };
     let http_task = http.map(|(listener, addr)| {
         tracing::info!("HTTP (metrics, dashboard, healthz) listening on {addr}");
+        let (access, http_tls) = http_parts;
         let state = crate::http::HttpState {
             hub: hub.clone(),
             events: events.clone(),
             hostname: crate::service::hostname(),
+            access,
+            write_timeout: config.limits.http_write_timeout,
+        };
+        let limits = crate::http::conn::ConnLimits {
+            max_connections: http_cap,
+            header_timeout: config.limits.http_header_timeout,
+            max_header_bytes: config.limits.http_max_header_bytes,
+            write_timeout: config.limits.http_write_timeout,
         };
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::http::serve(listener, state, stop).await {
+            if let Err(e) = crate::http::serve(listener, state, limits, http_tls, stop).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         })
@@ -434,6 +514,8 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
+        let incoming =
+            crate::grpc_listen::capped(incoming, grpc_cap, crate::grpc_listen::FIRST_BYTE_TIMEOUT);
         let serve = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         tokio::pin!(serve);
         let served = tokio::select! {

@@ -29,6 +29,7 @@ pub mod tls;
 mod actor;
 mod control;
 mod control_status;
+mod grpc_listen;
 mod limits;
 mod sampler;
 mod selector;

@@ -106,7 +106,8 @@ impl GpuWatchService {
 
     /// A place for one more stream from this request's connection.
     fn stream_permit<T>(&self, request: &Request<T>) -> Result<StreamPermit, Status> {
-        self.streams.acquire(request.remote_addr())
+        self.streams
+            .acquire(crate::auth::peer_in(request.extensions()).or_else(|| request.remote_addr()))
     }
 
     /// Devices with their current policy, health and power limits merged in.
@@ -229,7 +230,7 @@ impl GpuWatchService {
                 last_delivered = Some(first_kept.saturating_sub(stride));
             }
             for frame in sub.replay {
-                if last_delivered.is_some_and(|last| frame.seq < last + stride) {
+                if last_delivered.is_some_and(|last| frame.seq < last.saturating_add(stride)) {
                     continue;
                 }
                 last_delivered = Some(frame.seq);
@@ -379,14 +380,21 @@ impl GpuWatch for GpuWatchService {
                 Ok(_) => {}
             }
         }
-        let sub = self.events.subscribe(req.since_seq);
+        // A client's `since_seq` beyond the newest event (u64::MAX, or a
+        // number from before the log was reset) means "caught up": clamped
+        // to the newest seq before it reaches any arithmetic, so it is never
+        // a gap and never overflows (`since + 1`).
+        let since_seq = req
+            .since_seq
+            .map(|since| since.min(self.events.latest_seq()));
+        let sub = self.events.subscribe(since_seq);
         let mut queue = VecDeque::new();
         if let Some((first, last)) = sub.missing {
             queue.push_back(watch_events_response::Message::Gap(Gap {
                 first_seq: first,
                 last_seq: last,
                 reason: GapReason::NotInHistory as i32,
-                missed: last - first + 1,
+                missed: last.saturating_sub(first).saturating_add(1),
                 restarted: false,
             }));
         }
@@ -394,9 +402,7 @@ impl GpuWatch for GpuWatchService {
             gpus: filter,
             kinds: req.kinds,
         };
-        let mut last_seq = req
-            .since_seq
-            .map_or(sub.latest_seq, |s| s.min(sub.latest_seq));
+        let mut last_seq = since_seq.map_or(sub.latest_seq, |s| s.min(sub.latest_seq));
         for event in sub.replay {
             last_seq = event.seq;
             if filter.accepts(&event) {
@@ -578,14 +584,16 @@ impl WatchState {
                 Ok(frame) => {
                     let seq = frame.seq;
                     if self.lagged > 0 {
-                        let first = self.last_delivered.map_or(seq - self.lagged, |l| l + 1);
+                        let first = self
+                            .last_delivered
+                            .map_or(seq.saturating_sub(self.lagged), |l| l.saturating_add(1));
                         let missed = self.lagged;
                         self.lagged = 0;
                         self.last_delivered = Some(seq);
                         self.queue
                             .push_back(Pending::Message(watch_response::Message::Gap(Gap {
                                 first_seq: first,
-                                last_seq: seq - 1,
+                                last_seq: seq.saturating_sub(1),
                                 reason: GapReason::SlowSubscriber as i32,
                                 missed: (missed / self.stride).max(1),
                                 restarted: false,
@@ -595,7 +603,7 @@ impl WatchState {
                     }
                     if self
                         .last_delivered
-                        .is_some_and(|last| seq < last + self.stride)
+                        .is_some_and(|last| seq < last.saturating_add(self.stride))
                     {
                         continue;
                     }
@@ -604,7 +612,7 @@ impl WatchState {
                     return Some((Ok(msg), self));
                 }
                 Err(RecvError::Lagged(n)) => {
-                    self.lagged += n;
+                    self.lagged = self.lagged.saturating_add(n);
                     self._guard
                         .hub
                         .stats
@@ -674,8 +682,8 @@ impl EventsState {
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
-                    let first = self.last_seq + 1;
-                    self.last_seq += n;
+                    let first = self.last_seq.saturating_add(1);
+                    self.last_seq = self.last_seq.saturating_add(n);
                     self.queue
                         .push_back(watch_events_response::Message::Gap(Gap {
                             first_seq: first,

@@ -1,4 +1,4 @@
-//! TLS for the gRPC listener: loading and checking certificate files before
+//! TLS for the gRPC listener (and, with `tls.http`, the HTTP listener): loading and checking certificate files before
 //! the daemon starts, so a missing, unreadable, malformed or mismatched file
 //! is a startup error that names the file — not a handshake failure later.
 //!
@@ -29,6 +29,26 @@ impl TlsMaterial {
     /// Mutual TLS is configured.
     pub fn mutual(&self) -> bool {
         self.client_ca_pem.is_some()
+    }
+
+    /// The rustls configuration of the HTTP listener (`tls.http`): the
+    /// same certificate and key, HTTP/1.1, no client certificates (tokens
+    /// authenticate on HTTP).
+    pub fn http_server_config(&self) -> Result<Arc<ServerConfig>, String> {
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("tls.cert_file: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| format!("tls.key_file: {e}"))?;
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| format!("tls.key_file: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// The tonic server configuration.

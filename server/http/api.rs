@@ -486,6 +486,7 @@ pub(crate) async fn stream(State(app): State<App>, Query(query): Query<StreamQue
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(STREAM_BUFFER);
     let shutdown = app.shutdown.clone();
     let hub = app.state.hub.clone();
+    let write_timeout = app.state.write_timeout;
     tokio::spawn(async move {
         let _slot = slot;
         let Ok(first) = SseEvent::default()
@@ -544,8 +545,11 @@ pub(crate) async fn stream(State(app): State<App>, Query(query): Query<StreamQue
                 },
             };
             let Ok(message) = message else { continue };
-            if tx.send(Ok(message)).await.is_err() {
-                break;
+            // A reader that takes nothing for the write timeout is gone:
+            // drop its stream (and its slot) rather than hold them forever.
+            match tokio::time::timeout(write_timeout, tx.send(Ok(message))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => break,
             }
         }
     });

@@ -11,8 +11,14 @@
 //!   the page's data; see [`api`].
 //! - `/metrics` — Prometheus / OpenMetrics text; see [`metrics`].
 //! - `/healthz` — 200 while the sampler publishes, 503 when it stalls.
+//!
+//! Who may read which path is one table, in [`access`]; how the listener
+//! bounds its connections (cap, header and write timeouts, header memory)
+//! and serves TLS is in [`conn`].
 
+pub mod access;
 pub mod api;
+pub mod conn;
 pub mod metrics;
 pub mod procstat;
 
@@ -39,6 +45,11 @@ pub struct HttpState {
     pub hub: Arc<Hub>,
     pub events: Arc<EventLog>,
     pub hostname: String,
+    /// Who may read which path.
+    pub access: Arc<access::HttpAccess>,
+    /// How long an SSE message may wait for a stalled reader before its
+    /// stream is dropped (`limits.http_write_timeout`).
+    pub write_timeout: Duration,
 }
 
 /// Shared by every handler.
@@ -68,6 +79,7 @@ pub fn router(state: HttpState, shutdown: CancellationToken) -> Router {
         hostname: Arc::from(state.hostname.as_str()),
         dashboard_streams: stream_count.clone(),
     }));
+    let gate = state.access.clone();
     let app = App {
         state,
         metrics,
@@ -82,6 +94,7 @@ pub fn router(state: HttpState, shutdown: CancellationToken) -> Router {
         .route("/api/v1/stream", get(api::stream))
         .fallback(not_found)
         .with_state(app)
+        .layer(axum::middleware::from_fn_with_state(gate, access::enforce))
 }
 
 async fn dashboard() -> Response {
@@ -164,7 +177,7 @@ async fn healthz(State(app): State<App>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> Response {
+pub(crate) async fn not_found(uri: Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         format!(
@@ -175,13 +188,22 @@ async fn not_found(uri: Uri) -> Response {
         .into_response()
 }
 
-/// Serves HTTP on `listener` until `shutdown`.
+/// Serves HTTP on `listener` until `shutdown`, within `limits`, over TLS
+/// when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
+    limits: conn::ConnLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, shutdown.clone()))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let router = router(state, shutdown.clone());
+    conn::serve(
+        listener,
+        router,
+        limits,
+        tls.map(tokio_rustls::TlsAcceptor::from),
+        shutdown,
+    )
+    .await
 }

@@ -306,6 +306,33 @@ fn the_systemd_units_command_line_is_accepted() {
     }
 }
 
+#[test]
+fn the_unit_raises_the_file_descriptor_limit_well_above_the_http_connection_cap() {
+    // Issue 12 row 4: 1,024 idle HTTP connections at the default fd limit
+    // took gRPC down with them. The unit must leave gRPC room beyond the
+    // HTTP listener's own cap.
+    let unit = read("deploy/gpuwatch.service");
+    let limits: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("LimitNOFILE="))
+        .collect();
+    assert_eq!(
+        limits.len(),
+        1,
+        "the unit sets LimitNOFILE= once: {limits:?}"
+    );
+    let nofile: usize = limits[0]
+        .split(':')
+        .next_back()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("LimitNOFILE={} is not a number", limits[0]));
+    let cap = gpuwatch_server::config::LimitsConfig::default().http_max_connections;
+    assert!(
+        nofile >= 8 * cap && nofile >= 16_384,
+        "LimitNOFILE={nofile} leaves too little beyond limits.http_max_connections = {cap}"
+    );
+}
+
 fn healthcheck(env: &[(&str, &str)]) -> std::process::Output {
     Command::new("bash")
         .arg(repo().join("deploy/container/healthcheck.sh"))

@@ -36,7 +36,7 @@ fn selector() -> impl Strategy<Value = GpuSelector> {
     let s = prop_oneof![
         Just(None),
         any::<bool>().prop_map(|b| Some(Selector::All(b))),
-        prop_oneof![0u32..6, any::<u32>()].prop_map(|i| Some(Selector::Index(i))),
+        prop_oneof![0u32..6, edge_u32()].prop_map(|i| Some(Selector::Index(i))),
         prop_oneof![".{0,200}", "GPU-[0-9a-f-]{0,40}"].prop_map(|u| Some(Selector::Uuid(u))),
     ];
     s.prop_map(|selector| GpuSelector { selector })
@@ -52,8 +52,53 @@ fn watts() -> impl Strategy<Value = f64> {
         any::<f64>(),
         Just(f64::NAN),
         Just(f64::INFINITY),
+        Just(f64::NEG_INFINITY),
+        Just(f64::MAX),
+        Just(f64::MIN),
+        Just(f64::MIN_POSITIVE),
         Just(-0.0),
-        Just(1e300)
+        Just(1e300),
+        Just(4_294_967.295),
+        Just(4_294_967.296)
+    ]
+}
+
+/// Any u64, with the extremes drawn often (issue 12 row 11: `since_seq =
+/// 2^64-1` panicked in debug builds; `any` alone almost never draws it).
+fn edge_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(u64::MAX),
+        Just(u64::MAX - 1),
+        Just(u64::MAX / 2),
+        Just(1u64 << 63),
+        Just(0u64),
+        Just(1u64),
+        0u64..1_000,
+        any::<u64>(),
+    ]
+}
+
+fn edge_u32() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        Just(u32::MAX),
+        Just(u32::MAX - 1),
+        Just(0u32),
+        Just(1u32),
+        Just(3_600_000u32),
+        Just(3_600_001u32),
+        0u32..1_000,
+        any::<u32>(),
+    ]
+}
+
+fn edge_i32() -> impl Strategy<Value = i32> {
+    prop_oneof![
+        Just(i32::MIN),
+        Just(i32::MAX),
+        Just(-1i32),
+        Just(0i32),
+        0i32..20,
+        any::<i32>(),
     ]
 }
 
@@ -62,7 +107,7 @@ fn call() -> impl Strategy<Value = Call> {
         selectors().prop_map(Call::List),
         selectors().prop_map(Call::Snapshot),
         selectors().prop_map(Call::Policy),
-        (selectors(), any::<u32>(), prop::option::of(any::<u64>())).prop_map(
+        (selectors(), edge_u32(), prop::option::of(edge_u64())).prop_map(
             |(gpus, interval_ms, resume_after_seq)| {
                 Call::Watch(api::WatchRequest {
                     gpus,
@@ -73,8 +118,8 @@ fn call() -> impl Strategy<Value = Call> {
         ),
         (
             selectors(),
-            prop::option::of(any::<u64>()),
-            prop::collection::vec(any::<i32>(), 0..80)
+            prop::option::of(edge_u64()),
+            prop::collection::vec(edge_i32(), 0..80)
         )
             .prop_map(
                 |(gpus, since_seq, kinds)| Call::Events(api::WatchEventsRequest {
@@ -100,11 +145,11 @@ fn call() -> impl Strategy<Value = Call> {
             selectors(),
             prop_oneof![
                 Just(None),
-                prop_oneof![0u32..130, any::<u32>()]
+                prop_oneof![0u32..130, edge_u32()]
                     .prop_map(|c| Some(set_threshold_request::Target::Celsius(c))),
                 any::<bool>().prop_map(|b| Some(set_threshold_request::Target::RestoreDefault(b))),
             ],
-            prop::option::of(prop_oneof![0u32..30, any::<u32>()]),
+            prop::option::of(prop_oneof![0u32..30, edge_u32()]),
         )
             .prop_map(|(gpus, target, hysteresis_c)| Call::SetThreshold(
                 api::SetThresholdRequest {

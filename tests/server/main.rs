@@ -12,6 +12,7 @@ mod nvml_support;
 mod support;
 
 mod daemon_api;
+mod daemon_edges;
 mod daemon_governor;
 mod daemon_latency;
 mod daemon_lifecycle;
@@ -23,7 +24,9 @@ mod deploy_files;
 mod fuzz_config;
 mod fuzz_requests;
 mod governor_scenarios;
+mod http_auth;
 mod http_dashboard;
+mod http_hardening;
 mod http_metrics;
 mod nvml_backend;
 mod nvml_control;
