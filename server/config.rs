@@ -342,6 +342,13 @@ pub struct SimGpuConfig {
     pub read_hang_at: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub read_hang_for: Option<Duration>,
+    /// Writes started from `write_hang_at` for `write_hang_for` (simulated
+    /// time) hang until that window ends, then take effect: a write that
+    /// outlives gpuwatch's write timeout and lands late.
+    #[serde(default, with = "humantime_serde")]
+    pub write_hang_at: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub write_hang_for: Option<Duration>,
     /// Every write fails with this error.
     #[serde(default)]
     pub write_error: Option<SimWriteError>,
@@ -1058,6 +1065,15 @@ fn validate_simulator(sim: &SimulatorConfig) -> Result<(), ConfigError> {
                 key("read_hang_at"),
                 "`read_hang_at` and `read_hang_for` go together",
             ));
+        }
+        if g.write_hang_at.is_some() != g.write_hang_for.is_some() {
+            return Err(invalid(
+                key("write_hang_at"),
+                "`write_hang_at` and `write_hang_for` go together",
+            ));
+        }
+        if g.write_hang_for.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(key("write_hang_for"), "must be longer than zero"));
         }
     }
     Ok(())

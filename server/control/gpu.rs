@@ -101,7 +101,7 @@ impl GpuControl {
             (None, None) => (derived, ThresholdSource::Derived),
         };
         let mut warning = None;
-        if let Some(slowdown) = facts.slowdown_c
+        if let Some(slowdown) = slowdown_c(facts)
             && threshold_c >= slowdown
         {
             let safe = slowdown.saturating_sub(1).max(THRESHOLD_MIN_C);
@@ -255,9 +255,20 @@ impl GpuControl {
     }
 }
 
+/// The GPU's slowdown temperature, where it is one to plan with. Facts are
+/// checked where they leave the device (`DeviceFacts::sanitize`); this
+/// guards the planners against any that were not, so an absurd slowdown
+/// (NVML answers 0 on some boards) never drags the threshold to its minimum
+/// and the GPU to its floor.
+pub(crate) fn slowdown_c(facts: &DeviceFacts) -> Option<u32> {
+    facts
+        .slowdown_c
+        .filter(|c| crate::backend::PLAUSIBLE_LIMIT_C.contains(c))
+}
+
 /// The threshold derived from the GPU's slowdown temperature.
 fn derived_threshold(facts: &DeviceFacts, margin_c: u32) -> u32 {
-    facts.slowdown_c.map_or(FALLBACK_THRESHOLD_C, |s| {
+    slowdown_c(facts).map_or(FALLBACK_THRESHOLD_C, |s| {
         s.saturating_sub(margin_c).max(THRESHOLD_MIN_C)
     })
 }
@@ -296,7 +307,7 @@ pub(crate) fn derive_mode(facts: &DeviceFacts, enabled: bool) -> (GovernorMode, 
 /// Thermal resistance prior: a board at its default limit is designed to
 /// run a few degrees under slowdown.
 fn thermal_prior(facts: &DeviceFacts) -> ThermalPrior {
-    let headroom = f64::from(facts.slowdown_c.unwrap_or(85)) - 5.0 - AMBIENT_GUESS_C;
+    let headroom = f64::from(slowdown_c(facts).unwrap_or(85)) - 5.0 - AMBIENT_GUESS_C;
     match facts.power_default_mw {
         Some(mw) => {
             ThermalPrior::ResistanceCPerW(headroom.max(5.0) / (f64::from(mw) / 1000.0).max(10.0))

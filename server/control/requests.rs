@@ -426,7 +426,7 @@ pub(crate) fn set_threshold(
                 threshold_c: threshold,
             });
         }
-        match f.slowdown_c {
+        match super::gpu::slowdown_c(f) {
             Some(slowdown_c) if threshold >= slowdown_c => {
                 return Err(ControlError::ThresholdNotBelowSlowdown {
                     index,
@@ -441,7 +441,7 @@ pub(crate) fn set_threshold(
             }
             _ => {}
         }
-        if threshold < hysteresis + 20 {
+        if threshold < hysteresis.saturating_add(20) {
             return Err(ControlError::BandTooNarrow {
                 index,
                 threshold_c: threshold,

@@ -78,6 +78,8 @@ pub fn demo_fleet() -> SimulatorConfig {
         limit_reset_at: None,
         read_hang_at: None,
         read_hang_for: None,
+        write_hang_at: None,
+        write_hang_for: None,
         write_error: None,
         xid: Vec::new(),
         power_limit_settable: None,
@@ -349,7 +351,22 @@ impl SimDevice {
         }
     }
 
+    /// A write started inside the `write_hang_at` window blocks until the
+    /// window ends, then goes ahead (a write that lands late).
+    fn hang_write_if_scheduled(&self) {
+        let (Some(at), Some(duration)) = (self.config.write_hang_at, self.config.write_hang_for)
+        else {
+            return;
+        };
+        let now = self.clock.now();
+        let end = at + duration;
+        if now >= at && now < end {
+            thread::sleep(self.clock.wall(end - now));
+        }
+    }
+
     fn check_write(&mut self, supported: bool, what: &str) -> Result<(), BackendError> {
+        self.hang_write_if_scheduled();
         self.catch_up()?;
         match self.config.write_error {
             Some(SimWriteError::NoPermission) => {
