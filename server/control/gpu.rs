@@ -16,7 +16,9 @@ use crate::{
         event::Change,
     },
     backend::DeviceFacts,
-    config::{ControllerConfig, THRESHOLD_MIN_C},
+    config::{
+        ControllerConfig, HYSTERESIS_MAX_C, HYSTERESIS_MIN_C, THRESHOLD_MAX_C, THRESHOLD_MIN_C,
+    },
     events::{Actor, NewEvent},
     governor::{Actuator, GovernorParams, ThermalPrior},
     state::GpuState,
@@ -95,7 +97,16 @@ impl GpuControl {
             .and_then(|o| o.hysteresis_c)
             .unwrap_or(config.hysteresis_c);
         let derived = derived_threshold(facts, config.threshold_margin_c);
-        let (mut threshold_c, mut threshold_source) = match (saved.threshold_c, config_threshold) {
+        // What was persisted is only believed within what an operator could
+        // have set: a damaged or hand-edited state file never sets a
+        // threshold the governor could not work with.
+        let saved_threshold = saved
+            .threshold_c
+            .filter(|t| (THRESHOLD_MIN_C..=THRESHOLD_MAX_C).contains(t));
+        let saved_hysteresis = saved
+            .hysteresis_c
+            .filter(|h| (HYSTERESIS_MIN_C..=HYSTERESIS_MAX_C).contains(h));
+        let (mut threshold_c, mut threshold_source) = match (saved_threshold, config_threshold) {
             (Some(t), _) => (t, ThresholdSource::Operator),
             (None, Some(c)) => c,
             (None, None) => (derived, ThresholdSource::Derived),
@@ -135,7 +146,7 @@ impl GpuControl {
             dry_run,
             threshold_c,
             threshold_source,
-            hysteresis_c: saved.hysteresis_c.unwrap_or(config_hysteresis_c),
+            hysteresis_c: saved_hysteresis.unwrap_or(config_hysteresis_c),
             config_threshold,
             config_hysteresis_c,
             threshold_margin_c: config.threshold_margin_c,
@@ -158,9 +169,12 @@ impl GpuControl {
         self.desired.operator_ceiling_mw
     }
 
-    /// The ceiling in force: the operator's, else the device default.
+    /// The ceiling in force: the operator's, else the device default; never
+    /// above the device's maximum (a GPU back from a reset, or a state file,
+    /// may hold a ceiling above what the device now allows).
     pub(crate) fn ceiling_mw(&self, facts: &DeviceFacts) -> Option<u32> {
-        self.operator_ceiling_mw().or(facts.power_default_mw)
+        let ceiling = self.operator_ceiling_mw().or(facts.power_default_mw)?;
+        Some(facts.power_max_mw.map_or(ceiling, |max| ceiling.min(max)))
     }
 
     pub(crate) fn floor_mw(&self, facts: &DeviceFacts) -> Option<u32> {

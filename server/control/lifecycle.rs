@@ -148,7 +148,12 @@ pub(crate) fn first_reading(gpu: &mut GpuControl, facts: &DeviceFacts, reading: 
         && facts.controls.power_limit_settable
     {
         if now.abs_diff(ceiling) > LIMIT_TOLERANCE_MW {
-            if gpu.desired.governor_lowered_limit {
+            // Below the ceiling with `lowered` set: a throttle gpuwatch
+            // left. Otherwise (above it, say after a driver reset) it is the
+            // operator's ceiling being put back.
+            let throttled = gpu.desired.governor_lowered_limit
+                && (now < ceiling || gpu.operator_ceiling_mw().is_none());
+            if throttled {
                 ops.push((
                     WriteOp::SetPowerLimit { limit_mw: ceiling },
                     format!(
@@ -495,7 +500,32 @@ fn finish_write(
             if by_governor {
                 plan.extend(governor_write_failed(gpu, facts, e));
             }
+            // A write that would have given power back did not: the GPU
+            // stays below the ceiling in force, so it is recorded as held
+            // down, and shutdown or the next start gives the power back.
+            if matches!(write.op, WriteOp::SetPowerLimit { .. }) {
+                plan.extend(record_if_below_ceiling(gpu, facts, gpu.expected_limit_mw));
+            }
         }
+    }
+    plan
+}
+
+/// Records `lowered` when the GPU's limit is below the ceiling in force and
+/// is not recorded so already.
+fn record_if_below_ceiling(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    limit_mw: Option<u32>,
+) -> Plan {
+    let mut plan = Plan::none();
+    let below = match (limit_mw, gpu.ceiling_mw(facts)) {
+        (Some(limit), Some(ceiling)) => limit.saturating_add(LIMIT_TOLERANCE_MW) < ceiling,
+        _ => false,
+    };
+    if below && !gpu.desired.governor_lowered_limit && facts.controls.power_limit_settable {
+        DesiredChange::LoweredLimit(true).apply(&mut gpu.desired);
+        plan.persist(DesiredChange::LoweredLimit(true));
     }
     plan
 }
@@ -519,6 +549,13 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
             if at_ceiling {
                 DesiredChange::LoweredLimit(false).apply(&mut gpu.desired);
                 plan.persist(DesiredChange::LoweredLimit(false));
+            } else {
+                // A write that landed below the ceiling now in force (an
+                // operator's earlier ceiling landing after a later one, a
+                // write that completed late) holds the GPU down like a
+                // throttle: recorded as one, so shutdown or the next start
+                // gives the power back.
+                plan.extend(record_if_below_ceiling(gpu, facts, Some(limit_mw)));
             }
         }
         WriteOp::ResetGpuLockedClocks => {

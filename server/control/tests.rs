@@ -1149,11 +1149,17 @@ mod properties {
 
     impl World {
         fn new(facts: DeviceFacts, dry_run: bool) -> Self {
+            Self::with_saved(facts, dry_run, GpuState::default())
+        }
+
+        /// A world whose disk already holds `saved` (from a previous run,
+        /// or a damaged state file).
+        fn with_saved(facts: DeviceFacts, dry_run: bool, saved: GpuState) -> Self {
             let config = ControllerConfig {
                 dry_run,
                 ..config()
             };
-            let gpu = control(&facts, &config, &GpuState::default());
+            let gpu = control(&facts, &config, &saved);
             Self {
                 limit_mw: facts
                     .power_default_mw
@@ -1164,7 +1170,7 @@ mod properties {
                 config,
                 clock_cap_mhz: None,
                 lost: false,
-                stored: GpuState::default(),
+                stored: saved,
                 in_flight: VecDeque::new(),
                 time_s: 0,
                 next_reply: 0,
@@ -1601,6 +1607,41 @@ mod properties {
             }
             world.shut_down()?;
         }
+
+        /// Whatever a previous run (or a damaged state file) left on disk —
+        /// thresholds and ceilings out of any range, flags set or not — the
+        /// planners neither panic nor plan above the ceiling in force, and
+        /// a GPU left lowered is given back.
+        #[test]
+        fn absurd_saved_state_never_panics_or_breaks_the_promises(
+            ceiling in proptest::option::of(prop_oneof![Just(0u32), Just(1), 200_000u32..=700_000, Just(900_000), Just(u32::MAX)]),
+            threshold in proptest::option::of(prop_oneof![Just(0u32), 30u32..=120, Just(10_000), Just(u32::MAX)]),
+            hysteresis in proptest::option::of(prop_oneof![Just(0u32), 1u32..=20, Just(u32::MAX)]),
+            lowered in any::<bool>(),
+            clock_lock in any::<bool>(),
+            clocks_only in any::<bool>(),
+            inputs in proptest::collection::vec(input(), 1..80),
+        ) {
+            // Fields added to the state later keep their defaults here.
+            #[allow(clippy::needless_update)]
+            let saved = GpuState {
+                operator_ceiling_mw: ceiling,
+                threshold_c: threshold,
+                hysteresis_c: hysteresis,
+                governor_lowered_limit: lowered,
+                governor_clock_lock: clock_lock,
+                ..GpuState::default()
+            };
+            let facts = if clocks_only { laptop(0) } else { h100(0) };
+            let mut world = World::with_saved(facts, false, saved);
+            prop_assert!(world.gpu.threshold_c >= crate::config::THRESHOLD_MIN_C);
+            prop_assert!(world.gpu.threshold_c <= crate::config::THRESHOLD_MAX_C);
+            prop_assert!(world.gpu.hysteresis_c <= crate::config::HYSTERESIS_MAX_C);
+            for input in &inputs {
+                world.step(input)?;
+            }
+            world.shut_down()?;
+        }
     }
 
     /// The cases the brief names, spelled out so they always run.
@@ -1726,6 +1767,43 @@ mod properties {
                 Reading(60),
                 TimedOut(true),
                 Reading(60),
+            ],
+            // An operator's lower ceiling lands after it was raised again,
+            // and the raise fails: the GPU is still given back at shutdown.
+            vec![
+                SetPowerLimit(None),
+                SetPowerLimit(Some(200)),
+                SetPowerLimit(None),
+                Complete(Outcome::Ok),
+                Complete(Outcome::Ok),
+                Complete(Outcome::Failed),
+            ],
+            // The operator's raise is cancelled at its timeout: the GPU is
+            // still given back at shutdown.
+            vec![
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                SetPowerLimit(None),
+                TimedOut(true),
+            ],
+            // Killed while the operator's raise was under way: the GPU is
+            // recorded as held down, so the next start gives it back.
+            vec![
+                Reading(35),
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                SetPowerLimit(None),
+                Restart,
+            ],
+            // A raise asked for before the first reading after a restart,
+            // and refused by the driver.
+            vec![
+                Reading(35),
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                Restart,
+                SetPowerLimit(None),
+                Complete(Outcome::Failed),
             ],
             // Lowered, then the write refused: fallback.
             vec![

@@ -571,3 +571,59 @@ async fn a_signal_during_the_startup_repairs_finishes_them_and_exits_cleanly() {
         .expect("repair");
     assert!(repaired < stopping, "the repair finished before the stop");
 }
+
+/// Issue 12 row 1, lost after a cut with an operator ceiling, the driver
+/// resetting the limit while the GPU is away: back, the operator's ceiling
+/// is re-applied (never the driver default) and the GPU is governed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_lost_after_a_cut_under_an_operator_ceiling_and_reset_while_away_is_governed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = twins(
+        "lost_at = \"60s\"\nlimit_reset_at = \"70s\"\nrecover_at = \"80s\"",
+        "",
+    );
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let mut c = d.client().await;
+    c.set_power_limit(api::SetPowerLimitRequest {
+        gpus: vec![index(0)],
+        target: Some(api::set_power_limit_request::Target::Watts(650.0)),
+    })
+    .await
+    .expect("ceiling set");
+    let events = cut_after_recovery(&mut c, 0, Duration::from_secs(40)).await;
+    let lost = events
+        .iter()
+        .find(|e| e.kind() == EventKind::GpuLost && e.gpu_index == Some(0))
+        .expect("lost")
+        .seq;
+    assert!(
+        events.iter().any(|e| e.seq < lost && is_governor_cut(e, 0)),
+        "cut before it was lost: {events:?}"
+    );
+    let back = events
+        .iter()
+        .find(|e| e.kind() == EventKind::GpuRecovered && e.gpu_index == Some(0))
+        .expect("back")
+        .seq;
+    assert!(
+        events.iter().any(|e| e.seq > back
+            && e.kind() == EventKind::PowerLimitChanged
+            && actor_is(e, ActorKind::Startup)
+            && e.reason.contains("operator's ceiling")),
+        "the operator's ceiling re-applied on return: {events:?}"
+    );
+    // Never above the operator's ceiling once it had been re-applied.
+    for e in events.iter().filter(|e| e.seq > back) {
+        if let Some(api::event::Change::PowerLimit(ch)) = &e.change
+            && e.kind() == EventKind::PowerLimitChanged
+        {
+            assert!(
+                ch.after_mw.is_some_and(|a| a <= 650_000),
+                "above the operator ceiling after the return: {e:?}"
+            );
+        }
+    }
+    let p = policy(&mut c, 0).await;
+    assert_eq!(p.ceiling_mw, Some(650_000));
+    assert!(p.current_limit_mw.is_some_and(|l| l < 650_000), "{p:?}");
+}
