@@ -470,12 +470,23 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Issue 12 row 15: SIGINT (or SIGTERM) while the startup repair of a
-/// stale throttle is under way (its write hangs for 4 s) is handled: the
-/// repair finishes, the stop is recorded, the daemon exits 0 without
-/// serving, and the GPU has its power back.
+/// Issue 12 row 15: SIGTERM while the startup repair of a stale throttle
+/// is under way (its write hangs for 4 s) is handled: the repair finishes,
+/// the stop is recorded, the daemon exits 0 without serving, and the GPU
+/// has its power back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_signal_during_the_startup_repairs_finishes_them_and_exits_cleanly() {
+async fn sigterm_during_the_startup_repairs_finishes_them_and_exits_cleanly() {
+    signal_during_the_startup_repairs("TERM").await;
+}
+
+/// The same for SIGINT (Ctrl-C), whose handler was only installed once the
+/// daemon had started: mid-repair it killed the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_the_startup_repairs_finishes_them_and_exits_cleanly() {
+    signal_during_the_startup_repairs("INT").await;
+}
+
+async fn signal_during_the_startup_repairs(name: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     kill_while_throttled(&state, &twins("", "")).await;
@@ -525,7 +536,7 @@ async fn a_signal_during_the_startup_repairs_finishes_them_and_exits_cleanly() {
             break;
         }
     }
-    gpuwatch_testkit::signal(child.0.id(), "INT");
+    gpuwatch_testkit::signal(child.0.id(), name);
     let status = {
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
@@ -533,7 +544,7 @@ async fn a_signal_during_the_startup_repairs_finishes_them_and_exits_cleanly() {
                 break status;
             }
             if Instant::now() > deadline {
-                panic!("the daemon did not stop within 40 s of SIGINT");
+                panic!("the daemon did not stop within 40 s of SIG{name}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -626,4 +637,50 @@ async fn a_gpu_lost_after_a_cut_under_an_operator_ceiling_and_reset_while_away_i
     let p = policy(&mut c, 0).await;
     assert_eq!(p.ceiling_mw, Some(650_000));
     assert!(p.current_limit_mw.is_some_and(|l| l < 650_000), "{p:?}");
+}
+
+/// Issue 12 row 13, the governor's own write: a cut that hangs past the
+/// write timeout lands late, is recorded as the governor's (late), and is
+/// not reverted by drift correction; the GPU stays governed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_governor_cut_that_times_out_lands_late_is_recorded_and_not_reverted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The first cut comes near 20 s of simulated time; writes from 15 s to
+    // 315 s hang (0.75 s to 15.75 s of wall time).
+    let config = twins("write_hang_at = \"15s\"\nwrite_hang_for = \"300s\"", "");
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let mut c = d.client().await;
+    let events = crate::support::eventually(
+        Duration::from_secs(40),
+        "the governor's late cut recorded",
+        || {
+            let mut c = c.clone();
+            async move {
+                let events = events_since(&mut c, 0).await;
+                events
+                    .iter()
+                    .any(|e| is_governor_cut(e, 0) && e.reason.contains("late"))
+                    .then_some(events)
+            }
+        },
+    )
+    .await;
+    assert!(
+        events.iter().any(|e| e.kind() == EventKind::ControlFailed
+            && e.gpu_index == Some(0)
+            && e.reason.contains("still under way")),
+        "the timeout is recorded: {events:?}"
+    );
+    // Governing goes on; nothing reverts the late cut.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let events = events_since(&mut c, 0).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind() == EventKind::LimitDrift && e.gpu_index == Some(0)),
+        "drift correction fought the late cut: {events:?}"
+    );
+    let p = policy(&mut c, 0).await;
+    assert!(p.current_limit_mw.is_some_and(|l| l < 700_000), "{p:?}");
+    assert_ne!(p.state(), GovernorState::Suspended);
 }
