@@ -333,6 +333,11 @@ pub struct SimGpuConfig {
     /// ... and comes back at this one.
     #[serde(default, with = "humantime_serde")]
     pub recover_at: Option<Duration>,
+    /// When it comes back (`recover_at`), the GPU reports this default power
+    /// limit (W) instead of its preset's, as a board reset into another
+    /// power profile would; clamped to the preset's range.
+    #[serde(default)]
+    pub recover_power_default_watts: Option<f64>,
     /// The driver resets the power limit to default at this time (as a driver
     /// reload would).
     #[serde(default, with = "humantime_serde")]
@@ -1059,6 +1064,20 @@ fn validate_simulator(sim: &SimulatorConfig) -> Result<(), ConfigError> {
         }
         if g.recover_at.is_some() && g.lost_at.is_none() {
             return Err(invalid(key("recover_at"), "needs `lost_at`"));
+        }
+        if let Some(w) = g.recover_power_default_watts {
+            if g.recover_at.is_none() {
+                return Err(invalid(
+                    key("recover_power_default_watts"),
+                    "needs `recover_at`",
+                ));
+            }
+            if !w.is_finite() || w <= 0.0 {
+                return Err(invalid(
+                    key("recover_power_default_watts"),
+                    "must be a positive number of watts",
+                ));
+            }
         }
         if g.read_hang_at.is_some() != g.read_hang_for.is_some() {
             return Err(invalid(

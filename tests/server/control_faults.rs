@@ -684,3 +684,40 @@ async fn a_governor_cut_that_times_out_lands_late_is_recorded_and_not_reverted()
     assert!(p.current_limit_mw.is_some_and(|l| l < 700_000), "{p:?}");
     assert_ne!(p.state(), GovernorState::Suspended);
 }
+
+/// Issue 12 row 1, back with different default limits: a GPU that returns
+/// from a reset reporting a 600 W default (700 W before) is governed within
+/// the new ceiling, never written above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_back_with_a_different_default_limit_is_governed_within_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = twins(
+        "lost_at = \"30s\"\nrecover_at = \"50s\"\nrecover_power_default_watts = 600",
+        "",
+    );
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let mut c = d.client().await;
+    let events = cut_after_recovery(&mut c, 0, Duration::from_secs(40)).await;
+    let back = events
+        .iter()
+        .find(|e| e.kind() == EventKind::GpuRecovered && e.gpu_index == Some(0))
+        .expect("back")
+        .seq;
+    for e in events
+        .iter()
+        .filter(|e| e.seq > back && e.gpu_index == Some(0))
+    {
+        if let Some(api::event::Change::PowerLimit(ch)) = &e.change
+            && e.kind() == EventKind::PowerLimitChanged
+        {
+            assert!(
+                ch.after_mw.is_some_and(|a| a <= 600_000),
+                "written above the new default after the return: {e:?}"
+            );
+        }
+    }
+    let p = policy(&mut c, 0).await;
+    assert_eq!(p.ceiling_mw, Some(600_000), "{p:?}");
+    assert_eq!(p.mode(), GovernorMode::PowerLimit);
+    assert!(p.current_limit_mw.is_some_and(|l| l < 600_000), "{p:?}");
+}

@@ -75,6 +75,7 @@ pub fn demo_fleet() -> SimulatorConfig {
         repeat: None,
         lost_at: None,
         recover_at: None,
+        recover_power_default_watts: None,
         limit_reset_at: None,
         read_hang_at: None,
         read_hang_for: None,
@@ -252,6 +253,9 @@ struct SimDevice {
     pending_xids: Vec<(Duration, u64)>,
     limit_reset_done: bool,
     was_lost: bool,
+    /// The default power limit the board reports after coming back with
+    /// `recover_power_default_watts`.
+    default_override_w: Option<f64>,
     hardware: Arc<HardwareStore>,
 }
 
@@ -278,6 +282,7 @@ impl SimDevice {
             pending_xids,
             limit_reset_done: false,
             was_lost: false,
+            default_override_w: None,
             hardware,
         }
     }
@@ -296,6 +301,12 @@ impl SimDevice {
 
     fn preset(&self) -> &Preset {
         &self.model.params().preset
+    }
+
+    /// The default power limit the board reports now.
+    fn default_w(&self) -> f64 {
+        self.default_override_w
+            .unwrap_or(self.preset().power_default_w)
     }
 
     /// Brings the model to now and applies time-triggered faults.
@@ -324,15 +335,20 @@ impl SimDevice {
             )));
         }
         if self.was_lost {
-            // A GPU that comes back has been reset: driver defaults again.
+            // A GPU that comes back has been reset: driver defaults again
+            // (another default, where the scenario says so).
             self.was_lost = false;
+            if let Some(w) = self.config.recover_power_default_watts {
+                let p = self.preset();
+                self.default_override_w = Some(w.clamp(p.power_min_w, p.power_max_w));
+            }
             self.reset_to_boot_state();
         }
         Ok(())
     }
 
     fn reset_to_boot_state(&mut self) {
-        let default_mw = model::watts_to_mw(self.preset().power_default_w);
+        let default_mw = model::watts_to_mw(self.default_w());
         self.model.set_power_limit_mw(default_mw);
         self.model.set_gpu_clock_lock(None);
         self.model.set_memory_clock_locked(false);
@@ -409,7 +425,7 @@ impl GpuDevice for SimDevice {
             pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + self.index * 0x10),
             power_min_mw: mw(p.power_min_w),
             power_max_mw: mw(p.power_max_w),
-            power_default_mw: mw(p.power_default_w),
+            power_default_mw: mw(self.default_w()),
             slowdown_c: Some(p.slowdown_c),
             shutdown_c: Some(p.shutdown_c),
             max_operating_c: Some(p.max_operating_c),
