@@ -333,6 +333,10 @@ pub struct SimGpuConfig {
     /// ... and comes back at this one.
     #[serde(default, with = "humantime_serde")]
     pub recover_at: Option<Duration>,
+    /// The lost window (`lost_at` to `recover_at`) repeats with this period:
+    /// a GPU that falls off the bus again and again.
+    #[serde(default, with = "humantime_serde")]
+    pub lost_every: Option<Duration>,
     /// When it comes back (`recover_at`), the GPU reports this default power
     /// limit (W) instead of its preset's, as a board reset into another
     /// power profile would; clamped to the preset's range.
@@ -1064,6 +1068,23 @@ fn validate_simulator(sim: &SimulatorConfig) -> Result<(), ConfigError> {
         }
         if g.recover_at.is_some() && g.lost_at.is_none() {
             return Err(invalid(key("recover_at"), "needs `lost_at`"));
+        }
+        if let Some(every) = g.lost_every {
+            match (g.lost_at, g.recover_at) {
+                (Some(lost), Some(back)) if every > back - lost => {}
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("lost_every"),
+                        "must be longer than the lost window (`recover_at` - `lost_at`)",
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        key("lost_every"),
+                        "needs `lost_at` and `recover_at`",
+                    ));
+                }
+            }
         }
         if let Some(w) = g.recover_power_default_watts {
             if g.recover_at.is_none() {

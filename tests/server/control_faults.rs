@@ -721,3 +721,46 @@ async fn a_gpu_back_with_a_different_default_limit_is_governed_within_it() {
     assert_eq!(p.mode(), GovernorMode::PowerLimit);
     assert!(p.current_limit_mw.is_some_and(|l| l < 600_000), "{p:?}");
 }
+
+/// Issue 12 row 1, lost twice (and more): after each return the GPU is
+/// governed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_lost_again_and_again_is_governed_after_every_return() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = twins(
+        "lost_at = \"30s\"\nrecover_at = \"40s\"\nlost_every = \"60s\"",
+        "",
+    );
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let c = d.client().await;
+    let events = crate::support::eventually(
+        Duration::from_secs(60),
+        "two returns, each followed by a governor cut",
+        || {
+            let mut c = c.clone();
+            async move {
+                let events = events_since(&mut c, 0).await;
+                let backs: Vec<u64> = events
+                    .iter()
+                    .filter(|e| e.kind() == EventKind::GpuRecovered && e.gpu_index == Some(0))
+                    .map(|e| e.seq)
+                    .collect();
+                let governed_after = |from: u64, to: u64| {
+                    events
+                        .iter()
+                        .any(|e| e.seq > from && e.seq < to && is_governor_cut(e, 0))
+                };
+                (backs.len() >= 2
+                    && backs.windows(2).all(|w| governed_after(w[0], w[1]))
+                    && governed_after(backs[backs.len() - 1], u64::MAX))
+                .then_some(events)
+            }
+        },
+    )
+    .await;
+    let losses = events
+        .iter()
+        .filter(|e| e.kind() == EventKind::GpuLost && e.gpu_index == Some(0))
+        .count();
+    assert!(losses >= 2, "lost twice: {events:?}");
+}

@@ -75,6 +75,7 @@ pub fn demo_fleet() -> SimulatorConfig {
         repeat: None,
         lost_at: None,
         recover_at: None,
+        lost_every: None,
         recover_power_default_watts: None,
         limit_reset_at: None,
         read_hang_at: None,
@@ -320,8 +321,7 @@ impl SimDevice {
             self.limit_reset_done = true;
             self.reset_to_boot_state();
         }
-        let lost = self.config.lost_at.is_some_and(|at| now >= at)
-            && self.config.recover_at.is_none_or(|at| now < at);
+        let lost = self.lost_at(now);
         if lost || self.model.is_shut_down() {
             self.was_lost = true;
             let why = if lost {
@@ -345,6 +345,26 @@ impl SimDevice {
             self.reset_to_boot_state();
         }
         Ok(())
+    }
+
+    /// True inside a lost window (`lost_at` to `recover_at`, repeating every
+    /// `lost_every`).
+    fn lost_at(&self, now: Duration) -> bool {
+        let Some(at) = self.config.lost_at else {
+            return false;
+        };
+        if now < at {
+            return false;
+        }
+        let since = match self.config.lost_every {
+            Some(every) if !every.is_zero() => {
+                Duration::from_nanos((now - at).as_nanos().rem_euclid(every.as_nanos()) as u64)
+            }
+            _ => now - at,
+        };
+        self.config
+            .recover_at
+            .is_none_or(|back| since < back.saturating_sub(at))
     }
 
     fn reset_to_boot_state(&mut self) {
