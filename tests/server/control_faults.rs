@@ -764,3 +764,50 @@ async fn a_gpu_lost_again_and_again_is_governed_after_every_return() {
         .count();
     assert!(losses >= 2, "lost twice: {events:?}");
 }
+
+/// Issue 12, absurd device facts: NVML reporting a slowdown temperature of
+/// 0 must not become a threshold of 30 °C (which would hold the GPU at its
+/// floor); it is treated as unknown where the facts are built, with a
+/// warning, and the governor keeps a usable threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowdown_temperature_of_zero_from_nvml_is_treated_as_unknown() {
+    let fake = crate::nvml_support::FakeNvml::new(&serde_json::json!({ "gpus": [
+        { "model": "datacenter", "load_pct": 60, "slowdown_c": 0 },
+    ]}));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = crate::support::start(
+        dir.path(),
+        Options {
+            nvml_library: Some(fake.library().to_path_buf()),
+            ..Options::default()
+        },
+    );
+    let mut c = d.client().await;
+    let p = policy(&mut c, 0).await;
+    assert!(
+        p.threshold_c >= 80,
+        "a slowdown of 0 dragged the threshold to {} °C",
+        p.threshold_c
+    );
+    assert_eq!(p.mode(), GovernorMode::PowerLimit);
+    let events = events_since(&mut c, 0).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind() == EventKind::ThresholdChanged),
+        "{events:?}"
+    );
+    assert!(
+        d.log().contains("implausible device fact"),
+        "a warning names the fact: {}",
+        d.log_tail(30)
+    );
+    // A normal threshold is accepted (not refused as "not below slowdown 0").
+    c.set_threshold(api::SetThresholdRequest {
+        gpus: vec![index(0)],
+        target: Some(api::set_threshold_request::Target::Celsius(75)),
+        hysteresis_c: None,
+    })
+    .await
+    .expect("threshold 75 accepted");
+}
