@@ -1231,6 +1231,44 @@ lost_at = "300s"
     }
 
     #[test]
+    fn simulated_write_hangs_repeated_losses_and_new_defaults_are_checked() {
+        let gpu = |keys: &str| {
+            format!("[simulator]\n[[simulator.gpus]]\npreset = \"h100-sxm\"\n{keys}\n")
+        };
+        let ok = load_str(
+            &gpu("write_hang_at = \"5s\"\nwrite_hang_for = \"20s\"\nlost_at = \"30s\"\nrecover_at = \"40s\"\nlost_every = \"60s\"\nrecover_power_default_watts = 600"),
+            &[],
+        )
+        .expect("valid");
+        let g = &ok.simulator.expect("simulator").gpus[0];
+        assert_eq!(g.write_hang_for, Some(Duration::from_secs(20)));
+        assert_eq!(g.lost_every, Some(Duration::from_secs(60)));
+        for (keys, names) in [
+            ("write_hang_at = \"5s\"", "write_hang_at"),
+            (
+                "write_hang_at = \"5s\"\nwrite_hang_for = \"0s\"",
+                "write_hang_for",
+            ),
+            ("lost_every = \"60s\"", "lost_every"),
+            (
+                "lost_at = \"30s\"\nrecover_at = \"40s\"\nlost_every = \"5s\"",
+                "lost_every",
+            ),
+            (
+                "recover_power_default_watts = 600",
+                "recover_power_default_watts",
+            ),
+            (
+                "lost_at = \"30s\"\nrecover_at = \"40s\"\nrecover_power_default_watts = -1",
+                "recover_power_default_watts",
+            ),
+        ] {
+            let msg = load_str(&gpu(keys), &[]).expect_err(keys).to_string();
+            assert!(msg.contains(names), "{keys}: {msg}");
+        }
+    }
+
+    #[test]
     fn unrelated_env_vars_are_ignored_but_typos_in_sections_are_not() {
         load_str(
             "",

@@ -242,6 +242,26 @@ pub fn sim_uuid(key: PresetKey, index: u32) -> String {
     )
 }
 
+/// True when simulated time `now` is inside one of `config`'s lost windows
+/// (`lost_at` to `recover_at`, repeating every `lost_every`).
+fn in_lost_window(config: &SimGpuConfig, now: Duration) -> bool {
+    let Some(at) = config.lost_at else {
+        return false;
+    };
+    if now < at {
+        return false;
+    }
+    let since = match config.lost_every {
+        Some(every) if !every.is_zero() => {
+            Duration::from_nanos((now - at).as_nanos().rem_euclid(every.as_nanos()) as u64)
+        }
+        _ => now - at,
+    };
+    config
+        .recover_at
+        .is_none_or(|back| since < back.saturating_sub(at))
+}
+
 /// One simulated GPU, driven from its sampler thread.
 struct SimDevice {
     index: u32,
@@ -321,7 +341,7 @@ impl SimDevice {
             self.limit_reset_done = true;
             self.reset_to_boot_state();
         }
-        let lost = self.lost_at(now);
+        let lost = in_lost_window(&self.config, now);
         if lost || self.model.is_shut_down() {
             self.was_lost = true;
             let why = if lost {
@@ -345,26 +365,6 @@ impl SimDevice {
             self.reset_to_boot_state();
         }
         Ok(())
-    }
-
-    /// True inside a lost window (`lost_at` to `recover_at`, repeating every
-    /// `lost_every`).
-    fn lost_at(&self, now: Duration) -> bool {
-        let Some(at) = self.config.lost_at else {
-            return false;
-        };
-        if now < at {
-            return false;
-        }
-        let since = match self.config.lost_every {
-            Some(every) if !every.is_zero() => {
-                Duration::from_nanos((now - at).as_nanos().rem_euclid(every.as_nanos()) as u64)
-            }
-            _ => now - at,
-        };
-        self.config
-            .recover_at
-            .is_none_or(|back| since < back.saturating_sub(at))
     }
 
     fn reset_to_boot_state(&mut self) {
@@ -616,6 +616,30 @@ mod tests {
         dev.set_power_limit(400_000).expect("in range");
         let r = dev.read(ReadScope { slow_fields: false }).expect("read");
         assert_eq!(r.power_limit_mw, Some(400_000));
+    }
+
+    #[test]
+    fn lost_windows_repeat_with_lost_every() {
+        let s = Duration::from_secs;
+        let mut g = base(PresetKey::H100Sxm);
+        g.lost_at = Some(s(30));
+        g.recover_at = Some(s(40));
+        let once: Vec<bool> = [0, 29, 30, 39, 40, 90, 95]
+            .iter()
+            .map(|t| in_lost_window(&g, s(*t)))
+            .collect();
+        assert_eq!(once, [false, false, true, true, false, false, false]);
+        g.lost_every = Some(s(60));
+        let again: Vec<bool> = [29, 30, 39, 40, 89, 90, 99, 100, 150]
+            .iter()
+            .map(|t| in_lost_window(&g, s(*t)))
+            .collect();
+        assert_eq!(
+            again,
+            [false, true, true, false, false, true, true, false, true]
+        );
+        g.recover_at = None;
+        assert!(in_lost_window(&g, s(1000)), "never back without recover_at");
     }
 
     #[test]
