@@ -5,8 +5,22 @@
 //! stalls only that GPU: the sampler keeps its cadence for the others and
 //! reports the stuck one as stale. Reads and writes for one GPU go through the
 //! same thread, in order, so they never race. Nothing else touches a device.
+//!
+//! A write carries a [`WriteTicket`]: whoever queued it may cancel it while
+//! it still waits behind a hung call (the thread then drops it unapplied),
+//! and once the thread has started it, cancelling fails and the caller knows
+//! the write will land, late, and must be recorded when it does.
 
-use std::{io, sync::mpsc, thread, time::SystemTime};
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+        mpsc,
+    },
+    thread,
+    time::SystemTime,
+};
 
 use tokio::sync::oneshot;
 
@@ -43,7 +57,43 @@ enum Command {
     Write {
         op: WriteOp,
         reply: oneshot::Sender<Result<(), BackendError>>,
+        ticket: WriteTicket,
     },
+}
+
+/// Where one queued write stands: waiting, started on the device, or
+/// cancelled before it started. Shared by the queue's caller and the
+/// device thread; exactly one of "started" and "cancelled" wins.
+#[derive(Debug, Clone, Default)]
+pub struct WriteTicket(Arc<AtomicU8>);
+
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+impl WriteTicket {
+    /// Cancels the write if the device thread has not started it; true
+    /// when it will never be applied, false when it is (or was) under way.
+    pub fn cancel(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            || self.0.load(Ordering::Acquire) == CANCELLED
+    }
+
+    /// The device thread takes the write; false when it was cancelled.
+    fn start(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// A write queued to a device thread: its answer, and its ticket.
+#[derive(Debug)]
+pub struct QueuedWrite {
+    pub reply: oneshot::Receiver<Result<(), BackendError>>,
+    pub ticket: WriteTicket,
 }
 
 /// Handle to one GPU's thread. Dropping it lets the thread finish its
@@ -75,10 +125,14 @@ impl DeviceActor {
                             });
                         }
                         Command::Describe { reply } => {
-                            let _ = reply.send(device.describe());
+                            let _ = reply.send(device.describe().map(|f| checked(index, f)));
                         }
-                        Command::Write { op, reply } => {
-                            let _ = reply.send(apply(device.as_mut(), op));
+                        Command::Write { op, reply, ticket } => {
+                            // Cancelled while it waited: never applied, and
+                            // the caller already knows (it cancelled).
+                            if ticket.start() {
+                                let _ = reply.send(apply(device.as_mut(), op));
+                            }
                         }
                     }
                 }
@@ -101,6 +155,13 @@ impl DeviceActor {
         rx
     }
 
+    /// Queues a write behind any call in progress (tests; the control
+    /// plane queues through [`WriteQueue::write_cancellable`]).
+    #[cfg(test)]
+    pub fn write(&self, op: WriteOp) -> oneshot::Receiver<Result<(), BackendError>> {
+        self.write_queue().write(op)
+    }
+
     /// A handle that queues writes to this GPU from elsewhere (for a write
     /// that must wait for something else first).
     pub fn write_queue(&self) -> WriteQueue {
@@ -118,11 +179,36 @@ pub struct WriteQueue {
 
 impl WriteQueue {
     /// Queues a write behind any call in progress.
+    #[cfg(test)]
     pub fn write(&self, op: WriteOp) -> oneshot::Receiver<Result<(), BackendError>> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Command::Write { op, reply });
-        rx
+        self.write_cancellable(op).reply
     }
+
+    /// Queues a write behind any call in progress, with the ticket that
+    /// cancels it while it has not started.
+    pub fn write_cancellable(&self, op: WriteOp) -> QueuedWrite {
+        let (reply, rx) = oneshot::channel();
+        let ticket = WriteTicket::default();
+        let _ = self.tx.send(Command::Write {
+            op,
+            reply,
+            ticket: ticket.clone(),
+        });
+        QueuedWrite { reply: rx, ticket }
+    }
+}
+
+/// The facts a device described, with what no real GPU reports (a
+/// slowdown temperature of 0, a default limit of 0, a minimum above the
+/// maximum) treated as unknown, and a warning for each.
+fn checked(index: u32, mut facts: DeviceFacts) -> DeviceFacts {
+    for problem in facts.sanitize() {
+        tracing::warn!(
+            gpu = index,
+            "ignoring an implausible device fact: {problem}"
+        );
+    }
+    facts
 }
 
 fn apply(device: &mut dyn GpuDevice, op: WriteOp) -> Result<(), BackendError> {
@@ -132,5 +218,109 @@ fn apply(device: &mut dyn GpuDevice, op: WriteOp) -> Result<(), BackendError> {
         WriteOp::ResetGpuLockedClocks => device.reset_gpu_locked_clocks(),
         WriteOp::ResetMemoryLockedClocks => device.reset_memory_locked_clocks(),
         WriteOp::ResetApplicationClocks => device.reset_application_clocks(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{sync::Mutex, time::Duration};
+
+    /// A device whose reads block until `release` is sent, and which counts
+    /// the power limits written to it.
+    struct Blocking {
+        release: Arc<Mutex<mpsc::Receiver<()>>>,
+        written: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl GpuDevice for Blocking {
+        fn describe(&mut self) -> Result<DeviceFacts, BackendError> {
+            Ok(DeviceFacts {
+                slowdown_c: Some(0),
+                power_default_mw: Some(0),
+                ..DeviceFacts::default()
+            })
+        }
+        fn read(&mut self, _: ReadScope) -> Result<Reading, BackendError> {
+            let release = self
+                .release
+                .lock()
+                .map_err(|_| BackendError::Other("poisoned".into()))?;
+            let _ = release.recv();
+            Ok(Reading::default())
+        }
+        fn set_power_limit(&mut self, limit_mw: u32) -> Result<(), BackendError> {
+            self.written
+                .lock()
+                .map_err(|_| BackendError::Other("poisoned".into()))?
+                .push(limit_mw);
+            Ok(())
+        }
+        fn lock_gpu_clocks(&mut self, _: u32, _: u32) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn reset_gpu_locked_clocks(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn reset_memory_locked_clocks(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn reset_application_clocks(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    fn blocking() -> (DeviceActor, mpsc::Sender<()>, Arc<Mutex<Vec<u32>>>) {
+        let (release_tx, release_rx) = mpsc::channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let device = Blocking {
+            release: Arc::new(Mutex::new(release_rx)),
+            written: written.clone(),
+        };
+        let actor = DeviceActor::spawn(0, Box::new(device)).expect("thread");
+        (actor, release_tx, written)
+    }
+
+    #[tokio::test]
+    async fn a_write_cancelled_while_queued_behind_a_hung_call_is_never_applied() {
+        let (actor, release, written) = blocking();
+        let read = actor.read(ReadScope { slow_fields: false });
+        let queued = actor
+            .write_queue()
+            .write_cancellable(WriteOp::SetPowerLimit { limit_mw: 500_000 });
+        assert!(queued.ticket.cancel(), "not started: cancellable");
+        release.send(()).expect("release");
+        read.await.expect("the read answers");
+        // A later write goes through: the cancelled one was dropped, not run.
+        let later = actor.write(WriteOp::SetPowerLimit { limit_mw: 600_000 });
+        later.await.expect("answer").expect("written");
+        assert_eq!(*written.lock().expect("lock"), vec![600_000]);
+        assert!(
+            queued.reply.await.is_err(),
+            "no answer for a cancelled write"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_already_started_cannot_be_cancelled() {
+        let (actor, _release, written) = blocking();
+        let queued = actor
+            .write_queue()
+            .write_cancellable(WriteOp::SetPowerLimit { limit_mw: 500_000 });
+        tokio::time::timeout(Duration::from_secs(10), queued.reply)
+            .await
+            .expect("in time")
+            .expect("answer")
+            .expect("written");
+        assert!(!queued.ticket.cancel(), "already applied");
+        assert_eq!(*written.lock().expect("lock"), vec![500_000]);
+    }
+
+    #[tokio::test]
+    async fn implausible_facts_are_treated_as_unknown_where_they_enter() {
+        let (actor, _release, _) = blocking();
+        let facts = actor.describe().await.expect("answer").expect("facts");
+        assert_eq!(facts.slowdown_c, None);
+        assert_eq!(facts.power_default_mw, None);
     }
 }

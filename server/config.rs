@@ -333,6 +333,15 @@ pub struct SimGpuConfig {
     /// ... and comes back at this one.
     #[serde(default, with = "humantime_serde")]
     pub recover_at: Option<Duration>,
+    /// The lost window (`lost_at` to `recover_at`) repeats with this period:
+    /// a GPU that falls off the bus again and again.
+    #[serde(default, with = "humantime_serde")]
+    pub lost_every: Option<Duration>,
+    /// When it comes back (`recover_at`), the GPU reports this default power
+    /// limit (W) instead of its preset's, as a board reset into another
+    /// power profile would; clamped to the preset's range.
+    #[serde(default)]
+    pub recover_power_default_watts: Option<f64>,
     /// The driver resets the power limit to default at this time (as a driver
     /// reload would).
     #[serde(default, with = "humantime_serde")]
@@ -342,6 +351,13 @@ pub struct SimGpuConfig {
     pub read_hang_at: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub read_hang_for: Option<Duration>,
+    /// Writes started from `write_hang_at` for `write_hang_for` (simulated
+    /// time) hang until that window ends, then take effect: a write that
+    /// outlives gpuwatch's write timeout and lands late.
+    #[serde(default, with = "humantime_serde")]
+    pub write_hang_at: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub write_hang_for: Option<Duration>,
     /// Every write fails with this error.
     #[serde(default)]
     pub write_error: Option<SimWriteError>,
@@ -1162,11 +1178,51 @@ fn validate_simulator(sim: &SimulatorConfig) -> Result<(), ConfigError> {
         if g.recover_at.is_some() && g.lost_at.is_none() {
             return Err(invalid(key("recover_at"), "needs `lost_at`"));
         }
+        if let Some(every) = g.lost_every {
+            match (g.lost_at, g.recover_at) {
+                (Some(lost), Some(back)) if every > back - lost => {}
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("lost_every"),
+                        "must be longer than the lost window (`recover_at` - `lost_at`)",
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        key("lost_every"),
+                        "needs `lost_at` and `recover_at`",
+                    ));
+                }
+            }
+        }
+        if let Some(w) = g.recover_power_default_watts {
+            if g.recover_at.is_none() {
+                return Err(invalid(
+                    key("recover_power_default_watts"),
+                    "needs `recover_at`",
+                ));
+            }
+            if !w.is_finite() || w <= 0.0 {
+                return Err(invalid(
+                    key("recover_power_default_watts"),
+                    "must be a positive number of watts",
+                ));
+            }
+        }
         if g.read_hang_at.is_some() != g.read_hang_for.is_some() {
             return Err(invalid(
                 key("read_hang_at"),
                 "`read_hang_at` and `read_hang_for` go together",
             ));
+        }
+        if g.write_hang_at.is_some() != g.write_hang_for.is_some() {
+            return Err(invalid(
+                key("write_hang_at"),
+                "`write_hang_at` and `write_hang_for` go together",
+            ));
+        }
+        if g.write_hang_for.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(key("write_hang_for"), "must be longer than zero"));
         }
     }
     Ok(())
@@ -1313,6 +1369,44 @@ lost_at = "300s"
         assert_eq!(sim.gpus[0].preset, PresetKey::H100Sxm);
         assert_eq!(sim.gpus[0].demand[1].at, Duration::from_secs(120));
         assert_eq!(sim.gpus[0].lost_at, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn simulated_write_hangs_repeated_losses_and_new_defaults_are_checked() {
+        let gpu = |keys: &str| {
+            format!("[simulator]\n[[simulator.gpus]]\npreset = \"h100-sxm\"\n{keys}\n")
+        };
+        let ok = load_str(
+            &gpu("write_hang_at = \"5s\"\nwrite_hang_for = \"20s\"\nlost_at = \"30s\"\nrecover_at = \"40s\"\nlost_every = \"60s\"\nrecover_power_default_watts = 600"),
+            &[],
+        )
+        .expect("valid");
+        let g = &ok.simulator.expect("simulator").gpus[0];
+        assert_eq!(g.write_hang_for, Some(Duration::from_secs(20)));
+        assert_eq!(g.lost_every, Some(Duration::from_secs(60)));
+        for (keys, names) in [
+            ("write_hang_at = \"5s\"", "write_hang_at"),
+            (
+                "write_hang_at = \"5s\"\nwrite_hang_for = \"0s\"",
+                "write_hang_for",
+            ),
+            ("lost_every = \"60s\"", "lost_every"),
+            (
+                "lost_at = \"30s\"\nrecover_at = \"40s\"\nlost_every = \"5s\"",
+                "lost_every",
+            ),
+            (
+                "recover_power_default_watts = 600",
+                "recover_power_default_watts",
+            ),
+            (
+                "lost_at = \"30s\"\nrecover_at = \"40s\"\nrecover_power_default_watts = -1",
+                "recover_power_default_watts",
+            ),
+        ] {
+            let msg = load_str(&gpu(keys), &[]).expect_err(keys).to_string();
+            assert!(msg.contains(names), "{keys}: {msg}");
+        }
     }
 
     #[test]

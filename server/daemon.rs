@@ -69,6 +69,11 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
+    /// Asked to stop (SIGTERM/SIGINT) before it served: startup repairs
+    /// under way were finished (bounded), what the governor holds was given
+    /// back, and everything recorded was committed. A clean stop.
+    #[error("stopped during startup")]
+    Stopped,
 }
 
 /// A running daemon.
@@ -175,8 +180,12 @@ fn make_backend(
     }
 }
 
-/// Opens every GPU and learns its facts, each on its own thread.
-async fn open_devices(backend: &dyn Backend) -> Result<Vec<GpuSlot>, DaemonError> {
+/// Opens every GPU and learns its facts, each on its own thread; gives up
+/// (nothing has been written to any GPU yet) when `shutdown` is cancelled.
+async fn open_devices(
+    backend: &dyn Backend,
+    shutdown: &CancellationToken,
+) -> Result<Vec<GpuSlot>, DaemonError> {
     let count = backend
         .device_count()
         .map_err(|e| DaemonError::Backend(format!("cannot count GPUs: {e}")))?;
@@ -192,7 +201,10 @@ async fn open_devices(backend: &dyn Backend) -> Result<Vec<GpuSlot>, DaemonError
         let actor = DeviceActor::spawn(index, device).map_err(|e| {
             DaemonError::Startup(format!("cannot start a thread for GPU {index}: {e}"))
         })?;
-        let facts = tokio::time::timeout(DESCRIBE_TIMEOUT, actor.describe()).await;
+        let facts = tokio::select! {
+            facts = tokio::time::timeout(DESCRIBE_TIMEOUT, actor.describe()) => facts,
+            _ = shutdown.cancelled() => return Err(DaemonError::Stopped),
+        };
         slots.push(match facts {
             Ok(Ok(Ok(facts))) => GpuSlot::new(actor, facts),
             Ok(Ok(Err(e))) => {
@@ -251,7 +263,18 @@ fn http_gate(
 
 /// Starts the daemon. Returns once it is serving.
 pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
-    let shutdown = CancellationToken::new();
+    start_until(config, CancellationToken::new()).await
+}
+
+/// Starts the daemon, which stops when `shutdown` is cancelled. Cancelled
+/// while it is still starting (a signal during startup), it does not serve:
+/// it stops opening GPUs, or, once the startup repairs are under way,
+/// finishes them (bounded), gives back what the governor holds, commits
+/// what was recorded and returns [`DaemonError::Stopped`].
+pub async fn start_until(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Daemon, DaemonError> {
     // Credentials and certificates first: a bad file stops the daemon before
     // it touches a GPU.
     let tls = crate::tls::load(&config.tls).map_err(DaemonError::Config)?;
@@ -307,7 +330,14 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         );
     }
 
-    let slots = open_devices(backend.as_ref()).await?;
+    let slots = match open_devices(backend.as_ref(), &shutdown).await {
+        Err(DaemonError::Stopped) => {
+            tracing::info!("stop requested while opening GPUs; nothing was written to any GPU");
+            let _ = writer.flush().await;
+            return Err(DaemonError::Stopped);
+        }
+        other => other?,
+    };
     let hub = Arc::new(Hub::new(
         config.sampler.interval,
         config.sampler.slow_interval,
@@ -326,6 +356,17 @@ pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
     // startup repairs done and recorded.
     controller.start().await;
     let (control, requests) = ControlHandle::channel();
+    if shutdown.is_cancelled() {
+        // Asked to stop while the repairs ran: they are finished (or timed
+        // out); stop the control plane as on any stop, which records it and
+        // gives back whatever the governor holds, then commit and exit.
+        tracing::info!("stop requested during startup; stopping before serving");
+        controller.run(requests, shutdown.clone()).await;
+        if let Err(e) = writer.flush().await {
+            tracing::error!(error = %e, "could not commit the last events and state");
+        }
+        return Err(DaemonError::Stopped);
+    }
 
     let listener = TcpListener::bind(config.server.listen)
         .await

@@ -93,24 +93,41 @@ fn init_logging(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGTERM's handler is installed by this
-/// call, not when the future is first polled, so a signal that arrives while
-/// the daemon is still starting is taken as a request to stop once it has
-/// started (instead of killing it midway, with the default disposition).
+/// Resolves on SIGTERM or SIGINT. Both handlers are installed by this call,
+/// not when the future is first polled, so a signal that arrives while the
+/// daemon is still starting (in the middle of its startup repairs) is taken
+/// as a request to stop, never a kill with the default disposition.
+#[cfg(unix)]
 fn wait_for_signal() -> impl Future<Output = ()> + Send {
-    #[cfg(unix)]
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
     async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        if let Some(mut term) = term {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+        match (term, int) {
+            (Some(mut term), Some(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-            return;
+            (Some(mut term), None) => {
+                term.recv().await;
+            }
+            (None, Some(mut int)) => {
+                int.recv().await;
+            }
+            (None, None) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-        let _ = ctrl_c.await;
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn wait_for_signal() -> impl Future<Output = ()> + Send {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -188,9 +205,23 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Signals stop the daemon from here on, during startup too: a stop
+        // asked for mid-repair finishes (bounded) the repair, gives back
+        // what the governor holds and exits cleanly (see `start_until`).
+        let stop = tokio_util::sync::CancellationToken::new();
         let signal = wait_for_signal();
-        let daemon = match gpuwatch_server::daemon::start(config).await {
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            signal.await;
+            tracing::info!("signal received; shutting down");
+            on_signal.cancel();
+        });
+        let daemon = match gpuwatch_server::daemon::start_until(config, stop).await {
             Ok(d) => d,
+            Err(gpuwatch_server::daemon::DaemonError::Stopped) => {
+                tracing::info!("stopped during startup");
+                return ExitCode::SUCCESS;
+            }
             Err(e @ gpuwatch_server::daemon::DaemonError::Config(_)) => {
                 eprintln!("gpuwatch-server: {e}");
                 return ExitCode::from(EXIT_CONFIG);
@@ -215,12 +246,6 @@ fn main() -> ExitCode {
             let _ = daemon.wait().await;
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
-        let token = daemon.shutdown_token();
-        tokio::spawn(async move {
-            signal.await;
-            tracing::info!("signal received; shutting down");
-            token.cancel();
-        });
         match daemon.wait().await {
             Ok(()) => {
                 tracing::info!("stopped");

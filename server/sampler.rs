@@ -139,8 +139,17 @@ impl GpuSlot {
         match rx.try_recv() {
             Ok(result) => {
                 self.pending_describe = None;
-                if let Ok(facts) = result {
-                    self.facts = facts;
+                match result {
+                    Ok(facts) => self.facts = facts,
+                    // Never described (lost at start): without its facts
+                    // the control plane could only observe it, so ask
+                    // again rather than report it back half-known.
+                    Err(e) if self.facts.uuid.is_empty() => {
+                        tracing::warn!(gpu = self.index(), error = %e, "GPU answers but did not describe itself; asking again");
+                        self.pending_describe = Some(self.actor.describe());
+                        return false;
+                    }
+                    Err(_) => {}
                 }
                 true
             }

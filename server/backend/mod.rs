@@ -121,6 +121,84 @@ pub struct DeviceFacts {
     pub controls: Controls,
 }
 
+/// The range of temperatures (°C) a GPU's slowdown, shutdown or maximum
+/// operating temperature can plausibly have; outside it the value is a
+/// driver or library fault, not a fact to plan with.
+pub const PLAUSIBLE_LIMIT_C: std::ops::RangeInclusive<u32> = 40..=150;
+
+impl DeviceFacts {
+    /// Treats as unknown (`None`) what no real GPU reports: a slowdown,
+    /// shutdown or operating limit outside [`PLAUSIBLE_LIMIT_C`] (NVML
+    /// answers 0 on some boards), a power limit or clock of 0, a minimum
+    /// limit above the maximum, a default outside the range. Returns one
+    /// line per value dropped, for a warning. Facts are checked once, where
+    /// they leave the device, so nothing downstream plans with them.
+    pub fn sanitize(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, value) in [
+            ("slowdown temperature", &mut self.slowdown_c),
+            ("shutdown temperature", &mut self.shutdown_c),
+            ("maximum operating temperature", &mut self.max_operating_c),
+        ] {
+            if let Some(c) = *value
+                && !PLAUSIBLE_LIMIT_C.contains(&c)
+            {
+                problems.push(format!(
+                    "{name} {c} °C is outside {}-{} °C; treated as unknown",
+                    PLAUSIBLE_LIMIT_C.start(),
+                    PLAUSIBLE_LIMIT_C.end()
+                ));
+                *value = None;
+            }
+        }
+        for (name, value) in [
+            ("minimum power limit", &mut self.power_min_mw),
+            ("maximum power limit", &mut self.power_max_mw),
+            ("default power limit", &mut self.power_default_mw),
+            ("maximum graphics clock", &mut self.max_graphics_clock_mhz),
+            ("maximum SM clock", &mut self.max_sm_clock_mhz),
+            ("maximum memory clock", &mut self.max_memory_clock_mhz),
+            ("maximum video clock", &mut self.max_video_clock_mhz),
+        ] {
+            if *value == Some(0) {
+                problems.push(format!("{name} of 0; treated as unknown"));
+                *value = None;
+            }
+        }
+        if let (Some(min), Some(max)) = (self.power_min_mw, self.power_max_mw)
+            && min > max
+        {
+            problems.push(format!(
+                "minimum power limit {min} mW is above the maximum {max} mW; power limits treated as unknown"
+            ));
+            self.power_min_mw = None;
+            self.power_max_mw = None;
+            self.power_default_mw = None;
+        }
+        if let Some(default) = self.power_default_mw
+            && (self.power_min_mw.is_some_and(|min| default < min)
+                || self.power_max_mw.is_some_and(|max| default > max))
+        {
+            problems.push(format!(
+                "default power limit {default} mW is outside {}-{} mW; treated as unknown",
+                self.power_min_mw.unwrap_or(0),
+                self.power_max_mw.unwrap_or(u32::MAX)
+            ));
+            self.power_default_mw = None;
+        }
+        if let (Some(slowdown), Some(shutdown)) = (self.slowdown_c, self.shutdown_c)
+            && shutdown < slowdown
+        {
+            problems.push(format!(
+                "shutdown temperature {shutdown} °C is below the slowdown temperature {slowdown} °C; both treated as unknown"
+            ));
+            self.slowdown_c = None;
+            self.shutdown_c = None;
+        }
+        problems
+    }
+}
+
 /// Which parts of a reading to take. Process lists and ECC counters are
 /// slower to read and change slowly, so the sampler asks for them on a
 /// slower cadence.
@@ -225,4 +303,77 @@ pub trait GpuDevice: Send {
     fn reset_memory_locked_clocks(&mut self) -> Result<(), BackendError>;
     /// Resets application clocks to default (`nvidia-smi -rac`).
     fn reset_application_clocks(&mut self) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h100() -> DeviceFacts {
+        DeviceFacts {
+            power_min_mw: Some(200_000),
+            power_max_mw: Some(700_000),
+            power_default_mw: Some(700_000),
+            slowdown_c: Some(89),
+            shutdown_c: Some(92),
+            max_operating_c: Some(87),
+            max_graphics_clock_mhz: Some(1980),
+            ..DeviceFacts::default()
+        }
+    }
+
+    #[test]
+    fn plausible_facts_pass_unchanged() {
+        let mut facts = h100();
+        assert!(facts.sanitize().is_empty());
+        assert_eq!(facts, h100());
+    }
+
+    #[test]
+    fn a_slowdown_temperature_of_zero_is_unknown_not_zero() {
+        for bad in [0, 5, 39, 151, u32::MAX] {
+            let mut facts = h100();
+            facts.slowdown_c = Some(bad);
+            let problems = facts.sanitize();
+            assert_eq!(facts.slowdown_c, None, "{bad}");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains("slowdown"), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn absurd_power_limits_are_unknown() {
+        let mut facts = h100();
+        facts.power_default_mw = Some(0);
+        facts.sanitize();
+        assert_eq!(facts.power_default_mw, None);
+        assert_eq!(facts.power_min_mw, Some(200_000));
+
+        let mut facts = h100();
+        facts.power_min_mw = Some(800_000);
+        let problems = facts.sanitize();
+        assert_eq!(
+            (
+                facts.power_min_mw,
+                facts.power_max_mw,
+                facts.power_default_mw
+            ),
+            (None, None, None),
+            "{problems:?}"
+        );
+
+        let mut facts = h100();
+        facts.power_default_mw = Some(900_000);
+        facts.sanitize();
+        assert_eq!(facts.power_default_mw, None);
+        assert_eq!(facts.power_max_mw, Some(700_000));
+    }
+
+    #[test]
+    fn a_shutdown_below_slowdown_makes_both_unknown() {
+        let mut facts = h100();
+        facts.shutdown_c = Some(60);
+        facts.sanitize();
+        assert_eq!((facts.slowdown_c, facts.shutdown_c), (None, None));
+    }
 }

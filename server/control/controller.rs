@@ -32,7 +32,7 @@ use crate::{
 
 use super::{
     ControlRequest,
-    dispatch::{PendingReplies, WRITE_TIMEOUT, WriteDone, Writes, reply_when_durable},
+    dispatch::{Finish, PendingReplies, WRITE_TIMEOUT, WriteDone, Writes, reply_when_durable},
     error::ControlError,
     gpu::GpuControl,
     lifecycle,
@@ -135,6 +135,12 @@ impl Controller {
         shutdown: CancellationToken,
     ) {
         for pos in 0..self.gpus.len() {
+            // A GPU lost at start is announced when it is back, with the
+            // mode its real facts give it (not the observe-only its unknown
+            // facts would).
+            if self.gpus[pos].lifecycle.is_lost() {
+                continue;
+            }
             if let Some(event) = self.gpus[pos].mode_announcement(self.sampler.facts(pos)) {
                 self.events.record(event);
             }
@@ -163,6 +169,12 @@ impl Controller {
     /// are in the event log.
     pub async fn start(&mut self) {
         self.tick().await;
+        if !self.writes.is_empty() {
+            tracing::info!(
+                writes = self.writes.len(),
+                "startup repairs under way (a stop asked for now waits for them)"
+            );
+        }
         self.drain_writes(WRITE_TIMEOUT).await;
     }
 
@@ -303,6 +315,7 @@ impl Controller {
             gpu: pos,
             write,
             result,
+            finish,
         } = done;
         let Some(gpu) = self.gpus.get_mut(pos) else {
             return;
@@ -312,11 +325,20 @@ impl Controller {
         if let Err(e) = &result {
             tracing::warn!(gpu = index, error = %e, op = ?write.op, "write failed");
         }
-        let plan = lifecycle::write_done(gpu, facts, &write, &result);
+        let plan = match finish {
+            Finish::InTime | Finish::Cancelled => {
+                lifecycle::write_done(gpu, facts, &write, &result)
+            }
+            Finish::StillRunning => lifecycle::write_still_running(facts, &write),
+            Finish::Late => lifecycle::late_write_done(gpu, facts, &write, &result),
+        };
         let recorded = self.execute(pos, plan);
-        if let Origin::Operator {
-            reply, slot, part, ..
-        } = write.origin
+        // The caller was answered when the write timed out; its late
+        // completion is recorded, not answered twice.
+        if finish != Finish::Late
+            && let Origin::Operator {
+                reply, slot, part, ..
+            } = write.origin
         {
             self.replies
                 .write_done(reply, slot, part, index, &result, recorded);

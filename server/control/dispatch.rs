@@ -12,7 +12,7 @@ use std::{collections::HashMap, future::Future, pin::Pin, time::Duration};
 use futures_util::{StreamExt, stream::FuturesUnordered};
 
 use crate::{
-    actor::WriteQueue,
+    actor::{QueuedWrite, WriteQueue},
     api::{ClockResetResult, PowerLimitResult, ResetClocksResponse, SetPowerLimitResponse},
     backend::BackendError,
     persist::{Ack, AckSet},
@@ -32,16 +32,39 @@ pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// cooling a GPU (the failure is logged and counted by the writer).
 const PERSIST_WAIT: Duration = Duration::from_secs(10);
 
-/// A write that finished (or timed out).
+/// How a write ended, as far as the control loop is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// It finished (or failed) within [`WRITE_TIMEOUT`].
+    InTime,
+    /// It did not start within [`WRITE_TIMEOUT`] (the device thread was
+    /// stuck in another call) and was cancelled: never applied.
+    Cancelled,
+    /// It started but did not finish within [`WRITE_TIMEOUT`]: it is still
+    /// running on the device and will be reported again, as [`Finish::Late`],
+    /// when it completes.
+    StillRunning,
+    /// A write reported as [`Finish::StillRunning`] completed.
+    Late,
+}
+
+/// A write that finished, timed out, or landed late.
 #[derive(Debug)]
 pub(crate) struct WriteDone {
     /// The GPU's position.
     pub gpu: usize,
     pub write: Write,
     pub result: Result<(), BackendError>,
+    pub finish: Finish,
 }
 
-type WriteFuture = Pin<Box<dyn Future<Output = WriteDone> + Send>>;
+/// What a write's future yields: how it ended, and for a write still
+/// running on the device, the future that waits for it to land.
+struct WriteStep {
+    done: WriteDone,
+    late: Option<WriteFuture>,
+}
+type WriteFuture = Pin<Box<dyn Future<Output = WriteStep> + Send>>;
 
 /// Writes sent to device threads and not yet finished.
 #[derive(Default)]
@@ -60,13 +83,15 @@ impl std::fmt::Debug for Writes {
 impl Writes {
     /// Sends `write` to GPU `gpu` through `queue` — at once when `gate` is
     /// empty, else once the gate's acknowledgements are in (bounded) — and
-    /// waits (bounded) for the answer.
+    /// waits (bounded) for the answer. A write that times out is cancelled
+    /// if it has not started; one that has is followed until it lands, so
+    /// that its late completion is recorded, not lost.
     pub(crate) fn send(&mut self, gpu: usize, write: Write, queue: &WriteQueue, gate: AckSet) {
-        let sent = gate.is_empty().then(|| queue.write(write.op));
+        let sent = gate.is_empty().then(|| queue.write_cancellable(write.op));
         let queue = queue.clone();
         self.futures.push(Box::pin(async move {
-            let rx = match sent {
-                Some(rx) => rx,
+            let queued = match sent {
+                Some(queued) => queued,
                 None => {
                     match tokio::time::timeout(PERSIST_WAIT, gate.wait()).await {
                         Ok(Ok(())) => {}
@@ -81,24 +106,57 @@ impl Writes {
                             PERSIST_WAIT.as_secs()
                         ),
                     }
-                    queue.write(write.op)
+                    queue.write_cancellable(write.op)
                 }
             };
-            let result = match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(BackendError::Other("device thread stopped".into())),
-                Err(_) => Err(BackendError::Timeout(format!(
-                    "the write did not finish within {}s",
-                    WRITE_TIMEOUT.as_secs()
-                ))),
+            let QueuedWrite { mut reply, ticket } = queued;
+            let (result, finish) = match tokio::time::timeout(WRITE_TIMEOUT, &mut reply).await {
+                Ok(answer) => (answered(answer), Finish::InTime),
+                Err(_) if ticket.cancel() => (
+                    Err(BackendError::Timeout(format!(
+                        "the GPU did not take the write within {}s (busy with another call); cancelled, never applied",
+                        WRITE_TIMEOUT.as_secs()
+                    ))),
+                    Finish::Cancelled,
+                ),
+                Err(_) => (
+                    Err(BackendError::Timeout(format!(
+                        "the write did not finish within {}s; it is still under way on the GPU and is recorded when it completes",
+                        WRITE_TIMEOUT.as_secs()
+                    ))),
+                    Finish::StillRunning,
+                ),
             };
-            WriteDone { gpu, write, result }
+            let late: Option<WriteFuture> = (finish == Finish::StillRunning).then(|| {
+                let write = write.clone();
+                Box::pin(async move {
+                    let done = WriteDone {
+                        gpu,
+                        write,
+                        result: answered(reply.await),
+                        finish: Finish::Late,
+                    };
+                    WriteStep { done, late: None }
+                }) as WriteFuture
+            });
+            let done = WriteDone {
+                gpu,
+                write,
+                result,
+                finish,
+            };
+            WriteStep { done, late }
         }));
     }
 
-    /// The next write to finish; `None` when none is under way.
+    /// The next write to finish (or time out); `None` when none is under
+    /// way. A write still running after its timeout stays under way.
     pub(crate) async fn next(&mut self) -> Option<WriteDone> {
-        self.futures.next().await
+        let WriteStep { done, late } = self.futures.next().await?;
+        if let Some(late) = late {
+            self.futures.push(late);
+        }
+        Some(done)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -108,6 +166,13 @@ impl Writes {
     pub(crate) fn len(&self) -> usize {
         self.futures.len()
     }
+}
+
+/// The device thread's answer to a write, or why there is none.
+fn answered(
+    answer: Result<Result<(), BackendError>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), BackendError> {
+    answer.unwrap_or_else(|_| Err(BackendError::Other("device thread stopped".into())))
 }
 
 /// A reply waiting for writes, with where to send it.

@@ -16,7 +16,9 @@ use crate::{
         event::Change,
     },
     backend::DeviceFacts,
-    config::{ControllerConfig, THRESHOLD_MIN_C},
+    config::{
+        ControllerConfig, HYSTERESIS_MAX_C, HYSTERESIS_MIN_C, THRESHOLD_MAX_C, THRESHOLD_MIN_C,
+    },
     events::{Actor, NewEvent},
     governor::{Actuator, GovernorParams, ThermalPrior},
     state::GpuState,
@@ -64,10 +66,6 @@ pub(crate) struct GpuControl {
     pub last_action: Option<GovernorAction>,
     /// The power limit gpuwatch last wrote (drift reference).
     pub expected_limit_mw: Option<u32>,
-    /// `expected_limit_mw` was written by gpuwatch in this run (not read
-    /// from the GPU at its first reading): a limit of gpuwatch's that is
-    /// below the ceiling at shutdown is given back, whoever asked for it.
-    pub limit_is_ours: bool,
     /// The graphics clock cap the governor holds.
     pub clock_cap_mhz: Option<u32>,
     /// The last dry-run decision recorded (level, when).
@@ -99,13 +97,22 @@ impl GpuControl {
             .and_then(|o| o.hysteresis_c)
             .unwrap_or(config.hysteresis_c);
         let derived = derived_threshold(facts, config.threshold_margin_c);
-        let (mut threshold_c, mut threshold_source) = match (saved.threshold_c, config_threshold) {
+        // What was persisted is only believed within what an operator could
+        // have set: a damaged or hand-edited state file never sets a
+        // threshold the governor could not work with.
+        let saved_threshold = saved
+            .threshold_c
+            .filter(|t| (THRESHOLD_MIN_C..=THRESHOLD_MAX_C).contains(t));
+        let saved_hysteresis = saved
+            .hysteresis_c
+            .filter(|h| (HYSTERESIS_MIN_C..=HYSTERESIS_MAX_C).contains(h));
+        let (mut threshold_c, mut threshold_source) = match (saved_threshold, config_threshold) {
             (Some(t), _) => (t, ThresholdSource::Operator),
             (None, Some(c)) => c,
             (None, None) => (derived, ThresholdSource::Derived),
         };
         let mut warning = None;
-        if let Some(slowdown) = facts.slowdown_c
+        if let Some(slowdown) = slowdown_c(facts)
             && threshold_c >= slowdown
         {
             let safe = slowdown.saturating_sub(1).max(THRESHOLD_MIN_C);
@@ -139,7 +146,7 @@ impl GpuControl {
             dry_run,
             threshold_c,
             threshold_source,
-            hysteresis_c: saved.hysteresis_c.unwrap_or(config_hysteresis_c),
+            hysteresis_c: saved_hysteresis.unwrap_or(config_hysteresis_c),
             config_threshold,
             config_hysteresis_c,
             threshold_margin_c: config.threshold_margin_c,
@@ -151,7 +158,6 @@ impl GpuControl {
             in_flight: 0,
             last_action: None,
             expected_limit_mw: None,
-            limit_is_ours: false,
             clock_cap_mhz: None,
             last_dry_run: None,
         };
@@ -163,9 +169,12 @@ impl GpuControl {
         self.desired.operator_ceiling_mw
     }
 
-    /// The ceiling in force: the operator's, else the device default.
+    /// The ceiling in force: the operator's, else the device default; never
+    /// above the device's maximum (a GPU back from a reset, or a state file,
+    /// may hold a ceiling above what the device now allows).
     pub(crate) fn ceiling_mw(&self, facts: &DeviceFacts) -> Option<u32> {
-        self.operator_ceiling_mw().or(facts.power_default_mw)
+        let ceiling = self.operator_ceiling_mw().or(facts.power_default_mw)?;
+        Some(facts.power_max_mw.map_or(ceiling, |max| ceiling.min(max)))
     }
 
     pub(crate) fn floor_mw(&self, facts: &DeviceFacts) -> Option<u32> {
@@ -260,9 +269,20 @@ impl GpuControl {
     }
 }
 
+/// The GPU's slowdown temperature, where it is one to plan with. Facts are
+/// checked where they leave the device (`DeviceFacts::sanitize`); this
+/// guards the planners against any that were not, so an absurd slowdown
+/// (NVML answers 0 on some boards) never drags the threshold to its minimum
+/// and the GPU to its floor.
+pub(crate) fn slowdown_c(facts: &DeviceFacts) -> Option<u32> {
+    facts
+        .slowdown_c
+        .filter(|c| crate::backend::PLAUSIBLE_LIMIT_C.contains(c))
+}
+
 /// The threshold derived from the GPU's slowdown temperature.
 fn derived_threshold(facts: &DeviceFacts, margin_c: u32) -> u32 {
-    facts.slowdown_c.map_or(FALLBACK_THRESHOLD_C, |s| {
+    slowdown_c(facts).map_or(FALLBACK_THRESHOLD_C, |s| {
         s.saturating_sub(margin_c).max(THRESHOLD_MIN_C)
     })
 }
@@ -301,7 +321,7 @@ pub(crate) fn derive_mode(facts: &DeviceFacts, enabled: bool) -> (GovernorMode, 
 /// Thermal resistance prior: a board at its default limit is designed to
 /// run a few degrees under slowdown.
 fn thermal_prior(facts: &DeviceFacts) -> ThermalPrior {
-    let headroom = f64::from(facts.slowdown_c.unwrap_or(85)) - 5.0 - AMBIENT_GUESS_C;
+    let headroom = f64::from(slowdown_c(facts).unwrap_or(85)) - 5.0 - AMBIENT_GUESS_C;
     match facts.power_default_mw {
         Some(mw) => {
             ThermalPrior::ResistanceCPerW(headroom.max(5.0) / (f64::from(mw) / 1000.0).max(10.0))

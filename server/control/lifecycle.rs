@@ -120,49 +120,61 @@ pub(crate) fn reading(
 
 /// First reading: clear what a previous run left, re-apply the operator's
 /// ceiling, start the governor.
+///
+/// In dry run too: dry run stops the governor's *new* decisions, but a
+/// throttle or clock lock gpuwatch itself left (a run killed while it held
+/// the GPU down) is always undone, and the operator's ceiling is theirs, not
+/// a decision. A `lowered` flag for a GPU already back at its ceiling (the
+/// driver reset it while gpuwatch was away, or it was lost and came back
+/// reset) is cleared, so nothing later mistakes it for a throttle.
 pub(crate) fn first_reading(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
     let current = reading.power_limit_mw;
     gpu.expected_limit_mw = current;
-    gpu.limit_is_ours = false;
     gpu.clock_cap_mhz = reading.locked_gpu_clock_max_mhz;
+    let mut plan = Plan::none();
+    let note = if gpu.dry_run {
+        " (dry run stops new decisions only; what gpuwatch left is undone)"
+    } else {
+        ""
+    };
     let mut ops = Vec::new();
     if gpu.desired.governor_clock_lock && facts.controls.gpu_clocks_lockable {
         ops.push((
             WriteOp::ResetGpuLockedClocks,
-            "clearing a clock lock a previous run of the governor left behind".to_owned(),
+            format!("clearing a clock lock a previous run of the governor left behind{note}"),
         ));
     }
     if let (Some(ceiling), Some(now)) = (gpu.ceiling_mw(facts), current)
         && facts.controls.power_limit_settable
-        && now.abs_diff(ceiling) > LIMIT_TOLERANCE_MW
     {
-        if gpu.desired.governor_lowered_limit {
-            ops.push((
-                WriteOp::SetPowerLimit { limit_mw: ceiling },
-                format!(
-                    "clearing a stale throttle a previous run left behind: {} W -> {} W",
-                    now / 1000,
-                    ceiling / 1000
-                ),
-            ));
-        } else if gpu.operator_ceiling_mw().is_some() {
-            ops.push((
-                WriteOp::SetPowerLimit { limit_mw: ceiling },
-                format!("re-applying the operator's ceiling of {} W", ceiling / 1000),
-            ));
+        if now.abs_diff(ceiling) > LIMIT_TOLERANCE_MW {
+            // Below the ceiling with `lowered` set: a throttle gpuwatch
+            // left. Otherwise (above it, say after a driver reset) it is the
+            // operator's ceiling being put back.
+            let throttled = gpu.desired.governor_lowered_limit
+                && (now < ceiling || gpu.operator_ceiling_mw().is_none());
+            if throttled {
+                ops.push((
+                    WriteOp::SetPowerLimit { limit_mw: ceiling },
+                    format!(
+                        "clearing a stale throttle a previous run left behind: {} W -> {} W{note}",
+                        now / 1000,
+                        ceiling / 1000
+                    ),
+                ));
+            } else if gpu.operator_ceiling_mw().is_some() {
+                ops.push((
+                    WriteOp::SetPowerLimit { limit_mw: ceiling },
+                    format!(
+                        "re-applying the operator's ceiling of {} W{note}",
+                        ceiling / 1000
+                    ),
+                ));
+            }
+        } else if gpu.desired.governor_lowered_limit {
+            DesiredChange::LoweredLimit(false).apply(&mut gpu.desired);
+            plan.persist(DesiredChange::LoweredLimit(false));
         }
-    }
-    let mut plan = Plan::none();
-    if gpu.dry_run {
-        for (_, reason) in &ops {
-            plan.record(gpu_event(
-                facts,
-                EventKind::DryRunDecision,
-                Actor::startup(),
-                format!("dry run: would be {reason}"),
-            ));
-        }
-        ops.clear();
     }
     let restored = !ops.is_empty();
     let mode = gpu.mode;
@@ -224,7 +236,7 @@ fn drift(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
         // any other, so the next start gives it back.
         let ceiling = gpu.ceiling_mw(facts);
         let limit_mw = ceiling.map_or(expected, |c| expected.min(c));
-        if ceiling.is_some_and(|c| limit_mw + LIMIT_TOLERANCE_MW < c) {
+        if ceiling.is_some_and(|c| limit_mw.saturating_add(LIMIT_TOLERANCE_MW) < c) {
             DesiredChange::LoweredLimit(true).apply(&mut gpu.desired);
             plan.persist(DesiredChange::LoweredLimit(true));
         }
@@ -239,7 +251,6 @@ fn drift(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
     // The device has `actual` now; the event of the re-apply says so when
     // it completes.
     gpu.expected_limit_mw = Some(actual);
-    gpu.limit_is_ours = false;
     plan
 }
 
@@ -274,7 +285,13 @@ fn govern(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading, now: Sys
     let Decision::Set { level, reason } = governor.step(&obs) else {
         return plan;
     };
-    let ceiling = governor.params().ceiling;
+    let (floor, ceiling) = (governor.params().floor, governor.params().ceiling);
+    // Whatever the facts it was built from, nothing outside the GPU's range
+    // (or not a number) is ever written.
+    if !level.is_finite() {
+        return plan;
+    }
+    let level = level.clamp(floor.min(ceiling), ceiling);
     let op = match mode {
         GovernorMode::ClockLock if level >= ceiling - 0.5 => WriteOp::ResetGpuLockedClocks,
         GovernorMode::ClockLock => WriteOp::LockGpuClocks {
@@ -364,17 +381,63 @@ pub(crate) fn write_done(
     write: &Write,
     result: &Result<(), BackendError>,
 ) -> Plan {
+    finish_write(gpu, facts, write, result, false)
+}
+
+/// A write timed out after it had started on the device: it is still under
+/// way and will land (or fail) later. Recorded as late now; it stays in
+/// flight, so no reading is planned on (no drift correction fights it, no
+/// governor step assumes it) until [`late_write_done`] reports how it ended.
+pub(crate) fn write_still_running(facts: &DeviceFacts, write: &Write) -> Plan {
+    let mut plan = Plan::none();
+    plan.record(
+        gpu_event(
+            facts,
+            EventKind::ControlFailed,
+            actor(&write.origin),
+            format!(
+                "{:?} did not finish in time; it is still under way on the GPU and is recorded when it completes ({})",
+                write.op,
+                reason(&write.origin)
+            ),
+        )
+        .severity(Severity::Warning),
+    );
+    plan
+}
+
+/// A write that timed out while running finally completed: recorded as
+/// any write is (the event says it was late), the limit gpuwatch expects
+/// follows it, and the desired state and the governor's belief with it.
+pub(crate) fn late_write_done(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    write: &Write,
+    result: &Result<(), BackendError>,
+) -> Plan {
+    finish_write(gpu, facts, write, result, true)
+}
+
+fn finish_write(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    write: &Write,
+    result: &Result<(), BackendError>,
+    late: bool,
+) -> Plan {
     let mut plan = Plan::none();
     gpu.in_flight = gpu.in_flight.saturating_sub(1);
     let actor = actor(&write.origin);
-    let reason = reason(&write.origin);
+    let mut reason = reason(&write.origin);
+    if late {
+        reason.push_str("; it completed late, after its timeout");
+    }
     let by_governor = matches!(write.origin, Origin::Governor { .. });
     match result {
         Ok(()) => {
             let (kind, change) = match write.op {
                 WriteOp::SetPowerLimit { limit_mw } => {
                     gpu.expected_limit_mw = Some(limit_mw);
-                    gpu.limit_is_ours = true;
                     (
                         EventKind::PowerLimitChanged,
                         Some(Change::PowerLimit(PowerLimitChange {
@@ -437,7 +500,32 @@ pub(crate) fn write_done(
             if by_governor {
                 plan.extend(governor_write_failed(gpu, facts, e));
             }
+            // A write that would have given power back did not: the GPU
+            // stays below the ceiling in force, so it is recorded as held
+            // down, and shutdown or the next start gives the power back.
+            if matches!(write.op, WriteOp::SetPowerLimit { .. }) {
+                plan.extend(record_if_below_ceiling(gpu, facts, gpu.expected_limit_mw));
+            }
         }
+    }
+    plan
+}
+
+/// Records `lowered` when the GPU's limit is below the ceiling in force and
+/// is not recorded so already.
+fn record_if_below_ceiling(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    limit_mw: Option<u32>,
+) -> Plan {
+    let mut plan = Plan::none();
+    let below = match (limit_mw, gpu.ceiling_mw(facts)) {
+        (Some(limit), Some(ceiling)) => limit.saturating_add(LIMIT_TOLERANCE_MW) < ceiling,
+        _ => false,
+    };
+    if below && !gpu.desired.governor_lowered_limit && facts.controls.power_limit_settable {
+        DesiredChange::LoweredLimit(true).apply(&mut gpu.desired);
+        plan.persist(DesiredChange::LoweredLimit(true));
     }
     plan
 }
@@ -450,7 +538,8 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
     let mode = gpu.mode;
     match write.op {
         WriteOp::SetPowerLimit { limit_mw } => {
-            let at_ceiling = ceiling.is_none_or(|c| limit_mw + LIMIT_TOLERANCE_MW >= c);
+            let at_ceiling =
+                ceiling.is_none_or(|c| limit_mw.saturating_add(LIMIT_TOLERANCE_MW) >= c);
             if let Some(g) = gpu.lifecycle.governor_mut()
                 && mode == GovernorMode::PowerLimit
                 && !matches!(write.origin, Origin::Governor { .. })
@@ -460,6 +549,13 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
             if at_ceiling {
                 DesiredChange::LoweredLimit(false).apply(&mut gpu.desired);
                 plan.persist(DesiredChange::LoweredLimit(false));
+            } else {
+                // A write that landed below the ceiling now in force (an
+                // operator's earlier ceiling landing after a later one, a
+                // write that completed late) holds the GPU down like a
+                // throttle: recorded as one, so shutdown or the next start
+                // gives the power back.
+                plan.extend(record_if_below_ceiling(gpu, facts, Some(limit_mw)));
             }
         }
         WriteOp::ResetGpuLockedClocks => {
@@ -519,40 +615,36 @@ fn governor_write_failed(gpu: &mut GpuControl, facts: &DeviceFacts, e: &BackendE
 }
 
 /// The daemon is stopping: give back what the governor took. Nothing for
-/// a GPU that is lost or in dry run.
+/// a GPU that is lost (it cannot be written; the `lowered` flag stays for
+/// the next start). In dry run the governor took nothing, but a throttle or
+/// clock lock a previous run left and the startup repair could not undo is
+/// still given back.
 pub(crate) fn shutdown(gpu: &mut GpuControl, facts: &DeviceFacts) -> Plan {
     let mut plan = Plan::none();
-    if gpu.dry_run || gpu.lifecycle.is_lost() {
+    if gpu.lifecycle.is_lost() {
         return plan;
     }
-    let lowered = gpu.lifecycle.governor().is_some_and(Governor::is_lowered)
+    let governs = !gpu.dry_run;
+    let governor_lowered = governs && gpu.lifecycle.governor().is_some_and(Governor::is_lowered);
+    let power_lowered = (governor_lowered && gpu.mode == GovernorMode::PowerLimit)
         || gpu.desired.governor_lowered_limit;
-    // A limit gpuwatch itself wrote that is below the ceiling now (an
-    // operator's earlier, lower ceiling whose write landed late, say) is
-    // given back too.
-    let ours_below_ceiling = gpu.limit_is_ours
-        && matches!(
-            (gpu.expected_limit_mw, gpu.ceiling_mw(facts)),
-            (Some(limit), Some(ceiling)) if limit.saturating_add(LIMIT_TOLERANCE_MW) < ceiling
+    let clocks_locked = (governs
+        && gpu.mode == GovernorMode::ClockLock
+        && (governor_lowered || gpu.clock_cap_mhz.is_some()))
+        || gpu.desired.governor_clock_lock;
+    if power_lowered
+        && (gpu.mode == GovernorMode::PowerLimit || facts.controls.power_limit_settable)
+        && let Some(ceiling) = gpu.ceiling_mw(facts)
+    {
+        let write = gpu.plan_write(
+            WriteOp::SetPowerLimit { limit_mw: ceiling },
+            Origin::Shutdown,
         );
-    let lowered = lowered || ours_below_ceiling;
-    match gpu.mode {
-        GovernorMode::PowerLimit if lowered => {
-            if let Some(ceiling) = gpu.ceiling_mw(facts) {
-                let write = gpu.plan_write(
-                    WriteOp::SetPowerLimit { limit_mw: ceiling },
-                    Origin::Shutdown,
-                );
-                plan.write(write);
-            }
-        }
-        GovernorMode::ClockLock
-            if lowered || gpu.desired.governor_clock_lock || gpu.clock_cap_mhz.is_some() =>
-        {
-            let write = gpu.plan_write(WriteOp::ResetGpuLockedClocks, Origin::Shutdown);
-            plan.write(write);
-        }
-        _ => {}
+        plan.write(write);
+    }
+    if clocks_locked && facts.controls.gpu_clocks_lockable {
+        let write = gpu.plan_write(WriteOp::ResetGpuLockedClocks, Origin::Shutdown);
+        plan.write(write);
     }
     plan
 }

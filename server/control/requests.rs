@@ -289,6 +289,19 @@ pub(crate) fn set_power_limit(
             pos,
             Effect::Persist(DesiredChange::OperatorCeiling(new_ceiling)),
         ));
+        // Raising: until the write lands (or, where the governor holds the
+        // GPU lower, until it cools) the GPU sits below the ceiling in
+        // force, so it is recorded as held down first; a crash before then
+        // leaves a flag the next start acts on. A limit not read yet counts
+        // as below: the flag is cleared when the write lands at the ceiling.
+        if f.controls.power_limit_settable
+            && !gpu.desired.governor_lowered_limit
+            && current
+                .is_none_or(|cur| cur.saturating_add(super::gpu::LIMIT_TOLERANCE_MW) < ceiling)
+        {
+            DesiredChange::LoweredLimit(true).apply(&mut gpu.desired);
+            effects.push((pos, Effect::Persist(DesiredChange::LoweredLimit(true))));
+        }
         results.push(PowerLimitResult {
             index: f.index,
             uuid: f.uuid.clone(),
@@ -431,7 +444,7 @@ pub(crate) fn set_threshold(
                 threshold_c: threshold,
             });
         }
-        match f.slowdown_c {
+        match super::gpu::slowdown_c(f) {
             Some(slowdown_c) if threshold >= slowdown_c => {
                 return Err(ControlError::ThresholdNotBelowSlowdown {
                     index,
@@ -446,7 +459,7 @@ pub(crate) fn set_threshold(
             }
             _ => {}
         }
-        if threshold < hysteresis + 20 {
+        if threshold < hysteresis.saturating_add(20) {
             return Err(ControlError::BandTooNarrow {
                 index,
                 threshold_c: threshold,

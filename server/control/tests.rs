@@ -175,8 +175,10 @@ fn first_reading_releases_a_clock_lock_a_previous_run_left() {
     assert_eq!(gpu.clock_cap_mhz, None);
 }
 
+/// Issue 12 row 6: dry run stops only new decisions; a throttle a killed
+/// run of gpuwatch left is undone at start all the same.
 #[test]
-fn first_reading_in_dry_run_records_what_it_would_do_and_writes_nothing() {
+fn first_reading_in_dry_run_still_undoes_a_throttle_gpuwatch_left() {
     let facts = h100(0);
     let saved = GpuState {
         governor_lowered_limit: true,
@@ -187,11 +189,90 @@ fn first_reading_in_dry_run_records_what_it_would_do_and_writes_nothing() {
         ..config()
     };
     let mut gpu = control(&facts, &config, &saved);
-    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(400_000)), T0);
-    assert_eq!(plan.writes().count(), 0);
-    assert_eq!(kinds(&plan), vec![EventKind::DryRunDecision]);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(520_000)), T0);
+    let write = only_write(&plan);
+    assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 700_000 });
+    assert!(
+        matches!(&write.origin, Origin::Startup { reason } if reason.contains("stale throttle") && reason.contains("dry run")),
+        "{write:?}"
+    );
+    assert!(
+        !kinds(&plan).contains(&EventKind::DryRunDecision),
+        "{plan:?}"
+    );
     assert!(gpu.lifecycle.governor().is_some(), "dry run still decides");
     assert_eq!(wire::governor_state(&gpu), GovernorState::ObserveOnly);
+    let done = ok_write(&mut gpu, &facts, &write);
+    assert_eq!(persists(&done), vec![DesiredChange::LoweredLimit(false)]);
+    // Decisions after that are dry run again: recorded, never written.
+    for s in 1..20 {
+        let plan = lifecycle::reading(&mut gpu, &facts, &reading(s, 85, Some(700_000)), T0);
+        assert_eq!(plan.writes().count(), 0, "{plan:?}");
+    }
+}
+
+#[test]
+fn first_reading_in_dry_run_still_releases_a_clock_lock_gpuwatch_left() {
+    let facts = laptop(0);
+    let saved = GpuState {
+        governor_clock_lock: true,
+        ..GpuState::default()
+    };
+    let config = ControllerConfig {
+        dry_run: true,
+        ..config()
+    };
+    let mut gpu = control(&facts, &config, &saved);
+    let mut r = reading(0, 40, None);
+    r.locked_gpu_clock_max_mhz = Some(900);
+    let plan = lifecycle::reading(&mut gpu, &facts, &r, T0);
+    assert_eq!(only_write(&plan).op, WriteOp::ResetGpuLockedClocks);
+}
+
+/// A dry-run shutdown still gives back a throttle a previous run left when
+/// the startup repair could not (it failed, or timed out).
+#[test]
+fn shutdown_in_dry_run_gives_back_a_throttle_the_startup_repair_did_not() {
+    let facts = h100(0);
+    let saved = GpuState {
+        governor_lowered_limit: true,
+        ..GpuState::default()
+    };
+    let config = ControllerConfig {
+        dry_run: true,
+        ..config()
+    };
+    let mut gpu = control(&facts, &config, &saved);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(520_000)), T0);
+    let write = only_write(&plan);
+    lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &write,
+        &Err(BackendError::Other("driver busy".into())),
+    );
+    assert!(gpu.desired.governor_lowered_limit, "still lowered");
+    let restore = only_write(&lifecycle::shutdown(&mut gpu, &facts));
+    assert_eq!(restore.op, WriteOp::SetPowerLimit { limit_mw: 700_000 });
+    assert_eq!(restore.origin, Origin::Shutdown);
+}
+
+/// A `lowered` flag for a GPU found at its ceiling (the driver reset it
+/// while the GPU was lost, or while gpuwatch was down) is cleared at the
+/// first reading, with nothing written.
+#[test]
+fn a_lowered_flag_for_a_gpu_found_at_its_ceiling_is_cleared() {
+    let facts = h100(0);
+    let saved = GpuState {
+        governor_lowered_limit: true,
+        ..GpuState::default()
+    };
+    let mut gpu = control(&facts, &config(), &saved);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(700_000)), T0);
+    assert_eq!(plan.writes().count(), 0, "{plan:?}");
+    assert_eq!(persists(&plan), vec![DesiredChange::LoweredLimit(false)]);
+    assert!(!gpu.desired.governor_lowered_limit);
+    assert!(lifecycle::shutdown(&mut gpu, &facts).is_empty());
 }
 
 #[test]
@@ -507,11 +588,11 @@ fn shutdown_restores_to_the_operator_ceiling_not_the_default() {
     let facts = h100(0);
     let saved = GpuState {
         operator_ceiling_mw: Some(550_000),
-        governor_lowered_limit: true,
         ..GpuState::default()
     };
-    let mut gpu = control(&facts, &config(), &saved);
-    lifecycle::reading(&mut gpu, &facts, &reading(0, 40, Some(550_000)), T0);
+    let mut gpu = running(&facts, &config(), &saved);
+    let plan = heat_until_write(&mut gpu, &facts, 550_000);
+    ok_write(&mut gpu, &facts, &only_write(&plan));
     let write = only_write(&lifecycle::shutdown(&mut gpu, &facts));
     assert_eq!(write.op, WriteOp::SetPowerLimit { limit_mw: 550_000 });
 }
@@ -547,54 +628,6 @@ fn shutdown_releases_the_governors_clock_lock() {
 }
 
 // --- operator requests ---------------------------------------------------
-
-/// Found by the property test: a ceiling the GPU already "has" is still
-/// written while an earlier request's write is under way, or that write
-/// lands last and leaves its limit behind.
-#[test]
-fn a_ceiling_asked_for_while_a_write_is_under_way_is_written_again() {
-    let facts = h100(0);
-    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
-    gpus[0].expected_limit_mw = Some(700_000);
-    // SetPowerLimit(200 W) is planned; its write has not landed yet.
-    let lower = requests::set_power_limit(
-        &mut gpus,
-        &[&facts],
-        &[0],
-        PowerTarget::Watts(200.0),
-        "ops",
-        1,
-    )
-    .expect("valid");
-    let wrote = |plan: &requests::RequestPlan<_>| -> Vec<WriteOp> {
-        plan.effects
-            .iter()
-            .filter_map(|(_, e)| match e {
-                Effect::Write(w) => Some(w.op),
-                _ => None,
-            })
-            .collect()
-    };
-    assert_eq!(
-        wrote(&lower),
-        [WriteOp::SetPowerLimit { limit_mw: 200_000 }]
-    );
-    assert_eq!(gpus[0].in_flight, 1);
-    // Back to the default (700 W, what `expected_limit_mw` still says).
-    let restore = requests::set_power_limit(
-        &mut gpus,
-        &[&facts],
-        &[0],
-        PowerTarget::RestoreDefault,
-        "ops",
-        2,
-    )
-    .expect("valid");
-    assert_eq!(
-        wrote(&restore),
-        [WriteOp::SetPowerLimit { limit_mw: 700_000 }]
-    );
-}
 
 #[test]
 fn set_power_limit_sets_persists_records_and_writes_the_ceiling() {
@@ -875,68 +908,6 @@ fn set_threshold_sets_persists_and_retunes_the_governor() {
 }
 
 #[test]
-fn a_new_threshold_alone_keeps_the_operators_hysteresis_in_desired_state() {
-    let facts = h100(0);
-    let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
-    for (threshold, hysteresis) in [(75, Some(8)), (76, None)] {
-        let plan = requests::set_threshold(
-            &mut gpus,
-            &[&facts],
-            &[0],
-            ThresholdTarget::Celsius(threshold),
-            hysteresis,
-            "ops",
-        )
-        .expect("valid");
-        assert_eq!(
-            plan.effects[0].1,
-            Effect::Persist(DesiredChange::Threshold {
-                threshold_c: Some(threshold),
-                hysteresis_c: Some(8)
-            }),
-            "what is persisted after SetThreshold {threshold} {hysteresis:?}"
-        );
-    }
-    assert_eq!(gpus[0].desired.hysteresis_c, Some(8));
-    assert_eq!(gpus[0].hysteresis_c, 8);
-    // Restore-default with a hysteresis: the threshold is the
-    // configuration's again, the hysteresis the operator's.
-    let plan = requests::set_threshold(
-        &mut gpus,
-        &[&facts],
-        &[0],
-        ThresholdTarget::RestoreDefault,
-        Some(6),
-        "ops",
-    )
-    .expect("valid");
-    assert_eq!(
-        plan.effects[0].1,
-        Effect::Persist(DesiredChange::Threshold {
-            threshold_c: None,
-            hysteresis_c: Some(6)
-        })
-    );
-    // And without one, both go back to the configuration's.
-    let plan = requests::set_threshold(
-        &mut gpus,
-        &[&facts],
-        &[0],
-        ThresholdTarget::RestoreDefault,
-        None,
-        "ops",
-    )
-    .expect("valid");
-    assert_eq!(
-        plan.effects[0].1,
-        Effect::Persist(DesiredChange::Threshold {
-            threshold_c: None,
-            hysteresis_c: None
-        })
-    );
-}
-
-#[test]
 fn set_threshold_refusals_name_the_allowed_range() {
     let facts = h100(0);
     let mut gpus = vec![running(&facts, &config(), &GpuState::default())];
@@ -984,6 +955,118 @@ fn set_threshold_refusals_name_the_allowed_range() {
     assert_eq!(gpus[0].threshold_c, 70, "refusals changed nothing");
 }
 
+// --- writes that time out (issue 12 row 13) --------------------------------
+
+/// A write that times out after it started on the device stays in flight
+/// (no drift correction, no governor step) and, when it lands, is recorded
+/// and becomes the limit gpuwatch expects: nothing reverts it.
+#[test]
+fn a_write_still_running_at_its_timeout_is_recorded_when_it_lands_and_not_reverted() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = heat_until_write(&mut gpu, &facts, 700_000);
+    let write = only_write(&plan);
+    let WriteOp::SetPowerLimit { limit_mw } = write.op else {
+        panic!("a power write: {write:?}");
+    };
+    let plan = lifecycle::write_still_running(&facts, &write);
+    assert_eq!(kinds(&plan), vec![EventKind::ControlFailed]);
+    assert!(
+        plan.events().all(|e| e.reason.contains("still under way")),
+        "{plan:?}"
+    );
+    assert_eq!(gpu.in_flight, 1, "still in flight");
+    // It lands on the device before gpuwatch hears of it: a reading at the
+    // new limit is not drift.
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(60, 80, Some(limit_mw)), T0);
+    assert!(plan.is_empty(), "{plan:?}");
+    let plan = lifecycle::late_write_done(&mut gpu, &facts, &write, &Ok(()));
+    let event = plan.events().next().expect("the late write is recorded");
+    assert_eq!(event.kind, EventKind::PowerLimitChanged);
+    assert!(event.reason.contains("late"), "{}", event.reason);
+    assert_eq!(gpu.expected_limit_mw, Some(limit_mw));
+    assert_eq!(gpu.in_flight, 0);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(61, 74, Some(limit_mw)), T0);
+    assert!(!kinds(&plan).contains(&EventKind::LimitDrift), "{plan:?}");
+}
+
+/// A write cancelled before it started changed nothing: the limit gpuwatch
+/// expects stays, and the next reading is not drift.
+#[test]
+fn a_write_cancelled_at_its_timeout_changes_nothing_and_is_not_drift() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let plan = heat_until_write(&mut gpu, &facts, 700_000);
+    let write = only_write(&plan);
+    let plan = lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &write,
+        &Err(BackendError::Timeout("cancelled, never applied".into())),
+    );
+    assert_eq!(kinds(&plan), vec![EventKind::ControlFailed]);
+    assert_eq!(gpu.in_flight, 0);
+    assert_eq!(gpu.expected_limit_mw, Some(700_000));
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(60, 80, Some(700_000)), T0);
+    assert!(!kinds(&plan).contains(&EventKind::LimitDrift), "{plan:?}");
+}
+
+// --- absurd device facts ---------------------------------------------------
+
+/// NVML answering 0 for the slowdown temperature must not drag the derived
+/// threshold to its minimum (which would hold the GPU at its floor), nor
+/// refuse every operator threshold as "not below slowdown".
+#[test]
+fn a_slowdown_of_zero_never_drags_the_threshold_to_its_minimum() {
+    let mut facts = h100(0);
+    facts.slowdown_c = Some(0);
+    let (gpu, warning) =
+        GpuControl::new(&facts, &ControllerConfig::default(), &GpuState::default());
+    assert!(warning.is_none(), "{warning:?}");
+    assert!(gpu.threshold_c >= 80, "threshold {} °C", gpu.threshold_c);
+    let mut gpus = vec![running(
+        &facts,
+        &ControllerConfig::default(),
+        &GpuState::default(),
+    )];
+    let plan = requests::set_threshold(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        ThresholdTarget::Celsius(75),
+        None,
+        "ops",
+    )
+    .expect("a normal threshold is accepted");
+    assert_eq!(plan.reply.finish().expect("ok")[0].threshold_c, 75);
+}
+
+/// Limits at the edge of u32 plan without overflow.
+#[test]
+fn limits_at_the_edge_of_the_range_do_not_overflow() {
+    let mut facts = h100(0);
+    facts.power_max_mw = None;
+    facts.power_default_mw = Some(u32::MAX);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let write = governor_write(u32::MAX - 10);
+    let _ = ok_write(&mut gpu, &facts, &write);
+    let mut gpus = vec![gpu];
+    let plan = requests::set_power_limit(
+        &mut gpus,
+        &[&facts],
+        &[0],
+        PowerTarget::Watts(4_294_967.0),
+        "ops",
+        1,
+    )
+    .expect("within the (unknown) range");
+    for (_, effect) in plan.effects {
+        if let Effect::Write(w) = effect {
+            let _ = lifecycle::write_done(&mut gpus[0], &facts, &w, &Ok(()));
+        }
+    }
+}
+
 // --- property tests --------------------------------------------------------
 
 mod properties {
@@ -1009,8 +1092,16 @@ mod properties {
         Recovered(bool),
         /// The driver resets the limit to its default (drift).
         DriverReset,
-        /// The oldest write in flight finishes.
+        /// The oldest write in flight finishes (a write that timed out
+        /// while running lands late).
         Complete(Outcome),
+        /// The oldest write in flight times out: cancelled when `true`
+        /// (it had not started), else still running on the device.
+        TimedOut(bool),
+        /// The daemon is killed (writes under way are lost with it) and
+        /// started again on the same desired state — the GPU lost at that
+        /// start if it is lost now.
+        Restart,
         SetPowerLimit(Option<u32>),
         SetThreshold(Option<u32>),
         ResetClocks,
@@ -1029,6 +1120,8 @@ mod properties {
                 1 => Just(Outcome::NoPermission),
             ]
             .prop_map(Input::Complete),
+            1 => any::<bool>().prop_map(Input::TimedOut),
+            1 => Just(Input::Restart),
             1 => proptest::option::of(200u32..=700).prop_map(Input::SetPowerLimit),
             1 => proptest::option::of(50u32..=85).prop_map(Input::SetThreshold),
             1 => Just(Input::ResetClocks),
@@ -1047,18 +1140,26 @@ mod properties {
         clock_cap_mhz: Option<u32>,
         lost: bool,
         stored: GpuState,
-        in_flight: VecDeque<Write>,
+        /// Writes under way, oldest first; `true` once one has timed out
+        /// while running (it lands late).
+        in_flight: VecDeque<(Write, bool)>,
         time_s: u64,
         next_reply: u64,
     }
 
     impl World {
         fn new(facts: DeviceFacts, dry_run: bool) -> Self {
+            Self::with_saved(facts, dry_run, GpuState::default())
+        }
+
+        /// A world whose disk already holds `saved` (from a previous run,
+        /// or a damaged state file).
+        fn with_saved(facts: DeviceFacts, dry_run: bool, saved: GpuState) -> Self {
             let config = ControllerConfig {
                 dry_run,
                 ..config()
             };
-            let gpu = control(&facts, &config, &GpuState::default());
+            let gpu = control(&facts, &config, &saved);
             Self {
                 limit_mw: facts
                     .power_default_mw
@@ -1069,7 +1170,7 @@ mod properties {
                 config,
                 clock_cap_mhz: None,
                 lost: false,
-                stored: GpuState::default(),
+                stored: saved,
                 in_flight: VecDeque::new(),
                 time_s: 0,
                 next_reply: 0,
@@ -1098,10 +1199,10 @@ mod properties {
                             WriteOp::SetPowerLimit { limit_mw } => {
                                 let ceiling = ceiling.unwrap_or(u32::MAX);
                                 prop_assert!(
-                                    limit_mw <= ceiling + 1,
+                                    limit_mw <= ceiling.saturating_add(1),
                                     "{limit_mw} mW planned above the ceiling {ceiling} mW: {write:?}"
                                 );
-                                if limit_mw + LIMIT_TOLERANCE_MW < ceiling {
+                                if limit_mw.saturating_add(LIMIT_TOLERANCE_MW) < ceiling {
                                     prop_assert!(
                                         persisted.contains(&DesiredChange::LoweredLimit(true)),
                                         "{write:?} lowers the GPU before its plan persists `lowered`"
@@ -1119,7 +1220,7 @@ mod properties {
                             }
                             _ => {}
                         }
-                        self.in_flight.push_back(write);
+                        self.in_flight.push_back((write, false));
                     }
                     Effect::Record(_) | Effect::RecordGovernorAction(_) => {}
                 }
@@ -1134,7 +1235,7 @@ mod properties {
         }
 
         fn complete(&mut self, outcome: Outcome) -> Result<(), TestCaseError> {
-            let Some(write) = self.in_flight.pop_front() else {
+            let Some((write, late)) = self.in_flight.pop_front() else {
                 return Ok(());
             };
             let result = match outcome {
@@ -1157,8 +1258,70 @@ mod properties {
                 Outcome::NotSupported => Err(BackendError::NotSupported("refused".into())),
                 Outcome::NoPermission => Err(BackendError::NoPermission("refused".into())),
             };
-            let plan = lifecycle::write_done(&mut self.gpu, &self.facts, &write, &result);
-            self.carry_out(plan.effects)
+            let plan = if late {
+                lifecycle::late_write_done(&mut self.gpu, &self.facts, &write, &result)
+            } else {
+                lifecycle::write_done(&mut self.gpu, &self.facts, &write, &result)
+            };
+            self.carry_out(plan.effects)?;
+            if let (Ok(()), WriteOp::SetPowerLimit { limit_mw }) = (&result, write.op) {
+                prop_assert_eq!(
+                    self.gpu.expected_limit_mw,
+                    Some(limit_mw),
+                    "gpuwatch expects what it wrote, late or not"
+                );
+            }
+            Ok(())
+        }
+
+        /// The oldest write under way times out.
+        fn time_out(&mut self, cancelled: bool) -> Result<(), TestCaseError> {
+            let Some(pos) = self.in_flight.iter().position(|(_, late)| !late) else {
+                return Ok(());
+            };
+            if pos != 0 && !cancelled {
+                // Writes run in order: one queued behind a write still
+                // running has not started, so it can only be cancelled.
+                return Ok(());
+            }
+            if cancelled {
+                let Some((write, _)) = self.in_flight.remove(pos) else {
+                    return Ok(());
+                };
+                let before = self.gpu.expected_limit_mw;
+                let result = Err(BackendError::Timeout("cancelled, never applied".into()));
+                let plan = lifecycle::write_done(&mut self.gpu, &self.facts, &write, &result);
+                prop_assert_eq!(self.gpu.expected_limit_mw, before, "nothing was written");
+                self.carry_out(plan.effects)
+            } else {
+                let Some(entry) = self.in_flight.front_mut() else {
+                    return Ok(());
+                };
+                entry.1 = true;
+                let write = entry.0.clone();
+                let plan = lifecycle::write_still_running(&self.facts, &write);
+                prop_assert_eq!(plan.writes().count(), 0);
+                self.carry_out(plan.effects)
+            }
+        }
+
+        /// SIGKILL and a fresh start on the stored desired state.
+        fn restart(&mut self) -> Result<(), TestCaseError> {
+            // Whatever was under way dies with the process, unapplied.
+            self.in_flight.clear();
+            self.gpu = control(&self.facts, &self.config, &self.stored);
+            if self.lost {
+                // Lost at start: known by index only until it is back.
+                let unknown = DeviceFacts {
+                    index: self.facts.index,
+                    ..DeviceFacts::default()
+                };
+                self.gpu = control(&unknown, &self.config, &GpuState::default());
+                self.gpu.desired = self.stored.clone();
+                let plan = lifecycle::lost(&mut self.gpu);
+                return self.carry_out(plan.effects);
+            }
+            Ok(())
         }
 
         fn step(&mut self, input: &Input) -> Result<(), TestCaseError> {
@@ -1169,6 +1332,7 @@ mod properties {
                     }
                     self.time_s += 1;
                     let idle_before = self.gpu.in_flight == 0;
+                    let first = matches!(self.gpu.lifecycle, Lifecycle::AwaitingFirstReading);
                     let mut r = reading(self.time_s, temperature_c, self.limit_mw);
                     r.locked_gpu_clock_max_mhz = self.clock_cap_mhz;
                     let plan = lifecycle::reading(
@@ -1177,6 +1341,12 @@ mod properties {
                         &r,
                         T0 + Duration::from_secs(self.time_s),
                     );
+                    if idle_before && !first && self.limit_written {
+                        prop_assert!(
+                            !plan.events().any(|e| e.kind == EventKind::LimitDrift),
+                            "drift correction fights a limit gpuwatch wrote: {plan:?}"
+                        );
+                    }
                     if idle_before && self.gpu.mode_governs() {
                         prop_assert!(
                             self.gpu.lifecycle.governor().is_some(),
@@ -1225,6 +1395,8 @@ mod properties {
                     return Ok(());
                 }
                 Input::Complete(outcome) => return self.complete(outcome),
+                Input::TimedOut(cancelled) => return self.time_out(cancelled),
+                Input::Restart => return self.restart(),
                 Input::SetPowerLimit(watts) => {
                     self.next_reply += 1;
                     let target = watts.map_or(PowerTarget::RestoreDefault, |w| {
@@ -1303,18 +1475,12 @@ mod properties {
             let plan = lifecycle::shutdown(&mut self.gpu, &self.facts);
             let wrote = plan.writes().count() > 0;
             let ceiling = self.gpu.ceiling_mw(&self.facts);
-            let below_ceiling = matches!((self.limit_mw, ceiling), (Some(l), Some(c)) if l + LIMIT_TOLERANCE_MW < c);
-            // gpuwatch's own last write left the limit below the ceiling (as
-            // far as it knows: a driver reset it has not read yet may have
-            // undone it); giving it back is then the safe side.
-            let ours_below = self.gpu.limit_is_ours
-                && matches!((self.gpu.expected_limit_mw, ceiling), (Some(l), Some(c)) if l + LIMIT_TOLERANCE_MW < c);
+            let below_ceiling = matches!((self.limit_mw, ceiling), (Some(l), Some(c)) if l.saturating_add(LIMIT_TOLERANCE_MW) < c);
             let untouched = !below_ceiling
                 && self.clock_cap_mhz.is_none()
                 && !self.stored.governor_lowered_limit
                 && !self.stored.governor_clock_lock
-                && !governor_lowered
-                && !ours_below;
+                && !governor_lowered;
             self.carry_out(plan.effects)?;
             while !self.in_flight.is_empty() {
                 self.complete(Outcome::Ok)?;
@@ -1332,7 +1498,7 @@ mod properties {
                         return Ok(());
                     };
                     prop_assert!(
-                        limit + LIMIT_TOLERANCE_MW >= ceiling,
+                        limit.saturating_add(LIMIT_TOLERANCE_MW) >= ceiling,
                         "left lowered at shutdown: {limit} mW under a {ceiling} mW ceiling"
                     );
                 }
@@ -1378,28 +1544,111 @@ mod properties {
         }
     }
 
+    /// Device facts no real GPU reports (NVML answering 0, a minimum above
+    /// the maximum, limits at the edge of u32), raw or as the device edge
+    /// leaves them after `sanitize`.
+    fn absurd_facts() -> impl Strategy<Value = DeviceFacts> {
+        let temp = prop_oneof![
+            Just(None),
+            Just(Some(0)),
+            Just(Some(1)),
+            Just(Some(89)),
+            Just(Some(200)),
+            Just(Some(u32::MAX)),
+        ];
+        let mw = || {
+            prop_oneof![
+                Just(None),
+                Just(Some(0)),
+                Just(Some(1)),
+                Just(Some(200_000)),
+                Just(Some(700_000)),
+                Just(Some(900_000)),
+                Just(Some(u32::MAX)),
+            ]
+        };
+        let mhz = prop_oneof![
+            Just(None),
+            Just(Some(0)),
+            Just(Some(1980)),
+            Just(Some(u32::MAX))
+        ];
+        (temp, mw(), mw(), mw(), mhz, any::<bool>(), any::<bool>()).prop_map(
+            |(slowdown, min, max, default, clock, sanitize, clocks_only)| {
+                let mut f = if clocks_only { laptop(0) } else { h100(0) };
+                f.slowdown_c = slowdown;
+                f.power_min_mw = min;
+                f.power_max_mw = max;
+                f.power_default_mw = default;
+                f.max_graphics_clock_mhz = clock;
+                if sanitize {
+                    let _ = f.sanitize();
+                }
+                f
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever facts a GPU reports, the planners neither panic (no
+        /// overflow, no underflow, no clamp of an empty range) nor plan
+        /// outside the ceiling, nor lose a `lowered` flag.
+        #[test]
+        fn absurd_device_facts_never_panic_or_break_the_promises(
+            facts in absurd_facts(),
+            dry_run in proptest::bool::weighted(0.15),
+            inputs in proptest::collection::vec(input(), 1..80),
+        ) {
+            let mut world = World::new(facts, dry_run);
+            for input in &inputs {
+                world.step(input)?;
+            }
+            world.shut_down()?;
+        }
+
+        /// Whatever a previous run (or a damaged state file) left on disk —
+        /// thresholds and ceilings out of any range, flags set or not — the
+        /// planners neither panic nor plan above the ceiling in force, and
+        /// a GPU left lowered is given back.
+        #[test]
+        fn absurd_saved_state_never_panics_or_breaks_the_promises(
+            ceiling in proptest::option::of(prop_oneof![Just(0u32), Just(1), 200_000u32..=700_000, Just(900_000), Just(u32::MAX)]),
+            threshold in proptest::option::of(prop_oneof![Just(0u32), 30u32..=120, Just(10_000), Just(u32::MAX)]),
+            hysteresis in proptest::option::of(prop_oneof![Just(0u32), 1u32..=20, Just(u32::MAX)]),
+            lowered in any::<bool>(),
+            clock_lock in any::<bool>(),
+            clocks_only in any::<bool>(),
+            inputs in proptest::collection::vec(input(), 1..80),
+        ) {
+            // Fields added to the state later keep their defaults here.
+            #[allow(clippy::needless_update)]
+            let saved = GpuState {
+                operator_ceiling_mw: ceiling,
+                threshold_c: threshold,
+                hysteresis_c: hysteresis,
+                governor_lowered_limit: lowered,
+                governor_clock_lock: clock_lock,
+                ..GpuState::default()
+            };
+            let facts = if clocks_only { laptop(0) } else { h100(0) };
+            let mut world = World::with_saved(facts, false, saved);
+            prop_assert!(world.gpu.threshold_c >= crate::config::THRESHOLD_MIN_C);
+            prop_assert!(world.gpu.threshold_c <= crate::config::THRESHOLD_MAX_C);
+            prop_assert!(world.gpu.hysteresis_c <= crate::config::HYSTERESIS_MAX_C);
+            for input in &inputs {
+                world.step(input)?;
+            }
+            world.shut_down()?;
+        }
+    }
+
     /// The cases the brief names, spelled out so they always run.
     #[test]
     fn named_sequences_keep_the_promises() {
         use Input::*;
         let sequences: Vec<Vec<Input>> = vec![
-            // Found by the property test: back to the default while an
-            // earlier, lower ceiling's write is still under way.
-            vec![
-                SetPowerLimit(None),
-                SetPowerLimit(Some(200)),
-                Complete(Outcome::Ok),
-                SetPowerLimit(None),
-            ],
-            // Found by the property test: an operator's lower ceiling lands
-            // after the GPU was lost and came back.
-            vec![
-                Reading(35),
-                SetPowerLimit(Some(200)),
-                SetPowerLimit(None),
-                Lost,
-                Recovered(false),
-            ],
             // Lost and back, hot.
             vec![
                 Reading(40),
@@ -1445,6 +1694,116 @@ mod properties {
                 Recovered(false),
                 Reading(40),
                 Reading(41),
+            ],
+            // Lost after a governor cut landed, back, hot again.
+            vec![
+                Reading(40),
+                Reading(85),
+                Reading(88),
+                Complete(Outcome::Ok),
+                Lost,
+                Recovered(false),
+                Reading(88),
+                Reading(89),
+            ],
+            // A driver limit reset while lost, after a governor cut.
+            vec![
+                Reading(40),
+                Reading(88),
+                Reading(89),
+                Complete(Outcome::Ok),
+                Lost,
+                DriverReset,
+                Recovered(false),
+                Reading(89),
+                Reading(90),
+            ],
+            // Restarted (SIGKILL) while lost with `lowered` persisted: the
+            // GPU is lost at that start, comes back, is governed.
+            vec![
+                Reading(40),
+                Reading(88),
+                Reading(89),
+                Complete(Outcome::Ok),
+                Lost,
+                Restart,
+                Recovered(false),
+                Reading(89),
+                Reading(90),
+            ],
+            // Restarted while lowered (not lost): the stale throttle goes.
+            vec![
+                Reading(40),
+                Reading(88),
+                Reading(89),
+                Complete(Outcome::Ok),
+                Restart,
+                Reading(60),
+                Complete(Outcome::Ok),
+                Reading(88),
+            ],
+            // Back with different default limits, twice.
+            vec![
+                Reading(40),
+                Lost,
+                Recovered(true),
+                Reading(88),
+                Lost,
+                Recovered(true),
+                Reading(88),
+                Reading(89),
+            ],
+            // A governor cut times out while running and lands late; then
+            // one is cancelled while queued.
+            vec![
+                Reading(40),
+                Reading(88),
+                Reading(89),
+                TimedOut(false),
+                Reading(89),
+                Complete(Outcome::Ok),
+                Reading(89),
+                Reading(70),
+                Reading(60),
+                TimedOut(true),
+                Reading(60),
+            ],
+            // An operator's lower ceiling lands after it was raised again,
+            // and the raise fails: the GPU is still given back at shutdown.
+            vec![
+                SetPowerLimit(None),
+                SetPowerLimit(Some(200)),
+                SetPowerLimit(None),
+                Complete(Outcome::Ok),
+                Complete(Outcome::Ok),
+                Complete(Outcome::Failed),
+            ],
+            // The operator's raise is cancelled at its timeout: the GPU is
+            // still given back at shutdown.
+            vec![
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                SetPowerLimit(None),
+                TimedOut(true),
+            ],
+            // Killed while the operator's raise was under way: the GPU is
+            // recorded as held down, so the next start gives it back.
+            vec![
+                Reading(35),
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                SetPowerLimit(None),
+                Restart,
+            ],
+            // A raise asked for before the first reading after a restart,
+            // and refused by the driver.
+            vec![
+                Reading(35),
+                SetPowerLimit(Some(200)),
+                Complete(Outcome::Ok),
+                Restart,
+                SetPowerLimit(None),
+                Complete(Outcome::Failed),
             ],
             // Lowered, then the write refused: fallback.
             vec![

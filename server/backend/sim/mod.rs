@@ -75,9 +75,13 @@ pub fn demo_fleet() -> SimulatorConfig {
         repeat: None,
         lost_at: None,
         recover_at: None,
+        lost_every: None,
+        recover_power_default_watts: None,
         limit_reset_at: None,
         read_hang_at: None,
         read_hang_for: None,
+        write_hang_at: None,
+        write_hang_for: None,
         write_error: None,
         xid: Vec::new(),
         power_limit_settable: None,
@@ -238,6 +242,26 @@ pub fn sim_uuid(key: PresetKey, index: u32) -> String {
     )
 }
 
+/// True when simulated time `now` is inside one of `config`'s lost windows
+/// (`lost_at` to `recover_at`, repeating every `lost_every`).
+fn in_lost_window(config: &SimGpuConfig, now: Duration) -> bool {
+    let Some(at) = config.lost_at else {
+        return false;
+    };
+    if now < at {
+        return false;
+    }
+    let since = match config.lost_every {
+        Some(every) if !every.is_zero() => {
+            Duration::from_nanos((now - at).as_nanos().rem_euclid(every.as_nanos()) as u64)
+        }
+        _ => now - at,
+    };
+    config
+        .recover_at
+        .is_none_or(|back| since < back.saturating_sub(at))
+}
+
 /// One simulated GPU, driven from its sampler thread.
 struct SimDevice {
     index: u32,
@@ -250,6 +274,9 @@ struct SimDevice {
     pending_xids: Vec<(Duration, u64)>,
     limit_reset_done: bool,
     was_lost: bool,
+    /// The default power limit the board reports after coming back with
+    /// `recover_power_default_watts`.
+    default_override_w: Option<f64>,
     hardware: Arc<HardwareStore>,
 }
 
@@ -276,6 +303,7 @@ impl SimDevice {
             pending_xids,
             limit_reset_done: false,
             was_lost: false,
+            default_override_w: None,
             hardware,
         }
     }
@@ -296,6 +324,12 @@ impl SimDevice {
         &self.model.params().preset
     }
 
+    /// The default power limit the board reports now.
+    fn default_w(&self) -> f64 {
+        self.default_override_w
+            .unwrap_or(self.preset().power_default_w)
+    }
+
     /// Brings the model to now and applies time-triggered faults.
     fn catch_up(&mut self) -> Result<(), BackendError> {
         let now = self.clock.now();
@@ -307,8 +341,7 @@ impl SimDevice {
             self.limit_reset_done = true;
             self.reset_to_boot_state();
         }
-        let lost = self.config.lost_at.is_some_and(|at| now >= at)
-            && self.config.recover_at.is_none_or(|at| now < at);
+        let lost = in_lost_window(&self.config, now);
         if lost || self.model.is_shut_down() {
             self.was_lost = true;
             let why = if lost {
@@ -322,15 +355,20 @@ impl SimDevice {
             )));
         }
         if self.was_lost {
-            // A GPU that comes back has been reset: driver defaults again.
+            // A GPU that comes back has been reset: driver defaults again
+            // (another default, where the scenario says so).
             self.was_lost = false;
+            if let Some(w) = self.config.recover_power_default_watts {
+                let p = self.preset();
+                self.default_override_w = Some(w.clamp(p.power_min_w, p.power_max_w));
+            }
             self.reset_to_boot_state();
         }
         Ok(())
     }
 
     fn reset_to_boot_state(&mut self) {
-        let default_mw = model::watts_to_mw(self.preset().power_default_w);
+        let default_mw = model::watts_to_mw(self.default_w());
         self.model.set_power_limit_mw(default_mw);
         self.model.set_gpu_clock_lock(None);
         self.model.set_memory_clock_locked(false);
@@ -349,7 +387,22 @@ impl SimDevice {
         }
     }
 
+    /// A write started inside the `write_hang_at` window blocks until the
+    /// window ends, then goes ahead (a write that lands late).
+    fn hang_write_if_scheduled(&self) {
+        let (Some(at), Some(duration)) = (self.config.write_hang_at, self.config.write_hang_for)
+        else {
+            return;
+        };
+        let now = self.clock.now();
+        let end = at + duration;
+        if now >= at && now < end {
+            thread::sleep(self.clock.wall(end - now));
+        }
+    }
+
     fn check_write(&mut self, supported: bool, what: &str) -> Result<(), BackendError> {
+        self.hang_write_if_scheduled();
         self.catch_up()?;
         match self.config.write_error {
             Some(SimWriteError::NoPermission) => {
@@ -392,7 +445,7 @@ impl GpuDevice for SimDevice {
             pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + self.index * 0x10),
             power_min_mw: mw(p.power_min_w),
             power_max_mw: mw(p.power_max_w),
-            power_default_mw: mw(p.power_default_w),
+            power_default_mw: mw(self.default_w()),
             slowdown_c: Some(p.slowdown_c),
             shutdown_c: Some(p.shutdown_c),
             max_operating_c: Some(p.max_operating_c),
@@ -563,6 +616,30 @@ mod tests {
         dev.set_power_limit(400_000).expect("in range");
         let r = dev.read(ReadScope { slow_fields: false }).expect("read");
         assert_eq!(r.power_limit_mw, Some(400_000));
+    }
+
+    #[test]
+    fn lost_windows_repeat_with_lost_every() {
+        let s = Duration::from_secs;
+        let mut g = base(PresetKey::H100Sxm);
+        g.lost_at = Some(s(30));
+        g.recover_at = Some(s(40));
+        let once: Vec<bool> = [0, 29, 30, 39, 40, 90, 95]
+            .iter()
+            .map(|t| in_lost_window(&g, s(*t)))
+            .collect();
+        assert_eq!(once, [false, false, true, true, false, false, false]);
+        g.lost_every = Some(s(60));
+        let again: Vec<bool> = [29, 30, 39, 40, 89, 90, 99, 100, 150]
+            .iter()
+            .map(|t| in_lost_window(&g, s(*t)))
+            .collect();
+        assert_eq!(
+            again,
+            [false, true, true, false, false, true, true, false, true]
+        );
+        g.recover_at = None;
+        assert!(in_lost_window(&g, s(1000)), "never back without recover_at");
     }
 
     #[test]

@@ -416,7 +416,7 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperatureThreshold(
                 Ok(g.board.shutdown_c)
             }
             nvmlTemperatureThresholds_enum_NVML_TEMPERATURE_THRESHOLD_SLOWDOWN => {
-                Ok(g.board.slowdown_c)
+                Ok(g.config.slowdown_c.unwrap_or(g.board.slowdown_c))
             }
             nvmlTemperatureThresholds_enum_NVML_TEMPERATURE_THRESHOLD_GPU_MAX => {
                 Ok(g.board.gpu_max_c)

@@ -137,6 +137,9 @@ pub struct GpuConfig {
     pub no_permission_on_write: bool,
     /// Fault: every query on this GPU sleeps this long before answering.
     pub hang_ms: u64,
+    /// Fault: the slowdown temperature threshold reported instead of the
+    /// board's (some boards answer 0).
+    pub slowdown_c: Option<u32>,
     /// XID errors that occurred on this GPU, oldest first. An append-only
     /// log: each entry is delivered once, to the event sets registered for
     /// this GPU (or, when none is registered yet, to the first that is).
@@ -161,6 +164,7 @@ impl Default for GpuConfig {
             failing: Vec::new(),
             no_permission_on_write: false,
             hang_ms: 0,
+            slowdown_c: None,
             xid: Vec::new(),
         }
     }
