@@ -120,7 +120,9 @@ async fn a_change_that_cannot_be_made_durable_is_an_error_and_the_durable_ceilin
         .collect();
     assert_eq!(failed.len(), 1, "announced once: {events:#?}");
     assert!(failed[0].reason.contains("state.json.tmp"), "{failed:?}");
-    let metrics = crate::http_support::get(&d.http_url("/metrics"), None).await;
+    let metrics =
+        crate::http_support::get_bearer(&d.http_url("/metrics"), gpuwatch_testkit::READ_TOKEN)
+            .await;
     assert!(
         metrics
             .body

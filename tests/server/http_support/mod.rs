@@ -96,9 +96,27 @@ pub async fn get_with(
     url: &str,
     accept: Option<&str>,
 ) -> Reply {
+    get_headers(client, url, accept, None).await
+}
+
+/// GET with `Authorization: Bearer <token>` (the HTTP side's read paths need
+/// one once the daemon has tokens).
+pub async fn get_bearer(url: &str, token: &str) -> Reply {
+    get_headers(&client(), url, None, Some(token)).await
+}
+
+async fn get_headers(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    accept: Option<&str>,
+    token: Option<&str>,
+) -> Reply {
     let mut req = hyper::Request::get(url);
     if let Some(accept) = accept {
         req = req.header("accept", accept);
+    }
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
     }
     let req = req.body(Empty::new()).expect("a request");
     let res = tokio::time::timeout(Duration::from_secs(30), client.request(req))
