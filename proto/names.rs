@@ -16,8 +16,9 @@
 //! log (a rollback) still understands every line.
 
 use crate::{
-    ActorKind, EventKind, GapReason, GovernorMode, GovernorState, GpuHealth, ResetOutcome,
-    Severity, TelemetryField, ThresholdSource, ThrottleCategory, ThrottleReason,
+    ActorKind, ContainerRuntime, EventKind, GapReason, GovernorMode, GovernorState, GpuHealth,
+    ProcessKind, ResetOutcome, Severity, TelemetryField, ThresholdSource, ThrottleCategory,
+    ThrottleReason,
 };
 
 /// An enum of the contract whose values have a short snake_case name.
@@ -57,6 +58,8 @@ named! {
     TelemetryField => "TELEMETRY_FIELD_",
     ThrottleReason => "THROTTLE_REASON_",
     ThrottleCategory => "THROTTLE_CATEGORY_",
+    ProcessKind => "PROCESS_KIND_",
+    ContainerRuntime => "CONTAINER_RUNTIME_",
 }
 
 /// The short name of a value: `observe_only`, `gpu_lost`, `unspecified`.

@@ -133,6 +133,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
+    /// Who uses each GPU: see `attribution`.
+    pub attribution: crate::attribution::AttributionConfig,
 }
 
 /// Listeners and server-wide limits.

@@ -447,6 +447,7 @@ impl EventLog {
             reason: new.reason,
             change: new.change,
             xid: new.xid,
+            attribution: None,
         });
         let Some(writer) = &self.writer else {
             *next_seq += 1;
@@ -896,6 +897,7 @@ fn decode_line(line: &[u8]) -> Option<api::Event> {
             }),
         }),
         xid: r.xid,
+        attribution: None,
     })
 }
 

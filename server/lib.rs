@@ -57,7 +57,16 @@ macro_rules! test_visible {
     };
 }
 
-test_visible!(auth, authz, events, governor, http, hub, persist);
+test_visible!(
+    attribution,
+    auth,
+    authz,
+    events,
+    governor,
+    http,
+    hub,
+    persist
+);
 
 /// The governor scenario runner: the governor against the simulator's
 /// physics in a loop, for the scenario tests and `examples/governor_report`.

@@ -93,6 +93,7 @@ impl GpuWatchService {
             sampler_interval_ms: duration_ms(hub.sampler_interval()),
             slow_interval_ms: duration_ms(hub.slow_interval()),
             history_frames: u32::try_from(hub.history_capacity()).unwrap_or(u32::MAX),
+            attribution: None,
         };
         Self {
             hub,

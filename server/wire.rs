@@ -78,6 +78,8 @@ pub fn device_info(
         max_memory_clock_mhz: facts.max_memory_clock_mhz,
         max_video_clock_mhz: facts.max_video_clock_mhz,
         memory_total_bytes: facts.memory_total_bytes,
+        mig_enabled: None,
+        mig_instances: Vec::new(),
     }
 }
 
@@ -159,6 +161,7 @@ pub fn sample(
             .map(|p| GpuProcess {
                 pid: p.pid,
                 used_memory_bytes: p.used_memory_bytes,
+                ..GpuProcess::default()
             })
             .collect();
         s.processes_time = Some((*at).into());

@@ -216,11 +216,66 @@ pub struct Ecc {
     pub uncorrected_aggregate: Option<u64>,
 }
 
+/// What a process uses the GPU for (NVML lists compute and graphics
+/// processes separately; one that appears in both is both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProcessKind {
+    #[default]
+    Compute,
+    Graphics,
+    ComputeAndGraphics,
+}
+
+/// A process's share of the GPU over the last sampling window, from NVML's
+/// process utilisation samples. Each field is `None` where the GPU does not
+/// sample it (never 0 for "unknown").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessUtilization {
+    pub sm_pct: Option<u32>,
+    pub memory_pct: Option<u32>,
+    pub encoder_pct: Option<u32>,
+    pub decoder_pct: Option<u32>,
+}
+
 /// One process on a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Process {
     pub pid: u32,
     pub used_memory_bytes: Option<u64>,
+    pub kind: ProcessKind,
+    /// `None` where the GPU gives no per-process utilisation samples.
+    pub utilization: Option<ProcessUtilization>,
+    /// The MIG instance the process runs in (its MIG UUID), when the GPU is
+    /// in MIG mode.
+    pub mig_uuid: Option<String>,
+}
+
+/// One MIG instance (a GPU instance with one compute instance) of a GPU in
+/// MIG mode, as the child device NVML exposes for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigInstance {
+    /// The child device's UUID, `MIG-…`.
+    pub uuid: String,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    /// The profile, as NVIDIA names it: `1g.10gb`, `3g.40gb`, …
+    pub profile: String,
+    /// Streaming multiprocessors the instance owns.
+    pub sm_count: Option<u32>,
+    pub memory_total_bytes: Option<u64>,
+    pub memory_used_bytes: Option<u64>,
+    /// Where NVML gives per-instance utilisation; `None` where it gives none.
+    pub utilization_gpu_pct: Option<u32>,
+}
+
+/// A GPU's MIG configuration at one reading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigReading {
+    /// MIG mode is on (current mode, not the pending one).
+    pub enabled: bool,
+    /// The instances, in GPU-instance then compute-instance order; empty
+    /// when MIG is off or on with no instance created.
+    pub instances: Vec<MigInstance>,
 }
 
 /// The slowly changing part of a reading.
@@ -229,6 +284,8 @@ pub struct SlowReading {
     pub ecc: Option<Ecc>,
     /// `None` when the GPU does not report processes.
     pub processes: Option<Vec<Process>>,
+    /// `None` when the GPU does not support MIG.
+    pub mig: Option<MigReading>,
 }
 
 /// One reading of one GPU. `None` means the GPU does not report the field.

@@ -90,6 +90,7 @@ fn full_sample(index: u32, seq: u64, temperature_c: u32) -> GpuSample {
         processes: vec![api::GpuProcess {
             pid: 4242,
             used_memory_bytes: Some(1 << 30),
+            ..api::GpuProcess::default()
         }],
         processes_time: Some(SystemTime::now().into()),
         governor_state: GovernorState::Throttling as i32,

@@ -398,10 +398,15 @@ impl NvmlDevice {
                             UsedGpuMemory::Used(bytes) => Some(bytes),
                             UsedGpuMemory::Unavailable => None,
                         },
+                        ..Process::default()
                     })
                     .collect()
             });
-        Ok(SlowReading { ecc, processes })
+        Ok(SlowReading {
+            ecc,
+            processes,
+            mig: None,
+        })
     }
 
     /// Runs a write, marking the GPU lost when the write says so.

@@ -422,10 +422,12 @@ impl GpuModel {
                     vec![Process {
                         pid: 41_000 + index,
                         used_memory_bytes: Some(workload_bytes),
+                        ..Process::default()
                     }]
                 } else {
                     Vec::new()
                 }),
+                mig: None,
             }),
             locked_gpu_clock_max_mhz: self.gpu_clock_lock.map(|(_, hi)| hi),
         }
