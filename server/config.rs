@@ -372,6 +372,151 @@ pub struct SimGpuConfig {
     /// Override the preset: can graphics clocks be locked?
     #[serde(default)]
     pub clocks_lockable: Option<bool>,
+    /// Processes on the GPU, with who owns them (the simulator's stand-in
+    /// for `/proc` and the cgroup tree). Without any, a busy GPU shows one
+    /// anonymous process, as before.
+    #[serde(default)]
+    pub processes: Vec<SimProcess>,
+    /// Kubernetes allocations of this GPU (or its MIG instances) beyond the
+    /// ones its pod processes imply: a pod allocated a GPU it does not use
+    /// yet is "allocated but idle".
+    #[serde(default)]
+    pub allocations: Vec<SimAllocation>,
+    /// MIG mode and instances (H100 and A100 presets only).
+    #[serde(default)]
+    pub mig: Option<SimMig>,
+}
+
+string_enum! {
+    /// What a simulated process uses the GPU for.
+    #[derive(Default)]
+    pub enum SimProcessKind {
+        #[default]
+        Compute = "compute",
+        Graphics = "graphics",
+        ComputeAndGraphics = "compute_and_graphics",
+    }
+}
+
+string_enum! {
+    /// The container runtime a simulated container runs under.
+    pub enum SimRuntime {
+        Containerd = "containerd",
+        CriO = "cri-o",
+        Docker = "docker",
+        Podman = "podman",
+    }
+}
+
+/// One simulated process and who owns it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimProcess {
+    pub pid: u32,
+    /// `comm`; "python3" when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The command line (shown only as `[attribution] command_lines` says).
+    #[serde(default)]
+    pub command_line: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// GPU memory it holds; absent: the driver does not say.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Its weight in the GPU's busy time: the GPU's utilisation is shared
+    /// among its processes in proportion (1 when absent).
+    #[serde(default)]
+    pub sm_share: Option<f64>,
+    /// Encoder and decoder use, percent.
+    #[serde(default)]
+    pub encoder_pct: Option<u32>,
+    #[serde(default)]
+    pub decoder_pct: Option<u32>,
+    #[serde(default)]
+    pub kind: SimProcessKind,
+    /// Runs from this simulated time (from the start when absent) ...
+    #[serde(default, with = "humantime_serde")]
+    pub from: Option<Duration>,
+    /// ... until this one (for ever when absent).
+    #[serde(default, with = "humantime_serde")]
+    pub until: Option<Duration>,
+    /// The MIG instance it runs in: an index into `mig.instances`.
+    #[serde(default)]
+    pub mig_instance: Option<usize>,
+    /// A container id (hex, made up from the pod when absent and a pod is
+    /// given).
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub runtime: Option<SimRuntime>,
+    /// Kubernetes names: all three or none.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub container: Option<String>,
+    /// A Slurm job id and step.
+    #[serde(default)]
+    pub slurm_job: Option<String>,
+    #[serde(default)]
+    pub slurm_step: Option<String>,
+    /// A systemd unit.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// A simulated kubelet allocation.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimAllocation {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    /// The MIG instance allocated (an index into `mig.instances`); the whole
+    /// GPU when absent.
+    #[serde(default)]
+    pub mig_instance: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub from: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub until: Option<Duration>,
+}
+
+/// A simulated GPU's MIG configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimMig {
+    /// MIG mode at start.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Instance profiles at start, e.g. `["3g.40gb", "2g.20gb", "1g.10gb"]`.
+    #[serde(default)]
+    pub instances: Vec<String>,
+    /// Reconfigurations while running.
+    #[serde(default)]
+    pub changes: Vec<SimMigChange>,
+}
+
+/// A MIG reconfiguration at a simulated time.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimMigChange {
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    /// The mode from then on (unchanged when absent).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The instances from then on.
+    #[serde(default)]
+    pub instances: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {
@@ -613,6 +758,7 @@ pub const SECTIONS: &[&str] = &[
     "auth",
     "tls",
     "limits",
+    "attribution",
 ];
 
 /// Loads the configuration: defaults < `file` < `env` < `overrides`, then
@@ -1226,6 +1372,7 @@ fn validate_simulator(sim: &SimulatorConfig) -> Result<(), ConfigError> {
         if g.write_hang_for.is_some_and(|d| d.is_zero()) {
             return Err(invalid(key("write_hang_for"), "must be longer than zero"));
         }
+        crate::backend::sim::workload::check(i, g).map_err(|(k, m)| invalid(k, m))?;
     }
     Ok(())
 }

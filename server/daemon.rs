@@ -22,6 +22,10 @@ use tonic::{
 use crate::{
     actor::DeviceActor,
     api::{EventKind, Severity, gpu_watch_server::GpuWatchServer},
+    attribution::{
+        HostRecords,
+        tracker::{Join, Tracker},
+    },
     auth::Authenticator,
     authz::{Authorize, RefusalGate},
     backend::{
@@ -156,10 +160,36 @@ pub fn resolve_state_dir(config: &Config) -> Option<PathBuf> {
     }
 }
 
+/// The attribution thread over the host's records or the simulator's.
+fn attribution_tracker(
+    config: &Config,
+    sim_records: Option<Box<dyn HostRecords>>,
+    events: &Arc<EventLog>,
+) -> Result<Tracker, DaemonError> {
+    let a = &config.attribution;
+    let simulated = sim_records.is_some();
+    let (source, name): (Box<dyn HostRecords>, _) = match sim_records {
+        Some(sim) if !a.reads_host(true) => (sim, "simulator"),
+        _ => (crate::attribution::host_records(a), "host"),
+    };
+    if simulated && name == "host" {
+        tracing::info!(
+            proc_root = %a.proc_root.display(),
+            "simulated GPUs, attributed from the host's records"
+        );
+    }
+    let join = Join::new(source, name, a.enabled, Some(events.clone()));
+    Tracker::spawn(join)
+        .map_err(|e| DaemonError::Startup(format!("cannot start the attribution thread: {e}")))
+}
+
+type BackendAndRecords = (Arc<dyn Backend>, Option<Box<dyn HostRecords>>);
+
+/// The GPU stack, and for simulated GPUs the records of who runs on them.
 fn make_backend(
     config: &Config,
     state_dir: Option<&Path>,
-) -> Result<Arc<dyn Backend>, DaemonError> {
+) -> Result<BackendAndRecords, DaemonError> {
     match config.backend.kind {
         BackendKind::Simulator => {
             let sim = config
@@ -172,10 +202,12 @@ fn make_backend(
                 Some(dir) => HardwareStore::at(dir.join("simulated-gpus.json")),
                 None => HardwareStore::volatile(),
             };
-            Ok(Arc::new(SimBackend::with_hardware(&sim, hardware)))
+            let backend = SimBackend::with_hardware(&sim, hardware);
+            let records: Box<dyn HostRecords> = Box::new(backend.host_records());
+            Ok((Arc::new(backend), Some(records)))
         }
         BackendKind::Nvml => NvmlBackend::new(config.backend.nvml_library.as_deref())
-            .map(|b| Arc::new(b) as Arc<dyn Backend>)
+            .map(|b| (Arc::new(b) as Arc<dyn Backend>, None))
             .map_err(|e| DaemonError::Backend(e.to_string())),
     }
 }
@@ -290,7 +322,7 @@ pub async fn start_until(
         .as_deref()
         .map(crate::statedir::claim)
         .transpose()?;
-    let backend = make_backend(&config, state_dir.as_deref())?;
+    let (backend, sim_records) = make_backend(&config, state_dir.as_deref())?;
     let host_facts = backend.host_facts();
 
     // One writer for everything in the state directory, off the sampling loop.
@@ -343,7 +375,9 @@ pub async fn start_until(
         config.sampler.slow_interval,
         config.sampler.history,
     ));
-    let sampler = Sampler::new(slots, hub.clone(), events.clone(), config.sampler.clone());
+    let tracker = attribution_tracker(&config, sim_records, &events)?;
+    let sampler = Sampler::new(slots, hub.clone(), events.clone(), config.sampler.clone())
+        .with_attribution(tracker.clone());
     sampler.publish_devices();
     let mut controller = Controller::new(
         sampler,
@@ -406,6 +440,7 @@ pub async fn start_until(
             control,
             streams: streams.clone(),
             shutdown: shutdown.clone(),
+            attribution: Some(tracker),
         },
         &host_facts,
     );

@@ -92,6 +92,8 @@ pub struct NewEvent {
     pub reason: String,
     pub change: Option<Change>,
     pub xid: Option<u64>,
+    /// Who started or stopped using a GPU, for ATTRIBUTION_CHANGED.
+    pub attribution: Option<api::AttributionChange>,
     /// fsync the log after this event (default). Events that anyone could
     /// cause in bulk (refused requests) are written but not fsynced, so a
     /// flood of them cannot turn into a flood of disk flushes, and they may
@@ -109,6 +111,7 @@ impl NewEvent {
             reason: reason.into(),
             change: None,
             xid: None,
+            attribution: None,
             durable: true,
         }
     }
@@ -135,6 +138,11 @@ impl NewEvent {
 
     pub fn xid(mut self, xid: u64) -> Self {
         self.xid = Some(xid);
+        self
+    }
+
+    pub fn attribution(mut self, change: api::AttributionChange) -> Self {
+        self.attribution = Some(change);
         self
     }
 }
@@ -447,7 +455,7 @@ impl EventLog {
             reason: new.reason,
             change: new.change,
             xid: new.xid,
-            attribution: None,
+            attribution: new.attribution,
         });
         let Some(writer) = &self.writer else {
             *next_seq += 1;
@@ -786,6 +794,75 @@ struct EventRecord {
     change: Option<ChangeRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     xid: Option<u64>,
+    /// Added after 0.1.0; 0.1.0 ignores fields it does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attribution: Option<AttributionRecord>,
+}
+
+/// The on-disk form of an `AttributionChange`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct AttributionRecord {
+    started: bool,
+    device_id: String,
+    via: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    container: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slurm_job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slurm_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slurm_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    systemd_unit: Option<String>,
+}
+
+impl AttributionRecord {
+    fn from_wire(a: &api::AttributionChange) -> Self {
+        Self {
+            started: a.started,
+            device_id: a.device_id.clone(),
+            via: a.via.clone(),
+            namespace: a.pod.as_ref().map(|p| p.namespace.clone()),
+            pod: a.pod.as_ref().map(|p| p.pod.clone()),
+            container: a.pod.as_ref().map(|p| p.container.clone()),
+            slurm_job: a.slurm.as_ref().map(|s| s.job_id.clone()),
+            slurm_step: a.slurm.as_ref().and_then(|s| s.step.clone()),
+            slurm_uid: a.slurm.as_ref().and_then(|s| s.uid),
+            container_id: a.container_id.clone(),
+            systemd_unit: a.systemd_unit.clone(),
+        }
+    }
+
+    fn into_wire(self) -> api::AttributionChange {
+        let pod = match (self.namespace, self.pod, self.container) {
+            (Some(namespace), Some(pod), Some(container)) => Some(api::PodRef {
+                namespace,
+                pod,
+                container,
+            }),
+            _ => None,
+        };
+        api::AttributionChange {
+            started: self.started,
+            pod,
+            slurm: self.slurm_job.map(|job_id| api::SlurmJob {
+                job_id,
+                step: self.slurm_step,
+                uid: self.slurm_uid,
+            }),
+            container_id: self.container_id,
+            systemd_unit: self.systemd_unit,
+            device_id: self.device_id,
+            via: self.via,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -843,6 +920,7 @@ fn encode_line(e: &api::Event) -> io::Result<String> {
                 after_hysteresis_c: t.after_hysteresis_c,
             },
         }),
+        attribution: e.attribution.as_ref().map(AttributionRecord::from_wire),
         xid: e.xid,
     };
     let json = serde_json::to_string(&record).map_err(io::Error::other)?;
@@ -897,7 +975,7 @@ fn decode_line(line: &[u8]) -> Option<api::Event> {
             }),
         }),
         xid: r.xid,
-        attribution: None,
+        attribution: r.attribution.map(AttributionRecord::into_wire),
     })
 }
 

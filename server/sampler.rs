@@ -30,7 +30,10 @@ use tokio::{sync::oneshot, time::MissedTickBehavior};
 use crate::{
     actor::{DeviceActor, ReadOutcome, WriteQueue},
     api::{EventKind, Frame, GovernorState, GpuHealth, Severity},
-    backend::{BackendError, DeviceEvent, DeviceFacts, ReadScope, Reading, SlowReading},
+    attribution::tracker::{GpuInput, Tracker},
+    backend::{
+        BackendError, DeviceEvent, DeviceFacts, MigReading, ReadScope, Reading, SlowReading,
+    },
     config::SamplerConfig,
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
@@ -214,6 +217,8 @@ pub struct Sampler {
     config: SamplerConfig,
     next_seq: u64,
     last_slow: Option<Instant>,
+    /// Who uses each GPU: handed every slow reading, read at publish.
+    tracker: Option<Tracker>,
 }
 
 impl Sampler {
@@ -231,7 +236,38 @@ impl Sampler {
             config,
             next_seq: start_ms,
             last_slow: None,
+            tracker: None,
         }
+    }
+
+    /// Joins attribution: every slow reading goes to `tracker`, and the
+    /// published samples carry its latest view.
+    pub fn with_attribution(mut self, tracker: Tracker) -> Self {
+        self.tracker = Some(tracker);
+        self
+    }
+
+    /// Hands the slow readings of every GPU that answers to the tracker.
+    fn submit_slow(&self) {
+        let Some(tracker) = &self.tracker else {
+            return;
+        };
+        let input = self
+            .slots
+            .iter()
+            .filter(|s| !s.is_lost())
+            .filter_map(|s| {
+                let (slow, at) = s.last_slow.as_ref()?;
+                Some(GpuInput {
+                    index: s.index(),
+                    uuid: s.facts.uuid.clone(),
+                    at: *at,
+                    processes: slow.processes.clone().unwrap_or_default(),
+                    mig: slow.mig.clone(),
+                })
+            })
+            .collect();
+        tracker.submit(input);
     }
 
     /// How many GPUs the sampler reads.
@@ -270,7 +306,10 @@ impl Sampler {
         let devices = self
             .slots
             .iter()
-            .map(|s| wire::device_info(&s.facts, s.wire_health(), s.last_reading()))
+            .map(|s| {
+                let mig = s.last_slow.as_ref().and_then(|(slow, _)| slow.mig.as_ref());
+                wire::device_info(&s.facts, s.wire_health(), s.last_reading(), mig)
+            })
             .collect();
         self.hub.set_devices(devices);
     }
@@ -345,6 +384,9 @@ impl Sampler {
             observed.push(slot.observe(fresh, described));
         }
         self.hub.stats.record_sample_duration(started.elapsed());
+        if slow_fields {
+            self.submit_slow();
+        }
 
         if devices_changed {
             self.publish_devices();
@@ -427,6 +469,19 @@ impl Sampler {
                     );
                 }
                 if let Some(slow) = reading.slow.take() {
+                    let before = slot.last_slow.as_ref().map(|(s, _)| s.mig.as_ref());
+                    if let Some(before) = before
+                        && let Some(reason) = mig_change(before, slow.mig.as_ref())
+                    {
+                        events.record(
+                            NewEvent::new(EventKind::MigChanged, Actor::device(), reason)
+                                .gpu(index, &slot.facts.uuid),
+                        );
+                        *devices_changed = true;
+                    } else if before.is_none() && slow.mig.as_ref().is_some_and(|m| m.enabled) {
+                        // The first reading: the instances join ListDevices.
+                        *devices_changed = true;
+                    }
                     slot.last_slow = Some((slow, outcome.at));
                 }
                 slot.last = Some((reading, outcome.at));
@@ -466,6 +521,7 @@ impl Sampler {
     fn publish(&mut self, tick_wall: SystemTime, governor: impl Fn(u32) -> GovernorState) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        let view = self.tracker.as_ref().map(Tracker::view);
         let samples = self
             .slots
             .iter()
@@ -489,6 +545,7 @@ impl Sampler {
                     health: slot.wire_health(),
                     error: error.as_deref(),
                     governor_state: governor(slot.index()),
+                    users: view.as_ref().and_then(|v| v.gpu(&slot.facts.uuid)),
                 };
                 let reading = if lost { None } else { slot.last_reading() };
                 wire::sample(meta, reading, slot.last_slow.as_ref())
@@ -500,6 +557,44 @@ impl Sampler {
             samples,
         });
     }
+}
+
+/// What changed between two MIG readings of one GPU, in words; `None`
+/// when nothing did.
+fn mig_change(before: Option<&MigReading>, after: Option<&MigReading>) -> Option<String> {
+    let enabled = |m: Option<&MigReading>| m.is_some_and(|m| m.enabled);
+    let uuids = |m: Option<&MigReading>| -> Vec<(String, String)> {
+        m.iter()
+            .flat_map(|m| &m.instances)
+            .map(|i| (i.uuid.clone(), i.profile.clone()))
+            .collect()
+    };
+    let (b, a) = (uuids(before), uuids(after));
+    let mut parts = Vec::new();
+    if enabled(before) != enabled(after) {
+        parts.push(if enabled(after) {
+            "MIG mode enabled".to_owned()
+        } else {
+            "MIG mode disabled".to_owned()
+        });
+    }
+    let created: Vec<String> = a
+        .iter()
+        .filter(|x| !b.contains(x))
+        .map(|(u, p)| format!("{p} {u}"))
+        .collect();
+    let destroyed: Vec<String> = b
+        .iter()
+        .filter(|x| !a.contains(x))
+        .map(|(u, p)| format!("{p} {u}"))
+        .collect();
+    if !created.is_empty() {
+        parts.push(format!("created {}", created.join(", ")));
+    }
+    if !destroyed.is_empty() {
+        parts.push(format!("destroyed {}", destroyed.join(", ")));
+    }
+    (!parts.is_empty()).then(|| format!("MIG configuration changed: {}", parts.join("; ")))
 }
 
 /// How long startup waits for one GPU to describe itself.

@@ -3,7 +3,10 @@
 //! Every RPC that names GPUs goes through [`resolve`], so the rules (and the
 //! error messages that explain them) are the same everywhere: read RPCs treat
 //! an empty list as "every GPU"; control RPCs insist on at least one selector;
-//! unknown GPUs are NOT_FOUND with the list of GPUs that do exist.
+//! unknown GPUs are NOT_FOUND with the list of GPUs that do exist. A MIG
+//! instance's UUID selects its parent GPU for reads (the parent's sample
+//! carries the instance); control RPCs refuse it, since limits, clocks and
+//! thresholds are set on the parent.
 
 use tonic::Status;
 
@@ -25,6 +28,10 @@ pub enum Empty {
 pub trait Selectable {
     fn index(&self) -> u32;
     fn uuid(&self) -> &str;
+    /// The profile of this GPU's MIG instance with UUID `uuid`, if it has one.
+    fn mig_child(&self, _uuid: &str) -> Option<&str> {
+        None
+    }
 }
 
 impl Selectable for crate::api::DeviceInfo {
@@ -33,6 +40,12 @@ impl Selectable for crate::api::DeviceInfo {
     }
     fn uuid(&self) -> &str {
         &self.uuid
+    }
+    fn mig_child(&self, uuid: &str) -> Option<&str> {
+        self.mig_instances
+            .iter()
+            .find(|m| m.uuid.eq_ignore_ascii_case(uuid))
+            .map(|m| m.profile.as_str())
     }
 }
 
@@ -88,24 +101,41 @@ pub fn resolve<G: Selectable>(
                         "gpus[{i}].uuid: must be 1 to {MAX_UUID_LEN} characters, e.g. \"GPU-8f7e1a2b-...\""
                     )));
                 }
-                let pos = gpus
+                let exact = gpus
                     .iter()
-                    .position(|g| !g.uuid().is_empty() && g.uuid().eq_ignore_ascii_case(uuid))
-                    .ok_or_else(|| {
+                    .position(|g| !g.uuid().is_empty() && g.uuid().eq_ignore_ascii_case(uuid));
+                let child = || {
+                    gpus.iter()
+                        .enumerate()
+                        .find_map(|(pos, g)| g.mig_child(uuid).map(|p| (pos, g, p)))
+                };
+                let pos = match (exact, child()) {
+                    (Some(pos), _) => pos,
+                    (None, Some((pos, _, _))) if empty == Empty::MeansAll => pos,
+                    (None, Some((_, g, profile))) => {
+                        return Err(Status::failed_precondition(format!(
+                            "gpus[{i}]: {uuid} is a MIG instance ({profile}) of GPU {} ({}); power limits, clocks and thresholds are set on the parent GPU: select GPU {} instead",
+                            g.index(),
+                            g.uuid(),
+                            g.index()
+                        )));
+                    }
+                    (None, None) => {
                         let known: Vec<_> = gpus
                             .iter()
                             .map(|g| g.uuid())
                             .filter(|u| !u.is_empty())
                             .collect();
-                        Status::not_found(format!(
+                        return Err(Status::not_found(format!(
                             "gpus[{i}]: no GPU with UUID {uuid:?}; this host has {}",
                             if known.is_empty() {
                                 "none".to_owned()
                             } else {
                                 known.join(", ")
                             }
-                        ))
-                    })?;
+                        )));
+                    }
+                };
                 picked[pos] = true;
             }
         }

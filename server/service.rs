@@ -28,6 +28,7 @@ use crate::{
         WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch, watch_events_response,
         watch_response,
     },
+    attribution::tracker::Tracker,
     auth::Role,
     authz,
     backend::HostFacts,
@@ -56,6 +57,7 @@ pub struct GpuWatchService {
     streams: Arc<StreamLimiter>,
     host: Arc<HostInfo>,
     shutdown: CancellationToken,
+    attribution: Option<Tracker>,
 }
 
 /// What the service is built from.
@@ -66,6 +68,8 @@ pub struct ServiceParts {
     pub control: ControlHandle,
     pub streams: Arc<StreamLimiter>,
     pub shutdown: CancellationToken,
+    /// Who uses each GPU (for the attribution status in ListDevices).
+    pub attribution: Option<Tracker>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -81,6 +85,7 @@ impl GpuWatchService {
             control,
             streams,
             shutdown,
+            attribution,
         } = parts;
         let hostname = hostname();
         let host = HostInfo {
@@ -102,6 +107,7 @@ impl GpuWatchService {
             streams,
             host: Arc::new(host),
             shutdown,
+            attribution,
         }
     }
 
@@ -297,8 +303,10 @@ impl GpuWatch for GpuWatchService {
         let devices = self.devices_with_policy();
         let picked = selector::resolve(&request.get_ref().gpus, &devices, Empty::MeansAll)?;
         let devices = picked.into_iter().map(|i| devices[i].clone()).collect();
+        let mut host = (*self.host).clone();
+        host.attribution = self.attribution.as_ref().map(|t| t.view().status.clone());
         Ok(Response::new(ListDevicesResponse {
-            host: Some((*self.host).clone()),
+            host: Some(host),
             devices,
             throttle_reasons: throttle::catalog(),
         }))

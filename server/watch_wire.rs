@@ -161,6 +161,7 @@ mod tests {
                 control,
                 streams: StreamLimiter::new(8, 8),
                 shutdown: CancellationToken::new(),
+                attribution: None,
             },
             &HostFacts {
                 backend: "simulator",

@@ -9,10 +9,11 @@ use std::time::SystemTime;
 
 use crate::{
     api::{
-        Capabilities, DeviceInfo, EccErrors, GovernorState, GpuHealth, GpuProcess, GpuSample,
+        self, Capabilities, DeviceInfo, EccErrors, GovernorState, GpuHealth, GpuProcess, GpuSample,
         PowerLimits, TelemetryField,
     },
-    backend::{DeviceFacts, Field, Reading, SlowReading},
+    attribution::tracker::{self, GpuView},
+    backend::{DeviceFacts, Field, MigReading, Reading, SlowReading},
     throttle,
 };
 
@@ -46,6 +47,7 @@ pub fn device_info(
     facts: &DeviceFacts,
     health: GpuHealth,
     current: Option<&Reading>,
+    mig: Option<&MigReading>,
 ) -> DeviceInfo {
     let c = &facts.controls;
     DeviceInfo {
@@ -78,8 +80,8 @@ pub fn device_info(
         max_memory_clock_mhz: facts.max_memory_clock_mhz,
         max_video_clock_mhz: facts.max_video_clock_mhz,
         memory_total_bytes: facts.memory_total_bytes,
-        mig_enabled: None,
-        mig_instances: Vec::new(),
+        mig_enabled: mig.map(|m| m.enabled),
+        mig_instances: mig.map(|m| mig_instances(m, &[])).unwrap_or_default(),
     }
 }
 
@@ -94,6 +96,8 @@ pub struct SampleMeta<'a> {
     pub health: GpuHealth,
     pub error: Option<&'a str>,
     pub governor_state: GovernorState,
+    /// Who uses the GPU, as of the attribution thread's latest refresh.
+    pub users: Option<&'a GpuView>,
 }
 
 /// Builds a sample. `reading` is `None` for a lost GPU (all telemetry absent).
@@ -154,19 +158,68 @@ pub fn sample(
             corrected_aggregate: e.corrected_aggregate,
             uncorrected_aggregate: e.uncorrected_aggregate,
         });
-        s.processes = slow
-            .processes
-            .iter()
-            .flatten()
-            .map(|p| GpuProcess {
-                pid: p.pid,
-                used_memory_bytes: p.used_memory_bytes,
-                ..GpuProcess::default()
-            })
-            .collect();
+        s.processes = processes(slow, *at, meta.users);
         s.processes_time = Some((*at).into());
+        if let Some(mig) = &slow.mig {
+            s.mig_enabled = Some(mig.enabled);
+            s.mig_instances = mig_instances(mig, &s.processes);
+        }
+        if let Some(users) = meta.users {
+            s.allocations.clone_from(&users.allocations);
+        }
     }
     s
+}
+
+/// The processes of a slow reading, with who owns them. The attribution
+/// view made from this very reading is used as it is; one made from an
+/// earlier reading lends its records by pid (a new pid shows without them
+/// until the next refresh).
+fn processes(slow: &SlowReading, at: SystemTime, users: Option<&GpuView>) -> Vec<GpuProcess> {
+    let list = slow.processes.as_deref().unwrap_or_default();
+    match users {
+        Some(v) if v.at == Some(at) => v.processes.clone(),
+        Some(v) => list
+            .iter()
+            .map(|p| {
+                let mut wire = tracker::process_wire(p, None);
+                if let Some(known) = v.processes.iter().find(|k| k.pid == p.pid) {
+                    wire.name.clone_from(&known.name);
+                    wire.command_line.clone_from(&known.command_line);
+                    wire.uid = known.uid;
+                    wire.user.clone_from(&known.user);
+                    wire.attribution.clone_from(&known.attribution);
+                }
+                wire
+            })
+            .collect(),
+        None => list
+            .iter()
+            .map(|p| tracker::process_wire(p, None))
+            .collect(),
+    }
+}
+
+/// The wire form of a GPU's MIG instances, each with its processes' pids.
+pub fn mig_instances(mig: &MigReading, processes: &[GpuProcess]) -> Vec<api::MigInstance> {
+    mig.instances
+        .iter()
+        .map(|i| api::MigInstance {
+            uuid: i.uuid.clone(),
+            gpu_instance_id: i.gpu_instance_id,
+            compute_instance_id: i.compute_instance_id,
+            profile: i.profile.clone(),
+            sm_count: i.sm_count,
+            memory_total_bytes: i.memory_total_bytes,
+            memory_used_bytes: i.memory_used_bytes,
+            utilization_gpu_pct: i.utilization_gpu_pct,
+            pids: processes
+                .iter()
+                .filter(|p| p.mig_uuid.as_deref() == Some(i.uuid.as_str()))
+                .map(|p| p.pid)
+                .collect(),
+        })
+        .collect()
 }
 
 /// Milliseconds from `earlier` to `later`, 0 if the clock went backwards.
@@ -196,6 +249,7 @@ mod tests {
             health: GpuHealth::Lost,
             error: Some("fell off the bus"),
             governor_state: GovernorState::Suspended,
+            users: None,
         };
         let s = sample(meta, None, None);
         assert_eq!(s.health(), GpuHealth::Lost);
@@ -224,6 +278,7 @@ mod tests {
             health: GpuHealth::Ok,
             error: None,
             governor_state: GovernorState::Idle,
+            users: None,
         };
         let s = sample(meta, Some(&reading), None);
         assert_eq!(s.temperature_c, Some(0), "a real zero stays a zero");

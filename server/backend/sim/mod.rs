@@ -13,6 +13,7 @@
 pub mod hardware;
 pub mod model;
 pub mod preset;
+pub mod workload;
 
 use std::{
     sync::Arc,
@@ -86,6 +87,12 @@ pub fn demo_fleet() -> SimulatorConfig {
         xid: Vec::new(),
         power_limit_settable: None,
         clocks_lockable: None,
+        processes: Vec::new(),
+        allocations: Vec::new(),
+        mig: None,
+    };
+    let process = |text: &str| -> crate::config::SimProcess {
+        toml::from_str(text).expect("the demo fleet's processes parse")
     };
     SimulatorConfig {
         speed: 1.0,
@@ -98,6 +105,16 @@ pub fn demo_fleet() -> SimulatorConfig {
                     point(170, 120.0, false),
                 ],
                 repeat: Some(Duration::from_secs(180)),
+                processes: vec![process(
+                    r#"pid = 41000
+name = "python3"
+uid = 1000
+user = "alice"
+memory_mib = 61440
+namespace = "ml"
+pod = "trainer-0"
+container = "main""#,
+                )],
                 ..gpu(PresetKey::H100Sxm)
             },
             // Same job in a hot rack: runs into the governor's threshold.
@@ -109,18 +126,69 @@ pub fn demo_fleet() -> SimulatorConfig {
                     point(230, 150.0, false),
                 ],
                 repeat: Some(Duration::from_secs(260)),
+                processes: vec![process(
+                    r#"pid = 41001
+name = "train.py"
+uid = 1001
+user = "bob"
+memory_mib = 52000
+slurm_job = "81723"
+slurm_step = "0""#,
+                )],
                 ..gpu(PresetKey::H100Sxm)
             },
             // Inference: bursty square wave.
             SimGpuConfig {
                 demand: vec![point(0, 320.0, false), point(20, 90.0, false)],
                 repeat: Some(Duration::from_secs(40)),
+                mig: Some(crate::config::SimMig {
+                    enabled: true,
+                    instances: vec!["3g.40gb".into(), "2g.20gb".into(), "2g.20gb".into()],
+                    changes: Vec::new(),
+                }),
+                processes: vec![
+                    process(
+                        r#"pid = 41002
+name = "tritonserver"
+memory_mib = 30000
+mig_instance = 0
+namespace = "serving"
+pod = "triton-7f9c"
+container = "triton""#,
+                    ),
+                    process(
+                        r#"pid = 41003
+name = "python3"
+memory_mib = 12000
+mig_instance = 1
+namespace = "serving"
+pod = "embedder-2"
+container = "embed""#,
+                    ),
+                ],
+                allocations: vec![crate::config::SimAllocation {
+                    namespace: "research".into(),
+                    pod: "notebook-5".into(),
+                    container: "jupyter".into(),
+                    mig_instance: Some(2),
+                    from: None,
+                    until: None,
+                }],
                 ..gpu(PresetKey::A100Sxm)
             },
             // A workstation card under a slow ramp up and down.
             SimGpuConfig {
                 demand: vec![point(60, 420.0, true), point(120, 60.0, true)],
                 repeat: Some(Duration::from_secs(150)),
+                processes: vec![process(
+                    r#"pid = 41004
+name = "blender"
+uid = 1002
+user = "carol"
+memory_mib = 9000
+kind = "compute_and_graphics"
+unit = "render-farm.service""#,
+                )],
                 ..gpu(PresetKey::Rtx4090)
             },
         ],
@@ -190,6 +258,20 @@ impl SimBackend {
             gpus,
             hardware: Arc::new(hardware),
         }
+    }
+}
+
+impl SimBackend {
+    /// The attribution seam for these GPUs: the processes and allocations
+    /// the config declares, on this backend's clock.
+    pub fn host_records(&self) -> workload::SimHostRecords {
+        let workloads = self
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| workload::Workload::new(i as u32, &g.config))
+            .collect();
+        workload::SimHostRecords::new(self.clock, workloads)
     }
 }
 
@@ -278,6 +360,7 @@ struct SimDevice {
     /// `recover_power_default_watts`.
     default_override_w: Option<f64>,
     hardware: Arc<HardwareStore>,
+    workload: workload::Workload,
 }
 
 impl SimDevice {
@@ -305,6 +388,7 @@ impl SimDevice {
             was_lost: false,
             default_override_w: None,
             hardware,
+            workload: workload::Workload::new(index, &spec.config),
         }
     }
 
@@ -468,7 +552,26 @@ impl GpuDevice for SimDevice {
     fn read(&mut self, scope: ReadScope) -> Result<Reading, BackendError> {
         self.hang_if_scheduled();
         self.catch_up()?;
-        Ok(self.model.reading(scope.slow_fields, self.index))
+        let mut reading = self.model.reading(scope.slow_fields, self.index);
+        let now = self.clock.now();
+        if self.workload.declares_processes() {
+            reading.memory_used_bytes =
+                Some(self.preset().memory_reserved_bytes + self.workload.memory_used_bytes(now));
+        }
+        if let Some(slow) = reading.slow.as_mut() {
+            if self.workload.declares_processes() {
+                let (processes, mig) = self.workload.slow(
+                    now,
+                    reading.utilization_gpu_pct.unwrap_or(0),
+                    reading.utilization_memory_pct.unwrap_or(0),
+                );
+                slow.processes = Some(processes);
+                slow.mig = mig;
+            } else {
+                slow.mig = self.workload.mig(now);
+            }
+        }
+        Ok(reading)
     }
 
     fn drain_events(&mut self) -> Vec<DeviceEvent> {
