@@ -911,6 +911,21 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     }
     validate_auth(&cfg.auth)?;
     validate_tls(&cfg.tls)?;
+    let a = &cfg.attribution;
+    check_range(
+        "attribution.command_line_max_bytes",
+        a.command_line_max_bytes,
+        16,
+        65_536,
+        |v| v.to_string(),
+    )?;
+    check_range(
+        "attribution.pod_resources_timeout",
+        a.pod_resources_timeout,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+        dur,
+    )?;
     let l = &cfg.limits;
     check_range("limits.max_streams", l.max_streams, 1, 1_000_000, |v| {
         v.to_string()

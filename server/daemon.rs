@@ -178,7 +178,8 @@ fn attribution_tracker(
             "simulated GPUs, attributed from the host's records"
         );
     }
-    let join = Join::new(source, name, a.enabled, Some(events.clone()));
+    let join = Join::new(source, name, a.enabled, Some(events.clone()))
+        .command_lines(a.command_lines, a.command_line_max_bytes);
     Tracker::spawn(join)
         .map_err(|e| DaemonError::Startup(format!("cannot start the attribution thread: {e}")))
 }

@@ -36,7 +36,9 @@ use crate::{
     events::{Actor, EventLog, NewEvent},
 };
 
-use super::{Allocation, HostRecords, PodRef, ProcessRecord, Runtime, Unattributed};
+use super::{
+    Allocation, CommandLines, HostRecords, PodRef, ProcessRecord, Runtime, Unattributed,
+};
 
 /// Most ATTRIBUTION_CHANGED events one refresh records; the rest are
 /// summed up in one event, so a node that churns through containers cannot
@@ -146,6 +148,9 @@ pub struct Join {
     source: Box<dyn HostRecords>,
     source_name: &'static str,
     enabled: bool,
+    /// What command lines may be shown, whatever the source gives.
+    command_lines: CommandLines,
+    command_line_max_bytes: usize,
     events: Option<Arc<EventLog>>,
     previous: Option<Users>,
     /// Problems already logged at warn level.
@@ -163,10 +168,31 @@ impl Join {
             source,
             source_name,
             enabled,
+            command_lines: CommandLines::Off,
+            command_line_max_bytes: 0,
             events,
             previous: None,
             logged: BTreeSet::new(),
         }
+    }
+
+    /// Lets command lines through as `policy` says (off by default: a
+    /// source's command lines are dropped), cut to `max_bytes`.
+    pub fn command_lines(mut self, policy: CommandLines, max_bytes: usize) -> Self {
+        self.command_lines = policy;
+        self.command_line_max_bytes = max_bytes;
+        self
+    }
+
+    /// A record with its command line as the policy allows.
+    fn police(&self, mut r: ProcessRecord) -> ProcessRecord {
+        r.command_line = match self.command_lines {
+            CommandLines::Off => None,
+            CommandLines::Redacted => r.command_line.map(|c| redact(&c)),
+            CommandLines::Full => r.command_line,
+        }
+        .map(|c| cut(c, self.command_line_max_bytes));
+        r
     }
 
     fn note_problem(&mut self, problem: &str) {
@@ -195,7 +221,8 @@ impl Join {
         if self.enabled {
             for p in input.iter().flat_map(|g| &g.processes) {
                 if let std::collections::hash_map::Entry::Vacant(e) = records.entry(p.pid) {
-                    e.insert(self.source.process(p.pid));
+                    let record = self.source.process(p.pid);
+                    e.insert(record.map(|r| self.police(r)));
                 }
             }
         }
@@ -378,6 +405,23 @@ impl Join {
             ));
         }
     }
+}
+
+/// `text` cut to at most `max` bytes on a char boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A command line with secret-looking values replaced.
+fn redact(line: &str) -> String {
+    super::redact_command_line(line)
 }
 
 fn pod_wire(p: &super::PodRef) -> api::PodRef {

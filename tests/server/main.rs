@@ -11,6 +11,7 @@ mod http_support;
 mod nvml_support;
 mod support;
 
+mod attribution;
 mod control_faults;
 mod daemon_api;
 mod daemon_edges;
