@@ -32,6 +32,8 @@ pub struct DaemonSpec {
     pub nvml: Option<Option<PathBuf>>,
     /// Log filter.
     pub log_level: &'static str,
+    /// A `[simulator]` section to use instead of the moving-load H100s.
+    pub simulator_toml: Option<String>,
 }
 
 impl DaemonSpec {
@@ -44,6 +46,7 @@ impl DaemonSpec {
             extra_toml: String::new(),
             nvml: None,
             log_level: "info",
+            simulator_toml: None,
         }
     }
 
@@ -51,7 +54,11 @@ impl DaemonSpec {
     pub fn toml(&self) -> String {
         let interval_ms = self.sampler_interval.as_millis();
         let mut toml = format!("[sampler]\ninterval = \"{interval_ms}ms\"\n");
-        if self.nvml.is_none() {
+        if let Some(sim) = self.simulator_toml.as_ref().filter(|_| self.nvml.is_none()) {
+            toml.push('\n');
+            toml.push_str(sim);
+            toml.push('\n');
+        } else if self.nvml.is_none() {
             // A load that moves: every GPU ramps between 350 W and 650 W on a
             // 90 s cycle, so temperatures, clocks and power change every
             // tick and the governor has work near the top of the cycle.

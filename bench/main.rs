@@ -13,6 +13,7 @@
 //! subscribers, in a helper copy of it); their CPU is measured and reported
 //! apart from the daemon's, since both share the same cores.
 
+mod attribution;
 mod baseline;
 mod client_fleet;
 mod daemon;
@@ -148,6 +149,9 @@ enum Command {
     /// Slow subscribers: 10 % of 1,000 frozen for 30 s — the others'
     /// latency and the daemon's memory.
     SlowSubscribers(fanout::SlowArgs),
+    /// Attribution: 8 GPUs × 64 processes in 16 containers — the daemon's
+    /// CPU with attribution off, on simulator records, on a fixture /proc.
+    Attribution,
     /// Snapshot polling: GetSnapshot over a few connections — requests/s,
     /// latency, daemon CPU per request.
     Polling(polling::PollingArgs),
@@ -248,6 +252,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             vec![("slow-subscribers", Box::new(|| fanout::slow(common, a)))]
         }
         Command::Polling(a) => vec![("polling", Box::new(|| polling::polling(common, a)))],
+        Command::Attribution => {
+            vec![("attribution", Box::new(|| attribution::attribution(common)))]
+        }
         Command::Scrape(a) => vec![("scrape", Box::new(|| scrape::scrape(common, a)))],
         Command::Startup(a) => vec![("startup", Box::new(|| startup::startup(common, a)))],
         Command::ClientSnapshot(a) => vec![(
@@ -302,6 +309,7 @@ fn all_figures<'a>(common: &'a Common, all: &'a AllArgs) -> Vec<FigureFn<'a>> {
             "scrape",
             Box::new(|| scrape::scrape(common, &Default::default())),
         ),
+        ("attribution", Box::new(|| attribution::attribution(common))),
         (
             "polling",
             Box::new(|| polling::polling(common, &Default::default())),

@@ -180,6 +180,7 @@ pub fn nvml(common: &Common, args: &NvmlArgs) -> anyhow::Result<Figure> {
             extra_toml: "[controller]\nenabled = false\ndry_run = true\n".to_owned(),
             nvml: Some(library.map(Path::to_path_buf)),
             log_level: "info",
+            simulator_toml: None,
         };
         let mut daemon = Daemon::start(&common.server, &spec).context("the daemon on NVML")?;
         std::thread::sleep(common.pick(Duration::from_secs(5), Duration::from_secs(1)));
