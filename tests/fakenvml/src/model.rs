@@ -651,9 +651,7 @@ type MigLayout = Vec<(u32, &'static MigProfile, Vec<ProcessConfig>)>;
 
 /// The instances `config` asks for, with GPU instance ids assigned and
 /// sorted by them, or why the layout cannot exist.
-fn mig_layout(
-    config: &GpuConfig,
-) -> Result<MigLayout, String> {
+fn mig_layout(config: &GpuConfig) -> Result<MigLayout, String> {
     let Some(mig) = &config.mig else {
         return Ok(Vec::new());
     };
