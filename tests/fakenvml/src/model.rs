@@ -6,6 +6,11 @@
 //! power cap or a clock lock bites, energy integrates power over time, and the
 //! throttle-reason mask says why. Writes change the state (a set followed by a
 //! get round-trips) after the range checks NVML itself makes.
+//!
+//! It also owns who is on the GPU: per-process utilisation samples whose SM
+//! shares never add up to more than the device's utilisation, and MIG: the
+//! H100 profile table, the instances a config lays out (ids assigned,
+//! UUIDs derived, layouts that overfill the GPU refused by [`check_gpu`]).
 
 use std::{
     collections::{HashMap, HashSet},
