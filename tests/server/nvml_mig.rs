@@ -337,3 +337,87 @@ fn a_config_that_overfills_the_gpu_is_refused_and_the_last_good_one_kept() {
     let backend = fake.backend();
     assert_eq!(backend.device_count().expect("count"), 1);
 }
+
+/// The stand-in library itself, through nvml-wrapper's own calls: what the
+/// backend relies on MIG device handles and process samples to answer.
+#[test]
+fn the_fake_answers_mig_device_handles_and_sample_queries_like_nvml() {
+    use nvml_wrapper::{Nvml, error::NvmlError};
+    let fake = FakeNvml::new(&json!({"gpus": [
+        {"mig": {"enabled": true, "instances": [
+            {"profile": "2g.20gb", "gpu_instance_id": 3,
+             "processes": [{"pid": 500, "used_memory_mib": 64}]}]}},
+        {"processes": [{"pid": 600, "used_memory_mib": 1, "sm_pct": 20}]}
+    ]}));
+    let nvml = Nvml::builder()
+        .lib_path(fake.library().as_os_str())
+        .init()
+        .expect("init");
+    let parent = nvml.device_by_index(0).expect("GPU 0");
+    let mode = parent.mig_mode().expect("MIG mode");
+    assert_eq!((mode.current, mode.pending), (1, 1));
+    assert_eq!(parent.mig_device_count().expect("max count"), 7);
+    let child = parent.mig_device_by_index(0).expect("MIG device 0");
+    assert!(matches!(
+        parent.mig_device_by_index(1),
+        Err(NvmlError::NotFound)
+    ));
+    assert!(matches!(
+        parent.mig_device_by_index(7),
+        Err(NvmlError::InvalidArg)
+    ));
+    assert!(child.mig_is_mig_device_handle().expect("is MIG"));
+    assert!(!parent.mig_is_mig_device_handle().expect("is MIG"));
+    let child_uuid = child.uuid().expect("MIG UUID");
+    assert_eq!(
+        child.mig_parent_device().expect("parent").uuid().ok(),
+        parent.uuid().ok()
+    );
+    let by_uuid = nvml
+        .device_by_uuid(child_uuid.as_str())
+        .expect("by MIG UUID");
+    assert_eq!(by_uuid.uuid().ok(), Some(child_uuid));
+    assert!(child.name().expect("name").ends_with(" MIG 2g.20gb"));
+    let attributes = child.attributes().expect("attributes");
+    let profile = mig_profile("2g.20gb").expect("profile");
+    assert_eq!(attributes.multiprocessor_count, profile.sm_count);
+    assert_eq!(attributes.gpu_instance_slice_count, profile.compute_slices);
+    let listed = child.running_compute_processes().expect("processes");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].gpu_instance_id, listed[0].compute_instance_id),
+        (Some(3), Some(0))
+    );
+    let on_parent = parent.running_compute_processes().expect("processes");
+    assert_eq!(on_parent[0].gpu_instance_id, Some(3));
+    // What only the whole GPU answers.
+    assert!(matches!(
+        child.temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu),
+        Err(NvmlError::NotSupported)
+    ));
+    assert!(matches!(
+        child.utilization_rates(),
+        Err(NvmlError::NotSupported)
+    ));
+    assert!(matches!(
+        parent.process_utilization_stats(None),
+        Err(NvmlError::NotSupported)
+    ));
+
+    // Outside MIG mode: ids are "none"; samples follow the size protocol
+    // (the wrapper asks for the count with a null buffer) and NOT_FOUND.
+    let other = nvml.device_by_index(1).expect("GPU 1");
+    assert_eq!(other.mig_mode().expect("MIG mode").current, 0);
+    assert_eq!(other.mig_device_count().expect("max count"), 0);
+    assert_eq!(
+        other.running_compute_processes().expect("processes")[0].gpu_instance_id,
+        None
+    );
+    let samples = other.process_utilization_stats(None).expect("samples");
+    assert!(!samples.is_empty() && samples.iter().all(|s| s.pid == 600 && s.sm_util == 20));
+    let far_future_us = u64::MAX / 2;
+    assert!(matches!(
+        other.process_utilization_stats(far_future_us),
+        Err(NvmlError::NotFound)
+    ));
+}
