@@ -421,3 +421,26 @@ fn the_fake_answers_mig_device_handles_and_sample_queries_like_nvml() {
         Err(NvmlError::NotFound)
     ));
 }
+
+#[test]
+fn a_mig_gpu_that_is_lost_and_returns_lists_its_instances_again() {
+    let instances = json!([{"profile": "3g.40gb", "gpu_instance_id": 2,
+                            "processes": [{"pid": 700, "used_memory_mib": 8}]}]);
+    let fake = FakeNvml::new(&mig_config(instances.clone()));
+    let mut gpu = open(&fake);
+    let (_, s) = slow(gpu.as_mut());
+    let before = mig(&s).clone();
+    let mut lost = mig_config(instances);
+    lost["gpus"][0]["lost"] = json!(true);
+    fake.set_config(&lost);
+    let e = gpu.read(SLOW).expect_err("a lost GPU does not read");
+    assert!(e.is_lost(), "{e:?}");
+    lost["gpus"][0]["lost"] = json!(false);
+    fake.set_config(&lost);
+    let (_, s) = slow(gpu.as_mut());
+    assert_eq!(mig(&s), &before);
+    assert_eq!(
+        processes(&s)[&700].mig_uuid.as_ref(),
+        Some(&before.instances[0].uuid)
+    );
+}
