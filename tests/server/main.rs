@@ -33,6 +33,7 @@ mod http_metrics;
 mod nvml_backend;
 mod nvml_control;
 mod nvml_faults;
+mod nvml_mig;
 mod soak;
 mod state_faults;
 mod upgrade;

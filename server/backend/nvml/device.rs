@@ -16,12 +16,23 @@
 //!   (GeForce boards answer NotSupported) and the reset is exported;
 //! - XID events: registering for them succeeded.
 //!
+//! On the slow cadence it also reads who is on the GPU: compute and
+//! graphics processes merged by pid, per-process utilisation from NVML's
+//! samples (asking only for samples newer than the last one seen), and, on
+//! a GPU in MIG mode, each MIG device with its processes (`processes.rs`
+//! puts the answers together). Whether each of those calls is supported is
+//! probed with the rest and remembered; process utilisation is probed again
+//! when the MIG mode changes, since GPUs refuse it in MIG mode.
+//!
 //! A GPU that fell off the bus (`GpuLost`, `ResetRequired`, the driver
 //! going away, or an `Unknown` error confirmed by the handle no longer
 //! resolving) marks the device lost; every later call first tries to
 //! re-acquire the handle by UUID, so a GPU that returns reads again.
 
-use std::{collections::BTreeSet, time::Instant};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Instant,
+};
 
 use nvml_wrapper::{
     Device, Nvml,
@@ -29,17 +40,28 @@ use nvml_wrapper::{
         Clock, EccCounter, MemoryError, PcieUtilCounter, PerformanceState, TemperatureSensor,
         TemperatureThreshold,
     },
-    enums::device::{DeviceArchitecture, GpuLockedClocksSetting, SampleValue, UsedGpuMemory},
+    enums::device::{DeviceArchitecture, GpuLockedClocksSetting, SampleValue},
     error::NvmlError,
+    struct_wrappers::device::ProcessInfo,
     structs::device::FieldId,
     sys_exports::field_id::NVML_FI_DEV_MEMORY_TEMP,
 };
 
-use super::{context, events::DeviceEvents, events::EventWatcher, map_error};
-use crate::backend::{
-    BackendError, Controls, DeviceEvent, DeviceFacts, Ecc, Field, GpuDevice, Process, ReadScope,
-    Reading, SlowReading,
+use super::{
+    context,
+    events::DeviceEvents,
+    events::EventWatcher,
+    map_error,
+    processes::{self, MigProcesses},
+    raw,
 };
+use crate::backend::{
+    BackendError, Controls, DeviceEvent, DeviceFacts, Ecc, Field, GpuDevice, MigInstance,
+    MigReading, ProcessUtilization, ReadScope, Reading, SlowReading,
+};
+
+/// NVML's `NVML_DEVICE_MIG_ENABLE`: the value of an enabled MIG mode.
+const MIG_ENABLED: u32 = 1;
 
 /// What a probing call found.
 enum Probe<T> {
@@ -75,6 +97,45 @@ pub(super) struct NvmlDevice {
     locked_gpu_clock_max_mhz: Option<u32>,
     /// Values read on the slow cadence only.
     slow_cache: SlowCache,
+    /// What is known about the slow read's process and MIG calls.
+    slow_probes: SlowProbes,
+}
+
+/// Whether a call is supported, as far as is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Support {
+    /// Not asked yet, or the last answer was an error that says nothing.
+    #[default]
+    Unknown,
+    Yes,
+    /// Answered NotSupported (or the symbol is missing): not asked again
+    /// until the next `describe`.
+    No,
+}
+
+impl<T> From<&Probe<T>> for Support {
+    fn from(probe: &Probe<T>) -> Self {
+        match probe {
+            Probe::Value(_) => Support::Yes,
+            Probe::Absent => Support::No,
+            Probe::Failed => Support::Unknown,
+        }
+    }
+}
+
+/// The slow read's process and MIG calls: support, and the state that
+/// makes each process utilisation query return only new samples.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlowProbes {
+    graphics_processes: Support,
+    process_utilization: Support,
+    /// Timestamp (µs) of the newest process utilisation sample seen.
+    utilization_last_seen_us: u64,
+    mig: Support,
+    /// Utilisation rates on a MIG device (GPUs usually refuse them).
+    mig_device_utilization: Support,
+    /// MIG mode at the last slow read.
+    mig_enabled: Option<bool>,
 }
 
 /// Fields that are expensive to read, from the last slow read.
@@ -135,6 +196,7 @@ impl NvmlDevice {
             events,
             locked_gpu_clock_max_mhz: None,
             slow_cache: SlowCache::default(),
+            slow_probes: SlowProbes::default(),
         })
     }
 
@@ -186,12 +248,23 @@ impl NvmlDevice {
         &mut self,
         f: impl FnOnce(&Device<'static>) -> Result<T, NvmlError>,
     ) -> Result<Probe<T>, BackendError> {
-        match f(&self.handle) {
+        let result = f(&self.handle);
+        self.judge("probe", result)
+    }
+
+    /// Sorts the answer of a call (on the GPU or one of its MIG devices)
+    /// into value, unsupported, or failed; a lost GPU is an error.
+    fn judge<T>(
+        &mut self,
+        what: &str,
+        result: Result<T, NvmlError>,
+    ) -> Result<Probe<T>, BackendError> {
+        match result {
             Ok(v) => Ok(Probe::Value(v)),
             Err(e) if is_unsupported(&e) => Ok(Probe::Absent),
             Err(e) if self.check_lost(&e) => Err(self.lost_error(e)),
             Err(e) => {
-                tracing::debug!("GPU {}: probe failed, keeping the field: {e}", self.index);
+                tracing::debug!("GPU {}: {what} failed: {e}", self.index);
                 Ok(Probe::Failed)
             }
         }
@@ -329,6 +402,23 @@ impl NvmlDevice {
             Probe::Value(_)
         ) && lib.nvmlDeviceResetApplicationsClocks.is_ok();
 
+        // Who is on the GPU (read on the slow cadence). Process utilisation
+        // is probed without moving the last-seen timestamp, so the first
+        // slow read gets the driver's whole buffer; "no sample yet" is an
+        // answer, not a failure.
+        let graphics = self.probe(|d| d.running_graphics_processes())?;
+        let utilization = self.probe(|d| match d.process_utilization_stats(None) {
+            Err(NvmlError::NotFound) => Ok(Vec::new()),
+            other => other,
+        })?;
+        let mig = self.probe(|d| d.mig_mode())?;
+        self.slow_probes = SlowProbes {
+            graphics_processes: Support::from(&graphics),
+            process_utilization: Support::from(&utilization),
+            mig: Support::from(&mig),
+            ..SlowProbes::default()
+        };
+
         let constraints = constraints.value();
         let facts = DeviceFacts {
             index: self.index,
@@ -388,25 +478,224 @@ impl NvmlDevice {
         } else {
             None
         };
-        let processes = self
-            .field(Field::Processes, |d| d.running_compute_processes())?
-            .map(|list| {
-                list.into_iter()
-                    .map(|p| Process {
-                        pid: p.pid,
-                        used_memory_bytes: match p.used_gpu_memory {
-                            UsedGpuMemory::Used(bytes) => Some(bytes),
-                            UsedGpuMemory::Unavailable => None,
-                        },
-                        ..Process::default()
-                    })
-                    .collect()
-            });
+        let (mig, mig_processes) = match self.read_mig()? {
+            Some((reading, placed)) => (Some(reading), placed),
+            None => (None, Vec::new()),
+        };
+        self.note_mig_mode(mig.as_ref().map(|m| m.enabled));
+        let processes = match self.field(Field::Processes, |d| d.running_compute_processes())? {
+            Some(compute) => {
+                let graphics = self.read_graphics_processes()?;
+                let utilization = self.read_process_utilization()?;
+                Some(processes::merge(
+                    &compute,
+                    &graphics,
+                    &mig_processes,
+                    utilization.as_ref(),
+                ))
+            }
+            None => None,
+        };
         Ok(SlowReading {
             ecc,
             processes,
-            mig: None,
+            mig,
         })
+    }
+
+    /// Remembers the MIG mode; a change makes process utilisation worth
+    /// asking about again (GPUs refuse it in MIG mode and give it outside).
+    fn note_mig_mode(&mut self, enabled: Option<bool>) {
+        let probes = &mut self.slow_probes;
+        if let Some(before) = probes.mig_enabled
+            && enabled != Some(before)
+        {
+            tracing::info!(
+                "GPU {} ({}): MIG mode changed from {} to {}",
+                self.index,
+                self.uuid,
+                if before { "on" } else { "off" },
+                match enabled {
+                    Some(true) => "on",
+                    Some(false) => "off",
+                    None => "unreadable",
+                }
+            );
+            probes.process_utilization = Support::Unknown;
+            probes.utilization_last_seen_us = 0;
+            probes.mig_device_utilization = Support::Unknown;
+        }
+        if enabled.is_some() {
+            probes.mig_enabled = enabled;
+        }
+    }
+
+    /// Graphics processes; empty where the GPU does not list them.
+    fn read_graphics_processes(&mut self) -> Result<Vec<ProcessInfo>, BackendError> {
+        if self.slow_probes.graphics_processes == Support::No {
+            return Ok(Vec::new());
+        }
+        let result = self.handle.running_graphics_processes();
+        let probe = self.judge("listing graphics processes", result)?;
+        if probe_says_no(&probe) {
+            self.slow_probes.graphics_processes = Support::No;
+        }
+        Ok(probe.value().unwrap_or_default())
+    }
+
+    /// The latest utilisation sample of each process since the last call;
+    /// `None` where the GPU gives no samples.
+    fn read_process_utilization(
+        &mut self,
+    ) -> Result<Option<HashMap<u32, ProcessUtilization>>, BackendError> {
+        if self.slow_probes.process_utilization == Support::No {
+            return Ok(None);
+        }
+        let last_seen = self.slow_probes.utilization_last_seen_us;
+        let mut result = self.handle.process_utilization_stats(last_seen);
+        if matches!(result, Err(NvmlError::InsufficientSize(_))) {
+            // A sample arrived between the wrapper's count and its fetch.
+            result = self.handle.process_utilization_stats(last_seen);
+        }
+        let result = match result {
+            // Nothing newer than the last sample: supported, no samples.
+            Err(NvmlError::NotFound) => Ok(Vec::new()),
+            other => other,
+        };
+        match self.judge("reading process utilisation", result)? {
+            Probe::Value(samples) => {
+                self.slow_probes.process_utilization = Support::Yes;
+                if let Some(newest) = samples.iter().map(|s| s.timestamp).max() {
+                    self.slow_probes.utilization_last_seen_us = newest.max(last_seen);
+                }
+                Ok(Some(processes::latest_per_pid(&samples)))
+            }
+            Probe::Absent => {
+                self.slow_probes.process_utilization = Support::No;
+                Ok(None)
+            }
+            // Supported as far as is known, but nothing to say this time.
+            Probe::Failed => Ok(Some(HashMap::new())),
+        }
+    }
+
+    /// The MIG mode and, when it is on, each MIG device with the processes
+    /// it lists; `None` where the GPU has no MIG.
+    fn read_mig(&mut self) -> Result<Option<(MigReading, Vec<MigProcesses>)>, BackendError> {
+        if self.slow_probes.mig == Support::No {
+            return Ok(None);
+        }
+        let result = self.handle.mig_mode();
+        let mode = match self.judge("reading the MIG mode", result)? {
+            Probe::Value(mode) => mode,
+            Probe::Absent => {
+                self.slow_probes.mig = Support::No;
+                return Ok(None);
+            }
+            Probe::Failed => return Ok(None),
+        };
+        self.slow_probes.mig = Support::Yes;
+        if mode.current != MIG_ENABLED {
+            return Ok(Some((MigReading::default(), Vec::new())));
+        }
+        // The maximum count: indices no instance fills answer NotFound.
+        let result = self.handle.mig_device_count();
+        let slots = self
+            .judge("counting MIG devices", result)?
+            .value()
+            .unwrap_or(0);
+        let mut found = Vec::new();
+        for slot in 0..slots {
+            let child = match self.handle.mig_device_by_index(slot) {
+                Ok(child) => child,
+                Err(NvmlError::NotFound | NvmlError::InvalidArg) => continue,
+                Err(e) => {
+                    self.judge::<()>("opening a MIG device", Err(e))?;
+                    continue;
+                }
+            };
+            if let Some(instance) = self.read_mig_device(&child)? {
+                found.push(instance);
+            }
+        }
+        found.sort_by_key(|(m, _)| (m.gpu_instance_id, m.compute_instance_id));
+        let (instances, placed) = found.into_iter().unzip();
+        Ok(Some((
+            MigReading {
+                enabled: true,
+                instances,
+            },
+            placed,
+        )))
+    }
+
+    /// One MIG device: identity, profile, memory, SMs, utilisation where
+    /// NVML gives it, and its processes. `None` when it cannot be named
+    /// (no UUID or instance ids), e.g. destroyed while being read.
+    fn read_mig_device(
+        &mut self,
+        child: &Device<'static>,
+    ) -> Result<Option<(MigInstance, MigProcesses)>, BackendError> {
+        let uuid = child.uuid();
+        let Probe::Value(uuid) = self.judge("reading a MIG device's UUID", uuid)? else {
+            return Ok(None);
+        };
+        let gi = raw::gpu_instance_id(self.nvml, child);
+        let gi = self.judge("reading a GPU instance id", gi)?;
+        let ci = raw::compute_instance_id(self.nvml, child);
+        let ci = self.judge("reading a compute instance id", ci)?;
+        let (Probe::Value(gpu_instance_id), Probe::Value(compute_instance_id)) = (gi, ci) else {
+            tracing::debug!("GPU {}: MIG device {uuid} has no instance ids", self.index);
+            return Ok(None);
+        };
+        let name = child.name();
+        let name = self.judge("reading a MIG device's name", name)?.value();
+        let attributes = child.attributes();
+        let attributes = self
+            .judge("reading a MIG device's attributes", attributes)?
+            .value();
+        let profile = name
+            .as_deref()
+            .and_then(processes::profile_from_name)
+            .or_else(|| {
+                attributes.as_ref().and_then(|a| {
+                    processes::profile_from_attributes(a.gpu_instance_slice_count, a.memory_size_mb)
+                })
+            })
+            .unwrap_or_default();
+        let memory = child.memory_info();
+        let memory = self.judge("reading a MIG device's memory", memory)?.value();
+        let utilization_gpu_pct = if self.slow_probes.mig_device_utilization == Support::No {
+            None
+        } else {
+            let rates = child.utilization_rates();
+            let probe = self.judge("reading a MIG device's utilisation", rates)?;
+            self.slow_probes.mig_device_utilization = Support::from(&probe);
+            probe.value().map(|u| u.gpu.min(100))
+        };
+        let listed = child.running_compute_processes();
+        let listed = self
+            .judge("listing a MIG device's processes", listed)?
+            .value()
+            .unwrap_or_default();
+        Ok(Some((
+            MigInstance {
+                uuid: uuid.clone(),
+                gpu_instance_id,
+                compute_instance_id,
+                profile,
+                sm_count: attributes.map(|a| a.multiprocessor_count),
+                memory_total_bytes: memory.as_ref().map(|m| m.total),
+                memory_used_bytes: memory.as_ref().map(|m| m.used),
+                utilization_gpu_pct,
+            },
+            MigProcesses {
+                uuid,
+                gpu_instance_id,
+                compute_instance_id,
+                processes: listed,
+            },
+        )))
     }
 
     /// Runs a write, marking the GPU lost when the write says so.
@@ -425,6 +714,10 @@ impl NvmlDevice {
             )),
         }
     }
+}
+
+fn probe_says_no<T>(probe: &Probe<T>) -> bool {
+    matches!(probe, Probe::Absent)
 }
 
 const VOLTA: u32 = 5;

@@ -13,6 +13,8 @@
 
 mod device;
 mod events;
+mod processes;
+mod raw;
 
 use std::{
     ffi::OsStr,

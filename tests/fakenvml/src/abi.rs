@@ -21,7 +21,7 @@ use nvml_wrapper_sys::bindings::{field_id::*, *};
 
 use crate::{
     config::Feature,
-    model::Gpu,
+    model::{self, Gpu, MigInstance, NO_INSTANCE},
     state::{self, Fake, NvmlResult},
 };
 
@@ -34,8 +34,6 @@ const UNKNOWN: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_UNKNOWN;
 const TIMEOUT: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_TIMEOUT;
 const NO_PERMISSION: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_NO_PERMISSION;
 const VERSION_MISMATCH: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-/// MIG is never on: instance ids are "none".
-const NO_INSTANCE: c_uint = 0xFFFF_FFFF;
 /// Only XID events exist in the fake.
 const SUPPORTED_EVENTS: c_ulonglong = nvmlEventTypeXidCriticalError as c_ulonglong;
 /// How often a waiting event set looks for news.
@@ -49,12 +47,53 @@ fn device_handle(index: u32) -> nvmlDevice_t {
     ptr::without_provenance_mut(index as usize + 1)
 }
 
-fn device_index(device: nvmlDevice_t) -> NvmlResult<u32> {
-    device
-        .addr()
-        .checked_sub(1)
+/// MIG device handles carry this bit (above any GPU handle), then the
+/// parent's index and the instance's GPU and compute instance ids: a handle
+/// names one instance, and stops working when that instance is destroyed.
+const MIG_HANDLE_BIT: usize = 1 << 40;
+
+fn mig_handle(gpu: u32, gpu_instance_id: u32, compute_instance_id: u32) -> nvmlDevice_t {
+    ptr::without_provenance_mut(
+        MIG_HANDLE_BIT
+            | (gpu as usize & 0xFF_FFFF) << 16
+            | (gpu_instance_id as usize & 0xFF) << 8
+            | (compute_instance_id as usize & 0xFF),
+    )
+}
+
+/// What a device handle names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Gpu(u32),
+    Mig { gpu: u32, gi: u32, ci: u32 },
+}
+
+impl Target {
+    fn gpu(self) -> u32 {
+        match self {
+            Target::Gpu(index) | Target::Mig { gpu: index, .. } => index,
+        }
+    }
+}
+
+fn target(device: nvmlDevice_t) -> NvmlResult<Target> {
+    let addr = device.addr();
+    if addr & MIG_HANDLE_BIT != 0 {
+        return Ok(Target::Mig {
+            gpu: ((addr >> 16) & 0xFF_FFFF) as u32,
+            gi: ((addr >> 8) & 0xFF) as u32,
+            ci: (addr & 0xFF) as u32,
+        });
+    }
+    addr.checked_sub(1)
         .and_then(|i| u32::try_from(i).ok())
+        .map(Target::Gpu)
         .ok_or(INVALID_ARGUMENT)
+}
+
+/// The GPU a handle names, MIG device handles included.
+fn device_index(device: nvmlDevice_t) -> NvmlResult<u32> {
+    target(device).map(Target::gpu)
 }
 
 fn event_set_handle(id: usize) -> nvmlEventSet_t {
@@ -121,14 +160,31 @@ fn code_of<T>(result: &NvmlResult<T>) -> nvmlReturn_t {
 // ---- the two shapes of a device call -------------------------------------
 
 /// A read on a GPU: lost GPUs fail, hanging GPUs sleep first, unsupported
-/// features say so, then `f` answers.
+/// features say so, then `f` answers. A MIG device handle answers
+/// NOT_SUPPORTED (the call is one NVML only answers on the whole GPU).
 fn query<T>(
     symbol: &'static str,
     device: nvmlDevice_t,
     feature: Option<Feature>,
     f: impl FnOnce(&mut Gpu) -> NvmlResult<T>,
 ) -> NvmlResult<T> {
-    let index = device_index(device)?;
+    query_any(symbol, device, feature, |gpu, instance| match instance {
+        None => f(gpu),
+        Some(_) => Err(NOT_SUPPORTED),
+    })
+}
+
+/// As `query`, for the calls NVML also answers on a MIG device handle:
+/// `f` is given the instance the handle names (`None` for the whole GPU).
+/// A handle of an instance that no longer exists is INVALID_ARGUMENT.
+fn query_any<T>(
+    symbol: &'static str,
+    device: nvmlDevice_t,
+    feature: Option<Feature>,
+    f: impl FnOnce(&mut Gpu, Option<&MigInstance>) -> NvmlResult<T>,
+) -> NvmlResult<T> {
+    let target = target(device)?;
+    let index = target.gpu();
     let hang = state::with(|fake| {
         let gpu = fake.gpu(index)?;
         if let Some(code) = gpu.lost_code() {
@@ -141,7 +197,13 @@ fn query<T>(
         thread::sleep(Duration::from_millis(hang));
     }
     state::with(|fake| {
-        let result = on_gpu(fake, index, feature, false, f);
+        let result = on_gpu(fake, index, feature, false, |gpu| match target {
+            Target::Gpu(_) => f(gpu, None),
+            Target::Mig { gi, ci, .. } => {
+                let instance = gpu.mig_instance(gi, ci).cloned().ok_or(INVALID_ARGUMENT)?;
+                f(gpu, Some(&instance))
+            }
+        });
         fake.trace(index, symbol, code_of(&result));
         result
     })
@@ -155,8 +217,11 @@ fn command(
     feature: Feature,
     f: impl FnOnce(&mut Gpu) -> nvmlReturn_t,
 ) -> nvmlReturn_t {
-    let Ok(index) = device_index(device) else {
-        return INVALID_ARGUMENT;
+    let index = match target(device) {
+        Ok(Target::Gpu(index)) => index,
+        // Limits and clocks are set on the whole GPU, not on a MIG device.
+        Ok(Target::Mig { .. }) => return NOT_SUPPORTED,
+        Err(code) => return code,
     };
     let result = state::with(|fake| {
         let result = on_gpu(fake, index, Some(feature), true, |gpu| match f(gpu) {
@@ -289,15 +354,26 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
         .to_string_lossy()
         .into_owned();
     let result = state::with(|fake| {
-        let gpu = fake
+        let (gpu, handle) = fake
             .gpus
             .iter()
-            .find(|g| g.uuid == wanted)
+            .find_map(|g| {
+                if g.uuid == wanted {
+                    return Some((g, device_handle(g.index)));
+                }
+                let m = g
+                    .mig_enabled()
+                    .then(|| g.mig.iter().find(|m| m.uuid == wanted))??;
+                Some((
+                    g,
+                    mig_handle(g.index, m.gpu_instance_id, m.compute_instance_id),
+                ))
+            })
             .ok_or(NOT_FOUND)?;
         if let Some(code) = gpu.lost_code() {
             return Err(code);
         }
-        Ok(device_handle(gpu.index))
+        Ok(handle)
     });
     // SAFETY: NVML contract.
     unsafe { answer(device, result) }
@@ -319,8 +395,11 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
     name: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
-    match query("nvmlDeviceGetName", device, None, |g| {
-        Ok(g.name().to_owned())
+    match query_any("nvmlDeviceGetName", device, None, |g, mig| {
+        Ok(match mig {
+            None => g.name().to_owned(),
+            Some(m) => format!("{} MIG {}", g.name(), m.profile.name),
+        })
     }) {
         // SAFETY: NVML contract.
         Ok(v) => unsafe { put_str(name, length, &v) },
@@ -334,7 +413,9 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
     uuid: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
-    match query("nvmlDeviceGetUUID", device, None, |g| Ok(g.uuid.clone())) {
+    match query_any("nvmlDeviceGetUUID", device, None, |g, mig| {
+        Ok(mig.map_or_else(|| g.uuid.clone(), |m| m.uuid.clone()))
+    }) {
         // SAFETY: NVML contract.
         Ok(v) => unsafe { put_str(uuid, length, &v) },
         Err(code) => code,
@@ -796,14 +877,19 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     if version != expected {
         return VERSION_MISMATCH;
     }
-    let result = query(
+    let result = query_any(
         "nvmlDeviceGetMemoryInfo_v2",
         device,
         Some(Feature::MemoryInfo),
-        |g| {
-            let total = g.board.memory_total_bytes;
-            let reserved = g.board.memory_reserved_bytes;
-            let used = g.memory_used_bytes();
+        |g, mig| {
+            let (total, reserved, used) = match mig {
+                None => (
+                    g.board.memory_total_bytes,
+                    g.board.memory_reserved_bytes,
+                    g.memory_used_bytes(),
+                ),
+                Some(m) => (m.memory_total_bytes(), 0, m.memory_used_bytes()),
+            };
             Ok(nvmlMemory_v2_t {
                 version,
                 total,
@@ -939,42 +1025,22 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
     unsafe { answer(count, result) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
-    device: nvmlDevice_t,
+/// Answers a process-list query with NVML's size protocol: the count is
+/// always written; a null or short buffer is INSUFFICIENT_SIZE.
+///
+/// # Safety
+/// `info_count` must be valid for reads and writes; `infos` null or valid
+/// for `*info_count` entries.
+unsafe fn put_processes(
     info_count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
+    result: NvmlResult<Vec<nvmlProcessInfo_t>>,
 ) -> nvmlReturn_t {
-    if info_count.is_null() {
-        return INVALID_ARGUMENT;
-    }
-    let result = query(
-        "nvmlDeviceGetComputeRunningProcesses_v3",
-        device,
-        Some(Feature::Processes),
-        |g| {
-            Ok(g.config
-                .processes
-                .iter()
-                .map(|p| nvmlProcessInfo_t {
-                    pid: p.pid,
-                    usedGpuMemory: p
-                        .used_memory_mib
-                        .map_or(NVML_VALUE_NOT_AVAILABLE as c_ulonglong, |mib| {
-                            mib * 1024 * 1024
-                        }),
-                    gpuInstanceId: NO_INSTANCE,
-                    computeInstanceId: NO_INSTANCE,
-                })
-                .collect::<Vec<_>>())
-        },
-    );
     let processes = match result {
         Ok(p) => p,
         Err(code) => return code,
     };
-    // SAFETY: checked non-null; NVML contract: `infos` holds `*info_count`
-    // entries (or is null to ask for the count).
+    // SAFETY: caller contract; `info_count` was checked non-null.
     unsafe {
         let room = *info_count as usize;
         info_count.write(processes.len() as c_uint);
@@ -987,6 +1053,283 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         ptr::copy_nonoverlapping(processes.as_ptr(), infos, processes.len());
     }
     SUCCESS
+}
+
+/// Compute processes: on the whole GPU every one (in MIG mode each with
+/// its instance's ids), on a MIG device those of its instance.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: nvmlDevice_t,
+    info_count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
+    if info_count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let result = query_any(
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        device,
+        Some(Feature::Processes),
+        |g, mig| Ok(mig.map_or_else(|| g.compute_processes(), MigInstance::processes)),
+    );
+    // SAFETY: checked non-null; NVML contract for `infos`.
+    unsafe { put_processes(info_count, infos, result) }
+}
+
+/// Graphics processes (none inside MIG instances).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    device: nvmlDevice_t,
+    info_count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
+    if info_count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let result = query_any(
+        "nvmlDeviceGetGraphicsRunningProcesses_v3",
+        device,
+        Some(Feature::GraphicsProcesses),
+        |g, mig| {
+            Ok(match mig {
+                None => g.graphics_processes(),
+                Some(_) => Vec::new(),
+            })
+        },
+    );
+    // SAFETY: checked non-null; NVML contract for `infos`.
+    unsafe { put_processes(info_count, infos, result) }
+}
+
+/// Process utilisation samples newer than `last_seen_us`. NVML's protocol:
+/// NOT_FOUND when there is none, INSUFFICIENT_SIZE (with the count) for a
+/// null or short buffer. Not supported in MIG mode, as on real GPUs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: nvmlDevice_t,
+    utilization: *mut nvmlProcessUtilizationSample_t,
+    sample_count: *mut c_uint,
+    last_seen_us: c_ulonglong,
+) -> nvmlReturn_t {
+    if sample_count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let now_us = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let result = query(
+        "nvmlDeviceGetProcessUtilization",
+        device,
+        Some(Feature::ProcessUtilization),
+        |g| {
+            if g.mig_enabled() {
+                return Err(NOT_SUPPORTED);
+            }
+            Ok(g.process_samples(last_seen_us, now_us))
+        },
+    );
+    let samples = match result {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // SAFETY: checked non-null; NVML contract: `utilization` is null or
+    // holds `*sample_count` entries.
+    unsafe {
+        let room = *sample_count as usize;
+        sample_count.write(samples.len() as c_uint);
+        if samples.is_empty() {
+            return NOT_FOUND;
+        }
+        if utilization.is_null() || room < samples.len() {
+            return INSUFFICIENT_SIZE;
+        }
+        ptr::copy_nonoverlapping(samples.as_ptr(), utilization, samples.len());
+    }
+    SUCCESS
+}
+
+// ---- MIG ---------------------------------------------------------------------
+
+fn enable_state(on: bool) -> c_uint {
+    if on {
+        NVML_DEVICE_MIG_ENABLE
+    } else {
+        NVML_DEVICE_MIG_DISABLE
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: nvmlDevice_t,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> nvmlReturn_t {
+    if current.is_null() || pending.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let result = query("nvmlDeviceGetMigMode", device, Some(Feature::Mig), |g| {
+        Ok((enable_state(g.mig_enabled()), enable_state(g.mig_pending())))
+    });
+    match result {
+        Ok((now, next)) => {
+            // SAFETY: both checked non-null; NVML contract otherwise.
+            unsafe {
+                current.write(now);
+                pending.write(next);
+            }
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// How many MIG devices the GPU can hold: 7 in MIG mode, 0 outside it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    let result = query(
+        "nvmlDeviceGetMaxMigDeviceCount",
+        device,
+        Some(Feature::Mig),
+        |g| {
+            Ok(if g.mig_enabled() {
+                model::MAX_MIG_DEVICES
+            } else {
+                0
+            })
+        },
+    );
+    // SAFETY: NVML contract.
+    unsafe { answer(count, result) }
+}
+
+/// The `index`-th MIG device (in GPU instance id order): INVALID_ARGUMENT
+/// past the maximum count, NOT_FOUND for an index no instance fills.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig_device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let result = query(
+        "nvmlDeviceGetMigDeviceHandleByIndex",
+        device,
+        Some(Feature::Mig),
+        |g| {
+            if !g.mig_enabled() || index >= model::MAX_MIG_DEVICES {
+                return Err(INVALID_ARGUMENT);
+            }
+            let m = g.mig.get(index as usize).ok_or(NOT_FOUND)?;
+            Ok(mig_handle(
+                g.index,
+                m.gpu_instance_id,
+                m.compute_instance_id,
+            ))
+        },
+    );
+    // SAFETY: NVML contract.
+    unsafe { answer(mig_device, result) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig_device: nvmlDevice_t,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let result = query_any(
+        "nvmlDeviceGetDeviceHandleFromMigDeviceHandle",
+        mig_device,
+        Some(Feature::Mig),
+        |g, mig| match mig {
+            Some(_) => Ok(device_handle(g.index)),
+            None => Err(INVALID_ARGUMENT),
+        },
+    );
+    // SAFETY: NVML contract.
+    unsafe { answer(device, result) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(
+    device: nvmlDevice_t,
+    is_mig_device: *mut c_uint,
+) -> nvmlReturn_t {
+    let result = query_any("nvmlDeviceIsMigDeviceHandle", device, None, |_, mig| {
+        Ok(c_uint::from(mig.is_some()))
+    });
+    // SAFETY: NVML contract.
+    unsafe { answer(is_mig_device, result) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(
+    device: nvmlDevice_t,
+    id: *mut c_uint,
+) -> nvmlReturn_t {
+    let result = query_any(
+        "nvmlDeviceGetGpuInstanceId",
+        device,
+        Some(Feature::Mig),
+        |_, mig| mig.map(|m| m.gpu_instance_id).ok_or(NOT_SUPPORTED),
+    );
+    // SAFETY: NVML contract.
+    unsafe { answer(id, result) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(
+    device: nvmlDevice_t,
+    id: *mut c_uint,
+) -> nvmlReturn_t {
+    let result = query_any(
+        "nvmlDeviceGetComputeInstanceId",
+        device,
+        Some(Feature::Mig),
+        |_, mig| mig.map(|m| m.compute_instance_id).ok_or(NOT_SUPPORTED),
+    );
+    // SAFETY: NVML contract.
+    unsafe { answer(id, result) }
+}
+
+/// SMs, slices and memory of the whole GPU or of a MIG device.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
+    device: nvmlDevice_t,
+    attributes: *mut nvmlDeviceAttributes_t,
+) -> nvmlReturn_t {
+    let result = query_any("nvmlDeviceGetAttributes_v2", device, None, |g, mig| {
+        let (sm, gi_slices, memory_mib) = match mig {
+            Some(m) => (
+                m.profile.sm_count,
+                m.profile.compute_slices,
+                m.profile.memory_mib,
+            ),
+            None => (
+                g.board.sm_count,
+                if g.supports(Feature::Mig) {
+                    model::COMPUTE_SLICES
+                } else {
+                    0
+                },
+                g.board.memory_total_bytes >> 20,
+            ),
+        };
+        Ok(nvmlDeviceAttributes_t {
+            multiprocessorCount: sm,
+            sharedCopyEngineCount: gi_slices.max(1),
+            sharedDecoderCount: gi_slices.max(1),
+            sharedEncoderCount: 0,
+            sharedJpegCount: gi_slices.max(1),
+            sharedOfaCount: 1,
+            gpuInstanceSliceCount: gi_slices,
+            computeInstanceSliceCount: gi_slices,
+            memorySizeMB: memory_mib,
+        })
+    });
+    // SAFETY: NVML contract.
+    unsafe { answer(attributes, result) }
 }
 
 // ---- events ------------------------------------------------------------------

@@ -43,6 +43,7 @@ impl Default for Config {
             processes: vec![ProcessConfig {
                 pid,
                 used_memory_mib: Some(4096),
+                ..ProcessConfig::default()
             }],
             ..GpuConfig::default()
         };
@@ -98,6 +99,12 @@ pub enum Feature {
     MemoryLockedClocks,
     ApplicationsClocks,
     Events,
+    /// `nvmlDeviceGetGraphicsRunningProcesses_v3`.
+    GraphicsProcesses,
+    /// `nvmlDeviceGetProcessUtilization`.
+    ProcessUtilization,
+    /// MIG mode and MIG devices (only the datacenter model has it).
+    Mig,
 }
 
 /// One GPU (or `count` identical GPUs).
@@ -120,6 +127,11 @@ pub struct GpuConfig {
     /// Running compute processes. `used_memory_mib: null` is reported as
     /// NVML_VALUE_NOT_AVAILABLE, as drivers do without permission.
     pub processes: Vec<ProcessConfig>,
+    /// Running graphics processes (same shape as `processes`). A pid in
+    /// both lists is a process with both kinds of context.
+    pub graphics_processes: Vec<ProcessConfig>,
+    /// MIG mode and instances; `None` is MIG off (on a board that has it).
+    pub mig: Option<MigConfig>,
     /// Volatile ECC error counts (aggregate counts equal them: the fake's
     /// GPUs are new). Only readable where ECC is supported.
     pub ecc_errors: EccConfig,
@@ -157,6 +169,8 @@ impl Default for GpuConfig {
             ambient_c: 30.0,
             temperature_c: None,
             processes: Vec::new(),
+            graphics_processes: Vec::new(),
+            mig: None,
             ecc_errors: EccConfig::default(),
             unsupported: Vec::new(),
             lost: false,
@@ -179,13 +193,65 @@ pub enum LostError {
     Unknown,
 }
 
-/// A compute process on a GPU.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+/// A process on a GPU (or in a MIG instance).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessConfig {
     pub pid: u32,
     /// `None` (JSON null) means the driver does not say.
     pub used_memory_mib: Option<u64>,
+    /// The process's share of the SMs, 0–100, in its utilisation samples.
+    /// A process with none of the four `*_pct` set (or all 0) has no
+    /// samples, as NVML only samples processes that used the GPU.
+    #[serde(default)]
+    pub sm_pct: Option<u32>,
+    #[serde(default)]
+    pub memory_pct: Option<u32>,
+    #[serde(default)]
+    pub encoder_pct: Option<u32>,
+    #[serde(default)]
+    pub decoder_pct: Option<u32>,
+}
+
+impl ProcessConfig {
+    /// True when the process has utilisation samples.
+    pub fn sampled(&self) -> bool {
+        [
+            self.sm_pct,
+            self.memory_pct,
+            self.encoder_pct,
+            self.decoder_pct,
+        ]
+        .iter()
+        .any(|v| v.is_some_and(|pct| pct > 0))
+    }
+}
+
+/// MIG mode and the instances of a GPU.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigConfig {
+    /// The current mode.
+    pub enabled: bool,
+    /// The mode after the next GPU reset; default: the current one.
+    pub pending: Option<bool>,
+    /// GPU instances (each with one compute instance spanning it). Only
+    /// allowed while `enabled`.
+    pub instances: Vec<MigInstanceConfig>,
+}
+
+/// One MIG instance: a GPU instance of `profile` with one compute instance.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigInstanceConfig {
+    /// An H100 80GB profile name: `1g.10gb`, `1g.20gb`, `2g.20gb`,
+    /// `3g.40gb`, `4g.40gb`, `7g.80gb`.
+    pub profile: String,
+    /// The GPU instance id; default: the lowest id from 1 up that no
+    /// other instance has (give it to keep ids when the list changes).
+    pub gpu_instance_id: Option<u32>,
+    /// Compute processes running in the instance.
+    pub processes: Vec<ProcessConfig>,
 }
 
 /// Volatile ECC counts.
@@ -200,10 +266,11 @@ impl Config {
     /// Parses a config document.
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: Config = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        for gpu in &config.gpus {
+        for (entry, gpu) in config.gpus.iter().enumerate() {
             if !(0.0..=100.0).contains(&gpu.load_pct) {
                 return Err(format!("load_pct {} is outside 0-100", gpu.load_pct));
             }
+            crate::model::check_gpu(gpu).map_err(|e| format!("gpus[{entry}]: {e}"))?;
         }
         Ok(config)
     }

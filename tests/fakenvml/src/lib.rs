@@ -42,8 +42,13 @@
 //!       "load_pct": 50,                // workload 0-100
 //!       "ambient_c": 30,
 //!       "temperature_c": null,         // pin the temperature
-//!       "processes": [{"pid": 4100, "used_memory_mib": 4096},
+//!       "processes": [{"pid": 4100, "used_memory_mib": 4096, "sm_pct": 30},
 //!                     {"pid": 4101, "used_memory_mib": null}],
+//!       "graphics_processes": [{"pid": 4200, "used_memory_mib": 64}],
+//!       "mig": null,                   // MIG off; datacenter only, e.g.
+//!       // {"enabled": true, "pending": null, "instances": [{"profile":
+//!       //  "3g.40gb", "gpu_instance_id": null, "processes": [...]}]}
+//!       // (in MIG mode processes live in instances, not above)
 //!       "ecc_errors": {"corrected": 0, "uncorrected": 0},
 //!       "unsupported": ["fan_speed"],  // extra NOT_SUPPORTED features
 //!       "lost": false,                 // every call fails with lost_error
@@ -67,7 +72,12 @@
 //! `utilization`, `memory_info`, `performance_state`, `throttle_reasons`,
 //! `pcie_throughput`, `ecc`, `processes`, `architecture`,
 //! `gpu_locked_clocks`, `memory_locked_clocks`, `applications_clocks`,
-//! `events` (the same names serve `failing`).
+//! `events`, `graphics_processes`, `process_utilization`, `mig` (the same
+//! names serve `failing`). Per-process utilisation (`sm_pct`, `memory_pct`,
+//! `encoder_pct`, `decoder_pct`) is returned as timestamped samples; a config
+//! whose processes' SM shares exceed the GPU's utilisation, or whose MIG
+//! instances overfill the GPU, is refused. MIG instances are child devices
+//! with their own handles (see README.md and `model.rs`).
 //!
 //! A GPU entry that keeps its model and uuid across a re-read keeps its state
 //! (power limit, clock locks, energy counter, delivered XIDs); one whose

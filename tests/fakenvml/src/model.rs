@@ -6,12 +6,20 @@
 //! power cap or a clock lock bites, energy integrates power over time, and the
 //! throttle-reason mask says why. Writes change the state (a set followed by a
 //! get round-trips) after the range checks NVML itself makes.
+//!
+//! It also owns who is on the GPU: per-process utilisation samples whose SM
+//! shares never add up to more than the device's utilisation, and MIG: the
+//! H100 profile table, the instances a config lays out (ids assigned,
+//! UUIDs derived, layouts that overfill the GPU refused by [`check_gpu`]).
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Instant,
+};
 
 use nvml_wrapper_sys::bindings::*;
 
-use crate::config::{Feature, GpuConfig, LostError, ModelKind};
+use crate::config::{Feature, GpuConfig, LostError, ModelKind, ProcessConfig};
 
 /// The fixed numbers of a board.
 #[derive(Debug, Clone)]
@@ -36,6 +44,8 @@ pub struct Board {
     pub memory_total_bytes: u64,
     pub memory_reserved_bytes: u64,
     pub pcie_max_kbps: u32,
+    /// Streaming multiprocessors of the whole GPU.
+    pub sm_count: u32,
     /// Features this board does not have.
     pub unsupported: &'static [Feature],
 }
@@ -66,6 +76,7 @@ impl Board {
                 memory_total_bytes: 81_559 * MIB,
                 memory_reserved_bytes: 530 * MIB,
                 pcie_max_kbps: 64_000_000,
+                sm_count: 132,
                 unsupported: &[],
             },
             ModelKind::Consumer => Board {
@@ -89,7 +100,9 @@ impl Board {
                 memory_total_bytes: 24_564 * MIB,
                 memory_reserved_bytes: 330 * MIB,
                 pcie_max_kbps: 32_000_000,
+                sm_count: 128,
                 unsupported: &[
+                    Feature::Mig,
                     Feature::MemoryTemperature,
                     Feature::FanSpeed,
                     Feature::Ecc,
@@ -120,7 +133,9 @@ impl Board {
                 memory_total_bytes: 8192 * MIB,
                 memory_reserved_bytes: 190 * MIB,
                 pcie_max_kbps: 16_000_000,
+                sm_count: 36,
                 unsupported: &[
+                    Feature::Mig,
                     Feature::MemoryTemperature,
                     Feature::FanSpeed,
                     Feature::Ecc,
@@ -171,6 +186,8 @@ pub struct Gpu {
     last_advance: Instant,
     /// How many entries of `config.xid` have been handed to an event set.
     pub xids_delivered: usize,
+    /// The MIG instances, in GPU-instance id order (empty when MIG is off).
+    pub mig: Vec<MigInstance>,
 }
 
 impl Gpu {
@@ -189,6 +206,7 @@ impl Gpu {
             energy_mj: 0.0,
             last_advance: Instant::now(),
             xids_delivered: 0,
+            mig: Vec::new(),
         };
         gpu.reconfigure(config);
         gpu
@@ -212,7 +230,110 @@ impl Gpu {
             .copied()
             .collect();
         self.xids_delivered = self.xids_delivered.min(config.xid.len());
+        // A config that reached here passed `check_gpu`; one built in code
+        // that did not gets no instances rather than a half-made layout.
+        self.mig = mig_layout(&config)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(gpu_instance_id, profile, processes)| MigInstance {
+                uuid: mig_uuid(&self.uuid, gpu_instance_id, 0),
+                gpu_instance_id,
+                compute_instance_id: 0,
+                profile,
+                processes,
+            })
+            .collect();
         self.config = config;
+    }
+
+    /// MIG mode is on now (on a board that has MIG).
+    pub fn mig_enabled(&self) -> bool {
+        self.supports(Feature::Mig) && self.config.mig.as_ref().is_some_and(|m| m.enabled)
+    }
+
+    /// MIG mode after the next reset.
+    pub fn mig_pending(&self) -> bool {
+        self.supports(Feature::Mig)
+            && self
+                .config
+                .mig
+                .as_ref()
+                .is_some_and(|m| m.pending.unwrap_or(m.enabled))
+    }
+
+    /// The live MIG instance with these ids.
+    pub fn mig_instance(
+        &self,
+        gpu_instance_id: u32,
+        compute_instance_id: u32,
+    ) -> Option<&MigInstance> {
+        if !self.mig_enabled() {
+            return None;
+        }
+        self.mig.iter().find(|m| {
+            m.gpu_instance_id == gpu_instance_id && m.compute_instance_id == compute_instance_id
+        })
+    }
+
+    /// The compute processes NVML lists on the whole GPU: in MIG mode those
+    /// of every instance, each with its instance's ids.
+    pub fn compute_processes(&self) -> Vec<nvmlProcessInfo_t> {
+        let mut list: Vec<_> = self
+            .config
+            .processes
+            .iter()
+            .map(|p| process_info(p, NO_INSTANCE, NO_INSTANCE))
+            .collect();
+        if self.mig_enabled() {
+            for m in &self.mig {
+                list.extend(m.processes());
+            }
+        }
+        list
+    }
+
+    /// The graphics processes NVML lists on the whole GPU.
+    pub fn graphics_processes(&self) -> Vec<nvmlProcessInfo_t> {
+        self.config
+            .graphics_processes
+            .iter()
+            .map(|p| process_info(p, NO_INSTANCE, NO_INSTANCE))
+            .collect()
+    }
+
+    /// Every process entry of the GPU: compute, graphics, in instances.
+    fn all_processes(&self) -> impl Iterator<Item = &ProcessConfig> {
+        all_processes(&self.config)
+    }
+
+    /// The utilisation samples the driver holds newer than `last_seen_us`
+    /// at `now_us`, oldest first: one per sampled process per
+    /// [`SAMPLE_PERIOD_US`] tick, for the last [`SAMPLE_BUFFER`] ticks.
+    pub fn process_samples(
+        &self,
+        last_seen_us: u64,
+        now_us: u64,
+    ) -> Vec<nvmlProcessUtilizationSample_t> {
+        let sampled: Vec<&ProcessConfig> = self.all_processes().filter(|p| p.sampled()).collect();
+        let latest = now_us - now_us % SAMPLE_PERIOD_US;
+        let mut ticks: Vec<u64> = (0..SAMPLE_BUFFER)
+            .filter_map(|k| latest.checked_sub(k * SAMPLE_PERIOD_US))
+            .filter(|&t| t > last_seen_us)
+            .collect();
+        ticks.reverse();
+        ticks
+            .into_iter()
+            .flat_map(|t| {
+                sampled.iter().map(move |p| nvmlProcessUtilizationSample_t {
+                    pid: p.pid,
+                    timeStamp: t,
+                    smUtil: p.sm_pct.unwrap_or(0),
+                    memUtil: p.memory_pct.unwrap_or(0),
+                    encUtil: p.encoder_pct.unwrap_or(0),
+                    decUtil: p.decoder_pct.unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// The error every call answers while the GPU is lost.
@@ -308,7 +429,7 @@ impl Gpu {
         if let Some((lo, hi)) = self.memory_clock_lock {
             memory = memory.clamp(lo, hi);
         }
-        let utilization = (load * 100.0).round() as u32;
+        let utilization = utilization_gpu_pct(self.config.load_pct);
         let pcie = (f64::from(b.pcie_max_kbps) * load * 0.05) as u32;
         Snapshot {
             power_draw_mw: (draw * 1000.0).round() as u32,
@@ -331,12 +452,13 @@ impl Gpu {
         }
     }
 
-    /// Memory used: the driver's reservation plus the processes' memory.
+    /// Memory used: the driver's reservation plus the processes' memory
+    /// (a process in both the compute and graphics lists counted once).
     pub fn memory_used_bytes(&self) -> u64 {
+        let mut seen = HashSet::new();
         let processes: u64 = self
-            .config
-            .processes
-            .iter()
+            .all_processes()
+            .filter(|p| seen.insert(p.pid))
             .filter_map(|p| p.used_memory_mib)
             .sum::<u64>()
             * MIB;
@@ -374,6 +496,289 @@ impl Gpu {
 
 const NVML_CLOCK_LIMIT_ID_TDP_MHZ: u32 = nvmlClockLimitId_enum_NVML_CLOCK_LIMIT_ID_TDP;
 const NVML_CLOCK_LIMIT_ID_UNLIMITED_MHZ: u32 = nvmlClockLimitId_enum_NVML_CLOCK_LIMIT_ID_UNLIMITED;
+
+/// The device utilisation a workload of `load_pct` shows.
+pub fn utilization_gpu_pct(load_pct: f64) -> u32 {
+    load_pct.clamp(0.0, 100.0).round() as u32
+}
+
+/// The instance ids of a process outside any MIG instance.
+pub const NO_INSTANCE: u32 = 0xFFFF_FFFF;
+
+fn process_info(
+    p: &ProcessConfig,
+    gpu_instance_id: u32,
+    compute_instance_id: u32,
+) -> nvmlProcessInfo_t {
+    nvmlProcessInfo_t {
+        pid: p.pid,
+        usedGpuMemory: p
+            .used_memory_mib
+            .map_or(NVML_VALUE_NOT_AVAILABLE as u64, |mib| mib * MIB),
+        gpuInstanceId: gpu_instance_id,
+        computeInstanceId: compute_instance_id,
+    }
+}
+
+fn all_processes(config: &GpuConfig) -> impl Iterator<Item = &ProcessConfig> {
+    config
+        .processes
+        .iter()
+        .chain(&config.graphics_processes)
+        .chain(
+            config
+                .mig
+                .iter()
+                .flat_map(|m| m.instances.iter().flat_map(|i| &i.processes)),
+        )
+}
+
+// ---- process utilisation ---------------------------------------------------
+
+/// How often the fake driver takes a process utilisation sample.
+pub const SAMPLE_PERIOD_US: u64 = 100_000;
+/// How many sampling ticks the fake driver keeps.
+pub const SAMPLE_BUFFER: u64 = 10;
+
+// ---- MIG ---------------------------------------------------------------------
+
+/// A GPU instance profile of the datacenter board (an H100 80GB): its
+/// share of the 7 compute and 8 memory slices, and what it owns. SM counts
+/// and sizes are close to what an H100 SXM 80GB reports; they are the
+/// fake's, not a datasheet.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MigProfile {
+    pub name: &'static str,
+    pub compute_slices: u32,
+    pub memory_slices: u32,
+    pub sm_count: u32,
+    pub memory_mib: u64,
+}
+
+/// Compute slices of an H100 (7 GPCs).
+pub const COMPUTE_SLICES: u32 = 7;
+/// Memory slices of an H100 (8).
+pub const MEMORY_SLICES: u32 = 8;
+/// The most MIG devices a GPU can hold (`nvmlDeviceGetMaxMigDeviceCount`).
+pub const MAX_MIG_DEVICES: u32 = 7;
+
+/// The H100 80GB profiles the fake offers.
+pub const MIG_PROFILES: &[MigProfile] = &[
+    MigProfile {
+        name: "1g.10gb",
+        compute_slices: 1,
+        memory_slices: 1,
+        sm_count: 16,
+        memory_mib: 9_856,
+    },
+    MigProfile {
+        name: "1g.20gb",
+        compute_slices: 1,
+        memory_slices: 2,
+        sm_count: 16,
+        memory_mib: 19_968,
+    },
+    MigProfile {
+        name: "2g.20gb",
+        compute_slices: 2,
+        memory_slices: 2,
+        sm_count: 32,
+        memory_mib: 19_968,
+    },
+    MigProfile {
+        name: "3g.40gb",
+        compute_slices: 3,
+        memory_slices: 4,
+        sm_count: 60,
+        memory_mib: 40_192,
+    },
+    MigProfile {
+        name: "4g.40gb",
+        compute_slices: 4,
+        memory_slices: 4,
+        sm_count: 64,
+        memory_mib: 40_192,
+    },
+    MigProfile {
+        name: "7g.80gb",
+        compute_slices: 7,
+        memory_slices: 8,
+        sm_count: 132,
+        memory_mib: 80_768,
+    },
+];
+
+/// The profile called `name`.
+pub fn mig_profile(name: &str) -> Option<&'static MigProfile> {
+    MIG_PROFILES.iter().find(|p| p.name == name)
+}
+
+/// One MIG device: a GPU instance with one compute instance spanning it.
+#[derive(Debug, Clone)]
+pub struct MigInstance {
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    pub profile: &'static MigProfile,
+    /// `MIG-…`, stable per (GPU UUID, GPU instance, compute instance).
+    pub uuid: String,
+    pub processes: Vec<ProcessConfig>,
+}
+
+impl MigInstance {
+    /// The instance's compute processes, as NVML lists them.
+    pub fn processes(&self) -> Vec<nvmlProcessInfo_t> {
+        self.processes
+            .iter()
+            .map(|p| process_info(p, self.gpu_instance_id, self.compute_instance_id))
+            .collect()
+    }
+
+    pub fn memory_total_bytes(&self) -> u64 {
+        self.profile.memory_mib * MIB
+    }
+
+    /// What the instance's processes use, within its memory.
+    pub fn memory_used_bytes(&self) -> u64 {
+        let used: u64 = self
+            .processes
+            .iter()
+            .filter_map(|p| p.used_memory_mib)
+            .sum();
+        (used * MIB).min(self.memory_total_bytes())
+    }
+}
+
+/// The highest GPU instance id a config may give (ids travel in handles).
+pub const MAX_GPU_INSTANCE_ID: u32 = 254;
+
+/// Instances as a config lays them out: GPU instance id, profile, processes.
+type MigLayout = Vec<(u32, &'static MigProfile, Vec<ProcessConfig>)>;
+
+/// The instances `config` asks for, with GPU instance ids assigned and
+/// sorted by them, or why the layout cannot exist.
+fn mig_layout(config: &GpuConfig) -> Result<MigLayout, String> {
+    let Some(mig) = &config.mig else {
+        return Ok(Vec::new());
+    };
+    if !mig.enabled && !mig.instances.is_empty() {
+        return Err("mig.instances need mig.enabled: true".into());
+    }
+    let mut taken = HashSet::new();
+    for id in mig.instances.iter().filter_map(|i| i.gpu_instance_id) {
+        if id > MAX_GPU_INSTANCE_ID {
+            return Err(format!(
+                "gpu_instance_id {id} is above {MAX_GPU_INSTANCE_ID}"
+            ));
+        }
+        if !taken.insert(id) {
+            return Err(format!("gpu_instance_id {id} is given twice"));
+        }
+    }
+    let (mut compute, mut memory) = (0, 0);
+    let mut layout = Vec::new();
+    for instance in &mig.instances {
+        let profile = mig_profile(&instance.profile).ok_or_else(|| {
+            let known: Vec<_> = MIG_PROFILES.iter().map(|p| p.name).collect();
+            format!(
+                "unknown MIG profile {:?} (known: {})",
+                instance.profile,
+                known.join(", ")
+            )
+        })?;
+        compute += profile.compute_slices;
+        memory += profile.memory_slices;
+        let id = match instance.gpu_instance_id {
+            Some(id) => id,
+            None => {
+                let id = (1..).find(|id| !taken.contains(id)).unwrap_or(0);
+                taken.insert(id);
+                id
+            }
+        };
+        layout.push((id, profile, instance.processes.clone()));
+    }
+    if compute > COMPUTE_SLICES {
+        return Err(format!(
+            "MIG instances need {compute} compute slices, the GPU has {COMPUTE_SLICES}"
+        ));
+    }
+    if memory > MEMORY_SLICES {
+        return Err(format!(
+            "MIG instances need {memory} memory slices, the GPU has {MEMORY_SLICES}"
+        ));
+    }
+    layout.sort_by_key(|(id, ..)| *id);
+    Ok(layout)
+}
+
+/// Checks what one GPU entry asks for against the model: MIG only where
+/// the board has it, a MIG layout that fits, processes inside instances
+/// in MIG mode, and per-process utilisation that is a share of the
+/// device's (each value 0–100, the processes' SM shares summing to no more
+/// than the device utilisation the load gives). The fake refuses rather
+/// than scales: a test that asks for more than the GPU can do has a bug.
+pub fn check_gpu(config: &GpuConfig) -> Result<(), String> {
+    if let Some(mig) = &config.mig {
+        let wants_mig = mig.enabled || mig.pending == Some(true);
+        if wants_mig && Board::of(config.model).unsupported.contains(&Feature::Mig) {
+            return Err(format!("the {:?} model has no MIG", config.model));
+        }
+        if mig.enabled && !(config.processes.is_empty() && config.graphics_processes.is_empty()) {
+            return Err(
+                "with MIG enabled, processes run in instances: list them under                  mig.instances[].processes"
+                    .into(),
+            );
+        }
+        mig_layout(config)?;
+    }
+    let mut sampled: HashMap<u32, u32> = HashMap::new();
+    for p in all_processes(config) {
+        for (name, value) in [
+            ("sm_pct", p.sm_pct),
+            ("memory_pct", p.memory_pct),
+            ("encoder_pct", p.encoder_pct),
+            ("decoder_pct", p.decoder_pct),
+        ] {
+            if value.is_some_and(|v| v > 100) {
+                return Err(format!("pid {}: {name} is above 100", p.pid));
+            }
+        }
+        if p.sampled() && sampled.insert(p.pid, p.sm_pct.unwrap_or(0)).is_some() {
+            return Err(format!(
+                "pid {}: utilisation is given in two entries; give it in one",
+                p.pid
+            ));
+        }
+    }
+    let sm_total: u32 = sampled.values().sum();
+    let device = utilization_gpu_pct(config.load_pct);
+    if sm_total > device {
+        return Err(format!(
+            "the processes' sm_pct sum to {sm_total} %, more than the GPU's utilisation of              {device} % (load_pct)"
+        ));
+    }
+    Ok(())
+}
+
+/// A `MIG-` UUID derived from the parent's UUID and the instance ids: the
+/// same instance on the same GPU always has the same UUID.
+pub fn mig_uuid(gpu_uuid: &str, gpu_instance_id: u32, compute_instance_id: u32) -> String {
+    let key = format!("{gpu_uuid}/{gpu_instance_id}/{compute_instance_id}");
+    let hash = |seed: u64| {
+        key.bytes().fold(seed, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    let (a, b) = (hash(0xcbf2_9ce4_8422_2325), hash(0x6c62_272e_07bb_0142));
+    format!(
+        "MIG-{:08x}-{:04x}-5{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0xfff,
+        b & 0xffff_ffff_ffff
+    )
+}
 
 /// A well-formed, stable UUID for GPU `index`.
 pub fn default_uuid(index: u32) -> String {
@@ -436,5 +841,206 @@ mod tests {
         let s = gpu(0.0).snapshot();
         assert_ne!(s.throttle_mask & u64::from(nvmlClocksEventReasonGpuIdle), 0);
         assert_eq!(s.utilization_gpu_pct, 0);
+    }
+}
+
+#[cfg(test)]
+mod mig_and_process_tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(json: &str) -> Result<Config, String> {
+        Config::parse(json)
+    }
+
+    fn gpu_of(json: &str) -> Gpu {
+        let config = parse(json).expect("valid config");
+        Gpu::new(0, config.expanded_gpus().remove(0))
+    }
+
+    #[test]
+    fn profiles_fit_the_slices_and_name_their_memory() {
+        for p in MIG_PROFILES {
+            assert!(p.compute_slices <= COMPUTE_SLICES && p.memory_slices <= MEMORY_SLICES);
+            let (slices, gb) = p.name.split_once('g').expect("NNg.MMgb");
+            assert_eq!(
+                slices.parse::<u32>().ok(),
+                Some(p.compute_slices),
+                "{}",
+                p.name
+            );
+            let gb: u64 = gb
+                .trim_start_matches('.')
+                .trim_end_matches("gb")
+                .parse()
+                .expect("memory in the name");
+            assert_eq!(
+                p.memory_mib.div_ceil(1024).div_ceil(10) * 10,
+                gb,
+                "{}",
+                p.name
+            );
+            assert!(p.sm_count <= Board::of(ModelKind::Datacenter).sm_count);
+        }
+        assert_eq!(mig_profile("7g.80gb").map(|p| p.sm_count), Some(132));
+        assert!(mig_profile("1g.5gb").is_none(), "an A100 40GB profile");
+    }
+
+    #[test]
+    fn instances_get_ids_in_order_and_stable_uuids() {
+        let json = r#"{"gpus": [{"mig": {"enabled": true, "instances": [
+            {"profile": "3g.40gb"}, {"profile": "2g.20gb", "gpu_instance_id": 1},
+            {"profile": "1g.10gb"}]}}]}"#;
+        let gpu = gpu_of(json);
+        let ids: Vec<_> = gpu
+            .mig
+            .iter()
+            .map(|m| (m.gpu_instance_id, m.profile.name))
+            .collect();
+        // The explicit id 1 is reserved; the others take the lowest free.
+        assert_eq!(ids, vec![(1, "2g.20gb"), (2, "3g.40gb"), (3, "1g.10gb")]);
+        assert!(gpu.mig.iter().all(|m| m.compute_instance_id == 0));
+        let uuids: HashSet<_> = gpu.mig.iter().map(|m| m.uuid.clone()).collect();
+        assert_eq!(uuids.len(), 3, "distinct");
+        for m in &gpu.mig {
+            assert!(
+                m.uuid.starts_with("MIG-") && m.uuid.len() == 40,
+                "{}",
+                m.uuid
+            );
+            assert_eq!(m.uuid, mig_uuid(&gpu.uuid, m.gpu_instance_id, 0), "stable");
+        }
+        assert_ne!(mig_uuid("GPU-a", 1, 0), mig_uuid("GPU-b", 1, 0));
+        assert_ne!(mig_uuid("GPU-a", 1, 0), mig_uuid("GPU-a", 2, 0));
+        assert!(gpu.mig_enabled() && gpu.mig_pending());
+    }
+
+    #[test]
+    fn a_layout_that_overfills_the_gpu_is_refused() {
+        let too_many_slices = r#"{"gpus": [{"mig": {"enabled": true, "instances": [
+            {"profile": "4g.40gb"}, {"profile": "4g.40gb"}]}}]}"#;
+        let e = parse(too_many_slices).expect_err("8 compute slices");
+        assert!(e.contains("compute slices"), "{e}");
+        let too_much_memory = r#"{"gpus": [{"mig": {"enabled": true, "instances": [
+            {"profile": "3g.40gb"}, {"profile": "3g.40gb"}, {"profile": "1g.10gb"}]}}]}"#;
+        let e = parse(too_much_memory).expect_err("9 memory slices");
+        assert!(e.contains("memory slices"), "{e}");
+        let full = r#"{"gpus": [{"mig": {"enabled": true, "instances": [
+            {"profile": "3g.40gb"}, {"profile": "2g.20gb"}, {"profile": "1g.10gb"},
+            {"profile": "1g.10gb"}]}}]}"#;
+        assert!(
+            parse(full).is_ok(),
+            "7 compute and 8 memory slices fit exactly"
+        );
+        let e = parse(
+            r#"{"gpus": [{"mig": {"enabled": true, "instances": [{"profile": "9g.1tb"}]}}]}"#,
+        )
+        .expect_err("unknown profile");
+        assert!(e.contains("1g.10gb"), "lists the known profiles: {e}");
+    }
+
+    #[test]
+    fn mig_configs_that_cannot_exist_are_refused() {
+        for bad in [
+            r#"{"gpus": [{"model": "consumer", "mig": {"enabled": true}}]}"#,
+            r#"{"gpus": [{"mig": {"enabled": false, "instances": [{"profile": "1g.10gb"}]}}]}"#,
+            r#"{"gpus": [{"processes": [{"pid": 1, "used_memory_mib": 1}], "mig": {"enabled": true}}]}"#,
+            r#"{"gpus": [{"mig": {"enabled": true, "instances": [
+                {"profile": "1g.10gb", "gpu_instance_id": 3}, {"profile": "1g.10gb", "gpu_instance_id": 3}]}}]}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        // A board without MIG may say it is off.
+        assert!(parse(r#"{"gpus": [{"model": "consumer", "mig": {"enabled": false}}]}"#).is_ok());
+    }
+
+    #[test]
+    fn processes_in_instances_carry_their_ids_on_the_parent() {
+        let gpu = gpu_of(
+            r#"{"gpus": [{"mig": {"enabled": true, "instances": [
+            {"profile": "3g.40gb", "processes": [{"pid": 7, "used_memory_mib": 100}]},
+            {"profile": "1g.10gb", "gpu_instance_id": 9, "processes": [{"pid": 8, "used_memory_mib": 5}]}]}}]}"#,
+        );
+        let parent = gpu.compute_processes();
+        let ids: Vec<_> = parent
+            .iter()
+            .map(|p| (p.pid, p.gpuInstanceId, p.computeInstanceId))
+            .collect();
+        assert_eq!(ids, vec![(7, 1, 0), (8, 9, 0)]);
+        let instance = gpu.mig_instance(9, 0).expect("instance 9");
+        assert_eq!(instance.processes().len(), 1);
+        assert_eq!(instance.memory_used_bytes(), 5 * MIB);
+        assert_eq!(
+            gpu.memory_used_bytes(),
+            gpu.board.memory_reserved_bytes + 105 * MIB
+        );
+        assert!(gpu.mig_instance(2, 0).is_none());
+    }
+
+    #[test]
+    fn per_process_sm_shares_never_exceed_the_device() {
+        let over = r#"{"gpus": [{"load_pct": 50, "processes": [
+            {"pid": 1, "used_memory_mib": 1, "sm_pct": 30},
+            {"pid": 2, "used_memory_mib": 1, "sm_pct": 25}]}]}"#;
+        let e = parse(over).expect_err("55 % of a 50 % GPU");
+        assert!(e.contains("sm_pct"), "{e}");
+        assert!(
+            parse(&over.replace("25", "20")).is_ok(),
+            "exactly 50 % is fine"
+        );
+        let twice = r#"{"gpus": [{"processes": [{"pid": 1, "used_memory_mib": 1, "sm_pct": 5}],
+            "graphics_processes": [{"pid": 1, "used_memory_mib": 1, "sm_pct": 5}]}]}"#;
+        assert!(
+            parse(twice).is_err(),
+            "utilisation for one pid in two places"
+        );
+        assert!(parse(r#"{"gpus": [{"processes": [{"pid": 1, "used_memory_mib": 1, "decoder_pct": 101}]}]}"#).is_err());
+
+        // What the samples say holds the invariant at every tick.
+        let gpu = gpu_of(
+            r#"{"gpus": [{"load_pct": 80, "processes": [
+            {"pid": 1, "used_memory_mib": 1, "sm_pct": 50, "memory_pct": 10},
+            {"pid": 2, "used_memory_mib": 1, "sm_pct": 30},
+            {"pid": 3, "used_memory_mib": 1}],
+            "graphics_processes": [{"pid": 4, "used_memory_mib": 1, "encoder_pct": 20}]}]}"#,
+        );
+        let device = gpu.snapshot().utilization_gpu_pct;
+        let samples = gpu.process_samples(0, 10 * SAMPLE_PERIOD_US + 5);
+        let mut by_tick: HashMap<u64, u32> = HashMap::new();
+        for s in &samples {
+            *by_tick.entry(s.timeStamp).or_default() += s.smUtil;
+        }
+        assert_eq!(by_tick.len() as u64, SAMPLE_BUFFER);
+        assert!(
+            by_tick.values().all(|&sum| sum <= device),
+            "{by_tick:?} vs {device}"
+        );
+        assert!(
+            samples.iter().all(|s| s.pid != 3),
+            "an idle process has no samples"
+        );
+        assert!(samples.iter().any(|s| s.pid == 4 && s.encUtil == 20));
+    }
+
+    #[test]
+    fn samples_respect_the_last_seen_timestamp() {
+        let gpu = gpu_of(
+            r#"{"gpus": [{"processes": [{"pid": 1, "used_memory_mib": 1, "sm_pct": 10}]}]}"#,
+        );
+        let now = 50 * SAMPLE_PERIOD_US + 7;
+        let all = gpu.process_samples(0, now);
+        assert_eq!(all.len() as u64, SAMPLE_BUFFER);
+        assert!(
+            all.windows(2).all(|w| w[0].timeStamp < w[1].timeStamp),
+            "oldest first"
+        );
+        let newest = all.last().expect("a sample").timeStamp;
+        assert!(
+            gpu.process_samples(newest, now).is_empty(),
+            "nothing newer yet"
+        );
+        let later = gpu.process_samples(newest, now + SAMPLE_PERIOD_US);
+        assert_eq!(later.len(), 1);
+        assert!(later[0].timeStamp > newest);
     }
 }
