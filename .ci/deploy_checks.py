@@ -224,9 +224,20 @@ def check_kubernetes() -> None:
           f"--config {config_path}, ConfigMap mounted at {mounts.get(config_volume)}")
 
     state = re.search(r'^\s*state_dir\s*=\s*"([^"]+)"', config_text, re.MULTILINE)
-    state_volume = next((n for n, v in volumes.items() if "hostPath" in v), None)
+    state_volume = next((n for n, v in volumes.items()
+                         if v.get("hostPath", {}).get("path") == (state.group(1) if state else None)),
+                        None)
     check(state is not None and mounts.get(state_volume) == state.group(1),
           "the hostPath state volume is mounted at the config's state_dir")
+    # Attribution: the host's PIDs and the kubelet's pod-resources socket.
+    check(spec.get("hostPID") is True,
+          "the DaemonSet runs in the host's PID namespace (attribution reads host PIDs' cgroups)")
+    pr = next((n for n, v in volumes.items()
+               if v.get("hostPath", {}).get("path") == "/var/lib/kubelet/pod-resources"), None)
+    pr_mount = next((m for m in container.get("volumeMounts", []) if m["name"] == pr), {})
+    check(pr is not None and pr_mount.get("mountPath") == "/var/lib/kubelet/pod-resources"
+          and pr_mount.get("readOnly") is True,
+          "the kubelet's pod-resources directory is mounted read-only where the config expects it")
 
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     check(ports.get("grpc") == listen_port(config_text, "listen"),
