@@ -392,3 +392,101 @@ fn workload_mistakes_are_refused_at_start_naming_the_key() {
         assert!(err.contains(key) && err.contains(words), "{key}: {err}");
     }
 }
+
+/// The same through the NVML backend and the stand-in libnvidia-ml.so:
+/// instances listed with their processes, the kinds merged, a MIG UUID
+/// selecting the parent, and a reconfiguration of the fake while the
+/// daemon runs announced and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nvml_mig_instances_and_their_changes_reach_the_api() {
+    use serde_json::json;
+    let gpu = |instances: serde_json::Value| {
+        json!({ "gpus": [
+            { "model": "datacenter", "load_pct": 40,
+              "mig": { "enabled": true, "instances": instances } },
+            { "model": "consumer", "load_pct": 30,
+              "processes": [ { "pid": 900, "used_memory_mib": 100 } ],
+              "graphics_processes": [ { "pid": 900, "used_memory_mib": 100 }, { "pid": 901, "used_memory_mib": 50 } ] },
+        ]})
+    };
+    let fake = crate::nvml_support::FakeNvml::new(&gpu(json!([
+        { "profile": "3g.40gb", "processes": [ { "pid": 700, "used_memory_mib": 2000 } ] },
+        { "profile": "1g.10gb" },
+    ])));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = crate::support::start(
+        dir.path(),
+        Options {
+            nvml_library: Some(fake.library().to_path_buf()),
+            ..Options::default()
+        },
+    );
+    let c = d.client().await;
+    let s = eventually(Duration::from_secs(15), "MIG instances in a sample", || {
+        let mut c = c.clone();
+        async move {
+            let s = snapshot(&mut c, vec![]).await;
+            (s.samples.len() == 2 && s.samples[0].mig_instances.len() == 2).then_some(s)
+        }
+    })
+    .await;
+    let parent = &s.samples[0];
+    assert_eq!(parent.mig_enabled, Some(true));
+    let big = &parent.mig_instances[0];
+    assert_eq!(big.profile, "3g.40gb");
+    assert_eq!(big.pids, vec![700]);
+    assert_eq!(
+        parent
+            .processes
+            .iter()
+            .find(|p| p.pid == 700)
+            .and_then(|p| p.mig_uuid.clone()),
+        Some(big.uuid.clone())
+    );
+    let consumer = &s.samples[1];
+    assert_eq!(consumer.mig_enabled, None, "a GeForce board has no MIG");
+    let kinds: Vec<(u32, api::ProcessKind)> = consumer
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.kind()))
+        .collect();
+    assert!(
+        kinds.contains(&(900, api::ProcessKind::ComputeAndGraphics)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(901, api::ProcessKind::Graphics)),
+        "{kinds:?}"
+    );
+
+    let mut c2 = c.clone();
+    let picked = snapshot(&mut c2, vec![uuid(&big.uuid)]).await;
+    assert_eq!(
+        picked.samples.iter().map(|s| s.index).collect::<Vec<_>>(),
+        vec![0]
+    );
+
+    // Reconfigure the board: one 7g.80gb instance instead.
+    fake.set_config(&gpu(json!([{ "profile": "7g.80gb" }])));
+    let event = eventually(Duration::from_secs(15), "MIG_CHANGED", || {
+        let mut c = c.clone();
+        async move {
+            events_since(&mut c, 0)
+                .await
+                .into_iter()
+                .find(|e| e.kind() == EventKind::MigChanged)
+        }
+    })
+    .await;
+    assert_eq!(event.gpu_index, Some(0));
+    assert!(event.reason.contains("created 7g.80gb"), "{}", event.reason);
+    assert!(event.reason.contains(&big.uuid), "{}", event.reason);
+    let devices = c2
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .devices;
+    assert_eq!(devices[0].mig_instances.len(), 1);
+    assert_eq!(devices[0].mig_instances[0].profile, "7g.80gb");
+}
