@@ -468,7 +468,11 @@ impl Sampler {
                             .severity(severity),
                     );
                 }
-                if let Some(slow) = reading.slow.take() {
+                if let Some(mut slow) = reading.slow.take() {
+                    slow.bound_process_shares(
+                        reading.utilization_gpu_pct,
+                        reading.utilization_memory_pct,
+                    );
                     let before = slot.last_slow.as_ref().map(|(s, _)| s.mig.as_ref());
                     if let Some(before) = before
                         && let Some(reason) = mig_change(before, slow.mig.as_ref())

@@ -288,6 +288,46 @@ pub struct SlowReading {
     pub mig: Option<MigReading>,
 }
 
+impl SlowReading {
+    /// Keeps per-process shares consistent with the device's own figures:
+    /// NVML samples processes and the device at different moments, so the
+    /// processes' SM (or memory) percentages can add up to more than the
+    /// device's utilisation read with them. Where they do, they are scaled
+    /// down in proportion (rounding down), so no consumer ever sees the
+    /// parts exceed the whole. Absent values stay absent.
+    pub fn bound_process_shares(
+        &mut self,
+        device_sm_pct: Option<u32>,
+        device_mem_pct: Option<u32>,
+    ) {
+        let Some(processes) = self.processes.as_mut() else {
+            return;
+        };
+        type Pick = fn(&mut ProcessUtilization) -> &mut Option<u32>;
+        let picks: [(Option<u32>, Pick); 2] = [
+            (device_sm_pct, |u| &mut u.sm_pct),
+            (device_mem_pct, |u| &mut u.memory_pct),
+        ];
+        for (device, pick) in picks {
+            let Some(device) = device else {
+                continue;
+            };
+            let sum: u32 = processes
+                .iter_mut()
+                .filter_map(|p| p.utilization.as_mut().and_then(|u| *pick(u)))
+                .sum();
+            if sum <= device {
+                continue;
+            }
+            for p in processes.iter_mut() {
+                if let Some(v) = p.utilization.as_mut().and_then(|u| pick(u).as_mut()) {
+                    *v = (u64::from(*v) * u64::from(device) / u64::from(sum)) as u32;
+                }
+            }
+        }
+    }
+}
+
 /// One reading of one GPU. `None` means the GPU does not report the field.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Reading {
@@ -377,6 +417,63 @@ mod tests {
             max_graphics_clock_mhz: Some(1980),
             ..DeviceFacts::default()
         }
+    }
+
+    fn with_sm(values: &[Option<u32>]) -> SlowReading {
+        SlowReading {
+            processes: Some(
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| Process {
+                        pid: i as u32 + 1,
+                        utilization: Some(ProcessUtilization {
+                            sm_pct: *v,
+                            memory_pct: Some(10),
+                            ..ProcessUtilization::default()
+                        }),
+                        ..Process::default()
+                    })
+                    .collect(),
+            ),
+            ..SlowReading::default()
+        }
+    }
+
+    fn sm(s: &SlowReading) -> Vec<Option<u32>> {
+        s.processes
+            .iter()
+            .flatten()
+            .map(|p| p.utilization.and_then(|u| u.sm_pct))
+            .collect()
+    }
+
+    #[test]
+    fn process_shares_over_the_device_are_scaled_down_and_absent_stays_absent() {
+        let mut s = with_sm(&[Some(60), Some(50), None]);
+        s.bound_process_shares(Some(80), Some(100));
+        let after = sm(&s);
+        assert_eq!(after[2], None);
+        let sum: u32 = after.iter().flatten().sum();
+        assert!(sum <= 80, "{after:?}");
+        assert!(after[0] > after[1], "proportions kept: {after:?}");
+        // Memory shares under the device figure are left alone.
+        assert!(
+            s.processes
+                .iter()
+                .flatten()
+                .all(|p| p.utilization.and_then(|u| u.memory_pct) == Some(10))
+        );
+        // Shares under the device's are untouched; no device figure, no change.
+        let mut s = with_sm(&[Some(20), Some(30)]);
+        s.bound_process_shares(Some(90), None);
+        assert_eq!(sm(&s), vec![Some(20), Some(30)]);
+        s.bound_process_shares(None, None);
+        assert_eq!(sm(&s), vec![Some(20), Some(30)]);
+        // A device at 0 with processes claiming time: all 0.
+        let mut s = with_sm(&[Some(5)]);
+        s.bound_process_shares(Some(0), None);
+        assert_eq!(sm(&s), vec![Some(0)]);
     }
 
     #[test]
