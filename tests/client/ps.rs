@@ -349,3 +349,63 @@ fn gpu_selectors_take_mig_uuids_and_narrow_ps_to_the_instance() {
         unknown.stderr
     );
 }
+
+#[test]
+fn events_carry_who_started_using_a_device_and_mig_changes() {
+    let config = format!(
+        "{SCENARIO}\n{}",
+        r#"
+[[simulator.gpus]]
+preset = "h100-sxm"
+mig = { enabled = true, instances = ["3g.40gb"], changes = [ { at = "1s", enabled = true, instances = ["7g.80gb"] } ] }
+"#
+    );
+    let daemon = crate::support::start(Some(&config));
+    let host = daemon.host();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (attribution, mig) = loop {
+        let run = run_client(&[
+            "events",
+            "--json",
+            &host,
+            "--kind",
+            "attribution_changed,mig_changed",
+        ]);
+        assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+        let lines = run.json_lines();
+        let notebook = lines
+            .iter()
+            .find(|e| e["attribution"]["pod"] == "notebook-1")
+            .cloned();
+        let mig = lines.iter().find(|e| e["kind"] == "mig_changed").cloned();
+        if let (Some(n), Some(m)) = (notebook, mig) {
+            break (n, m);
+        }
+        assert!(Instant::now() < deadline, "events never came: {lines:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(attribution["kind"], "attribution_changed");
+    assert_eq!(attribution["gpu_index"], 1);
+    let change = &attribution["attribution"];
+    assert_eq!(change["started"], true);
+    assert_eq!(change["via"], "allocation");
+    assert_eq!(change["namespace"], "research");
+    assert!(
+        change["device_id"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("MIG-"))
+    );
+    assert_eq!(mig["gpu_index"], 3);
+
+    let table = run_client(&["events", &host, "--kind", "attribution_changed,mig_changed"]);
+    assert_eq!(table.code, Some(0));
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.contains("attribution_changed") && l.contains("notebook-1")),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("mig_changed"), "{}", table.stdout);
+}
