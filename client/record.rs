@@ -686,6 +686,26 @@ pub struct DeviceRecord<'a> {
     pub capabilities: Option<CapabilitiesRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRecord<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mig_instances: Vec<MigInstanceRecord<'a>>,
+    /// Where the host's attribution stands (per host, on every device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionStatusRecord<'a>>,
+}
+
+/// Whether a host can say who uses its GPUs, and what it could not read.
+#[derive(Debug, Serialize)]
+pub struct AttributionStatusRecord<'a> {
+    pub enabled: bool,
+    /// `host` or `simulator`.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub source: &'a str,
+    /// The kubelet's pod-resources API answered on the last try.
+    pub kubelet: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -796,6 +816,16 @@ impl<'a> DeviceRecord<'a> {
                     .collect(),
             }),
             policy: d.policy.as_ref().map(PolicyRecord::new),
+            mig_enabled: d.mig_enabled,
+            mig_instances: d.mig_instances.iter().map(MigInstanceRecord::new).collect(),
+            attribution: info.and_then(|i| i.attribution.as_ref()).map(|a| {
+                AttributionStatusRecord {
+                    enabled: a.enabled,
+                    source: &a.source,
+                    kubelet: a.kubelet,
+                    problem: a.problem.as_deref(),
+                }
+            }),
         }
     }
 }

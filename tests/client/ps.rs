@@ -333,6 +333,21 @@ fn gpu_selectors_take_mig_uuids_and_narrow_ps_to_the_instance() {
     assert_eq!(triton["attribution"]["owner"], "serving/triton-0/triton");
     assert_eq!(triton["used_memory_mib"], 8000);
 
+    // list: the parent GPU's MIG mode and instances, and the host's
+    // attribution status.
+    let list = run_client(&["list", "--json", &host, "--gpu", &idle_mig]);
+    assert_eq!(list.code, Some(0), "stderr: {}", list.stderr);
+    let devices = list.json_lines();
+    assert_eq!(devices.len(), 1, "{devices:#?}");
+    assert_eq!(devices[0]["index"], 1);
+    assert_eq!(devices[0]["mig_enabled"], true);
+    assert_eq!(
+        devices[0]["mig_instances"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(devices[0]["attribution"]["enabled"], true);
+    assert_eq!(devices[0]["attribution"]["source"], "simulator");
+
     // A GPU UUID is still a GPU UUID; a MIG UUID the daemon does not know
     // is refused by the daemon, not by the client's parser.
     let unknown = run_client(&[
