@@ -75,6 +75,7 @@ preset = "h100-sxm"
 ambient_c = 42.0
 demand = [ { at = "1s", watts = 690.0 }, { at = "100s", watts = 150.0 } ]
 repeat = "130s"
+processes = [ { pid = 41000, name = "python3", user = "alice", uid = 1000, memory_mib = 61440, namespace = "ml", pod = "trainer-0", container = "main" } ]
 
 [[simulator.gpus]]
 preset = "h100-sxm"
@@ -85,6 +86,9 @@ repeat = "90s"
 preset = "a100-sxm"
 demand = [ { at = "0s", watts = 320.0 }, { at = "15s", watts = 90.0 } ]
 repeat = "30s"
+mig = { enabled = true, instances = ["3g.40gb", "2g.20gb"] }
+processes = [ { pid = 41002, name = "tritonserver", memory_mib = 30000, mig_instance = 0, namespace = "serving", pod = "triton-0", container = "triton" } ]
+allocations = [ { namespace = "research", pod = "notebook-5", container = "jupyter", mig_instance = 1 } ]
 
 [[simulator.gpus]]
 preset = "laptop"
@@ -134,4 +138,6 @@ done
 say "chromium DevTools on 127.0.0.1:$PORT"
 
 mkdir -p "$(dirname "$SCREENSHOT")"
+# Who each card must name, from the workloads declared above.
+export EXPECT_USERS='{"0": {"owners": ["ml/trainer-0/main"]}, "2": {"mig_owners": ["serving/triton-0/triton"], "idle": ["research/notebook-5/jupyter"]}}'
 timeout 100 "$PY" .ci/dashboard_check.py "$PORT" "http://$ADDR/" 4 "$SCREENSHOT"

@@ -13,6 +13,9 @@ It fails (exit 1, saying why) unless, within the deadlines:
   * a few seconds later the frame counter, the newest seq, every chart's
     draw count and every thermal chart's point count have all risen, with
     no reload;
+  * every card names who EXPECT_USERS (JSON, by GPU index) says runs on
+    it: owners on the GPU, owners in a MIG instance, allocated-but-idle
+    containers;
   * the page fetched nothing but its own origin (and data: URLs), and
     threw no JavaScript error or console error (a CSP violation is one).
 """
@@ -96,6 +99,22 @@ STATE_JS = """
 """
 
 
+# Who each card names: owner chips on the GPU's line, in MIG instance
+# lines, and idle allocations (anywhere on the card).
+USERS_JS = """
+(() => JSON.stringify(Object.fromEntries([...document.querySelectorAll('article.gpu')].map((a) => {
+  const owners = (sel) => [...a.querySelectorAll(sel)].map((c) => c.dataset.owner);
+  const box = a.querySelector('.users');
+  return [a.dataset.gpu, {
+    processes: box && box.dataset.processes !== undefined ? +box.dataset.processes : null,
+    owners: owners('.users .row:not(.mig) .chip.owner'),
+    mig_owners: owners('.users .row.mig .chip.owner'),
+    idle: owners('.users .chip.idle'),
+  }];
+}))))()
+"""
+
+
 def read_state(dt):
     return json.loads(dt.evaluate(STATE_JS))
 
@@ -152,6 +171,25 @@ def main():
 
     later = poll(dt, UPDATE_DEADLINE_S, rose, "the page to update itself")
     print(f"updated without a reload: {json.dumps(later)}")
+
+    expected_users = json.loads(os.environ.get("EXPECT_USERS", "{}"))
+    if expected_users:
+        deadline = time.time() + LOAD_DEADLINE_S
+        while True:
+            users = json.loads(dt.evaluate(USERS_JS))
+            missing = [
+                f"GPU {gpu} {part}: {name}"
+                for gpu, want in expected_users.items()
+                for part, names in want.items()
+                for name in names
+                if name not in users.get(gpu, {}).get(part, [])
+            ]
+            if not missing:
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"cards do not name {missing}; they show {json.dumps(users)}")
+            time.sleep(0.25)
+        print(f"cards name who runs on each GPU: {json.dumps(users)}")
 
     # Let the charts fill a little more for the picture, then take the
     # whole page at its full height.

@@ -55,6 +55,14 @@ demand = [ { at = "0s", watts = 600.0 } ]
 [[simulator.gpus]]
 preset = "a100-sxm"
 demand = [ { at = "0s", watts = 300.0 } ]
+# MIG instances, a pod in one and a notebook allocated the other (idle), a
+# Slurm job: the workload and MIG series are linted and scraped too.
+mig = { enabled = true, instances = ["3g.40gb", "2g.20gb"] }
+processes = [
+  { pid = 7100, name = "python3", memory_mib = 9000, mig_instance = 0, namespace = "ml", pod = "trainer-0", container = "main" },
+  { pid = 7101, name = "train.py", memory_mib = 4000, mig_instance = 0, slurm_job = "4242", slurm_step = "0" },
+]
+allocations = [ { namespace = "research", pod = "notebook-1", container = "jupyter", mig_instance = 1 } ]
 [[simulator.gpus]]
 preset = "laptop"
 demand = [ { at = "0s", watts = 80.0 } ]
@@ -142,4 +150,14 @@ n=$(count 'gpuwatch_power_limit_watts')
 [ "$(scalar 'gpuwatch_events_total{kind="daemon_started"}')" = "1" ] || die "the event counter is not 1 for daemon_started"
 [ "$(count 'gpuwatch_sample_duration_seconds_bucket{le="+Inf"}')" -eq 1 ] || die "the sample-duration histogram is missing"
 [ "$(count 'gpuwatch_governor_state == 1')" -eq "$GPUS" ] || die "not every GPU has exactly one governor state"
+# The joins docs/metrics.md shows: per-instance memory by pod (the MIG
+# instance's uuid is the allocation's device), and who is allocated idle.
+JOIN='gpuwatch_mig_instance_memory_used_bytes * on(mig_uuid) group_left(namespace, pod, container) label_replace(gpuwatch_gpu_allocation_info, "mig_uuid", "$1", "device", "(.*)")'
+deadline=$((SECONDS + 30))
+until [ "$(count "$JOIN")" -eq 2 ] && [ "$(count 'gpuwatch_gpu_allocated_idle{pod="notebook-1"} == 1')" -eq 1 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "the allocation join did not give both MIG instances' pods, or the idle notebook is missing"
+  sleep 1
+done
+[ "$(count 'gpuwatch_gpu_process_owner_info{owner_kind="slurm",owner="4242"}')" -eq 1 ] || die "the Slurm job's owner series is missing"
+say "Prometheus joins MIG memory to pods and sees the allocated-but-idle notebook"
 say "PASS: promtool and a real Prometheus accept gpuwatch's /metrics"

@@ -95,7 +95,7 @@ fn connector(global: &GlobalArgs) -> Result<Connector, UsageError> {
 fn host_args(command: &Command) -> &HostArgs {
     match command {
         Command::Watch(a) => &a.hosts,
-        Command::Snapshot(a) | Command::List(a) => &a.hosts,
+        Command::Snapshot(a) | Command::Ps(a) | Command::List(a) => &a.hosts,
         Command::Events(a) => &a.hosts,
         Command::SetPowerLimit(a) => &a.target.hosts,
         Command::ResetClocks(a) => &a.target.hosts,
@@ -110,6 +110,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
     match cli.command {
         Command::Watch(args) => watch::run(args, hosts, connector, json).await,
         Command::Snapshot(args) => Ok(commands::snapshot::run(args, hosts, connector, json).await),
+        Command::Ps(args) => Ok(commands::ps::run(args, hosts, connector, json).await),
         Command::List(args) => Ok(commands::list::run(args, hosts, connector, json).await),
         Command::Events(args) => commands::events::run(args, hosts, connector, json).await,
         Command::SetPowerLimit(args) => {

@@ -106,6 +106,21 @@ gpuwatch-client snapshot node1 node2\n  \
 gpuwatch-client snapshot --hosts-file fleet.txt --json > now.ndjson\n  \
 gpuwatch-client snapshot node1 --gpu GPU-8f7e1a2b-0000-0000-0000-000000000000")]
     Snapshot(ReadArgs),
+    /// Who is using each GPU: one row per process on every host's GPUs and
+    /// MIG instances (pid, user, name, owner, memory, SM %), plus one per
+    /// Kubernetes container allocated a GPU it runs nothing on (<idle>).
+    ///
+    /// OWNER is the most specific owner the daemon's records give: the pod
+    /// (namespace/pod/container), the Slurm job (slurm:JOB.STEP), the
+    /// container's short id, or the systemd unit. --gpu takes MIG UUIDs
+    /// too (only that instance's rows). With --json: one object per row,
+    /// every attribution field typed.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client ps node1 node2\n  \
+gpuwatch-client ps --hosts-file fleet.txt --json | jq -c 'select(.namespace == \"ml\")'\n  \
+gpuwatch-client ps node1 --gpu MIG-4d2a0c1e-0000-0000-0000-000000000000\n  \
+gpuwatch-client ps node1 --json | jq -c 'select(.idle)'     # allocated but idle")]
+    Ps(ReadArgs),
     /// Devices, power limits, capabilities and governor policy.
     #[command(after_help = "Examples:\n  \
 gpuwatch-client list node1\n  \
@@ -157,7 +172,7 @@ pub struct WatchArgs {
     /// interval, 100ms by default).
     #[arg(long, short = 'n', value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
-    /// GPUs to show: an index, a UUID, or all (repeat or separate with commas).
+    /// GPUs to show: an index, a GPU or MIG UUID, or all (repeat or separate with commas).
     #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
     pub gpu: Vec<GpuSel>,
     /// Stop after this long (default: until q, Ctrl-C or SIGTERM).
@@ -172,7 +187,7 @@ pub struct WatchArgs {
 pub struct ReadArgs {
     #[command(flatten)]
     pub hosts: HostArgs,
-    /// GPUs to show: an index, a UUID, or all (repeat or separate with commas).
+    /// GPUs to show: an index, a GPU or MIG UUID, or all (repeat or separate with commas).
     #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
     pub gpu: Vec<GpuSel>,
 }
@@ -297,7 +312,7 @@ pub fn parse_gpu(text: &str) -> Result<GpuSel, String> {
         return Ok(GpuSel::Uuid(t.to_owned()));
     }
     Err(format!(
-        "\"{text}\" is not a GPU; expected an index (0, 1, ...), a UUID (GPU-...) or all"
+        "\"{text}\" is not a GPU; expected an index (0, 1, ...), a UUID (GPU-... or MIG-...) or all"
     ))
 }
 
@@ -377,6 +392,10 @@ mod tests {
         assert_eq!(parse_gpu("all"), Ok(GpuSel::All));
         assert_eq!(parse_gpu("3"), Ok(GpuSel::Index(3)));
         assert_eq!(parse_gpu("GPU-abc"), Ok(GpuSel::Uuid("GPU-abc".to_owned())));
+        assert_eq!(
+            parse_gpu("MIG-4d2a0c1e-0000"),
+            Ok(GpuSel::Uuid("MIG-4d2a0c1e-0000".to_owned()))
+        );
         let err = parse_gpu("first").expect_err("not a selector");
         assert!(err.contains("expected an index"), "{err}");
         assert!(read_selectors(&[GpuSel::Index(1), GpuSel::All]).is_empty());

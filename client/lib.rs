@@ -17,6 +17,7 @@ mod connect;
 mod fleet;
 mod hosts;
 mod output;
+mod owner;
 mod record;
 mod units;
 mod watch;

@@ -135,7 +135,15 @@ pub struct SampleRecord<'a> {
     pub ecc: Option<EccRecord>,
     /// Present when the GPU reports processes (read on the slow cadence).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub processes: Option<Vec<ProcessRecord>>,
+    pub processes: Option<Vec<ProcessRecord<'a>>>,
+    /// Present when the GPU reports its MIG mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mig_instances: Vec<MigInstanceRecord<'a>>,
+    /// The kubelet's allocations of this GPU; absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allocations: Vec<AllocationRecord<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub governor_state: Option<String>,
 }
@@ -152,11 +160,192 @@ pub struct EccRecord {
     pub uncorrected_aggregate: Option<u64>,
 }
 
+/// One process on a GPU, with who owns it.
 #[derive(Debug, Serialize)]
-pub struct ProcessRecord {
+pub struct ProcessRecord<'a> {
     pub pid: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used_memory_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    /// Only when the daemon is configured to read command lines and the
+    /// caller has the read role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<&'a str>,
+    /// `compute`, `graphics` or `compute_and_graphics`; absent when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sm_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_pct: Option<u32>,
+    /// The MIG instance it runs in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_uuid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionRecord<'a>>,
+}
+
+/// Who owns a process, every part the host's records gave (absent parts
+/// are absent). `owner` and `owner_kind` are the most specific of them,
+/// as the tables show it.
+#[derive(Debug, Default, Serialize)]
+pub struct AttributionRecord<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// `pod`, `slurm`, `container` or `unit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<&'a str>,
+    /// `containerd`, `crio`, `docker` or `podman`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub systemd_unit: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_step: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unattributed_reason: Option<&'a str>,
+}
+
+impl<'a> AttributionRecord<'a> {
+    pub fn new(a: &'a api::Attribution) -> Self {
+        let owner = crate::owner::owner(a);
+        let runtime = match api::ContainerRuntime::try_from(a.container_runtime) {
+            Ok(api::ContainerRuntime::Unspecified) => None,
+            _ => Some(names::name_of::<api::ContainerRuntime>(a.container_runtime)),
+        };
+        AttributionRecord {
+            owner_kind: owner.as_ref().map(|(k, _)| k.as_str()),
+            owner: owner.map(|(_, o)| o),
+            namespace: a.pod.as_ref().map(|p| p.namespace.as_str()),
+            pod: a.pod.as_ref().map(|p| p.pod.as_str()),
+            container: a.pod.as_ref().map(|p| p.container.as_str()),
+            pod_uid: a.pod_uid.as_deref(),
+            container_id: a.container_id.as_deref(),
+            container_runtime: runtime,
+            systemd_unit: a.systemd_unit.as_deref(),
+            slurm_job: a.slurm.as_ref().map(|j| j.job_id.as_str()),
+            slurm_step: a.slurm.as_ref().and_then(|j| j.step.as_deref()),
+            slurm_uid: a.slurm.as_ref().and_then(|j| j.uid),
+            cgroup: a.cgroup.as_deref(),
+            unattributed_reason: a.unattributed_reason.as_deref(),
+        }
+    }
+}
+
+/// A process kind's name, absent for UNSPECIFIED.
+fn process_kind(kind: i32) -> Option<String> {
+    match api::ProcessKind::try_from(kind) {
+        Ok(api::ProcessKind::Unspecified) => None,
+        _ => Some(names::name_of::<api::ProcessKind>(kind)),
+    }
+}
+
+impl<'a> ProcessRecord<'a> {
+    pub fn new(p: &'a api::GpuProcess) -> Self {
+        let u = p.utilization.unwrap_or_default();
+        ProcessRecord {
+            pid: p.pid,
+            used_memory_mib: p.used_memory_bytes.map(Exact::mib),
+            name: p.name.as_deref(),
+            command_line: p.command_line.as_deref(),
+            kind: process_kind(p.kind),
+            uid: p.uid,
+            user: p.user.as_deref(),
+            sm_pct: u.sm_pct,
+            memory_pct: u.memory_pct,
+            encoder_pct: u.encoder_pct,
+            decoder_pct: u.decoder_pct,
+            mig_uuid: p.mig_uuid.as_deref(),
+            attribution: p.attribution.as_ref().map(AttributionRecord::new),
+        }
+    }
+}
+
+/// One MIG instance of a GPU in MIG mode.
+#[derive(Debug, Serialize)]
+pub struct MigInstanceRecord<'a> {
+    pub mig_uuid: &'a str,
+    pub profile: &'a str,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sm_count: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_total_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization_gpu_pct: Option<u32>,
+    pub pids: &'a [u32],
+}
+
+impl<'a> MigInstanceRecord<'a> {
+    pub fn new(m: &'a api::MigInstance) -> Self {
+        MigInstanceRecord {
+            mig_uuid: &m.uuid,
+            profile: &m.profile,
+            gpu_instance_id: m.gpu_instance_id,
+            compute_instance_id: m.compute_instance_id,
+            sm_count: m.sm_count,
+            memory_used_mib: m.memory_used_bytes.map(Exact::mib),
+            memory_total_mib: m.memory_total_bytes.map(Exact::mib),
+            utilization_gpu_pct: m.utilization_gpu_pct,
+            pids: &m.pids,
+        }
+    }
+}
+
+/// A container the kubelet allocated this GPU (or its MIG instances) to.
+#[derive(Debug, Serialize)]
+pub struct AllocationRecord<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a str>,
+    pub resource_name: &'a str,
+    pub device_ids: &'a [String],
+    /// Allocated, but none of its processes runs on the device.
+    pub idle: bool,
+}
+
+impl<'a> AllocationRecord<'a> {
+    pub fn new(a: &'a api::GpuAllocation) -> Self {
+        AllocationRecord {
+            namespace: a.pod.as_ref().map(|p| p.namespace.as_str()),
+            pod: a.pod.as_ref().map(|p| p.pod.as_str()),
+            container: a.pod.as_ref().map(|p| p.container.as_str()),
+            resource_name: &a.resource_name,
+            device_ids: &a.device_ids,
+            idle: a.idle,
+        }
+    }
 }
 
 impl<'a> SampleRecord<'a> {
@@ -217,16 +406,144 @@ impl<'a> SampleRecord<'a> {
                 corrected_aggregate: e.corrected_aggregate,
                 uncorrected_aggregate: e.uncorrected_aggregate,
             }),
-            processes: s.processes_time.map(|_| {
-                s.processes
-                    .iter()
-                    .map(|p| ProcessRecord {
-                        pid: p.pid,
-                        used_memory_mib: p.used_memory_bytes.map(Exact::mib),
-                    })
-                    .collect()
-            }),
+            processes: s
+                .processes_time
+                .map(|_| s.processes.iter().map(ProcessRecord::new).collect()),
+            mig_enabled: s.mig_enabled,
+            mig_instances: s.mig_instances.iter().map(MigInstanceRecord::new).collect(),
+            allocations: s.allocations.iter().map(AllocationRecord::new).collect(),
             governor_state,
+        }
+    }
+}
+
+/// One `ps` row: a process on a GPU (or MIG instance), or an allocation
+/// that runs nothing there (`row: "allocation"`, no pid, `idle: true`).
+/// Flat, so `jq 'select(.namespace == "ml")'` works; the attribution parts
+/// are the same keys as in a snapshot's `processes[].attribution`.
+#[derive(Debug, Serialize)]
+pub struct PsRecord<'a> {
+    pub host: &'a str,
+    /// `process` or `allocation`.
+    pub row: &'static str,
+    pub gpu_index: u32,
+    pub gpu_uuid: &'a str,
+    /// The GPU's UUID, or the MIG instance's.
+    pub device_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_uuid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_profile: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_memory_mib: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sm_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_pct: Option<u32>,
+    #[serde(flatten)]
+    pub attribution: AttributionRecord<'a>,
+    /// On allocation rows: the extended resource (`nvidia.com/gpu`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_name: Option<&'a str>,
+    /// On allocation rows: allocated but running nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<bool>,
+}
+
+impl<'a> PsRecord<'a> {
+    /// A process row; `mig` is the instance it runs in.
+    pub fn process(
+        host: &'a str,
+        s: &'a GpuSample,
+        mig: Option<&'a api::MigInstance>,
+        p: &'a api::GpuProcess,
+    ) -> Self {
+        let u = p.utilization.unwrap_or_default();
+        PsRecord {
+            host,
+            row: "process",
+            gpu_index: s.index,
+            gpu_uuid: &s.uuid,
+            device_id: mig.map_or(&s.uuid, |m| &m.uuid),
+            mig_uuid: mig.map(|m| m.uuid.as_str()).or(p.mig_uuid.as_deref()),
+            mig_profile: mig.map(|m| m.profile.as_str()),
+            pid: Some(p.pid),
+            name: p.name.as_deref(),
+            user: p.user.as_deref(),
+            uid: p.uid,
+            command_line: p.command_line.as_deref(),
+            kind: process_kind(p.kind),
+            used_memory_mib: p.used_memory_bytes.map(Exact::mib),
+            sm_pct: u.sm_pct,
+            memory_pct: u.memory_pct,
+            encoder_pct: u.encoder_pct,
+            decoder_pct: u.decoder_pct,
+            attribution: p
+                .attribution
+                .as_ref()
+                .map(AttributionRecord::new)
+                .unwrap_or_default(),
+            resource_name: None,
+            idle: None,
+        }
+    }
+
+    /// An allocation row (an allocated-but-idle container).
+    pub fn allocation(
+        host: &'a str,
+        s: &'a GpuSample,
+        mig: Option<&'a api::MigInstance>,
+        a: &'a api::GpuAllocation,
+    ) -> Self {
+        let attribution = AttributionRecord {
+            owner: a.pod.as_ref().map(crate::owner::pod_text),
+            owner_kind: a
+                .pod
+                .as_ref()
+                .map(|_| crate::owner::OwnerKind::Pod.as_str()),
+            namespace: a.pod.as_ref().map(|p| p.namespace.as_str()),
+            pod: a.pod.as_ref().map(|p| p.pod.as_str()),
+            container: a.pod.as_ref().map(|p| p.container.as_str()),
+            ..Default::default()
+        };
+        PsRecord {
+            host,
+            row: "allocation",
+            gpu_index: s.index,
+            gpu_uuid: &s.uuid,
+            device_id: mig.map_or(&s.uuid, |m| &m.uuid),
+            mig_uuid: mig.map(|m| m.uuid.as_str()),
+            mig_profile: mig.map(|m| m.profile.as_str()),
+            pid: None,
+            name: None,
+            user: None,
+            uid: None,
+            command_line: None,
+            kind: None,
+            used_memory_mib: None,
+            sm_pct: None,
+            memory_pct: None,
+            encoder_pct: None,
+            decoder_pct: None,
+            attribution,
+            resource_name: Some(&a.resource_name),
+            idle: Some(a.idle),
         }
     }
 }
@@ -369,6 +686,26 @@ pub struct DeviceRecord<'a> {
     pub capabilities: Option<CapabilitiesRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRecord<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mig_instances: Vec<MigInstanceRecord<'a>>,
+    /// Where the host's attribution stands (per host, on every device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionStatusRecord<'a>>,
+}
+
+/// Whether a host can say who uses its GPUs, and what it could not read.
+#[derive(Debug, Serialize)]
+pub struct AttributionStatusRecord<'a> {
+    pub enabled: bool,
+    /// `host` or `simulator`.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub source: &'a str,
+    /// The kubelet's pod-resources API answered on the last try.
+    pub kubelet: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -479,6 +816,16 @@ impl<'a> DeviceRecord<'a> {
                     .collect(),
             }),
             policy: d.policy.as_ref().map(PolicyRecord::new),
+            mig_enabled: d.mig_enabled,
+            mig_instances: d.mig_instances.iter().map(MigInstanceRecord::new).collect(),
+            attribution: info.and_then(|i| i.attribution.as_ref()).map(|a| {
+                AttributionStatusRecord {
+                    enabled: a.enabled,
+                    source: &a.source,
+                    kubelet: a.kubelet,
+                    problem: a.problem.as_deref(),
+                }
+            }),
         }
     }
 }
@@ -512,6 +859,50 @@ pub struct EventRecord<'a> {
     pub hysteresis_c: Option<Change<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xid: Option<u64>,
+    /// Who started or stopped using a device, for `attribution_changed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionChangeRecord<'a>>,
+}
+
+/// An `attribution_changed` event's owner and device.
+#[derive(Debug, Serialize)]
+pub struct AttributionChangeRecord<'a> {
+    pub started: bool,
+    /// The GPU or MIG UUID concerned.
+    pub device_id: &'a str,
+    /// `allocation` (the kubelet) or `process`.
+    pub via: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_step: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub systemd_unit: Option<&'a str>,
+}
+
+impl<'a> AttributionChangeRecord<'a> {
+    pub fn new(c: &'a api::AttributionChange) -> Self {
+        AttributionChangeRecord {
+            started: c.started,
+            device_id: &c.device_id,
+            via: &c.via,
+            namespace: c.pod.as_ref().map(|p| p.namespace.as_str()),
+            pod: c.pod.as_ref().map(|p| p.pod.as_str()),
+            container: c.pod.as_ref().map(|p| p.container.as_str()),
+            slurm_job: c.slurm.as_ref().map(|j| j.job_id.as_str()),
+            slurm_step: c.slurm.as_ref().and_then(|j| j.step.as_deref()),
+            container_id: c.container_id.as_deref(),
+            systemd_unit: c.systemd_unit.as_deref(),
+        }
+    }
 }
 
 /// Before and after of a changed setting (absent: unset / unlocked).
@@ -545,6 +936,7 @@ impl<'a> EventRecord<'a> {
             threshold_c: None,
             hysteresis_c: None,
             xid: e.xid,
+            attribution: e.attribution.as_ref().map(AttributionChangeRecord::new),
         };
         match &e.change {
             Some(api::event::Change::PowerLimit(c)) => {

@@ -1,4 +1,4 @@
-//! The one-shot and control commands: `snapshot`, `list`, `events`,
+//! The one-shot and control commands: `snapshot`, `ps`, `list`, `events`,
 //! `set-power-limit`, `reset-clocks`, `set-threshold` (`watch` has its own
 //! module). Each contacts every host at once through [`crate::fleet`] and
 //! prints a table or NDJSON; what they share lives here.
@@ -6,6 +6,7 @@
 pub mod control;
 pub mod events;
 pub mod list;
+pub mod ps;
 pub mod snapshot;
 
 use comfy_table::{ContentArrangement, Table, presets};

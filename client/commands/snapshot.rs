@@ -22,6 +22,7 @@ use crate::{
     fleet::Fleet,
     hosts::HostSpec,
     output::{Output, OutputClosed},
+    owner,
     record::{HostErrorRecord, SampleRecord},
     units,
 };
@@ -51,7 +52,7 @@ pub async fn run(args: ReadArgs, hosts: Vec<HostSpec>, connector: Connector, jso
 /// The latest samples. A daemon that has just started answers UNAVAILABLE
 /// until its first tick (a fraction of a second): ask again until it has
 /// one (the caller's timeout bounds the wait).
-async fn latest(
+pub(crate) async fn latest(
     mut client: Client,
     gpus: Vec<gpuwatch_api::GpuSelector>,
 ) -> Result<GetSnapshotResponse, HostFailure> {
@@ -115,6 +116,7 @@ fn write_table(
         "THROTTLE",
         "GOVERNOR",
         "HEALTH",
+        "USERS",
     ]);
     let mut errors = Vec::new();
     for (host, answer) in hosts.iter().zip(answers) {
@@ -148,6 +150,7 @@ fn write_table(
                         throttle,
                         names::name_of::<gpuwatch_api::GovernorState>(s.governor_state),
                         names::name_of::<gpuwatch_api::GpuHealth>(s.health),
+                        users_text(s),
                     ]);
                 }
             }
@@ -162,4 +165,20 @@ fn write_table(
         out.line(&line)?;
     }
     Ok(())
+}
+
+/// The USERS column: who is on the GPU (owners, then `idle: ns/pod`),
+/// with the MIG instance count in front for a GPU in MIG mode; `-` when
+/// nobody is.
+fn users_text(s: &gpuwatch_api::GpuSample) -> String {
+    let users = owner::users(s);
+    let mut text = if users.is_empty() {
+        units::ABSENT.to_owned()
+    } else {
+        users.join(", ")
+    };
+    if !s.mig_instances.is_empty() {
+        text = format!("[{} MIG] {text}", s.mig_instances.len());
+    }
+    text
 }

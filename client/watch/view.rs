@@ -17,7 +17,7 @@ use ratatui::{
     text::{Line, Span},
 };
 
-use crate::{hosts::HostSpec, record::GapRecord, units, watch::session::Update};
+use crate::{hosts::HostSpec, owner, record::GapRecord, units, watch::session::Update};
 
 /// Temperatures kept per GPU for the sparkline.
 const HISTORY: usize = 16;
@@ -57,6 +57,18 @@ pub struct HostView {
     pub gaps: u64,
     pub missed: u64,
     pub last_gap: Option<GapRecord>,
+}
+
+impl GpuView {
+    /// Body lines this GPU takes: its row, and its users' line if any.
+    fn rows(&self) -> usize {
+        1 + usize::from(self.sample.as_ref().is_some_and(has_users))
+    }
+}
+
+/// Whether a GPU's users' line has anything to say.
+fn has_users(s: &GpuSample) -> bool {
+    !s.processes.is_empty() || !s.mig_instances.is_empty() || s.allocations.iter().any(|a| a.idle)
 }
 
 impl HostView {
@@ -253,9 +265,13 @@ impl FleetView {
         .style(Style::new().add_modifier(Modifier::REVERSED))
     }
 
-    /// Number of body lines: per host a status line, then its GPUs.
+    /// Number of body lines: per host a status line, then its GPUs, each
+    /// followed by its users' line when anyone is on it.
     pub fn body_len(&self) -> usize {
-        self.hosts.len() + self.gpu_count()
+        self.hosts
+            .iter()
+            .map(|h| 1 + h.gpus.iter().map(GpuView::rows).sum::<usize>())
+            .sum()
     }
 
     /// Every body line.
@@ -279,7 +295,7 @@ impl FleetView {
             if lines.len() >= take {
                 break;
             }
-            let rows = 1 + host.gpus.len();
+            let rows = 1 + host.gpus.iter().map(GpuView::rows).sum::<usize>();
             if row + rows <= skip {
                 row += rows;
                 continue;
@@ -297,6 +313,15 @@ impl FleetView {
                     lines.push(gpu_line(gpu, live, cols));
                 }
                 row += 1;
+                if let Some(users) = users_line(gpu, live) {
+                    if lines.len() >= take {
+                        break;
+                    }
+                    if row >= skip {
+                        lines.push(users);
+                    }
+                    row += 1;
+                }
             }
         }
         lines
@@ -565,6 +590,38 @@ fn gpu_line(gpu: &GpuView, live: bool, cols: Columns) -> Line<'static> {
     dim_unless(Line::from(spans), live)
 }
 
+/// The line under a GPU's row naming who is on it: `↳ 3 MIG · owner ·
+/// owner · idle: ns/pod` (the same owners `ps` shows). None when nobody is
+/// and the GPU is not in MIG mode.
+fn users_line(gpu: &GpuView, live: bool) -> Option<Line<'static>> {
+    let s = gpu.sample.as_ref().filter(|s| has_users(s))?;
+    let mut spans = vec![Span::styled("      ↳ ", Style::new().fg(Color::DarkGray))];
+    let mut first = true;
+    let mut sep = |spans: &mut Vec<Span<'static>>| {
+        if !first {
+            spans.push(Span::styled(" · ", Style::new().fg(Color::DarkGray)));
+        }
+        first = false;
+    };
+    if !s.mig_instances.is_empty() {
+        sep(&mut spans);
+        spans.push(Span::styled(
+            format!("{} MIG", s.mig_instances.len()),
+            Style::new().fg(Color::Cyan),
+        ));
+    }
+    for user in owner::users(s) {
+        sep(&mut spans);
+        let style = if user.starts_with("idle: ") {
+            Style::new().fg(Color::Yellow)
+        } else {
+            Style::new()
+        };
+        spans.push(Span::styled(user, style));
+    }
+    Some(dim_unless(Line::from(spans), live))
+}
+
 fn dim_unless(line: Line<'static>, live: bool) -> Line<'static> {
     if live {
         line
@@ -761,6 +818,65 @@ mod tests {
         );
         assert!(view.counting_down());
         assert_eq!(view.hosts_up(), 0);
+    }
+
+    #[test]
+    fn each_gpu_names_who_is_on_it_under_its_row() {
+        use gpuwatch_api::{Attribution, GpuAllocation, GpuProcess, MigInstance, PodRef};
+        let now = Instant::now();
+        let mut view = FleetView::new(&hosts()[..1], Duration::from_secs(1));
+        let pod = |ns: &str, name: &str, c: &str| PodRef {
+            namespace: ns.into(),
+            pod: name.into(),
+            container: c.into(),
+        };
+        let mut busy = sample(0, 60);
+        busy.processes = vec![GpuProcess {
+            pid: 41000,
+            name: Some("python3".into()),
+            attribution: Some(Attribution {
+                pod: Some(pod("ml", "trainer-0", "main")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let mut mig = sample(1, 50);
+        mig.mig_instances = vec![MigInstance::default(), MigInstance::default()];
+        mig.allocations = vec![GpuAllocation {
+            pod: Some(pod("research", "notebook-5", "jupyter")),
+            idle: true,
+            ..Default::default()
+        }];
+        let nobody = sample(2, 40);
+        view.apply(
+            Update::Frame {
+                host: 0,
+                frame: Frame {
+                    seq: 1,
+                    time: None,
+                    samples: vec![busy, mig, nobody],
+                },
+            },
+            now,
+        );
+        let lines: Vec<String> = view.body(now).iter().map(text).collect();
+        // host, GPU 0 + its users, GPU 1 + its users, GPU 2 alone.
+        assert_eq!(lines.len(), 6, "{lines:#?}");
+        assert_eq!(view.body_len(), 6);
+        assert!(lines[2].contains("↳ ml/trainer-0/main"), "{lines:#?}");
+        assert!(
+            lines[4].contains("2 MIG") && lines[4].contains("idle: research/notebook-5"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[5].starts_with("  2 ") && !lines[5].contains('↳'),
+            "{lines:#?}"
+        );
+        // Scrolling by one line lands on users' lines as on any other.
+        for (skip, line) in lines.iter().enumerate() {
+            let one = view.body_window(now, skip, 1, Columns::FULL);
+            assert_eq!(&text(&one[0]), line, "line {skip}");
+        }
     }
 
     #[test]

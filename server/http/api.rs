@@ -174,6 +174,54 @@ pub struct PointView {
     pub governor_state: String,
     /// Active throttle reasons by name (empty when none, or not reported).
     pub throttle_reasons: Vec<&'static str>,
+    /// Who is on the GPU; absent until its processes were first read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<UsersView>,
+}
+
+/// Who is on one GPU, for its card: owners of its processes (those
+/// outside any MIG instance), its MIG instances with theirs, and the
+/// containers allocated it (or an instance) that run nothing. No command
+/// lines: the card has no room for them and they carry secrets.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct UsersView {
+    /// Processes on the GPU, MIG instances included.
+    pub processes: usize,
+    pub owners: Vec<OwnerView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mig: Vec<MigView>,
+    /// Allocated to a container that runs nothing on it: `ns/pod/container`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub idle: Vec<String>,
+}
+
+/// One owner's processes on a device.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct OwnerView {
+    /// `ns/pod/container`, `slurm:JOB.STEP`, a container's short id, a
+    /// systemd unit, or (unattributed) `user: name` / the process name.
+    pub owner: String,
+    /// `pod`, `slurm`, `container`, `unit` or `process`.
+    pub kind: &'static str,
+    pub processes: usize,
+    /// Distinct process names.
+    pub names: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+/// One MIG instance and who is on it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct MigView {
+    pub uuid: String,
+    pub profile: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_total_bytes: Option<u64>,
+    pub owners: Vec<OwnerView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub idle: Vec<String>,
 }
 
 /// One event, in words.
@@ -277,6 +325,109 @@ pub fn gpu_views(devices: &[DeviceInfo], policies: &[GpuPolicy]) -> Vec<GpuView>
         .collect()
 }
 
+/// How many hex digits of a container id the card shows.
+const SHORT_CONTAINER_ID: usize = 12;
+
+/// A process's owner in words, and its kind.
+fn owner_words(p: &api::GpuProcess) -> (String, &'static str) {
+    let a = p.attribution.as_ref();
+    if let Some(pod) = a.and_then(|a| a.pod.as_ref()) {
+        return (pod_words(pod), "pod");
+    }
+    if let Some(job) = a.and_then(|a| a.slurm.as_ref()) {
+        let text = match &job.step {
+            Some(step) => format!("slurm:{}.{step}", job.job_id),
+            None => format!("slurm:{}", job.job_id),
+        };
+        return (text, "slurm");
+    }
+    if let Some(id) = a.and_then(|a| a.container_id.as_deref()).filter(|c| !c.is_empty()) {
+        return (id.chars().take(SHORT_CONTAINER_ID).collect(), "container");
+    }
+    if let Some(unit) = a.and_then(|a| a.systemd_unit.as_deref()).filter(|u| !u.is_empty()) {
+        return (unit.to_owned(), "unit");
+    }
+    let text = match (&p.user, &p.name) {
+        (Some(u), Some(n)) => format!("{u}: {n}"),
+        (None, Some(n)) => n.clone(),
+        (Some(u), None) => format!("{u}: pid {}", p.pid),
+        (None, None) => format!("pid {}", p.pid),
+    };
+    (text, "process")
+}
+
+fn pod_words(p: &api::PodRef) -> String {
+    format!("{}/{}/{}", p.namespace, p.pod, p.container)
+}
+
+/// The owners of `processes`, in order of first appearance.
+fn owners<'a>(processes: impl Iterator<Item = &'a api::GpuProcess>) -> Vec<OwnerView> {
+    let mut out: Vec<OwnerView> = Vec::new();
+    for p in processes {
+        let (owner, kind) = owner_words(p);
+        let i = match out.iter().position(|o| o.owner == owner) {
+            Some(i) => i,
+            None => {
+                out.push(OwnerView {
+                    owner,
+                    kind,
+                    processes: 0,
+                    names: Vec::new(),
+                    memory_bytes: None,
+                });
+                out.len() - 1
+            }
+        };
+        let o = &mut out[i];
+        o.processes += 1;
+        if let Some(name) = &p.name
+            && !o.names.contains(name)
+        {
+            o.names.push(name.clone());
+        }
+        if let Some(b) = p.used_memory_bytes {
+            o.memory_bytes = Some(o.memory_bytes.unwrap_or(0) + b);
+        }
+    }
+    out
+}
+
+/// Who is on the GPU, from the slow reading the sample carries.
+pub fn users_view(x: &GpuSample) -> Option<UsersView> {
+    x.processes_time?;
+    let on = |device: &str, p: &&api::GpuProcess| {
+        p.mig_uuid
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case(device))
+    };
+    let idle_on = |device: &str| -> Vec<String> {
+        x.allocations
+            .iter()
+            .filter(|a| a.idle && a.device_ids.iter().any(|d| d.eq_ignore_ascii_case(device)))
+            .filter_map(|a| a.pod.as_ref().map(pod_words))
+            .collect()
+    };
+    let mig = x
+        .mig_instances
+        .iter()
+        .map(|m| MigView {
+            uuid: m.uuid.clone(),
+            profile: m.profile.clone(),
+            memory_used_bytes: m.memory_used_bytes,
+            memory_total_bytes: m.memory_total_bytes,
+            owners: owners(x.processes.iter().filter(|p| on(&m.uuid, p))),
+            idle: idle_on(&m.uuid),
+        })
+        .collect();
+    let in_mig = |p: &&api::GpuProcess| x.mig_instances.iter().any(|m| on(&m.uuid, p));
+    Some(UsersView {
+        processes: x.processes.len(),
+        owners: owners(x.processes.iter().filter(|p| !in_mig(p))),
+        mig,
+        idle: idle_on(&x.uuid),
+    })
+}
+
 pub fn point_view(x: &GpuSample) -> PointView {
     PointView {
         index: x.index,
@@ -298,6 +449,7 @@ pub fn point_view(x: &GpuSample) -> PointView {
             .throttle_reasons_mask
             .map(|bits| throttle::decode(bits).map(|s| s.name).collect())
             .unwrap_or_default(),
+        users: users_view(x),
     }
 }
 
@@ -592,6 +744,67 @@ mod tests {
             ..ThresholdChange::default()
         });
         assert_eq!(change_words(&threshold).as_deref(), Some("- -> 80 °C"));
+    }
+
+    #[test]
+    fn users_are_grouped_by_owner_and_absent_before_the_first_read() {
+        let process = |pid: u32, name: &str, attribution: Option<api::Attribution>| api::GpuProcess {
+            pid,
+            name: Some(name.into()),
+            user: Some("alice".into()),
+            used_memory_bytes: Some(1 << 30),
+            attribution,
+            ..api::GpuProcess::default()
+        };
+        let unit = api::Attribution {
+            systemd_unit: Some("render.service".into()),
+            ..api::Attribution::default()
+        };
+        let docker = api::Attribution {
+            container_id: Some("abcdef0123456789abcdef".into()),
+            ..api::Attribution::default()
+        };
+        let mut sample = GpuSample {
+            uuid: "GPU-1".into(),
+            processes: vec![
+                process(1, "blender", Some(unit.clone())),
+                process(2, "blender-worker", Some(unit)),
+                process(3, "ffmpeg", Some(docker)),
+                process(4, "python3", None),
+            ],
+            allocations: vec![api::GpuAllocation {
+                pod: Some(api::PodRef {
+                    namespace: "ml".into(),
+                    pod: "idle-0".into(),
+                    container: "c".into(),
+                }),
+                device_ids: vec!["gpu-1".into()],
+                idle: true,
+                ..api::GpuAllocation::default()
+            }],
+            ..GpuSample::default()
+        };
+        assert_eq!(users_view(&sample), None, "not read yet: nothing to say");
+        sample.processes_time = Some(SystemTime::now().into());
+        let users = users_view(&sample).expect("read");
+        assert_eq!(users.processes, 4);
+        let owners: Vec<(&str, &str, usize)> = users
+            .owners
+            .iter()
+            .map(|o| (o.owner.as_str(), o.kind, o.processes))
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("render.service", "unit", 2),
+                ("abcdef012345", "container", 1),
+                ("alice: python3", "process", 1)
+            ]
+        );
+        assert_eq!(users.owners[0].names, ["blender", "blender-worker"]);
+        assert_eq!(users.owners[0].memory_bytes, Some(2 << 30));
+        assert_eq!(users.idle, ["ml/idle-0/c"], "device ids match in any case");
+        assert!(users.mig.is_empty());
     }
 
     #[test]

@@ -457,6 +457,7 @@ impl Collector for HubCollector {
             units: &self.units,
         };
         telemetry(&mut enc, &view)?;
+        workloads(&mut enc, &view)?;
         device_facts(&mut enc, &view)?;
         governor(&mut enc, &view)?;
         events(&mut enc, &s.events)?;
@@ -764,6 +765,183 @@ fn telemetry(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
         "1 for the GPU's current health state (ok, lost, stale, error), 0 for the others",
         None,
         &health,
+    )?;
+    Ok(())
+}
+
+/// A per-GPU series with labels of its own (owned: ids and names).
+type GpuLabelsN<'a> = (GpuLabels<'a>, Vec<(&'static str, String)>);
+
+/// Who uses each GPU, and its MIG instances: info series to join on
+/// (`* on(uuid) group_left(namespace, pod, container)`), never pod labels
+/// on every reading, and never per pid. Nothing a caller without a token
+/// should not see: no user names, no command lines, no pids.
+fn workloads(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
+    let (gpus, h, u) = (v.gpus, v.hostname, v.units);
+    let mut mig_enabled = Vec::new();
+    let mut allocation_info: Vec<(GpuLabelsN<'_>, u32)> = Vec::new();
+    let mut allocated_idle: Vec<(GpuLabelsN<'_>, u32)> = Vec::new();
+    let mut owner_info: Vec<(GpuLabelsN<'_>, u32)> = Vec::new();
+    let mut mig_info: Vec<(GpuLabelsN<'_>, u32)> = Vec::new();
+    let mut mig_used = Vec::new();
+    let mut mig_total = Vec::new();
+    let mut mig_sms = Vec::new();
+    let mut mig_util = Vec::new();
+    let mut mig_procs = Vec::new();
+    for g in gpus {
+        let Some(x) = g.sample else { continue };
+        let labels = |extra: Vec<(&'static str, String)>| (g.labels(h), extra);
+        if let Some(on) = x.mig_enabled {
+            mig_enabled.push((g.labels(h), u32::from(on)));
+        }
+        // The kubelet's allocations: one series per allocated device.
+        for a in &x.allocations {
+            let Some(pod) = &a.pod else { continue };
+            for device in &a.device_ids {
+                let who = || {
+                    vec![
+                        ("device", device.clone()),
+                        ("namespace", pod.namespace.clone()),
+                        ("pod", pod.pod.clone()),
+                        ("container", pod.container.clone()),
+                    ]
+                };
+                let mut with_resource = who();
+                with_resource.push(("resource", a.resource_name.clone()));
+                allocation_info.push((labels(with_resource), 1));
+                allocated_idle.push((labels(who()), u32::from(a.idle)));
+            }
+        }
+        let readable = x.processes_time.is_some() && x.health == GpuHealth::Ok as i32;
+        if readable {
+            // Owners that are not pods (those are in the allocations), once
+            // per device however many processes they run.
+            let mut owners = std::collections::BTreeSet::new();
+            for p in &x.processes {
+                let Some(a) = &p.attribution else { continue };
+                if a.pod.is_some() {
+                    continue;
+                }
+                let owner = if let Some(job) = &a.slurm {
+                    ("slurm", job.job_id.clone())
+                } else if let Some(id) = a.container_id.as_ref().filter(|c| !c.is_empty()) {
+                    ("container", id.clone())
+                } else if let Some(unit) = a.systemd_unit.as_ref().filter(|c| !c.is_empty()) {
+                    ("unit", unit.clone())
+                } else {
+                    continue;
+                };
+                let device = p.mig_uuid.clone().unwrap_or_else(|| x.uuid.clone());
+                owners.insert((device, owner.0, owner.1));
+            }
+            for (device, kind, owner) in owners {
+                owner_info.push((
+                    labels(vec![
+                        ("device", device),
+                        ("owner_kind", kind.to_owned()),
+                        ("owner", owner),
+                    ]),
+                    1,
+                ));
+            }
+        }
+        for m in &x.mig_instances {
+            let mig = || vec![("mig_uuid", m.uuid.clone())];
+            mig_info.push((
+                labels(vec![
+                    ("mig_uuid", m.uuid.clone()),
+                    ("profile", m.profile.clone()),
+                    ("gpu_instance_id", m.gpu_instance_id.to_string()),
+                    ("compute_instance_id", m.compute_instance_id.to_string()),
+                ]),
+                1,
+            ));
+            if let Some(n) = m.sm_count {
+                mig_sms.push((labels(mig()), n));
+            }
+            if let Some(b) = m.memory_total_bytes {
+                mig_total.push((labels(mig()), b));
+            }
+            if readable {
+                if let Some(b) = m.memory_used_bytes {
+                    mig_used.push((labels(mig()), b));
+                }
+                if let Some(pct) = m.utilization_gpu_pct {
+                    mig_util.push((labels(mig()), ratio(pct)));
+                }
+                mig_procs.push((labels(mig()), m.pids.len() as u64));
+            }
+        }
+    }
+    gauges(
+        e,
+        "gpuwatch_gpu_allocation_info",
+        "1 per device (GPU or MIG UUID) the kubelet allocated to a container; join on uuid or device for pod labels",
+        None,
+        &allocation_info,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_gpu_allocated_idle",
+        "1 while the container allocated this device runs no process on it (allocated but idle), 0 while it does",
+        None,
+        &allocated_idle,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_gpu_process_owner_info",
+        "1 per Slurm job, container or systemd unit with processes on the device (pods: gpuwatch_gpu_allocation_info)",
+        None,
+        &owner_info,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_gpu_mig_enabled",
+        "1 when the GPU is in MIG mode, 0 when not",
+        None,
+        &mig_enabled,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_mig_instance_info",
+        "1 per MIG instance of the GPU; its profile and instance ids",
+        None,
+        &mig_info,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_mig_instance_multiprocessors",
+        "Streaming multiprocessors of the MIG instance",
+        None,
+        &mig_sms,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_mig_instance_memory_used",
+        "Memory in use in the MIG instance",
+        Some(&u.bytes),
+        &mig_used,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_mig_instance_memory_total",
+        "Memory of the MIG instance",
+        Some(&u.bytes),
+        &mig_total,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_mig_instance_utilization",
+        "Fraction of the last sample period the MIG instance was busy (0-1), where the driver reports it",
+        Some(&u.ratio),
+        &mig_util,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_mig_instance_processes",
+        "Processes running in the MIG instance (read on the slow cadence)",
+        None,
+        &mig_procs,
     )?;
     Ok(())
 }

@@ -39,6 +39,21 @@ fn watch_then_quit(tmux: &Tmux, hosts: &[String], keys: &str, run: usize) {
     );
     // 4 demo GPUs + 2 consumer GPUs, one row each, each with a temperature.
     assert!(screen.matches("°C").count() >= 6, "{screen}");
+    // Who is on each GPU, under its row: the demo fleet's pod on GPU 0,
+    // its Slurm step on GPU 1, the A100's MIG instances and the notebook
+    // allocated one of them but running nothing, the unit on GPU 3 (the
+    // demo fleet's workloads, server/backend/sim/mod.rs).
+    let screen = tmux.wait_screen("who is on each GPU", |s| {
+        s.contains("ml/trainer-0/main") && s.contains("render-farm.service")
+    });
+    for owner in [
+        "↳ ml/trainer-0/main",
+        "slurm:81723.0",
+        "3 MIG",
+        "idle: research/notebook-5",
+    ] {
+        assert!(screen.contains(owner), "{owner} missing:\n{screen}");
+    }
 
     tmux.tmux(&["send-keys", keys]);
     let screen = tmux.wait_screen("the exit status", |s| s.contains(&marker));

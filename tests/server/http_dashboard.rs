@@ -236,3 +236,80 @@ async fn open_streams_end_and_the_daemon_exits_cleanly_on_sigterm() {
     })
     .await;
 }
+
+/// A pod and a Slurm step sharing an H100, and an A100 in MIG mode: a pod
+/// process in one instance, a notebook allocated the other, idle.
+const WORKLOADS: &str = r#"
+[[simulator.gpus]]
+preset = "h100-sxm"
+processes = [
+  { pid = 6100, name = "python3", user = "alice", uid = 1000, memory_mib = 20480, namespace = "ml", pod = "trainer-0", container = "main" },
+  { pid = 6101, name = "python3", user = "alice", uid = 1000, memory_mib = 10240, namespace = "ml", pod = "trainer-0", container = "main" },
+  { pid = 6102, name = "train.py", user = "bob", uid = 1001, memory_mib = 1024, slurm_job = "4242", slurm_step = "0" },
+]
+
+[[simulator.gpus]]
+preset = "a100-sxm"
+mig = { enabled = true, instances = ["3g.40gb", "1g.10gb"] }
+processes = [ { pid = 6200, name = "tritonserver", memory_mib = 8000, mig_instance = 0, namespace = "serving", pod = "triton-0", container = "triton" } ]
+allocations = [ { namespace = "research", pod = "notebook-1", container = "jupyter", mig_instance = 1 } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_card_names_who_runs_on_its_gpu_and_mig_instances() {
+    bounded(async {
+        let d = Daemon::start(Some(WORKLOADS));
+        let snap: Value = eventually(LIMIT, "the GPUs' users", || async {
+            let r = get(&d.url("/api/v1/dashboard"), None).await;
+            let v: Value = serde_json::from_str(&r.body).expect("JSON");
+            let ready = v["latest"]["gpus"].as_array().is_some_and(|g| {
+                g.len() == 2 && g.iter().all(|p| p["users"]["processes"].as_u64() > Some(0))
+            });
+            ready.then_some(v)
+        })
+        .await;
+        let points = snap["latest"]["gpus"].as_array().expect("points");
+        let h100 = &points.iter().find(|p| p["index"] == 0).expect("GPU 0")["users"];
+        assert_eq!(h100["processes"], 3);
+        let owners = h100["owners"].as_array().expect("owners");
+        assert_eq!(owners.len(), 2, "one entry per owner: {owners:#?}");
+        let trainer = &owners[0];
+        assert_eq!(trainer["owner"], "ml/trainer-0/main");
+        assert_eq!(trainer["kind"], "pod");
+        assert_eq!(trainer["processes"], 2);
+        assert_eq!(trainer["names"], serde_json::json!(["python3"]));
+        assert_eq!(trainer["memory_bytes"], (20480u64 + 10240) << 20);
+        assert_eq!(owners[1]["owner"], "slurm:4242.0");
+        assert!(
+            h100.get("mig").is_none() && h100.get("idle").is_none(),
+            "{h100}"
+        );
+
+        let a100 = &points.iter().find(|p| p["index"] == 1).expect("GPU 1")["users"];
+        assert_eq!(a100["processes"], 1);
+        assert_eq!(
+            a100["owners"],
+            serde_json::json!([]),
+            "all in MIG instances"
+        );
+        let mig = a100["mig"].as_array().expect("MIG instances");
+        assert_eq!(mig.len(), 2);
+        assert_eq!(mig[0]["profile"], "3g.40gb");
+        assert_eq!(mig[0]["owners"][0]["owner"], "serving/triton-0/triton");
+        assert_eq!(mig[0]["memory_used_bytes"], 8000u64 << 20);
+        assert!(mig[0]["memory_total_bytes"].as_u64() > mig[0]["memory_used_bytes"].as_u64());
+        assert_eq!(mig[1]["profile"], "1g.10gb");
+        assert_eq!(mig[1]["owners"], serde_json::json!([]));
+        assert_eq!(
+            mig[1]["idle"],
+            serde_json::json!(["research/notebook-1/jupyter"])
+        );
+
+        // The page draws them: the hooks the browser check reads are there.
+        let page = get(&d.url("/"), None).await.body;
+        for hook in ["data-owner", "data-processes", "data-mig", "idle: "] {
+            assert!(page.contains(hook), "the page lacks {hook}");
+        }
+    })
+    .await;
+}

@@ -418,6 +418,283 @@ fn classic_format_names_counters_for_promtool() {
     assert_eq!(parse_samples(classic), parse_samples(om));
 }
 
+/// A hub whose one GPU is in MIG mode with two instances: a pod's process
+/// in instance A (allocated, busy), a notebook allocated instance B but
+/// running nothing there, two processes of one Slurm job in instance B, and
+/// a systemd unit's process. Users and command lines are set, to prove
+/// they never reach /metrics.
+fn workload_hub() -> MetricsEndpoint {
+    let hub = Arc::new(Hub::new(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        16,
+    ));
+    let (events, _) = EventLog::open(None, 100);
+    hub.set_devices(vec![device(
+        0,
+        "NVIDIA A100-SXM4-80GB",
+        &[TelemetryField::Processes],
+    )]);
+    let gpu = "GPU-0aaaaaaa-0000-0000-0000-000000000000";
+    let (mig_a, mig_b) = ("MIG-aaaa", "MIG-bbbb");
+    let pod = |ns: &str, name: &str, c: &str| api::PodRef {
+        namespace: ns.into(),
+        pod: name.into(),
+        container: c.into(),
+    };
+    let process = |pid: u32, mig: &str, attribution: api::Attribution| api::GpuProcess {
+        pid,
+        used_memory_bytes: Some(1 << 30),
+        name: Some("python3".into()),
+        command_line: Some("python3 train.py --token=hunter2".into()),
+        uid: Some(1000),
+        user: Some("alice".into()),
+        mig_uuid: Some(mig.into()),
+        attribution: Some(attribution),
+        ..api::GpuProcess::default()
+    };
+    let slurm = || api::Attribution {
+        slurm: Some(api::SlurmJob {
+            job_id: "4242".into(),
+            step: Some("0".into()),
+            uid: Some(1000),
+        }),
+        ..api::Attribution::default()
+    };
+    let mut sample = full_sample(0, 7, 60);
+    sample.mig_enabled = Some(true);
+    sample.mig_instances = vec![
+        api::MigInstance {
+            uuid: mig_a.into(),
+            gpu_instance_id: 1,
+            compute_instance_id: 0,
+            profile: "3g.40gb".into(),
+            sm_count: Some(42),
+            memory_total_bytes: Some(40 << 30),
+            memory_used_bytes: Some(10 << 30),
+            utilization_gpu_pct: None,
+            pids: vec![987_001],
+        },
+        api::MigInstance {
+            uuid: mig_b.into(),
+            gpu_instance_id: 2,
+            compute_instance_id: 0,
+            profile: "2g.20gb".into(),
+            sm_count: Some(28),
+            memory_total_bytes: Some(20 << 30),
+            memory_used_bytes: Some(2 << 30),
+            utilization_gpu_pct: Some(35),
+            pids: vec![987_002, 987_003, 987_004],
+        },
+    ];
+    sample.processes = vec![
+        process(
+            987_001,
+            mig_a,
+            api::Attribution {
+                pod: Some(pod("ml", "trainer-0", "main")),
+                container_id: Some("5aa78b70".into()),
+                ..api::Attribution::default()
+            },
+        ),
+        process(987_002, mig_b, slurm()),
+        process(987_003, mig_b, slurm()),
+        process(
+            987_004,
+            mig_b,
+            api::Attribution {
+                systemd_unit: Some("render.service".into()),
+                ..api::Attribution::default()
+            },
+        ),
+    ];
+    sample.allocations = vec![
+        api::GpuAllocation {
+            pod: Some(pod("ml", "trainer-0", "main")),
+            resource_name: "nvidia.com/mig-3g.40gb".into(),
+            device_ids: vec![mig_a.into()],
+            idle: false,
+        },
+        api::GpuAllocation {
+            pod: Some(pod("research", "notebook-5", "jupyter")),
+            resource_name: "nvidia.com/mig-2g.20gb".into(),
+            device_ids: vec![mig_b.into()],
+            idle: true,
+        },
+    ];
+    assert_eq!(sample.uuid, gpu);
+    hub.publish(Frame {
+        seq: 7,
+        time: Some(SystemTime::now().into()),
+        samples: vec![sample],
+    });
+    MetricsEndpoint::new(Sources {
+        hub,
+        events: Arc::new(events),
+        hostname: Arc::from("node-7"),
+        dashboard_streams: Arc::new(AtomicUsize::new(0)),
+    })
+}
+
+#[test]
+fn allocations_owners_and_mig_instances_are_info_series_to_join_on() {
+    let endpoint = workload_hub();
+    let text = endpoint.render_openmetrics().expect("renders");
+    let all = parse_samples(&text);
+
+    // One allocation series per allocated device, with the pod's names.
+    let allocations = find(&all, "gpuwatch_gpu_allocation_info", &[]);
+    assert_eq!(allocations.len(), 2, "{allocations:?}");
+    let trainer = find(
+        &all,
+        "gpuwatch_gpu_allocation_info",
+        &[
+            ("device", "MIG-aaaa"),
+            ("namespace", "ml"),
+            ("pod", "trainer-0"),
+        ],
+    );
+    assert_eq!(trainer.len(), 1, "{allocations:?}");
+    assert_eq!(trainer[0].value, 1.0);
+    assert_eq!(trainer[0].labels["container"], "main");
+    assert_eq!(trainer[0].labels["resource"], "nvidia.com/mig-3g.40gb");
+    assert_eq!(
+        trainer[0].labels["uuid"], "GPU-0aaaaaaa-0000-0000-0000-000000000000",
+        "joins on the parent GPU's uuid"
+    );
+
+    // Allocated but idle: 1 for the notebook, 0 for the busy trainer.
+    assert_eq!(
+        value(
+            &all,
+            "gpuwatch_gpu_allocated_idle",
+            &[("pod", "notebook-5")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&all, "gpuwatch_gpu_allocated_idle", &[("pod", "trainer-0")]),
+        0.0
+    );
+
+    // Non-pod owners: one series per owner and device, not per process
+    // (the job's two processes make one series); the pod is not repeated.
+    let owners = find(&all, "gpuwatch_gpu_process_owner_info", &[]);
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    let job = find(
+        &all,
+        "gpuwatch_gpu_process_owner_info",
+        &[
+            ("owner_kind", "slurm"),
+            ("owner", "4242"),
+            ("device", "MIG-bbbb"),
+        ],
+    );
+    assert_eq!(job.len(), 1, "{owners:?}");
+    assert_eq!(
+        find(
+            &all,
+            "gpuwatch_gpu_process_owner_info",
+            &[("owner_kind", "unit"), ("owner", "render.service")],
+        )
+        .len(),
+        1
+    );
+
+    // MIG instances.
+    assert_eq!(
+        value(&all, "gpuwatch_gpu_mig_enabled", &[("gpu", "0")]),
+        1.0
+    );
+    let info = find(
+        &all,
+        "gpuwatch_mig_instance_info",
+        &[("mig_uuid", "MIG-bbbb")],
+    );
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].labels["profile"], "2g.20gb");
+    assert_eq!(info[0].labels["gpu_instance_id"], "2");
+    assert_eq!(info[0].labels["compute_instance_id"], "0");
+    let b = [("mig_uuid", "MIG-bbbb")];
+    assert_eq!(
+        value(&all, "gpuwatch_mig_instance_memory_used_bytes", &b),
+        (2u64 << 30) as f64
+    );
+    assert_eq!(
+        value(&all, "gpuwatch_mig_instance_memory_total_bytes", &b),
+        (20u64 << 30) as f64
+    );
+    assert_eq!(
+        value(&all, "gpuwatch_mig_instance_multiprocessors", &b),
+        28.0
+    );
+    assert_eq!(value(&all, "gpuwatch_mig_instance_processes", &b), 3.0);
+    assert_eq!(
+        value(&all, "gpuwatch_mig_instance_utilization_ratio", &b),
+        0.35
+    );
+    // Instance A's driver gives no utilisation: no series, never a 0.
+    assert!(
+        find(
+            &all,
+            "gpuwatch_mig_instance_utilization_ratio",
+            &[("mig_uuid", "MIG-aaaa")]
+        )
+        .is_empty()
+    );
+
+    // /metrics may be readable without a token: no users, command lines or
+    // pids, ever.
+    for secret in [
+        "alice", "hunter2", "train.py", "987001", "987002", "python3",
+    ] {
+        assert!(!text.contains(secret), "{secret} leaked into /metrics");
+    }
+    // Same workload samples in the classic format (the daemon's own
+    // process_* figures move between two renderings).
+    let classic = endpoint.body(Format::Prometheus).expect("renders");
+    let classic = std::str::from_utf8(&classic).expect("utf-8");
+    let workload = |all: Vec<crate::http_support::Series>| {
+        all.into_iter()
+            .filter(|s| {
+                s.name.starts_with("gpuwatch_mig_")
+                    || [
+                        "gpuwatch_gpu_allocation_info",
+                        "gpuwatch_gpu_allocated_idle",
+                        "gpuwatch_gpu_process_owner_info",
+                        "gpuwatch_gpu_mig_enabled",
+                    ]
+                    .contains(&s.name.as_str())
+            })
+            .collect::<Vec<_>>()
+    };
+    let from_classic = workload(parse_samples(classic));
+    // 2 allocations, 2 idle flags, 2 owners, 1 MIG mode, and per instance
+    // info, SMs, memory used and total, processes (+ 1 utilisation).
+    assert_eq!(
+        from_classic.len(),
+        2 + 2 + 2 + 1 + 2 * 5 + 1,
+        "{from_classic:#?}"
+    );
+    assert_eq!(from_classic, workload(all));
+}
+
+#[test]
+fn a_gpu_without_workloads_or_mig_readings_has_no_workload_series() {
+    let (_hub, _events, endpoint) = controlled_hub();
+    let all = parse_samples(&endpoint.render_openmetrics().expect("renders"));
+    for name in [
+        "gpuwatch_gpu_allocation_info",
+        "gpuwatch_gpu_allocated_idle",
+        "gpuwatch_gpu_process_owner_info",
+        "gpuwatch_gpu_mig_enabled",
+        "gpuwatch_mig_instance_info",
+        "gpuwatch_mig_instance_memory_used_bytes",
+    ] {
+        assert!(find(&all, name, &[]).is_empty(), "{name} without data");
+    }
+}
+
 // ---- Black-box: the real daemon ----
 
 const TWO_H100: &str = r#"
@@ -484,6 +761,81 @@ async fn a_daemon_exports_every_family_a_dcgm_user_expects() {
         assert!(published[0].value >= 1.0);
         assert!(!find(&all, "gpuwatch_subscribers", &[("stream", "watch")]).is_empty());
         assert!(!find(&all, "process_cpu_seconds_total", &[]).is_empty());
+    })
+    .await;
+}
+
+/// A simulated A100 in MIG mode: a pod process in one instance, a notebook
+/// allocated the other and running nothing; command lines read in full.
+const MIG_WORKLOADS: &str = r#"
+[attribution]
+command_lines = "full"
+
+[[simulator.gpus]]
+preset = "a100-sxm"
+mig = { enabled = true, instances = ["3g.40gb", "2g.20gb"] }
+processes = [ { pid = 7100, name = "tritonserver", command_line = "tritonserver --api-key=s3cr3t", user = "svc-infer", uid = 2000, memory_mib = 9000, mig_instance = 0, namespace = "serving", pod = "triton-0", container = "triton" } ]
+allocations = [ { namespace = "research", pod = "notebook-1", container = "jupyter", mig_instance = 1 } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_mig_gpu_exports_its_instances_and_who_holds_them() {
+    bounded(async {
+        let d = Daemon::start(Some(MIG_WORKLOADS));
+        let (text, all) = eventually(LIMIT, "the instances and allocations", || async {
+            let r = get(&d.url("/metrics"), None).await;
+            let all = parse_samples(&r.body);
+            (find(&all, "gpuwatch_mig_instance_processes", &[]).len() == 2
+                && find(&all, "gpuwatch_gpu_allocation_info", &[]).len() == 2)
+                .then_some((r.body, all))
+        })
+        .await;
+        let infos = find(&all, "gpuwatch_mig_instance_info", &[]);
+        let mut profiles: Vec<&str> = infos.iter().map(|s| s.labels["profile"].as_str()).collect();
+        profiles.sort_unstable();
+        assert_eq!(profiles, ["2g.20gb", "3g.40gb"]);
+        let triton_mig = &find(
+            &all,
+            "gpuwatch_mig_instance_info",
+            &[("profile", "3g.40gb")],
+        )[0]
+        .labels["mig_uuid"];
+        assert_eq!(
+            value(
+                &all,
+                "gpuwatch_mig_instance_memory_used_bytes",
+                &[("mig_uuid", triton_mig)]
+            ),
+            (9000u64 << 20) as f64,
+            "the declared process's memory"
+        );
+        assert_eq!(
+            value(
+                &all,
+                "gpuwatch_gpu_allocated_idle",
+                &[
+                    ("namespace", "research"),
+                    ("pod", "notebook-1"),
+                    ("container", "jupyter")
+                ]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&all, "gpuwatch_gpu_allocated_idle", &[("pod", "triton-0")]),
+            0.0
+        );
+        assert_eq!(
+            find(&all, "gpuwatch_gpu_allocation_info", &[("pod", "triton-0")])[0].labels["device"],
+            *triton_mig
+        );
+        assert_eq!(
+            value(&all, "gpuwatch_gpu_mig_enabled", &[("gpu", "0")]),
+            1.0
+        );
+        for secret in ["s3cr3t", "svc-infer", "tritonserver", "7100"] {
+            assert!(!text.contains(secret), "{secret} leaked into /metrics");
+        }
     })
     .await;
 }
