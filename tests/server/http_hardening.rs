@@ -15,7 +15,10 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use crate::support::index;
+use crate::{
+    http_support::flood::{fresh_get, idle, open_fds, slowloris},
+    support::index,
+};
 
 /// A daemon with HTTP on and these `[limits]`; with the kit's tokens when
 /// `tokens` (then the HTTP data paths need one).
@@ -27,73 +30,6 @@ fn launch(limits: &str, tokens: bool) -> Daemon {
         ..Launch::default()
     }
     .start()
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-/// GET `path` on a fresh connection; the status and how long it took.
-async fn fresh_get(addr: SocketAddr, path: &str) -> (u16, Duration) {
-    let started = Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut reply = Vec::new();
-        s.read_to_end(&mut reply).await.ok()?;
-        let text = String::from_utf8_lossy(&reply);
-        text.split_whitespace().nth(1)?.parse().ok()
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or(0);
-    (status, started.elapsed())
-}
-
-/// A client that sends a request head one byte at a time, forever; returns
-/// how long the server kept it open (None: still open at `give_up`).
-async fn slowloris(addr: SocketAddr, give_up: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect(addr).await else {
-        return Some(Duration::ZERO);
-    };
-    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ").await;
-    let mut buf = [0u8; 512];
-    loop {
-        tokio::select! {
-            read = s.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return Some(started.elapsed()),
-                // A 408/431 reply, then the close.
-                Ok(_) => {}
-            },
-            () = tokio::time::sleep(Duration::from_millis(300)) => {
-                if started.elapsed() > give_up {
-                    return None;
-                }
-                if s.write_all(b"a").await.is_err() {
-                    return Some(started.elapsed());
-                }
-            }
-        }
-    }
-}
-
-/// A connection that sends nothing; how long the server kept it open.
-async fn idle(addr: SocketAddr, give_up: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect(addr).await else {
-        return Some(Duration::ZERO);
-    };
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(give_up, s.read(&mut buf)).await {
-        Ok(_) => Some(started.elapsed()),
-        Err(_) => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
