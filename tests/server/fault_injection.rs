@@ -359,7 +359,7 @@ async fn operator(
             continue;
         };
         k += 1;
-        let (setting, value) = if k % 2 == 0 {
+        let (setting, value) = if k.is_multiple_of(2) {
             let steps = ((ceiling_w.1 - ceiling_w.0) * 10.0) as u64;
             let watts = ceiling_w.0 + ((k / 2 * 7) % steps) as f64 / 10.0;
             (Setting::Ceiling(1), (watts * 1000.0).round() as u64)
@@ -541,6 +541,8 @@ struct Rig {
     disk: BTreeMap<u64, String>,
     /// Board resets so far, per GPU (the stand-in NVML's `resets`).
     resets: [u64; 2],
+    /// Rounds this rig has run.
+    rounds: u64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -583,6 +585,7 @@ impl Rig {
             frames: Arc::default(),
             disk: BTreeMap::new(),
             resets: [0; 2],
+            rounds: 0,
             tasks: Vec::new(),
         }
     }
@@ -925,15 +928,21 @@ fn ms(d: Duration) -> String {
 }
 
 /// The simulator's faults for a round, as TOML lines per GPU; what they are.
-fn sim_faults(rng: &mut Rng, tally: &mut Tally) -> ([String; 2], Vec<String>, Vec<u32>) {
+/// The first fault's kind is `first` (rotating over rounds, so a run of a
+/// few rounds covers every kind); the others are random.
+fn sim_faults(
+    rng: &mut Rng,
+    first: u64,
+    tally: &mut Tally,
+) -> ([String; 2], Vec<String>, Vec<u32>) {
     let s = Duration::from_secs;
     let mut toml = [String::new(), String::new()];
     let mut what = Vec::new();
     let mut cant_write = Vec::new();
     let mut used: BTreeSet<(u32, u64)> = BTreeSet::new();
-    for _ in 0..1 + rng.below(3) {
+    for i in 0..1 + rng.below(3) {
         let gpu = rng.below(2) as u32;
-        let kind = rng.below(5);
+        let kind = if i == 0 { first % 5 } else { rng.below(5) };
         if !used.insert((gpu, kind)) {
             continue;
         }
@@ -1029,7 +1038,7 @@ async fn round(
     let mut cant_write = Vec::new();
     let sim = match rig.backend {
         Backend::Sim => {
-            let (toml, w, cw) = sim_faults(rng, tally);
+            let (toml, w, cw) = sim_faults(rng, rig.rounds, tally);
             what.extend(w);
             cant_write = cw;
             toml
@@ -1037,7 +1046,8 @@ async fn round(
         Backend::Nvml => {
             // The load ends at 60 % of the round, like the simulator's 25 s.
             steps.push((ROUND.mul_f64(0.6), Step::Cool));
-            for _ in 0..1 + rng.below(3) {
+            let mut busy = [false; 2];
+            for i in 0..1 + rng.below(3) {
                 let gpu = rng.below(2) as u32;
                 let at = rng.between(Duration::from_millis(300), ROUND - Duration::from_secs(1));
                 let when = if at < ROUND.mul_f64(0.25) {
@@ -1047,11 +1057,15 @@ async fn round(
                 } else {
                     "while raising back"
                 };
-                let kind = rng.below(5);
+                let kind = if i == 0 { rig.rounds % 5 } else { rng.below(5) };
                 if kind == 4 {
                     steps.push((at, Step::NvmlReset(gpu)));
                     what.push(format!("GPU {gpu} limit reset {when} ({at:?})"));
                     tally.reset += 1;
+                    continue;
+                }
+                // One timed fault per GPU at a time.
+                if std::mem::replace(&mut busy[gpu as usize], true) {
                     continue;
                 }
                 let fault = match kind {
@@ -1080,10 +1094,10 @@ async fn round(
             [String::new(), String::new()]
         }
     };
-    if scratch.no_disk_faults.is_none() && rng.chance(60) {
+    if scratch.no_disk_faults.is_none() && rng.chance(75) {
         let at = rng.between(Duration::from_millis(500), ROUND - Duration::from_secs(2));
         let d = rng.between(Duration::from_millis(1500), Duration::from_secs(3));
-        let (on, name) = if rng.chance(50) {
+        let (on, name) = if tally.full <= tally.readonly {
             tally.full += 1;
             (Step::Full, "full")
         } else {
@@ -1094,7 +1108,8 @@ async fn round(
         steps.push((at, on));
         steps.push((at + d, Step::Writable));
     }
-    let kill = rng.chance(50);
+    // Every other round, and sometimes in between.
+    let kill = n % 2 == 1 || rng.chance(25);
     if kill {
         let at = rng.between(Duration::from_millis(500), ROUND);
         what.push(format!("SIGKILL at {at:?}"));
@@ -1158,6 +1173,9 @@ async fn round(
                 panics(&d, "the daemon", violations);
                 d.kill();
                 killed = true;
+                if window.is_some() && window_kind == "read-only" {
+                    refused_on_read_only(rig, violations);
+                }
             }
         }
         rig.set_nvml(hot, &nvml_faults);
@@ -1251,7 +1269,34 @@ async fn round(
     scratch.free();
     let checked = check_after_restart(rig, tally, violations).await;
     tally.rounds += 1;
+    rig.rounds += 1;
     checked
+}
+
+/// A start on a read-only state directory is refused with exit 73 and
+/// leaves its history as it was (issue 12 row 10).
+fn refused_on_read_only(rig: &Rig, violations: &mut Vec<String>) {
+    let before = std::fs::read(rig.state.join("events.log")).ok();
+    let options = Options {
+        config: Some(rig.config(true, &[String::new(), String::new()])),
+        nvml_library: rig.fake.as_ref().map(|f| f.library().to_path_buf()),
+        ..Options::default()
+    };
+    match crate::support::try_start(&rig.state, options) {
+        Ok(mut d) => {
+            d.kill();
+            violations.push("a daemon started on a read-only state directory".to_owned());
+        }
+        Err(e) if !e.0.contains("exit status: 73") => {
+            violations.push(format!(
+                "a read-only state directory was not refused with 73: {e:.400}"
+            ));
+        }
+        Err(_) => {}
+    }
+    if std::fs::read(rig.state.join("events.log")).ok() != before {
+        violations.push("the refused start changed events.log".to_owned());
+    }
 }
 
 /// Whether `/metrics` says a state file cannot be written.
@@ -1323,6 +1368,21 @@ async fn random_faults_lose_no_operator_setting_no_event_and_leave_no_gpu_thrott
     }
     let mut control_calls = 0;
     let mut frames = 0;
+    let (mut cuts, mut raises, mut startup_repairs) = (0, 0, 0);
+    for rig in &rigs {
+        for e in rig.seen.lock().expect("seen").values() {
+            let actor = e.actor.as_ref().map(api::Actor::kind);
+            if let Some(api::event::Change::PowerLimit(p)) = &e.change {
+                let lower = p.after_mw < p.before_mw;
+                match actor {
+                    Some(api::ActorKind::Governor) if lower => cuts += 1,
+                    Some(api::ActorKind::Governor) => raises += 1,
+                    Some(api::ActorKind::Startup) => startup_repairs += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
     for rig in &mut rigs {
         rig.stop.store(true, Ordering::Relaxed);
         for t in rig.tasks.drain(..) {
@@ -1339,7 +1399,7 @@ async fn random_faults_lose_no_operator_setting_no_event_and_leave_no_gpu_thrott
         frames += rig.frames.load(Ordering::Relaxed);
     }
     eprintln!(
-        "fault-injection: seed={seed} rounds={} faults={} (lost={} reset={} hang={} fail={} full={} readonly={} sigkill={}) events checked={checked} disk lines checked={} restores checked={} control calls={control_calls} frames={frames} losses={} in {:.0?}",
+        "fault-injection: seed={seed} rounds={} faults={} (lost={} reset={} hang={} fail={} full={} readonly={} sigkill={}) events checked={checked} disk lines checked={} restores checked={} control calls={control_calls} frames={frames} governor cuts={cuts} raises={raises} startup repairs={startup_repairs} losses={} in {:.0?}",
         tally.rounds,
         tally.faults(),
         tally.lost,
@@ -1365,4 +1425,183 @@ async fn random_faults_lose_no_operator_setting_no_event_and_leave_no_gpu_thrott
         "the suite checked something"
     );
     assert!(control_calls > 0 && frames > 0, "the load ran");
+    assert!(cuts > 0 && raises > 0, "the governor cut and raised back");
+}
+
+// ------------------------------------------------------------ listener floods
+
+/// The three answers an operator needs during a flood, each timed: the
+/// HTTP `/healthz` on a fresh connection, GetSnapshot on a fresh gRPC
+/// connection (connecting included), SetPowerLimit on it.
+async fn probe(d: &Daemon, watts: f64, worst: &mut [Duration; 3]) -> Result<(), String> {
+    let http = d.http.ok_or("no HTTP")?;
+    let (status, took) = crate::http_support::flood::fresh_get(http, "/healthz").await;
+    if status != 200 {
+        return Err(format!("/healthz answered {status} after {took:?}"));
+    }
+    worst[0] = worst[0].max(took);
+    let started = Instant::now();
+    let mut c = tokio::time::timeout(Duration::from_secs(5), try_connect(&d.url()))
+        .await
+        .ok()
+        .flatten()
+        .ok_or("no gRPC connection within 5 s")?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.get_snapshot(api::GetSnapshotRequest::default()),
+    )
+    .await
+    .map_err(|_| "GetSnapshot: no answer within 5 s".to_owned())?
+    .map_err(|e| format!("GetSnapshot: {e}"))?;
+    worst[1] = worst[1].max(started.elapsed());
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.set_power_limit(api::SetPowerLimitRequest {
+            gpus: vec![index(0)],
+            target: Some(set_power_limit_request::Target::Watts(watts)),
+        }),
+    )
+    .await
+    .map_err(|_| "SetPowerLimit: no answer within 5 s".to_owned())?
+    .map_err(|e| format!("SetPowerLimit: {e}"))?;
+    worst[2] = worst[2].max(started.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "timing-sensitive floods; run by .ci/faults.sh"]
+async fn each_listener_keeps_healthz_snapshot_and_control_under_a_second_while_the_other_is_flooded()
+ {
+    use crate::http_support::flood::{
+        idle, open_fds, preface_trickle, slowloris, stalled_sse_reader,
+    };
+    const CAP: usize = 64;
+    let mut d = gpuwatch_testkit::Launch {
+        config: Some(format!(
+            "[limits]\nhttp_max_connections = {CAP}\nhttp_header_timeout = \"2s\"\nhttp_write_timeout = \"1s\"\ngrpc_max_connections = {CAP}\n"
+        )),
+        http: true,
+        ..gpuwatch_testkit::Launch::default()
+    }
+    .start();
+    let http = d.http.expect("HTTP");
+    let grpc = d.grpc;
+    let pid = d.pid();
+    let baseline = open_fds(pid);
+    let mut probes = 0;
+
+    // 1. The HTTP listener: 240 slow-header connections, 160 silent ones
+    // and 4 stalled event-stream readers.
+    let give_up = Duration::from_secs(30);
+    let mut flood = Vec::new();
+    let mut stalled = Vec::new();
+    for i in 0..400 {
+        flood.push(tokio::spawn(async move {
+            if i % 5 < 3 {
+                slowloris(http, give_up).await
+            } else {
+                idle(http, give_up).await
+            }
+        }));
+        if i % 100 == 0
+            && let Ok(s) = stalled_sse_reader(http, Some(READ_TOKEN)).await
+        {
+            stalled.push(s);
+        }
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut worst = [Duration::ZERO; 3];
+    let mut max_fds = 0;
+    for round in 0..10 {
+        let watts = if round % 2 == 0 { 500.0 } else { 450.0 };
+        if let Err(e) = probe(&d, watts, &mut worst).await {
+            panic!("HTTP flood, probe {round}: {e}");
+        }
+        probes += 1;
+        max_fds = max_fds.max(open_fds(pid));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let http_worst = worst;
+    for (what, took) in ["/healthz", "GetSnapshot", "SetPowerLimit"]
+        .iter()
+        .zip(worst)
+    {
+        assert!(
+            took < Duration::from_secs(1),
+            "{what} took {took:?} while the HTTP listener was flooded"
+        );
+    }
+    assert!(
+        max_fds <= baseline + CAP + 32,
+        "the daemon held {max_fds} fds during the HTTP flood (baseline {baseline}, cap {CAP})"
+    );
+    for task in flood {
+        task.abort();
+    }
+    drop(stalled);
+
+    // 2. The gRPC listener: 100 Watch streams never read, on 10
+    // connections; 200 silent connections; 30 trickling the preface.
+    let mut watchers = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..10 {
+        let mut c = d.client().await;
+        for _ in 0..10 {
+            if let Ok(s) = c.watch(api::WatchRequest::default()).await {
+                streams.push(s.into_inner());
+            }
+        }
+        watchers.push(c);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = tokio::net::TcpStream::connect(grpc).await {
+            silent.push(s);
+        }
+    }
+    let trickles: Vec<_> = (0..30)
+        .map(|_| tokio::spawn(preface_trickle(grpc)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut worst = [Duration::ZERO; 3];
+    let mut max_fds = 0;
+    for round in 0..10 {
+        let watts = if round % 2 == 0 { 520.0 } else { 470.0 };
+        if let Err(e) = probe(&d, watts, &mut worst).await {
+            panic!("gRPC flood, probe {round}: {e}");
+        }
+        probes += 1;
+        max_fds = max_fds.max(open_fds(pid));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (what, took) in ["/healthz", "GetSnapshot", "SetPowerLimit"]
+        .iter()
+        .zip(worst)
+    {
+        assert!(
+            took < Duration::from_secs(1),
+            "{what} took {took:?} while the gRPC listener was flooded"
+        );
+    }
+    assert!(
+        max_fds <= baseline + 2 * CAP + 32,
+        "the daemon held {max_fds} fds during the gRPC flood (baseline {baseline}, cap {CAP})"
+    );
+    for t in trickles {
+        t.abort();
+    }
+    drop((silent, streams, watchers));
+    d.check_alive().expect("the daemon survived both floods");
+    assert!(
+        !d.log().contains("panicked"),
+        "the daemon panicked: {}",
+        d.log_tail(40)
+    );
+    eprintln!(
+        "floods: {probes} probes; slowest during the HTTP flood /healthz {:?} GetSnapshot {:?} SetPowerLimit {:?}; during the gRPC flood {:?} {:?} {:?}",
+        http_worst[0], http_worst[1], http_worst[2], worst[0], worst[1], worst[2]
+    );
 }

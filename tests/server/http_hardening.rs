@@ -12,11 +12,13 @@ use gpuwatch_api::{self as api, set_power_limit_request};
 use gpuwatch_testkit::{Daemon, Launch};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
 };
 
 use crate::{
-    http_support::flood::{fresh_get, idle, open_fds, slowloris},
+    http_support::flood::{
+        fresh_get, idle, open_fds, preface_trickle, slowloris, stalled_sse_reader,
+    },
     support::index,
 };
 
@@ -233,13 +235,9 @@ async fn a_stalled_event_stream_reader_is_dropped() {
     let d = launch("http_write_timeout = \"1s\"", false);
     let http = d.http.expect("HTTP");
     // A reader with a tiny receive buffer that never reads.
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stalled = socket.connect(http).await.expect("connect");
-    stalled
-        .write_all(b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+    let stalled = stalled_sse_reader(http, None)
         .await
-        .expect("write");
+        .expect("a stalled reader");
     let streams = |body: &str| -> Option<u64> {
         body.lines()
             .find(|l| l.starts_with("gpuwatch_subscribers{") && l.contains("stream=\"dashboard\""))
@@ -314,31 +312,7 @@ async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_sec
     // every 400 ms, and then wait.
     let mut trickles = Vec::new();
     for _ in 0..50 {
-        trickles.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let Ok(mut s) = TcpStream::connect(grpc).await else {
-                return Some(Duration::ZERO);
-            };
-            let mut buf = [0u8; 1024];
-            let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r".iter();
-            loop {
-                tokio::select! {
-                    read = s.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) {
-                        return Some(started.elapsed());
-                    },
-                    () = tokio::time::sleep(Duration::from_millis(400)) => {
-                        if started.elapsed() > Duration::from_secs(30) {
-                            return None;
-                        }
-                        if let Some(byte) = preface.next()
-                            && s.write_all(&[*byte]).await.is_err()
-                        {
-                            return Some(started.elapsed());
-                        }
-                    }
-                }
-            }
-        }));
+        trickles.push(tokio::spawn(preface_trickle(grpc)));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut worst = Duration::ZERO;

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 
 /// The number of file descriptors process `pid` has open.
@@ -77,5 +77,55 @@ pub async fn idle(addr: SocketAddr, give_up: Duration) -> Option<Duration> {
     match tokio::time::timeout(give_up, s.read(&mut buf)).await {
         Ok(_) => Some(started.elapsed()),
         Err(_) => None,
+    }
+}
+
+/// Opens the dashboard's event stream (`/api/v1/stream`, with a read token
+/// when given) on a socket with a tiny receive buffer, and never reads it.
+pub async fn stalled_sse_reader(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stalled = socket.connect(addr).await?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    stalled
+        .write_all(
+            format!(
+                "GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{auth}\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    Ok(stalled)
+}
+
+/// Trickles 23 bytes of the 24-byte HTTP/2 preface to a gRPC port, a byte
+/// every 400 ms, then waits; how long the server kept the connection (None:
+/// still open after 30 s).
+pub async fn preface_trickle(addr: SocketAddr) -> Option<Duration> {
+    let started = Instant::now();
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return Some(Duration::ZERO);
+    };
+    let mut buf = [0u8; 1024];
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r".iter();
+    loop {
+        tokio::select! {
+            read = s.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) {
+                return Some(started.elapsed());
+            },
+            () = tokio::time::sleep(Duration::from_millis(400)) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    return None;
+                }
+                if let Some(byte) = preface.next()
+                    && s.write_all(&[*byte]).await.is_err()
+                {
+                    return Some(started.elapsed());
+                }
+            }
+        }
     }
 }
