@@ -1130,6 +1130,10 @@ async fn round(
     let mut window_kind = "";
     let mut persist_metric_seen = false;
     let mut killed = false;
+    // The newest event a client had seen when the window opened, and
+    // whether the daemon lived through the whole window.
+    let mut seq_before_window = 0;
+    let mut window_survived = false;
     for (at, step) in steps {
         tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
         match step {
@@ -1146,6 +1150,7 @@ async fn round(
             Step::Cool => hot = false,
             Step::Full => match scratch.fill() {
                 Ok(_) => {
+                    seq_before_window = last_seen(rig);
                     window = Some(Instant::now());
                     window_kind = "full";
                 }
@@ -1153,6 +1158,7 @@ async fn round(
             },
             Step::ReadOnly => match scratch.make_read_only(&rig.state) {
                 Ok(()) => {
+                    seq_before_window = last_seen(rig);
                     window = Some(Instant::now());
                     window_kind = "read-only";
                 }
@@ -1163,6 +1169,7 @@ async fn round(
                     if !killed {
                         // While it lasted: the metric says persistence fails.
                         persist_metric_seen |= persist_failing(&d).await;
+                        window_survived = true;
                     }
                     windows.push((from, Instant::now(), window_kind));
                 }
@@ -1228,19 +1235,39 @@ async fn round(
             }
         }
     }
-    if !killed && !windows.is_empty() {
+    if window_survived {
         if !persist_metric_seen {
             violations.push(
                 "gpuwatch_persist_failing never said 1 while the state dir refused writes"
                     .to_owned(),
             );
         }
-        let mut c = d.client().await;
-        let events = events_since(&mut c, 0).await;
-        if !events.iter().any(|e| e.kind() == EventKind::PersistFailed) {
-            violations
-                .push("no PERSIST_FAILED event after the state dir refused writes".to_owned());
-        }
+        // The failure and the recovery are in the audit trail, after the
+        // window opened (written once the disk takes them, if it was the
+        // event log that refused them).
+        let new: Vec<EventKind> = crate::support::eventually(
+            Duration::from_secs(10),
+            "PERSIST_FAILED and PERSIST_RECOVERED after the window",
+            || {
+                let seen = rig.seen.clone();
+                async move {
+                    let kinds: Vec<EventKind> = seen
+                        .lock()
+                        .expect("seen")
+                        .range(seq_before_window + 1..)
+                        .map(|(_, e)| e.kind())
+                        .filter(|k| {
+                            matches!(k, EventKind::PersistFailed | EventKind::PersistRecovered)
+                        })
+                        .collect();
+                    (kinds.first() == Some(&EventKind::PersistFailed)
+                        && kinds.contains(&EventKind::PersistRecovered))
+                    .then_some(kinds)
+                }
+            },
+        )
+        .await;
+        let _ = new;
     }
 
     if !killed {
@@ -1271,6 +1298,17 @@ async fn round(
     tally.rounds += 1;
     rig.rounds += 1;
     checked
+}
+
+/// The newest seq a client saw.
+fn last_seen(rig: &Rig) -> u64 {
+    rig.seen
+        .lock()
+        .expect("seen")
+        .keys()
+        .next_back()
+        .copied()
+        .unwrap_or(0)
 }
 
 /// A start on a read-only state directory is refused with exit 73 and
