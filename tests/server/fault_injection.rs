@@ -517,7 +517,29 @@ struct Tally {
     disk_lines: u64,
 }
 
+/// A kind of fault, for the tally.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Lost,
+    Reset,
+    Hang,
+    Fail,
+    Full,
+    ReadOnly,
+}
+
 impl Tally {
+    fn count(&mut self, kind: Kind) {
+        match kind {
+            Kind::Lost => self.lost += 1,
+            Kind::Reset => self.reset += 1,
+            Kind::Hang => self.hang += 1,
+            Kind::Fail => self.fail += 1,
+            Kind::Full => self.full += 1,
+            Kind::ReadOnly => self.readonly += 1,
+        }
+    }
+
     fn faults(&self) -> u64 {
         self.lost + self.reset + self.hang + self.fail + self.full + self.readonly + self.sigkill
     }
@@ -933,7 +955,7 @@ fn ms(d: Duration) -> String {
 fn sim_faults(
     rng: &mut Rng,
     first: u64,
-    tally: &mut Tally,
+    planned: &mut Vec<(Duration, Kind)>,
 ) -> ([String; 2], Vec<String>, Vec<u32>) {
     let s = Duration::from_secs;
     let mut toml = [String::new(), String::new()];
@@ -953,12 +975,12 @@ fn sim_faults(
                 let back = at + rng.between(s(2), s(10));
                 let _ = writeln!(t, "lost_at = \"{}\"\nrecover_at = \"{}\"", ms(at), ms(back));
                 what.push(format!("GPU {gpu} lost {when} ({:?}-{:?} sim)", at, back));
-                tally.lost += 1;
+                planned.push((at.div_f64(SPEED), Kind::Lost));
             }
             1 => {
                 let _ = writeln!(t, "limit_reset_at = \"{}\"", ms(at));
                 what.push(format!("GPU {gpu} limit reset {when} ({at:?} sim)"));
-                tally.reset += 1;
+                planned.push((at.div_f64(SPEED), Kind::Reset));
             }
             2 => {
                 let d = rng.between(s(3), s(15));
@@ -971,7 +993,7 @@ fn sim_faults(
                 what.push(format!(
                     "GPU {gpu} reads hang {when} ({at:?} for {d:?} sim)"
                 ));
-                tally.hang += 1;
+                planned.push((at.div_f64(SPEED), Kind::Hang));
             }
             3 => {
                 // Up to 12 s of wall time: past the daemon's write timeout.
@@ -988,13 +1010,13 @@ fn sim_faults(
                 what.push(format!(
                     "GPU {gpu} writes hang {when} ({at:?} for {d:?} sim)"
                 ));
-                tally.hang += 1;
+                planned.push((at.div_f64(SPEED), Kind::Hang));
             }
             _ => {
                 let _ = writeln!(t, "write_error = \"unknown\"");
                 what.push(format!("GPU {gpu} writes fail all round"));
                 cant_write.push(gpu);
-                tally.fail += 1;
+                planned.push((Duration::ZERO, Kind::Fail));
             }
         }
     }
@@ -1036,9 +1058,10 @@ async fn round(
     let mut what = Vec::new();
     let mut steps: Vec<(Duration, Step)> = Vec::new();
     let mut cant_write = Vec::new();
+    let mut planned: Vec<(Duration, Kind)> = Vec::new();
     let sim = match rig.backend {
         Backend::Sim => {
-            let (toml, w, cw) = sim_faults(rng, rig.rounds, tally);
+            let (toml, w, cw) = sim_faults(rng, rig.rounds, &mut planned);
             what.extend(w);
             cant_write = cw;
             toml
@@ -1061,7 +1084,7 @@ async fn round(
                 if kind == 4 {
                     steps.push((at, Step::NvmlReset(gpu)));
                     what.push(format!("GPU {gpu} limit reset {when} ({at:?})"));
-                    tally.reset += 1;
+                    planned.push((at, Kind::Reset));
                     continue;
                 }
                 // One timed fault per GPU at a time.
@@ -1070,19 +1093,19 @@ async fn round(
                 }
                 let fault = match kind {
                     0 => {
-                        tally.lost += 1;
+                        planned.push((at, Kind::Lost));
                         NvmlFault::Lost
                     }
                     1 => {
-                        tally.fail += 1;
+                        planned.push((at, Kind::Fail));
                         NvmlFault::Failing
                     }
                     2 => {
-                        tally.fail += 1;
+                        planned.push((at, Kind::Fail));
                         NvmlFault::NoPermission
                     }
                     _ => {
-                        tally.hang += 1;
+                        planned.push((at, Kind::Hang));
                         NvmlFault::Hang(200 + rng.below(800))
                     }
                 };
@@ -1098,10 +1121,10 @@ async fn round(
         let at = rng.between(Duration::from_millis(500), ROUND - Duration::from_secs(2));
         let d = rng.between(Duration::from_millis(1500), Duration::from_secs(3));
         let (on, name) = if tally.full <= tally.readonly {
-            tally.full += 1;
+            planned.push((at, Kind::Full));
             (Step::Full, "full")
         } else {
-            tally.readonly += 1;
+            planned.push((at, Kind::ReadOnly));
             (Step::ReadOnly, "read-only")
         };
         what.push(format!("state dir {name} at {at:?} for {d:?}"));
@@ -1110,13 +1133,29 @@ async fn round(
     }
     // Every other round, and sometimes in between.
     let kill = n % 2 == 1 || rng.chance(25);
+    let mut kill_at = None;
     if kill {
-        let at = rng.between(Duration::from_millis(500), ROUND);
+        // At a random moment, mostly after the first fault has begun.
+        let first = planned.iter().map(|(at, _)| *at).min();
+        let at = match first {
+            Some(first) if rng.chance(80) => rng.between(
+                first + Duration::from_millis(200),
+                ROUND + Duration::from_millis(500),
+            ),
+            _ => rng.between(Duration::from_millis(500), ROUND),
+        };
+        kill_at = Some(at);
         what.push(format!("SIGKILL at {at:?}"));
         steps.push((at, Step::Kill));
         tally.sigkill += 1;
     }
     steps.sort_by_key(|(at, _)| *at);
+    // Only what happened before a SIGKILL counts as covered.
+    for (at, kind) in &planned {
+        if kill_at.is_none_or(|k| *at < k) {
+            tally.count(*kind);
+        }
+    }
     eprintln!("round {n} ({}): {}", rig.name(), what.join(", "));
 
     let mut nvml_faults: [Value; 2] = [json!({}), json!({})];
