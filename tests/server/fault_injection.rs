@@ -1682,3 +1682,105 @@ async fn each_listener_keeps_healthz_snapshot_and_control_under_a_second_while_t
         http_worst[0], http_worst[1], http_worst[2], worst[0], worst[1], worst[2]
     );
 }
+
+// ------------------------------------------------------- a pinned regression
+
+/// Found by the rounds above: the writer published events the full disk
+/// had refused, so a client saw events the log never got, and after a
+/// SIGKILL the restarted daemon numbered new events with the same seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_while_the_disk_is_full_loses_no_event_a_client_saw_and_reuses_no_seq() {
+    let mut scratch = Scratch::new();
+    if let Some(why) = &scratch.no_disk_faults {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let state = scratch.root().join("state");
+    let config = sim_config(
+        SPEED,
+        CONTROL,
+        &["preset = \"h100-sxm\"\ndemand = [ { at = \"0s\", watts = 300 } ]"],
+    );
+    let options = Options::with_config(config);
+    let mut d = crate::support::start(&state, options.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let conflicts = Arc::new(Mutex::new(Vec::new()));
+    let follower = tokio::spawn(event_follower(
+        d.url(),
+        stop.clone(),
+        seen.clone(),
+        conflicts.clone(),
+    ));
+    let mut c = d.client().await;
+    let set = |c: &mut Client, watts: f64| {
+        let mut c = c.clone();
+        async move {
+            c.set_power_limit(api::SetPowerLimitRequest {
+                gpus: vec![index(0)],
+                target: Some(set_power_limit_request::Target::Watts(watts)),
+            })
+            .await
+        }
+    };
+    set(&mut c, 600.0).await.expect("a durable change is OK");
+    crate::support::eventually(Duration::from_secs(10), "the follower caught up", || {
+        let seen = seen.clone();
+        async move {
+            let seen = seen.lock().expect("seen");
+            seen.values()
+                .any(|e| e.kind() == EventKind::CeilingChanged)
+                .then_some(())
+        }
+    })
+    .await;
+
+    scratch.fill().expect("ballast");
+    // Enough events to fill the event log's last partly used page too.
+    for watts in (0..30).map(|i| 550.0 - f64::from(i)) {
+        let refused = set(&mut c, watts)
+            .await
+            .expect_err("not durable: not an OK");
+        assert!(
+            refused.message().contains("saved"),
+            "the refusal names persistence: {refused:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.kill();
+    scratch.free();
+    let d = crate::support::start(
+        &state,
+        Options {
+            port: Some(d.grpc.port()),
+            ..options
+        },
+    );
+    let mut c = d.client().await;
+    for watts in [450.0, 400.0] {
+        set(&mut c, watts).await.expect("durable again");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(10), follower).await;
+    let log: BTreeMap<u64, api::Event> = events_since(&mut c, 0)
+        .await
+        .into_iter()
+        .map(|e| (e.seq, e))
+        .collect();
+    let seen = seen.lock().expect("seen");
+    let conflicts = conflicts.lock().expect("conflicts");
+    assert!(conflicts.is_empty(), "{conflicts:#?}");
+    for (seq, e) in seen.iter() {
+        assert_eq!(
+            log.get(seq),
+            Some(e),
+            "seq {seq} as a client saw it ({:?} \"{}\") and as the log has it",
+            e.kind(),
+            e.reason
+        );
+    }
+    let mut violations = Vec::new();
+    read_disk_log(&state, &mut violations);
+    assert!(violations.is_empty(), "{violations:#?}");
+}
