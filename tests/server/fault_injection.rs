@@ -1262,7 +1262,7 @@ async fn round(
                     _ => None,
                 })
                 .collect();
-            if !killed
+            if window_survived
                 && !inside.is_empty()
                 && !refused
                     .iter()
@@ -1274,39 +1274,38 @@ async fn round(
             }
         }
     }
-    if window_survived {
-        if !persist_metric_seen {
-            violations.push(
-                "gpuwatch_persist_failing never said 1 while the state dir refused writes"
-                    .to_owned(),
-            );
-        }
+    if window_survived && !persist_metric_seen {
+        violations.push(
+            "gpuwatch_persist_failing never said 1 while the state dir refused writes".to_owned(),
+        );
+    }
+    if window_survived && !killed {
         // The failure and the recovery are in the audit trail, after the
         // window opened (written once the disk takes them, if it was the
         // event log that refused them).
-        let new: Vec<EventKind> = crate::support::eventually(
-            Duration::from_secs(10),
-            "PERSIST_FAILED and PERSIST_RECOVERED after the window",
-            || {
-                let seen = rig.seen.clone();
-                async move {
-                    let kinds: Vec<EventKind> = seen
-                        .lock()
-                        .expect("seen")
-                        .range(seq_before_window + 1..)
-                        .map(|(_, e)| e.kind())
-                        .filter(|k| {
-                            matches!(k, EventKind::PersistFailed | EventKind::PersistRecovered)
-                        })
-                        .collect();
-                    (kinds.first() == Some(&EventKind::PersistFailed)
-                        && kinds.contains(&EventKind::PersistRecovered))
-                    .then_some(kinds)
-                }
-            },
-        )
-        .await;
-        let _ = new;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let kinds: Vec<EventKind> = rig
+                .seen
+                .lock()
+                .expect("seen")
+                .range(seq_before_window + 1..)
+                .map(|(_, e)| e.kind())
+                .filter(|k| matches!(k, EventKind::PersistFailed | EventKind::PersistRecovered))
+                .collect();
+            if kinds.first() == Some(&EventKind::PersistFailed)
+                && kinds.contains(&EventKind::PersistRecovered)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                violations.push(format!(
+                    "after the state dir refused writes, the events were {kinds:?}, not PERSIST_FAILED then PERSIST_RECOVERED"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     if !killed {
