@@ -931,7 +931,7 @@ impl Writer {
                     .fetch_add(failures as u64, Ordering::Relaxed);
                 self.stats.events_failing.store(true, Ordering::Relaxed);
                 self.events_health.failed(e);
-                tracing::debug!(error = %e, events = failures, "could not persist events; kept in memory only");
+                tracing::debug!(error = %e, events = failures, "could not persist events; kept to retry, not published until written");
             }
             None => {
                 self.stats.events_failing.store(false, Ordering::Relaxed);
