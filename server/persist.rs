@@ -20,11 +20,15 @@
 //!
 //! A failure is never forgotten: a state snapshot that could not be saved
 //! stays pending and is retried every [`RETRY_INTERVAL`] until it is durable
-//! (so a `lowered` flag is never lost while the daemon runs), a line torn by
-//! a full disk is cut back, and the writer records a `PERSIST_FAILED` event
-//! of its own (numbered after everything queued, published even though the
-//! disk refused it, at most once per [`REPORT_INTERVAL`] per file) and a
-//! `PERSIST_RECOVERED` one when writing works again.
+//! (so a `lowered` flag is never lost while the daemon runs); so do event
+//! lines the disk refused (up to [`BACKLOG_CAPACITY`] of them), in order,
+//! and they are published only once written, so no client ever sees an
+//! event the log does not have, nor a seq that a restart could hand out
+//! again. A line torn by a full disk is cut back, and the writer records a
+//! `PERSIST_FAILED` event of its own (numbered after everything queued, at
+//! most once per [`REPORT_INTERVAL`] per file; while the event log itself
+//! refuses writes it waits with the rest, and the metric and the log line
+//! say so at once) and a `PERSIST_RECOVERED` one when writing works again.
 //!
 //! This module knows files, not formats: the event log's line format,
 //! rotation names and load/recovery live in `events.rs`, the desired state's
@@ -54,6 +58,10 @@ use crate::api;
 /// state snapshot; at a few hundred bytes each this bounds the queue to a
 /// few MB even when the disk stalls.
 pub const QUEUE_CAPACITY: usize = 4096;
+/// Audit-trail events the disk refused that are kept, in memory, to be
+/// written (and only then published) once it takes them; beyond this the
+/// newest are dropped, unpublished, with an error.
+pub const BACKLOG_CAPACITY: usize = QUEUE_CAPACITY;
 /// Test-only: an environment variable that makes the writer sleep this long
 /// (humantime, e.g. `2s`) before committing each batch, to show that nothing
 /// but the requests' own acknowledgements waits for the disk. Not a setting.
@@ -214,6 +222,9 @@ pub(crate) struct AppendLog {
     /// A failed write could not be cut back: the length to cut `file` to
     /// before anything else is appended.
     cut_pending: Option<u64>,
+    /// How many lines of the last failed append stayed in the log (those
+    /// a rotation inside it had already made durable in the rotated file).
+    kept: usize,
     /// Test hook: bytes the disk has left (then every write fails with
     /// ENOSPC, after writing what fits).
     #[cfg(test)]
@@ -238,6 +249,7 @@ impl AppendLog {
             retain: retain.max(1),
             reopen_pending: false,
             cut_pending: None,
+            kept: 0,
             #[cfg(test)]
             space_left: None,
         }
@@ -382,6 +394,7 @@ impl Persister {
             last_save: Ok(()),
             events_health: Health::default(),
             state_health: Health::default(),
+            backlog: Vec::new(),
         };
         let thread = thread::Builder::new()
             .name("state-writer".into())
@@ -549,6 +562,9 @@ struct Writer {
     last_save: Result<(), PersistError>,
     events_health: Health,
     state_health: Health,
+    /// Audit-trail events the disk refused, oldest first, written before
+    /// anything newer (their acks were answered with the failure).
+    backlog: Vec<Pending>,
 }
 
 /// Whether writing one kind of file works, and what has been said about it.
@@ -653,7 +669,8 @@ impl Writer {
             .enable_time()
             .build();
         loop {
-            let retrying = self.unsaved.is_some() || self.reports_waiting();
+            let retrying =
+                self.unsaved.is_some() || !self.backlog.is_empty() || self.reports_waiting();
             let first = match (&timer, retrying) {
                 (Ok(rt), true) => {
                     // The timer is made inside the runtime, which drives it.
@@ -681,8 +698,8 @@ impl Writer {
             }
             self.commit_and_answer(batch, &mut rx);
         }
-        // The channel is closed: a last try for a save still pending.
-        if self.unsaved.is_some() {
+        // The channel is closed: a last try for what is still pending.
+        if self.unsaved.is_some() || !self.backlog.is_empty() {
             self.commit_and_answer(Vec::new(), &mut rx);
         }
     }
@@ -704,8 +721,7 @@ impl Writer {
 
     /// Records the disk reports that are due as events of the log's own,
     /// numbered after everything already queued (so subscribers still see
-    /// seqs in order) and committed like any other — published even when
-    /// the disk refuses them.
+    /// seqs in order) and committed like any other.
     fn report(&mut self, rx: &mut mpsc::Receiver<Request>) -> Replies {
         if self.reporter.is_none() {
             return Replies::new();
@@ -848,8 +864,14 @@ impl Writer {
     }
 
     /// Appends and publishes `events`; returns their acknowledgements.
-    fn commit_events(&mut self, events: Vec<Pending>) -> Replies {
+    fn commit_events(&mut self, mut events: Vec<Pending>) -> Replies {
         let mut replies = Replies::new();
+        // What the disk refused before goes first: it has the lower seqs.
+        if !self.backlog.is_empty() {
+            let mut older = std::mem::take(&mut self.backlog);
+            older.append(&mut events);
+            events = older;
+        }
         if events.is_empty() {
             return replies;
         }
@@ -871,6 +893,11 @@ impl Writer {
                 } else {
                     files.main.append(&main, true, &self.stats)
                 };
+                let kept = if main_result.is_ok() {
+                    main.len()
+                } else {
+                    files.main.kept
+                };
                 let bulk_result = if bulk.is_empty() {
                     Ok(())
                 } else {
@@ -879,14 +906,14 @@ impl Writer {
                 let failed = [&main_result, &bulk_result]
                     .into_iter()
                     .find_map(|r| r.as_ref().err().cloned());
-                ((main_result, bulk_result), failed)
+                ((main_result, bulk_result, kept), failed)
             }
             None => (
-                (Err(PersistError::Stopped), Err(PersistError::Stopped)),
+                (Err(PersistError::Stopped), Err(PersistError::Stopped), 0),
                 Some(PersistError::Stopped),
             ),
         };
-        let (main_result, bulk_result) = results;
+        let (main_result, bulk_result, kept) = results;
         let failures = events
             .iter()
             .filter(|p| {
@@ -904,7 +931,7 @@ impl Writer {
                     .fetch_add(failures as u64, Ordering::Relaxed);
                 self.stats.events_failing.store(true, Ordering::Relaxed);
                 self.events_health.failed(e);
-                tracing::debug!(error = %e, events = failures, "could not persist events; kept in memory only");
+                tracing::debug!(error = %e, events = failures, "could not persist events; kept to retry, not published until written");
             }
             None => {
                 self.stats.events_failing.store(false, Ordering::Relaxed);
@@ -914,25 +941,43 @@ impl Writer {
                 }
             }
         }
-        // Published even when the write failed: the trail in memory is
-        // better than none, and whoever waits on the ack is told.
-        if let Some((_, publish)) = &self.log {
-            publish(
-                events
-                    .iter()
-                    .map(|p| (p.event.clone(), !p.durable))
-                    .collect(),
-            );
-        }
-        for pending in events {
+        // Only what is on disk is published: a client never sees an event
+        // that the log does not have (and that a restart would number
+        // again). Audit-trail events the disk refused wait for it, in
+        // order; refused requests' records are dropped.
+        let mut written = Vec::new();
+        let mut main_seen = 0;
+        for mut pending in events {
             let result = if pending.durable {
-                main_result.clone()
+                main_seen += 1;
+                if main_seen <= kept {
+                    Ok(())
+                } else {
+                    main_result.clone()
+                }
             } else {
                 bulk_result.clone()
             };
-            if let Some(ack) = pending.ack {
-                replies.push((ack, result));
+            if let Some(ack) = pending.ack.take() {
+                replies.push((ack, result.clone()));
             }
+            if result.is_ok() {
+                written.push((pending.event.clone(), !pending.durable));
+            } else if pending.durable && self.log.is_some() {
+                if self.backlog.len() < BACKLOG_CAPACITY {
+                    self.backlog.push(pending);
+                } else {
+                    tracing::error!(
+                        seq = pending.event.seq,
+                        "the disk has refused {BACKLOG_CAPACITY} events; dropping this one"
+                    );
+                }
+            }
+        }
+        if let Some((_, publish)) = &self.log
+            && !written.is_empty()
+        {
+            publish(written);
         }
         replies
     }
@@ -955,15 +1000,18 @@ impl AppendLog {
             .len();
         let mut lines_before = self.lines_in_file;
         let mut result = Ok(());
-        for line in lines {
+        self.kept = 0;
+        for (i, line) in lines.iter().enumerate() {
             if self.lines_in_file >= self.retain || self.reopen_pending {
                 if let Err(e) = self.rotate(stats) {
                     result = Err(e);
                     break;
                 }
-                // The new file starts empty.
+                // The new file starts empty; what went before is durable
+                // in the rotated one.
                 start = 0;
                 lines_before = 0;
+                self.kept = i;
             }
             if let Err(e) = self.write_line(line) {
                 result = Err(PersistError::io("write", &path, e));
@@ -1432,8 +1480,87 @@ mod tests {
         assert_eq!(writer.stats().event_failures, 1);
         assert_eq!(
             published.lock().expect("published").len(),
-            1,
-            "still handed to subscribers, from memory"
+            0,
+            "not handed to subscribers: they see only what the log has"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_the_disk_refused_is_written_once_it_takes_it_and_only_then_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = Persister::start(Some(dir.path())).expect("writer");
+        // The log must be reopened, and a directory is in its way: every
+        // append fails until it is gone.
+        fs::create_dir(dir.path().join("events.log")).expect("a blocker");
+        let old = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("events.log.1"))
+            .expect("open");
+        let mut main = AppendLog::new(
+            dir.path().to_path_buf(),
+            "events.log",
+            "events.log.1",
+            old,
+            0,
+            100,
+        );
+        main.reopen_pending = true;
+        let bulk = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("events.refused.log"))
+            .expect("open");
+        let files = EventFiles {
+            main,
+            bulk: AppendLog::new(
+                dir.path().to_path_buf(),
+                "events.refused.log",
+                "events.refused.log.1",
+                bulk,
+                0,
+                100,
+            ),
+        };
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = published.clone();
+        assert!(writer.attach_log(
+            files,
+            Box::new(move |events| sink.lock().expect("sink").extend(events)),
+            None,
+        ));
+        for seq in [1, 2] {
+            let event = Arc::new(api::Event {
+                seq,
+                ..api::Event::default()
+            });
+            let ack = writer
+                .append(event, format!("0000000{seq} line {seq}\n"), true, false)
+                .map_err(|(_, e)| e)
+                .expect("queued");
+            ack.await.expect_err("the disk refused it: not an OK");
+        }
+        assert!(
+            published.lock().expect("published").is_empty(),
+            "nothing the log does not have is published"
+        );
+        fs::remove_dir(dir.path().join("events.log")).expect("the disk takes writes again");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while published.lock().expect("published").len() < 2 {
+            assert!(Instant::now() < deadline, "the refused events were never written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seqs: Vec<u64> = published
+            .lock()
+            .expect("published")
+            .iter()
+            .map(|(e, _)| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2], "published once written, in order");
+        assert_eq!(
+            read(dir.path(), "events.log"),
+            "00000001 line 1\n00000002 line 2\n",
+            "written in order, once"
         );
     }
 

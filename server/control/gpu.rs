@@ -70,6 +70,21 @@ pub(crate) struct GpuControl {
     pub clock_cap_mhz: Option<u32>,
     /// The last dry-run decision recorded (level, when).
     pub last_dry_run: Option<(f64, SystemTime)>,
+    /// The governor went to observing because a write of its own was
+    /// refused for want of permission: how to try again (see
+    /// `lifecycle::retry_writes`).
+    pub write_retry: Option<WriteRetry>,
+}
+
+/// Trying governor writes again after a permission error.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct WriteRetry {
+    /// The mode to go back to.
+    pub mode: GovernorMode,
+    /// Refusals in a row.
+    pub refusals: u32,
+    /// When to try; set at the first reading after the refusal.
+    pub at: Option<SystemTime>,
 }
 
 impl GpuControl {
@@ -160,6 +175,7 @@ impl GpuControl {
             expected_limit_mw: None,
             clock_cap_mhz: None,
             last_dry_run: None,
+            write_retry: None,
         };
         (gpu, warning)
     }

@@ -33,6 +33,11 @@ use super::{
 /// Dry-run decisions are recorded at most this often per GPU, unless the
 /// decision changes.
 const DRY_RUN_EVENT_INTERVAL: Duration = Duration::from_secs(30);
+/// After a governor write was refused for want of permission while the
+/// governor held the GPU below its ceiling: the first wait before trying
+/// again, doubled on each refusal in a row up to [`WRITE_RETRY_MAX`].
+pub(crate) const WRITE_RETRY_FIRST: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Where one GPU is in its life.
 #[derive(Debug, Clone)]
@@ -257,6 +262,9 @@ fn drift(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
 /// One step of the governor on a fresh reading.
 fn govern(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading, now: SystemTime) -> Plan {
     let mut plan = Plan::none();
+    if gpu.enabled && gpu.mode == GovernorMode::ObserveOnly {
+        plan.extend(retry_writes(gpu, facts, reading, now));
+    }
     if !gpu.enabled || gpu.mode == GovernorMode::ObserveOnly {
         return plan;
     }
@@ -485,6 +493,10 @@ fn finish_write(
             } else {
                 Effect::Record(event)
             });
+            if by_governor {
+                // Writes work: no retry is owed any more.
+                gpu.write_retry = None;
+            }
             plan.extend(after_successful_write(gpu, facts, write));
         }
         Err(e) => {
@@ -573,6 +585,64 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
     plan
 }
 
+/// A governor that went to observing after a write of its own was refused
+/// for want of permission, while it held the GPU below its ceiling, tries
+/// again after a wait (doubling, capped): that throttle is its own to give
+/// back, and nobody else will. A GPU it does not hold is left observed (a
+/// daemon without the privilege for writes never retries).
+fn retry_writes(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    reading: &Reading,
+    now: SystemTime,
+) -> Plan {
+    let mut plan = Plan::none();
+    let below = match (reading.power_limit_mw, gpu.ceiling_mw(facts)) {
+        (Some(limit), Some(ceiling)) => limit.saturating_add(LIMIT_TOLERANCE_MW) < ceiling,
+        _ => false,
+    };
+    let holds = (gpu.desired.governor_lowered_limit && below)
+        || (gpu.desired.governor_clock_lock && reading.locked_gpu_clock_max_mhz.is_some());
+    let Some(retry) = gpu.write_retry.as_mut() else {
+        return plan;
+    };
+    if !holds {
+        return plan;
+    }
+    let wait = WRITE_RETRY_FIRST
+        .saturating_mul(1 << retry.refusals.saturating_sub(1).min(8))
+        .min(WRITE_RETRY_MAX);
+    let at = *retry.at.get_or_insert(now + wait);
+    if now < at {
+        return plan;
+    }
+    retry.at = None;
+    let mode = retry.mode;
+    gpu.mode = mode;
+    gpu.mode_reason =
+        "trying writes again: the governor still holds this GPU below its ceiling".to_owned();
+    gpu.lifecycle = Lifecycle::running(gpu.governor_params(facts), |params| match mode {
+        GovernorMode::ClockLock => f64::from(
+            reading
+                .locked_gpu_clock_max_mhz
+                .unwrap_or(params.ceiling as u32),
+        ),
+        _ => reading
+            .power_limit_mw
+            .map_or(params.ceiling, |mw| f64::from(mw) / 1000.0),
+    });
+    plan.record(
+        gpu_event(
+            facts,
+            EventKind::GovernorModeChanged,
+            Actor::governor(),
+            gpu.mode_reason.clone(),
+        )
+        .severity(Severity::Warning),
+    );
+    plan
+}
+
 /// A governor write failed: fall back to clocks, or to observing.
 fn governor_write_failed(gpu: &mut GpuControl, facts: &DeviceFacts, e: &BackendError) -> Plan {
     let mut plan = Plan::none();
@@ -590,11 +660,20 @@ fn governor_write_failed(gpu: &mut GpuControl, facts: &DeviceFacts, e: &BackendE
             GovernorMode::ObserveOnly,
             "the GPU refused the governor's write as not supported; observing only".to_owned(),
         ),
-        (BackendError::NoPermission(_), _) => (
+        (BackendError::NoPermission(_), mode) => {
+            if matches!(mode, GovernorMode::PowerLimit | GovernorMode::ClockLock) {
+                gpu.write_retry = Some(super::gpu::WriteRetry {
+                    mode,
+                    refusals: gpu.write_retry.map_or(0, |r| r.refusals) + 1,
+                    at: None,
+                });
+            }
+            (
             GovernorMode::ObserveOnly,
             "no permission to change GPU settings (run gpuwatch-server as root or with CAP_SYS_ADMIN); observing only"
                 .to_owned(),
-        ),
+        )
+        }
         _ => return plan,
     };
     gpu.mode = mode;

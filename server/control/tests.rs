@@ -534,6 +534,96 @@ fn a_governor_write_without_permission_falls_back_to_observing() {
 }
 
 #[test]
+fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_again() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
+    let WriteOp::SetPowerLimit { limit_mw: lowered } = cut.op else {
+        panic!("{cut:?}")
+    };
+    ok_write(&mut gpu, &facts, &cut);
+    assert!(gpu.desired.governor_lowered_limit);
+    // The next cut is refused: observing, the GPU left lowered.
+    let plan = lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &governor_write(lowered - 50_000),
+        &Err(BackendError::NoPermission("power limit".into())),
+    );
+    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    let at = |s: u64| T0 + Duration::from_secs(100 + s);
+    // Cool now; nothing within the first wait...
+    let cool = |s: u64| reading(100 + s, 40, Some(lowered));
+    for s in [0, 5, 9] {
+        let plan = lifecycle::reading(&mut gpu, &facts, &cool(s), at(s));
+        assert_eq!(plan.writes().count(), 0, "at {s} s: {plan:?}");
+    }
+    // ...then the governor tries again and raises the GPU back.
+    let plan = lifecycle::reading(&mut gpu, &facts, &cool(10), at(10));
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit, "{plan:?}");
+    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
+    let until_write = |gpu: &mut GpuControl, from: u64| {
+        (from..from + 30)
+            .find_map(|s| {
+                let plan = lifecycle::reading(gpu, &facts, &cool(s), at(s));
+                (plan.writes().count() > 0).then(|| (s, only_write(&plan)))
+            })
+            .expect("the governor raises a cool GPU")
+    };
+    let (s, raise) = until_write(&mut gpu, 10);
+    assert!(
+        matches!(raise.op, WriteOp::SetPowerLimit { limit_mw } if limit_mw > lowered),
+        "{raise:?}"
+    );
+    // Refused again: the next try waits twice as long (from the next
+    // reading on).
+    lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &raise,
+        &Err(BackendError::NoPermission("power limit".into())),
+    );
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    for t in [s + 1, s + 11, s + 20] {
+        let plan = lifecycle::reading(&mut gpu, &facts, &cool(t), at(t));
+        assert_eq!(plan.writes().count(), 0, "at {t} s: {plan:?}");
+        assert_eq!(gpu.mode, GovernorMode::ObserveOnly, "at {t} s");
+    }
+    lifecycle::reading(&mut gpu, &facts, &cool(s + 21), at(s + 21));
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit);
+    let (_, raise) = until_write(&mut gpu, s + 21);
+    ok_write(&mut gpu, &facts, &raise);
+    assert_eq!(gpu.write_retry, None, "writes work: nothing owed");
+}
+
+#[test]
+fn a_daemon_refused_its_first_write_keeps_observing_without_retrying() {
+    // No privilege at all: the cut never landed, the GPU is at its
+    // ceiling, and nothing of the governor's is left to give back.
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
+    lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &cut,
+        &Err(BackendError::NoPermission("power limit".into())),
+    );
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    for s in [0, 10, 100, 1000] {
+        let plan = lifecycle::reading(
+            &mut gpu,
+            &facts,
+            &reading(100 + s, 80, Some(700_000)),
+            T0 + Duration::from_secs(100 + s),
+        );
+        assert!(plan.is_empty(), "at {s} s: {plan:?}");
+    }
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+}
+
+#[test]
 fn other_write_failures_are_recorded_and_change_no_mode() {
     let facts = h100(0);
     let mut gpu = running(&facts, &config(), &GpuState::default());

@@ -166,12 +166,25 @@ async fn nvml_gpu_lost_mid_stream_is_announced_while_the_other_streams_and_it_re
         }
     })
     .await;
-    let events = events_since(&mut c, 0).await;
-    let kinds: Vec<_> = events
-        .iter()
-        .filter(|e| e.gpu_index == Some(1))
-        .map(|e| e.kind())
-        .collect();
+    // The sample that shows it back can be published before the recovery
+    // event is through the writer's group commit: wait for the event.
+    let kinds: Vec<_> = crate::support::eventually(
+        Duration::from_secs(10),
+        "GPU_RECOVERED in the event log",
+        || {
+            let mut c = c.clone();
+            async move {
+                let kinds: Vec<_> = events_since(&mut c, 0)
+                    .await
+                    .iter()
+                    .filter(|e| e.gpu_index == Some(1))
+                    .map(|e| e.kind())
+                    .collect();
+                kinds.contains(&EventKind::GpuRecovered).then_some(kinds)
+            }
+        },
+    )
+    .await;
     let lost = kinds.iter().position(|k| *k == EventKind::GpuLost);
     let back = kinds.iter().position(|k| *k == EventKind::GpuRecovered);
     assert!(lost.is_some() && back > lost, "{kinds:?}");

@@ -12,10 +12,15 @@ use gpuwatch_api::{self as api, set_power_limit_request};
 use gpuwatch_testkit::{Daemon, Launch};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
 };
 
-use crate::support::index;
+use crate::{
+    http_support::flood::{
+        fresh_get, idle, open_fds, preface_trickle, slowloris, stalled_sse_reader,
+    },
+    support::index,
+};
 
 /// A daemon with HTTP on and these `[limits]`; with the kit's tokens when
 /// `tokens` (then the HTTP data paths need one).
@@ -27,73 +32,6 @@ fn launch(limits: &str, tokens: bool) -> Daemon {
         ..Launch::default()
     }
     .start()
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-/// GET `path` on a fresh connection; the status and how long it took.
-async fn fresh_get(addr: SocketAddr, path: &str) -> (u16, Duration) {
-    let started = Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut reply = Vec::new();
-        s.read_to_end(&mut reply).await.ok()?;
-        let text = String::from_utf8_lossy(&reply);
-        text.split_whitespace().nth(1)?.parse().ok()
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or(0);
-    (status, started.elapsed())
-}
-
-/// A client that sends a request head one byte at a time, forever; returns
-/// how long the server kept it open (None: still open at `give_up`).
-async fn slowloris(addr: SocketAddr, give_up: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect(addr).await else {
-        return Some(Duration::ZERO);
-    };
-    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ").await;
-    let mut buf = [0u8; 512];
-    loop {
-        tokio::select! {
-            read = s.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return Some(started.elapsed()),
-                // A 408/431 reply, then the close.
-                Ok(_) => {}
-            },
-            () = tokio::time::sleep(Duration::from_millis(300)) => {
-                if started.elapsed() > give_up {
-                    return None;
-                }
-                if s.write_all(b"a").await.is_err() {
-                    return Some(started.elapsed());
-                }
-            }
-        }
-    }
-}
-
-/// A connection that sends nothing; how long the server kept it open.
-async fn idle(addr: SocketAddr, give_up: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect(addr).await else {
-        return Some(Duration::ZERO);
-    };
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(give_up, s.read(&mut buf)).await {
-        Ok(_) => Some(started.elapsed()),
-        Err(_) => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -297,13 +235,9 @@ async fn a_stalled_event_stream_reader_is_dropped() {
     let d = launch("http_write_timeout = \"1s\"", false);
     let http = d.http.expect("HTTP");
     // A reader with a tiny receive buffer that never reads.
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stalled = socket.connect(http).await.expect("connect");
-    stalled
-        .write_all(b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+    let stalled = stalled_sse_reader(http, None)
         .await
-        .expect("write");
+        .expect("a stalled reader");
     let streams = |body: &str| -> Option<u64> {
         body.lines()
             .find(|l| l.starts_with("gpuwatch_subscribers{") && l.contains("stream=\"dashboard\""))
@@ -378,31 +312,7 @@ async fn a_grpc_flood_leaves_healthz_and_fresh_grpc_calls_answering_within_a_sec
     // every 400 ms, and then wait.
     let mut trickles = Vec::new();
     for _ in 0..50 {
-        trickles.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let Ok(mut s) = TcpStream::connect(grpc).await else {
-                return Some(Duration::ZERO);
-            };
-            let mut buf = [0u8; 1024];
-            let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r".iter();
-            loop {
-                tokio::select! {
-                    read = s.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) {
-                        return Some(started.elapsed());
-                    },
-                    () = tokio::time::sleep(Duration::from_millis(400)) => {
-                        if started.elapsed() > Duration::from_secs(30) {
-                            return None;
-                        }
-                        if let Some(byte) = preface.next()
-                            && s.write_all(&[*byte]).await.is_err()
-                        {
-                            return Some(started.elapsed());
-                        }
-                    }
-                }
-            }
-        }));
+        trickles.push(tokio::spawn(preface_trickle(grpc)));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut worst = Duration::ZERO;

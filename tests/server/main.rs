@@ -23,6 +23,7 @@ mod daemon_reliability;
 mod daemon_security;
 mod deploy_config;
 mod deploy_files;
+mod fault_injection;
 mod fuzz_config;
 mod fuzz_requests;
 mod governor_scenarios;

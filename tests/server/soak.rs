@@ -17,8 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::support::{Options, events_since, index};
-use gpuwatch_api::{self as api, WatchRequest, watch_events_response, watch_response::Message};
+use crate::support::{
+    Options, events_since, index,
+    streams::{event_follower, watcher},
+};
+use gpuwatch_api as api;
 
 fn scenario() -> String {
     crate::support::sim_config(
@@ -30,110 +33,6 @@ fn scenario() -> String {
             "preset = \"laptop\"\ndemand = [ { at = \"0s\", watts = 110 } ]",
         ],
     )
-}
-
-/// A Watch subscriber that survives restarts: resumes after the last seq it
-/// saw and checks every frame is the next one or announced by a gap.
-async fn watcher(
-    url: String,
-    stop: Arc<AtomicBool>,
-    frames: Arc<AtomicU64>,
-    violations: Arc<Mutex<Vec<String>>>,
-) {
-    let mut last: Option<u64> = None;
-    let mut stride = 1;
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(channel) = tonic::transport::Channel::from_shared(url.clone())
-            .expect("url")
-            .connect()
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut client = api::gpu_watch_client::GpuWatchClient::new(channel);
-        let request = WatchRequest {
-            interval_ms: 100,
-            resume_after_seq: last,
-            ..Default::default()
-        };
-        let Ok(response) = client.watch(request).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut stream = response.into_inner();
-        while let Ok(Ok(Some(msg))) =
-            tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-        {
-            match msg.message {
-                Some(Message::Start(s)) => {
-                    stride = u64::from(s.stride);
-                    if let Some(f) = s.current {
-                        last = Some(f.seq);
-                    }
-                }
-                Some(Message::Gap(g)) => last = Some(g.last_seq + 1 - stride),
-                Some(Message::Frame(f)) => {
-                    if let Some(prev) = last
-                        && f.seq != prev + stride
-                    {
-                        violations
-                            .lock()
-                            .expect("lock")
-                            .push(format!("frame {} after {prev} without a gap", f.seq));
-                    }
-                    last = Some(f.seq);
-                    frames.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {}
-            }
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-        }
-    }
-}
-
-/// Follows events across restarts, remembering every one it saw.
-async fn event_follower(
-    url: String,
-    stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<BTreeMap<u64, api::Event>>>,
-) {
-    let mut since = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(channel) = tonic::transport::Channel::from_shared(url.clone())
-            .expect("url")
-            .connect()
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut client = api::gpu_watch_client::GpuWatchClient::new(channel);
-        let Ok(response) = client
-            .watch_events(api::WatchEventsRequest {
-                since_seq: Some(since),
-                ..Default::default()
-            })
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut stream = response.into_inner();
-        while let Ok(Ok(Some(msg))) =
-            tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-        {
-            if let Some(watch_events_response::Message::Event(e)) = msg.message {
-                since = since.max(e.seq);
-                seen.lock().expect("lock").insert(e.seq, e);
-            }
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +70,7 @@ async fn soak_streams_control_and_restarts_lose_nothing_and_leak_nothing() {
         url.clone(),
         stop.clone(),
         seen.clone(),
+        violations.clone(),
     )));
     let control_stop = stop.clone();
     let control_url = url.clone();

@@ -156,6 +156,11 @@ pub struct GpuConfig {
     /// log: each entry is delivered once, to the event sets registered for
     /// this GPU (or, when none is registered yet, to the first that is).
     pub xid: Vec<u64>,
+    /// Fault: how many times the board was reset behind its clients' backs
+    /// (a driver reload, `nvidia-smi -r`). A re-read that changes it puts
+    /// the board back to its defaults (power limit, clock locks) without
+    /// the GPU being lost.
+    pub resets: u64,
 }
 
 impl Default for GpuConfig {
@@ -180,6 +185,7 @@ impl Default for GpuConfig {
             hang_ms: 0,
             slowdown_c: None,
             xid: Vec::new(),
+            resets: 0,
         }
     }
 }

@@ -243,6 +243,12 @@ impl Gpu {
                 processes,
             })
             .collect();
+        if config.resets != self.config.resets {
+            // A board reset: the driver's defaults again.
+            self.power_limit_mw = self.board.power_default_mw;
+            self.gpu_clock_lock = None;
+            self.memory_clock_lock = None;
+        }
         self.config = config;
     }
 
@@ -813,6 +819,24 @@ mod tests {
             after.throttle_mask & u64::from(nvmlClocksEventReasonSwPowerCap),
             0
         );
+    }
+
+    #[test]
+    fn a_reset_puts_the_board_back_to_its_defaults_and_other_changes_do_not() {
+        let mut g = gpu(100.0);
+        assert_eq!(g.set_power_limit(300_000), nvmlReturn_enum_NVML_SUCCESS);
+        assert_eq!(g.lock_gpu_clocks(500, 1000), nvmlReturn_enum_NVML_SUCCESS);
+        let mut config = g.config.clone();
+        config.load_pct = 20.0;
+        g.reconfigure(config.clone());
+        assert_eq!(g.power_limit_mw, 300_000, "a plain re-read keeps the limit");
+        config.resets += 1;
+        g.reconfigure(config.clone());
+        assert_eq!(g.power_limit_mw, g.board.power_default_mw);
+        assert_eq!(g.gpu_clock_lock, None);
+        assert_eq!(g.set_power_limit(350_000), nvmlReturn_enum_NVML_SUCCESS);
+        g.reconfigure(config);
+        assert_eq!(g.power_limit_mw, 350_000, "the same count is no new reset");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod flood;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod streams;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -11,7 +13,7 @@ use std::{
 };
 
 use gpuwatch_api::{self as api, GpuSelector, gpu_selector::Selector};
-use gpuwatch_testkit::{Gpus, Launch};
+use gpuwatch_testkit::{Gpus, Launch, LaunchError};
 
 pub use gpuwatch_testkit::{CONTROL_TOKEN, Client, Daemon, READ_TOKEN, connect_with};
 
@@ -73,6 +75,12 @@ impl Options {
 /// with `state_dir` as its state directory, and waits until it is ready.
 pub fn start(state_dir: &Path, options: Options) -> Daemon {
     options.launch(state_dir).start()
+}
+
+/// Like [`start`], but says why the daemon did not become ready instead of
+/// panicking.
+pub fn try_start(state_dir: &Path, options: Options) -> Result<Daemon, LaunchError> {
+    options.launch(state_dir).try_start()
 }
 
 pub fn index(i: u32) -> GpuSelector {
