@@ -1283,6 +1283,21 @@ async fn round(
         // The failure and the recovery are in the audit trail, after the
         // window opened (written once the disk takes them, if it was the
         // event log that refused them).
+        //
+        // A failure announced before this window and never followed by a
+        // recovery is the same episode still going on (nothing was written
+        // to that file in between, so the daemon never saw it work): it is
+        // not announced again within the report interval, and only its
+        // recovery is due.
+        let still_failing = rig
+            .seen
+            .lock()
+            .expect("seen")
+            .range(..=seq_before_window)
+            .rev()
+            .map(|(_, e)| e.kind())
+            .find(|k| matches!(k, EventKind::PersistFailed | EventKind::PersistRecovered))
+            == Some(EventKind::PersistFailed);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let kinds: Vec<EventKind> = rig
@@ -1293,9 +1308,9 @@ async fn round(
                 .map(|(_, e)| e.kind())
                 .filter(|k| matches!(k, EventKind::PersistFailed | EventKind::PersistRecovered))
                 .collect();
-            if kinds.first() == Some(&EventKind::PersistFailed)
-                && kinds.contains(&EventKind::PersistRecovered)
-            {
+            let opened = kinds.first() == Some(&EventKind::PersistFailed)
+                || (still_failing && kinds.first() == Some(&EventKind::PersistRecovered));
+            if opened && kinds.contains(&EventKind::PersistRecovered) {
                 break;
             }
             if Instant::now() > deadline {
