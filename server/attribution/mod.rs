@@ -9,6 +9,10 @@
 //! that cannot answer (no permission, no socket) degrades to
 //! [`Unattributed`] with the reason, never to an error loop.
 
+pub mod cgroup;
+pub mod podresources;
+pub mod procfs;
+
 use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
@@ -102,6 +106,14 @@ pub struct Unattributed {
     /// "cannot read /proc/4100/cgroup: permission denied".
     pub reason: String,
 }
+
+impl std::fmt::Display for Unattributed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Unattributed {}
 
 /// A source of the host's records. `host::HostSource` reads the host (or a
 /// fixture tree); the simulator declares its workloads through the same
