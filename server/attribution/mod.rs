@@ -10,6 +10,9 @@
 //! [`Unattributed`] with the reason, never to an error loop.
 
 pub mod cgroup;
+#[cfg(any(test, feature = "testing"))]
+pub mod fixture;
+pub mod host;
 pub mod podresources;
 pub mod procfs;
 

@@ -66,12 +66,23 @@ impl PodResources {
     /// `socket` empty turns the kubelet off; `timeout` bounds a connect and
     /// each call.
     pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> Self {
+        let socket = socket.into();
+        let status = if socket.as_os_str().is_empty() {
+            KubeletStatus::Off
+        } else {
+            KubeletStatus::Unknown
+        };
         Self {
-            socket: socket.into(),
+            socket,
             timeout,
             client: None,
-            status: KubeletStatus::Unknown,
+            status,
         }
+    }
+
+    /// Whether the kubelet is turned off (no socket configured).
+    pub fn is_off(&self) -> bool {
+        self.socket.as_os_str().is_empty()
     }
 
     pub fn status(&self) -> &KubeletStatus {
