@@ -197,11 +197,12 @@ fn is_container_id(s: &str) -> bool {
 }
 
 /// `…/slurm[_<node>]/uid_<uid>/job_<id>/step_<step>/…` (v1) or
-/// `…/slurmstepd.scope/job_<id>/step_<step>/…` (v2).
+/// `…/[<node>_]slurmstepd.scope/job_<id>/step_<step>/…` (v2; the node
+/// prefix where one host runs several slurmd).
 fn slurm_of(parts: &[&str]) -> Option<SlurmJob> {
-    let root = parts
-        .iter()
-        .position(|p| *p == "slurmstepd.scope" || *p == "slurm" || p.starts_with("slurm_"))?;
+    let root = parts.iter().position(|p| {
+        p.ends_with("slurmstepd.scope") || *p == "slurm" || p.starts_with("slurm_")
+    })?;
     let rest = &parts[root + 1..];
     let mut uid = None;
     let mut i = 0;
@@ -419,6 +420,15 @@ mod tests {
                 container: None,
                 unit: unit("slurmstepd.scope"),
                 slurm: job("4243", Some("1"), None),
+                pod_uid: None,
+            },
+            Case {
+                name: "Slurm v2, one of several slurmd on the host",
+                content: v2("/system.slice/node3_slurmstepd.scope/job_81/step_interactive/user/task_0"),
+                path: "/system.slice/node3_slurmstepd.scope/job_81/step_interactive/user/task_0",
+                container: None,
+                unit: unit("node3_slurmstepd.scope"),
+                slurm: job("81", Some("interactive"), None),
                 pod_uid: None,
             },
             Case {

@@ -142,13 +142,18 @@ impl HostSource {
     ) -> Result<T, Unattributed> {
         match (&result, self.kubelet.status().clone()) {
             (Err(e), _) => self.note(format!("kubelet {}", e.reason), &e.reason),
-            (Ok(_), KubeletStatus::NoSocket { path }) => self.note(
-                "kubelet absent".to_owned(),
-                &format!(
+            (Ok(_), KubeletStatus::NoSocket { path }) => {
+                // Routine on a host without Kubernetes: `info` once.
+                let reason = format!(
                     "no kubelet pod-resources socket at {}: pods are not attributed",
                     path.display()
-                ),
-            ),
+                );
+                if self.noted.insert("kubelet absent".to_owned()) {
+                    info!("attribution: {reason}");
+                } else {
+                    debug!("attribution: {reason}");
+                }
+            }
             (Ok(_), KubeletStatus::Answered) => {
                 let before = self.noted.len();
                 self.noted.retain(|k| !k.starts_with("kubelet "));
@@ -198,7 +203,7 @@ impl HostSource {
                 Ok(line) => line,
                 // The owner is what attribution is for: a command line that
                 // cannot be read leaves it out, not the whole record.
-                Err(ProcError::Gone { pid }) => return Err(ProcError::Gone { pid }),
+                Err(gone @ ProcError::Gone { .. }) => return Err(gone),
                 Err(e) => {
                     let reason = e.reason();
                     self.note(e.kind_key(), &reason);
@@ -227,54 +232,66 @@ impl HostRecords for HostSource {
         if self.calls_since_sweep >= SWEEP_EVERY {
             self.evict_exited();
         }
-        self.passwd.refresh(Instant::now());
-        if let Some(reason) = self.passwd.error().map(str::to_owned) {
+        if self.passwd.refresh(Instant::now())
+            && let Some(reason) = self.passwd.error().map(str::to_owned)
+        {
             self.note(
                 "passwd".to_owned(),
                 &format!("{reason}: user names are left out"),
             );
         }
         let generation = self.passwd.generation();
-        let start_time = match self.proc.start_time(pid, &mut self.stat_buf) {
-            Ok(t) => t,
-            Err(e) => return Err(self.proc_error(pid, e)),
-        };
-        if let Some(cached) = self.cache.get_mut(&pid)
-            && cached.start_time == start_time
-        {
-            if cached.passwd_generation != generation {
-                cached.record.user = cached
-                    .record
-                    .uid
-                    .and_then(|u| self.passwd.user(u))
-                    .map(str::to_owned);
-                cached.passwd_generation = generation;
+        // Twice at most: a pid reused while its files were read is read
+        // again, once.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let start_time = match self.proc.start_time(pid, &mut self.stat_buf) {
+                Ok(t) => t,
+                Err(e) => return Err(self.proc_error(pid, e)),
+            };
+            if let Some(cached) = self.cache.get_mut(&pid)
+                && cached.start_time == start_time
+            {
+                if cached.passwd_generation != generation {
+                    cached.record.user = cached
+                        .record
+                        .uid
+                        .and_then(|u| self.passwd.user(u))
+                        .map(str::to_owned);
+                    cached.passwd_generation = generation;
+                }
+                return Ok(cached.record.clone());
             }
-            return Ok(cached.record.clone());
-        }
-        let record = match self.read(pid) {
-            Ok(r) => r,
-            Err(e) => return Err(self.proc_error(pid, e)),
-        };
-        // The pid may have been reused while its files were read: cache
-        // only a record whose process is still the one `stat` named.
-        match self.proc.start_time(pid, &mut self.stat_buf) {
-            Ok(again) if again == start_time => {
-                self.cache.insert(
-                    pid,
-                    Cached {
-                        start_time,
-                        passwd_generation: generation,
-                        record: record.clone(),
-                    },
-                );
-                Ok(record)
+            let record = match self.read(pid) {
+                Ok(r) => r,
+                Err(e) => return Err(self.proc_error(pid, e)),
+            };
+            // Cache only a record whose process is still the one `stat`
+            // named before the reads.
+            match self.proc.start_time(pid, &mut self.stat_buf) {
+                Ok(again) if again == start_time => {
+                    self.cache.insert(
+                        pid,
+                        Cached {
+                            start_time,
+                            passwd_generation: generation,
+                            record: record.clone(),
+                        },
+                    );
+                    return Ok(record);
+                }
+                Ok(_) if attempts < 2 => {
+                    self.cache.remove(&pid);
+                }
+                Ok(_) => {
+                    self.cache.remove(&pid);
+                    return Err(Unattributed {
+                        reason: format!("process {pid} was replaced while it was read"),
+                    });
+                }
+                Err(e) => return Err(self.proc_error(pid, e)),
             }
-            Ok(_) => {
-                self.cache.remove(&pid);
-                self.process(pid)
-            }
-            Err(e) => Err(self.proc_error(pid, e)),
         }
     }
 
@@ -591,10 +608,20 @@ mod tests {
             .process(102)
             .err()
             .ok_or("an exited process has no record")?;
-        assert_eq!(gone.reason, "process 102 has exited");
+        assert_eq!(
+            gone.reason,
+            format!(
+                "process 102 has exited or is in another pid namespace (no {})",
+                proc.dir(102).display()
+            )
+        );
         assert_eq!(source.cached(), 0);
         let never = source.process(4_000_000).err().ok_or("no such pid")?;
-        assert_eq!(never.reason, "process 4000000 has exited");
+        assert!(
+            never.reason.starts_with("process 4000000 has exited"),
+            "{}",
+            never.reason
+        );
         Ok(())
     }
 
@@ -830,6 +857,81 @@ mod tests {
             absent.kubelet_status(),
             &KubeletStatus::NoSocket { path: missing }
         );
+        Ok(())
+    }
+
+    /// Captures what is logged at `warn` and above.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let text = self
+                .0
+                .lock()
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default();
+            text.lines().map(str::to_owned).collect()
+        }
+    }
+
+    #[test]
+    fn each_distinct_problem_is_warned_once_not_every_tick() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        host(dir.path())?;
+        let socket = dir.path().join("kubelet.sock");
+        // A socket file nobody listens on: every call is refused.
+        drop(std::os::unix::net::UnixListener::bind(&socket)?);
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || -> TestResult {
+            let mut source = HostSource::new(&AttributionConfig {
+                pod_resources_socket: socket.clone(),
+                ..config(dir.path())
+            });
+            for _ in 0..5 {
+                assert!(source.process(110).is_err());
+                assert!(source.process(111).is_err());
+                assert!(source.process(4_000_000).is_err());
+                assert!(source.allocations().is_err());
+            }
+            Ok(())
+        })?;
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("/110/cgroup")).count(),
+            1,
+            "{lines:#?}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("/111/cgroup")).count(),
+            1,
+            "{lines:#?}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("kubelet.sock")).count(),
+            1,
+            "{lines:#?}"
+        );
+        assert!(lines.iter().all(|l| l.contains("WARN")), "{lines:#?}");
         Ok(())
     }
 

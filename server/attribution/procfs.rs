@@ -27,8 +27,10 @@ use super::CommandLines;
 #[derive(Debug)]
 pub enum ProcError {
     /// The process has exited (its directory is gone, or the kernel says
-    /// so while reading).
-    Gone { pid: u32 },
+    /// so while reading). `dir` is the `/proc/<pid>` looked for: a daemon in
+    /// another pid namespace than NVML's (a container without `hostPID`)
+    /// sees every GPU process this way.
+    Gone { pid: u32, dir: PathBuf },
     /// The file exists (or should) but cannot be read: permissions,
     /// `ProtectProc`, another pid namespace, a broken fixture.
     Unreadable { path: PathBuf, error: io::Error },
@@ -40,7 +42,10 @@ impl ProcError {
     /// The reason in words, naming the path and the error.
     pub fn reason(&self) -> String {
         match self {
-            Self::Gone { pid } => format!("process {pid} has exited"),
+            Self::Gone { pid, dir } => format!(
+                "process {pid} has exited or is in another pid namespace (no {})",
+                dir.display()
+            ),
             Self::Unreadable { path, error } => format!("cannot read {}: {error}", path.display()),
             Self::Malformed { path, what } => format!("{} is malformed: {what}", path.display()),
         }
@@ -118,7 +123,10 @@ impl ProcFs {
             || (error.kind() == io::ErrorKind::NotFound
                 && !self.root.join(pid.to_string()).exists());
         if gone {
-            ProcError::Gone { pid }
+            ProcError::Gone {
+                pid,
+                dir: self.root.join(pid.to_string()),
+            }
         } else {
             ProcError::Unreadable { path, error }
         }
@@ -363,13 +371,14 @@ impl Passwd {
         }
     }
 
-    /// Re-reads the file if it is due for a check and has changed.
-    pub fn refresh(&mut self, now: Instant) {
+    /// Re-reads the file if it is due for a check and has changed;
+    /// whether it was due.
+    pub fn refresh(&mut self, now: Instant) -> bool {
         if self
             .checked_at
             .is_some_and(|t| now.duration_since(t) < self.recheck)
         {
-            return;
+            return false;
         }
         self.checked_at = Some(now);
         let stamp = fs::metadata(&self.path).and_then(|m| Ok((m.modified()?, m.len())));
@@ -386,6 +395,7 @@ impl Passwd {
             },
             Err(e) => self.fail(format!("cannot read {}: {e}", self.path.display())),
         }
+        true
     }
 
     fn fail(&mut self, reason: String) {
