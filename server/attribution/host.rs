@@ -611,14 +611,14 @@ mod tests {
         assert_eq!(
             gone.reason,
             format!(
-                "process 102 has exited or is in another pid namespace (no {})",
+                "no {}: process 102 has exited, or is hidden from this daemon (another pid namespace, or hidepid / ProtectProc)",
                 proc.dir(102).display()
             )
         );
         assert_eq!(source.cached(), 0);
         let never = source.process(4_000_000).err().ok_or("no such pid")?;
         assert!(
-            never.reason.starts_with("process 4000000 has exited"),
+            never.reason.contains("process 4000000 has exited"),
             "{}",
             never.reason
         );

@@ -43,7 +43,7 @@ impl ProcError {
     pub fn reason(&self) -> String {
         match self {
             Self::Gone { pid, dir } => format!(
-                "process {pid} has exited or is in another pid namespace (no {})",
+                "no {}: process {pid} has exited, or is hidden from this daemon (another pid namespace, or hidepid / ProtectProc)",
                 dir.display()
             ),
             Self::Unreadable { path, error } => format!("cannot read {}: {error}", path.display()),
@@ -65,6 +65,21 @@ impl ProcError {
                 format!("unreadable {} {:?}", file(path), error.kind())
             }
             Self::Malformed { path, what } => format!("malformed {} {what}", file(path)),
+        }
+    }
+}
+
+impl std::fmt::Display for ProcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason())
+    }
+}
+
+impl std::error::Error for ProcError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unreadable { error, .. } => Some(error),
+            _ => None,
         }
     }
 }
@@ -133,12 +148,22 @@ impl ProcFs {
     }
 
     /// The process's start time, `stat` field 22 (clock ticks after boot):
-    /// with the pid, it names one process across pid reuse. `buf` is the
-    /// caller's scratch space, so the per-tick read allocates nothing.
+    /// with the pid, it names one process across pid reuse. This is the one
+    /// read a cached process costs each tick, so it is one `read()` into
+    /// the caller's reused buffer (a `stat` line is far shorter than it:
+    /// the name is at most 15 bytes) rather than reading until EOF.
     pub fn start_time(&self, pid: u32, buf: &mut Vec<u8>) -> Result<u64, ProcError> {
-        self.read_into(pid, "stat", 4096, buf)?;
-        parse_start_time(buf).ok_or_else(|| ProcError::Malformed {
-            path: self.path(pid, "stat"),
+        const STAT_BUF: usize = 4096;
+        let path = self.path(pid, "stat");
+        buf.clear();
+        buf.resize(STAT_BUF, 0);
+        let read = fs::File::open(&path).and_then(|mut f| f.read(buf));
+        match read {
+            Ok(n) => buf.truncate(n),
+            Err(error) => return Err(self.classify(pid, path, error)),
+        }
+        parse_start_time(buf).ok_or(ProcError::Malformed {
+            path,
             what: "no start time (field 22)",
         })
     }

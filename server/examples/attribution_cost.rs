@@ -5,10 +5,13 @@
 //! ```text
 //! cargo run --release -p gpuwatch-server --features testing --example attribution_cost -- [ticks]
 //! ```
-//! prints the mean time per slow tick and what that is as a share of one
-//! core at the default 1 s attribution interval. The `gpuwatch-bench`
-//! figure (the integrator's) measures the whole daemon; this isolates the
-//! host reads so a regression here is seen on its own.
+//! prints, per slow tick, the wall time and the thread's CPU time (from
+//! `/proc/thread-self/schedstat`, so time spent waiting for a busy CPU is
+//! not counted), the cost of the `stat` reads alone (the floor a warm tick
+//! must pay), and the CPU time as a share of one core at the default 1 s
+//! attribution interval. The `gpuwatch-bench` figure (the integrator's)
+//! measures the whole daemon; this isolates the host reads so a regression
+//! here is seen on its own.
 
 use std::time::{Duration, Instant};
 
@@ -16,14 +19,27 @@ use gpuwatch_server::attribution::{
     HostRecords,
     fixture::{cost_tree, time_ticks},
     host::HostSource,
+    procfs::ProcFs,
 };
+
+/// This thread's time on a CPU so far.
+fn cpu_time() -> Result<Duration, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat")?;
+    let ns: u64 = text
+        .split_whitespace()
+        .next()
+        .ok_or("empty schedstat")?
+        .parse()?;
+    Ok(Duration::from_nanos(ns))
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ticks: u32 = std::env::args()
         .nth(1)
         .map(|t| t.parse())
         .transpose()?
-        .unwrap_or(200);
+        .unwrap_or(200)
+        .max(1);
     let dir = tempfile::tempdir()?;
     let (config, pids) = cost_tree(dir.path())?;
     let mut source = HostSource::new(&config);
@@ -33,15 +49,56 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         source.process(*pid)?;
     }
     let cold = cold.elapsed();
+
+    let cpu_before = cpu_time()?;
     let warm = time_ticks(&mut source, &pids, ticks)?;
+    // `time_ticks` runs one untimed warm-up tick before the timed ones.
+    let warm_cpu = (cpu_time()? - cpu_before) / (ticks + 1);
+
+    let proc = ProcFs::new(&config.proc_root);
+    let mut buf = Vec::new();
+    let cpu_before = cpu_time()?;
+    for _ in 0..ticks {
+        for pid in &pids {
+            std::hint::black_box(proc.start_time(*pid, &mut buf)?);
+        }
+    }
+    let stat_cpu = (cpu_time()? - cpu_before) / ticks;
+
+    // The same floor on this host's real /proc, whose `stat` is generated
+    // by the kernel on each read: per pid, to compare with the fixture's.
+    let host = ProcFs::new("/proc");
+    let host_pids: Vec<u32> = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let cpu_before = cpu_time()?;
+    let mut host_reads = 0u32;
+    for _ in 0..ticks {
+        for pid in &host_pids {
+            if host.start_time(*pid, &mut buf).is_ok() {
+                host_reads += 1;
+            }
+        }
+    }
+    let host_stat_ns = (cpu_time()? - cpu_before).as_nanos() / u128::from(host_reads.max(1));
+
     let interval = config.interval.max(Duration::from_millis(1));
     println!(
-        "attribution cost: {} pids, cold tick {} µs, warm tick {} µs (mean of {ticks}), {:.3} % of a core at a {} interval",
+        "attribution cost, {} pids, {ticks} warm ticks: cold tick {} µs wall; warm tick {} µs wall, {} µs CPU \
+         (stat reads alone {} µs CPU); {:.3} % of a core at a {} interval",
         pids.len(),
         cold.as_micros(),
         warm.as_micros(),
-        100.0 * warm.as_secs_f64() / interval.as_secs_f64(),
+        warm_cpu.as_micros(),
+        stat_cpu.as_micros(),
+        100.0 * warm_cpu.as_secs_f64() / interval.as_secs_f64(),
         humantime::format_duration(interval),
+    );
+    println!(
+        "this host's /proc: a stat read costs {:.1} µs CPU ({} pids × {ticks}); the fixture's {:.1} µs",
+        host_stat_ns as f64 / 1000.0,
+        host_pids.len(),
+        stat_cpu.as_nanos() as f64 / 1000.0 / pids.len() as f64,
     );
     Ok(())
 }
