@@ -947,6 +947,43 @@ mod tests {
     }
 
     #[test]
+    fn a_real_process_on_this_hosts_proc_is_read_and_its_exit_seen() -> TestResult {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn()?;
+        let pid = child.id();
+        let own_uid = fs::read_to_string("/proc/self/status")?
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|u| u.split_whitespace().next()?.parse::<u32>().ok());
+        let mut source = HostSource::new(&AttributionConfig {
+            proc_root: "/proc".into(),
+            passwd_file: "/etc/passwd".into(),
+            command_lines: CommandLines::Full,
+            pod_resources_socket: "".into(),
+            ..AttributionConfig::default()
+        });
+        let record = source.process(pid);
+        child.kill()?;
+        child.wait()?;
+        let record = record?;
+        assert_eq!(record.pid, pid);
+        assert_eq!(record.name.as_deref(), Some("sleep"));
+        assert_eq!(record.command_line.as_deref(), Some("sleep 30"));
+        assert_eq!(record.uid, own_uid);
+        assert!(record.cgroup.is_some_and(|c| c.starts_with('/')));
+        let gone = source
+            .process(pid)
+            .err()
+            .ok_or("a reaped child has no record")?;
+        assert!(
+            gone.reason.contains(&format!("process {pid} has exited")),
+            "{}",
+            gone.reason
+        );
+        assert_eq!(source.cached(), 0);
+        Ok(())
+    }
+
+    #[test]
     fn the_cost_fixture_is_all_attributed() -> TestResult {
         let dir = tempfile::tempdir()?;
         let (config, pids) = crate::attribution::fixture::cost_tree(dir.path())?;
