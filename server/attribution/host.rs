@@ -11,7 +11,9 @@
 //!   that are gone are evicted when asked about, and by a sweep every
 //!   [`SWEEP_EVERY`] calls. The cached record's user name is redone when
 //!   the passwd file changes; its command line is the one read first
-//!   (a process that rewrites its argv later is not re-read).
+//!   (a process that rewrites its argv later is not re-read). A process
+//!   whose `stat` cannot be read or parsed (a minimal fixture tree) is
+//!   read in full on every call instead.
 //! - **The runtime for the kubelet client.** [`HostRecords`] is a sync
 //!   trait called from one dedicated thread, and tonic is async, so the
 //!   source holds a small current-thread tokio runtime of its own (built
@@ -190,39 +192,54 @@ impl HostSource {
         Unattributed { reason }
     }
 
-    /// Reads a process in full.
+    /// An optional part of a record: a process that has gone fails the
+    /// whole read; any other failure leaves the part out, said once.
+    fn optional<T>(&mut self, part: Result<T, ProcError>) -> Result<Option<T>, ProcError> {
+        match part {
+            Ok(v) => Ok(Some(v)),
+            Err(gone @ ProcError::Gone { .. }) => Err(gone),
+            Err(e) => {
+                let reason = e.reason();
+                self.note(e.kind_key(), &reason);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads a process in full. The cgroup is required (the owner is what
+    /// attribution is for); the name, uid and command line are left out
+    /// when they cannot be read, rather than losing the owner with them.
     fn read(&mut self, pid: u32) -> Result<ProcessRecord, ProcError> {
-        let name = self.proc.comm(pid)?;
-        let uid = self.proc.real_uid(pid)?;
+        let name = self.optional(self.proc.comm(pid))?;
+        let uid = self.optional(self.proc.real_uid(pid))?;
         let cgroup_text = self.proc.cgroup(pid)?;
-        let command_line =
-            match self
-                .proc
-                .command_line(pid, self.command_lines, self.command_line_max_bytes)
-            {
-                Ok(line) => line,
-                // The owner is what attribution is for: a command line that
-                // cannot be read leaves it out, not the whole record.
-                Err(gone @ ProcError::Gone { .. }) => return Err(gone),
-                Err(e) => {
-                    let reason = e.reason();
-                    self.note(e.kind_key(), &reason);
-                    None
-                }
-            };
+        let command_line = self
+            .optional(
+                self.proc
+                    .command_line(pid, self.command_lines, self.command_line_max_bytes),
+            )?
+            .flatten();
         let (cgroup, owner) = match cgroup::parse(&cgroup_text) {
             Some(parsed) => (Some(parsed.path), parsed.owner),
             None => (None, Owner::default()),
         };
         Ok(ProcessRecord {
             pid,
-            name: Some(name),
+            name,
             command_line,
-            uid: Some(uid),
-            user: self.passwd.user(uid).map(str::to_owned),
+            uid,
+            user: uid.and_then(|u| self.passwd.user(u)).map(str::to_owned),
             cgroup,
             owner,
         })
+    }
+
+    /// The start time that keys the cache; `None` where `stat` cannot be
+    /// read or parsed (a minimal fixture tree without it): such a process
+    /// is read in full on every call instead of cached.
+    fn start_time(&mut self, pid: u32) -> Result<Option<u64>, ProcError> {
+        let result = self.proc.start_time(pid, &mut self.stat_buf);
+        self.optional(result)
     }
 }
 
@@ -246,12 +263,12 @@ impl HostRecords for HostSource {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let start_time = match self.proc.start_time(pid, &mut self.stat_buf) {
+            let start_time = match self.start_time(pid) {
                 Ok(t) => t,
                 Err(e) => return Err(self.proc_error(pid, e)),
             };
             if let Some(cached) = self.cache.get_mut(&pid)
-                && cached.start_time == start_time
+                && Some(cached.start_time) == start_time
             {
                 if cached.passwd_generation != generation {
                     cached.record.user = cached
@@ -267,10 +284,14 @@ impl HostRecords for HostSource {
                 Ok(r) => r,
                 Err(e) => return Err(self.proc_error(pid, e)),
             };
+            let Some(start_time) = start_time else {
+                self.cache.remove(&pid);
+                return Ok(record);
+            };
             // Cache only a record whose process is still the one `stat`
             // named before the reads.
-            match self.proc.start_time(pid, &mut self.stat_buf) {
-                Ok(again) if again == start_time => {
+            match self.start_time(pid) {
+                Ok(Some(again)) if again == start_time => {
                     self.cache.insert(
                         pid,
                         Cached {
@@ -281,10 +302,14 @@ impl HostRecords for HostSource {
                     );
                     return Ok(record);
                 }
-                Ok(_) if attempts < 2 => {
+                Ok(None) => {
+                    self.cache.remove(&pid);
+                    return Ok(record);
+                }
+                Ok(Some(_)) if attempts < 2 => {
                     self.cache.remove(&pid);
                 }
-                Ok(_) => {
+                Ok(Some(_)) => {
                     self.cache.remove(&pid);
                     return Err(Unattributed {
                         reason: format!("process {pid} was replaced while it was read"),
@@ -695,6 +720,54 @@ mod tests {
             full.process(101)?.command_line.as_deref(),
             Some("python3 train.py --h")
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_minimal_tree_without_stat_status_or_comm_still_gives_the_owner_uncached() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let proc = host(dir.path())?;
+        for file in ["stat", "status", "comm"] {
+            fs::remove_file(proc.dir(102).join(file))?;
+        }
+        let mut source = HostSource::new(&config(dir.path()));
+        let record = source.process(102)?;
+        assert_eq!(record.name, None);
+        assert_eq!(record.uid, None);
+        assert_eq!(record.user, None);
+        assert_eq!(record.owner.container, container(DKR, Runtime::Docker));
+        assert_eq!(
+            source.cached(),
+            0,
+            "no start time: nothing to key the cache on"
+        );
+        // Read in full each call: a changed cgroup is seen at once.
+        fs::write(
+            proc.dir(102).join("cgroup"),
+            "0::/system.slice/moved.service\n",
+        )?;
+        assert_eq!(
+            source.process(102)?.owner.systemd_unit.as_deref(),
+            Some("moved.service")
+        );
+        proc.remove(102)?;
+        let gone = source.process(102).err().ok_or("gone")?;
+        assert!(
+            gone.reason.contains("process 102 has exited"),
+            "{}",
+            gone.reason
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_stat_without_a_start_time_is_read_uncached() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let proc = host(dir.path())?;
+        fs::write(proc.dir(107).join("stat"), "107 (gpu-burn) S 1\n")?;
+        let mut source = HostSource::new(&config(dir.path()));
+        assert_eq!(source.process(107)?.name.as_deref(), Some("gpu-burn"));
+        assert_eq!(source.cached(), 0);
         Ok(())
     }
 
