@@ -14,6 +14,15 @@
 //!   (a process that rewrites its argv later is not re-read). A process
 //!   whose `stat` cannot be read or parsed (a minimal fixture tree) is
 //!   read in full on every call instead.
+//!
+//!   On the kernel's procfs the check is cheaper still: the process's
+//!   `comm` is held open once it is cached, and re-read with one `pread`,
+//!   which fails (ESRCH) once that very process is reaped, pid reuse or
+//!   not; a `stat` read costs several times more because the kernel
+//!   generates it. At most a quarter of the soft open-files limit is held
+//!   (and at most [`MAX_HANDLES`]); processes beyond that, and fixture
+//!   trees (where a held file outlives its removal), use the `stat`
+//!   check.
 //! - **The runtime for the kubelet client.** [`HostRecords`] is a sync
 //!   trait called from one dedicated thread, and tonic is async, so the
 //!   source holds a small current-thread tokio runtime of its own (built
@@ -53,6 +62,9 @@ struct Cached {
     start_time: u64,
     passwd_generation: u64,
     record: ProcessRecord,
+    /// On the kernel's procfs, the process's `comm` held open: the
+    /// same-process check then costs one `pread`, not a `stat` read.
+    handle: Option<std::fs::File>,
 }
 
 /// [`HostRecords`] over the host (or a fixture tree).
@@ -68,6 +80,8 @@ pub struct HostSource {
     kubelet: PodResources,
     runtime: Option<tokio::runtime::Runtime>,
     noted: HashSet<String>,
+    /// How many processes may hold a handle (0 on a fixture tree).
+    handle_budget: usize,
 }
 
 impl HostSource {
@@ -83,7 +97,13 @@ impl HostSource {
             kubelet: PodResources::new(&config.pod_resources_socket, config.pod_resources_timeout),
             runtime: None,
             noted: HashSet::new(),
+            handle_budget: handle_budget(&ProcFs::new(&config.proc_root)),
         }
+    }
+
+    /// How many cached processes hold a handle.
+    pub fn handles(&self) -> usize {
+        self.cache.values().filter(|c| c.handle.is_some()).count()
     }
 
     /// Where the kubelet stands, as of the last `allocations()` or
@@ -109,7 +129,10 @@ impl HostSource {
     /// Drops the cache entries of pids that no longer exist.
     pub fn evict_exited(&mut self) {
         let proc = &self.proc;
-        self.cache.retain(|pid, _| proc.exists(*pid));
+        self.cache.retain(|pid, cached| match &cached.handle {
+            Some(handle) => ProcFs::handle_alive(handle),
+            None => proc.exists(*pid),
+        });
         self.calls_since_sweep = 0;
     }
 
@@ -258,6 +281,23 @@ impl HostRecords for HostSource {
             );
         }
         let generation = self.passwd.generation();
+        if let Some(cached) = self.cache.get_mut(&pid)
+            && let Some(handle) = &cached.handle
+        {
+            if ProcFs::handle_alive(handle) {
+                if cached.passwd_generation != generation {
+                    cached.record.user = cached
+                        .record
+                        .uid
+                        .and_then(|u| self.passwd.user(u))
+                        .map(str::to_owned);
+                    cached.passwd_generation = generation;
+                }
+                return Ok(cached.record.clone());
+            }
+            // That process is gone; the pid may be another one's now.
+            self.cache.remove(&pid);
+        }
         // Twice at most: a pid reused while its files were read is read
         // again, once.
         let mut attempts = 0;
@@ -288,6 +328,13 @@ impl HostRecords for HostSource {
                 self.cache.remove(&pid);
                 return Ok(record);
             };
+            // Opened between the two `stat` reads, so it is bound to the
+            // process both name.
+            let handle = if self.handles() < self.handle_budget {
+                self.proc.open_handle(pid).ok()
+            } else {
+                None
+            };
             // Cache only a record whose process is still the one `stat`
             // named before the reads.
             match self.start_time(pid) {
@@ -298,6 +345,7 @@ impl HostRecords for HostSource {
                             start_time,
                             passwd_generation: generation,
                             record: record.clone(),
+                            handle,
                         },
                     );
                     return Ok(record);
@@ -332,6 +380,27 @@ impl HostRecords for HostSource {
         self.after_kubelet_call(result)
     }
 }
+
+/// Handles held at most: a quarter of the soft open-files limit (the
+/// daemon's sockets need the rest), at most [`MAX_HANDLES`]; none on a
+/// fixture tree, where a held file outlives its removal and would hide an
+/// exit.
+fn handle_budget(proc: &ProcFs) -> usize {
+    if !proc.is_kernel_procfs() {
+        return 0;
+    }
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (soft / 4).min(MAX_HANDLES)
+}
+
+/// The most handles held, whatever the open-files limit.
+pub const MAX_HANDLES: usize = 4096;
 
 fn no_runtime() -> Unattributed {
     Unattributed {
@@ -1035,9 +1104,13 @@ mod tests {
             ..AttributionConfig::default()
         });
         let record = source.process(pid);
+        let again = source.process(pid);
+        let handles = source.handles();
         child.kill()?;
         child.wait()?;
         let record = record?;
+        assert_eq!(again?, record, "the cached record");
+        assert_eq!(handles, 1, "the kernel's procfs: a handle is held");
         assert_eq!(record.pid, pid);
         assert_eq!(record.name.as_deref(), Some("sleep"));
         assert_eq!(record.command_line.as_deref(), Some("sleep 30"));
@@ -1053,6 +1126,30 @@ mod tests {
             gone.reason
         );
         assert_eq!(source.cached(), 0);
+        assert_eq!(source.handles(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_sweep_drops_real_processes_whose_held_handle_says_they_are_gone() -> TestResult {
+        let mut a = std::process::Command::new("sleep").arg("30").spawn()?;
+        let mut b = std::process::Command::new("sleep").arg("30").spawn()?;
+        let mut source = HostSource::new(&AttributionConfig {
+            proc_root: "/proc".into(),
+            pod_resources_socket: "".into(),
+            ..AttributionConfig::default()
+        });
+        let read = source.process(a.id()).and(source.process(b.id()));
+        let held = source.handles();
+        a.kill()?;
+        a.wait()?;
+        source.evict_exited();
+        let after = (source.cached(), source.handles());
+        b.kill()?;
+        b.wait()?;
+        read?;
+        assert_eq!(held, 2);
+        assert_eq!(after, (1, 1));
         Ok(())
     }
 
@@ -1078,6 +1175,7 @@ mod tests {
         assert_eq!(containers.len(), 16);
         assert!(!containers.contains(""));
         assert_eq!(source.cached(), 512);
+        assert_eq!(source.handles(), 0, "a fixture tree holds no handles");
         Ok(())
     }
 }

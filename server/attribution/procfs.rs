@@ -209,6 +209,30 @@ impl ProcFs {
         self.read_string(pid, "cgroup")
     }
 
+    /// Whether this tree is the kernel's procfs (it has the `self` link a
+    /// fixture tree lacks): only there does a held file say when its
+    /// process is gone (see [`ProcFs::open_handle`]).
+    pub fn is_kernel_procfs(&self) -> bool {
+        self.root.join("self").is_symlink()
+    }
+
+    /// Opens `/proc/<pid>/comm` to be held: on the kernel's procfs the open
+    /// file stays bound to that one process, and reading it fails with
+    /// ESRCH once the process is reaped, even if the pid is reused. So a
+    /// held handle is a same-process check of one `pread` with no file
+    /// generated (a `stat` read is an open, a read of ~50 computed fields,
+    /// and a close).
+    pub fn open_handle(&self, pid: u32) -> io::Result<fs::File> {
+        fs::File::open(self.path(pid, "comm"))
+    }
+
+    /// Whether the process a handle was opened on still exists.
+    pub fn handle_alive(handle: &fs::File) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 64];
+        handle.read_at(&mut buf, 0).is_ok()
+    }
+
     /// Whether `/proc/<pid>` exists.
     pub fn exists(&self, pid: u32) -> bool {
         self.root.join(pid.to_string()).exists()

@@ -82,6 +82,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let host_stat_ns = (cpu_time()? - cpu_before).as_nanos() / u128::from(host_reads.max(1));
 
+    // `HostSource` itself on this host's /proc, where a cached process is
+    // checked through its held handle: per pid per warm tick.
+    let mut live = HostSource::new(&gpuwatch_server::attribution::AttributionConfig {
+        proc_root: "/proc".into(),
+        pod_resources_socket: "".into(),
+        ..Default::default()
+    });
+    let live_pids: Vec<u32> = host_pids
+        .iter()
+        .copied()
+        .filter(|p| live.process(*p).is_ok())
+        .collect();
+    let cpu_before = cpu_time()?;
+    for _ in 0..ticks {
+        for pid in &live_pids {
+            let _ = std::hint::black_box(live.process(*pid));
+        }
+    }
+    let live_ns = (cpu_time()? - cpu_before).as_nanos()
+        / u128::from((ticks as usize * live_pids.len()).max(1) as u32);
+
     let interval = config.interval.max(Duration::from_millis(1));
     println!(
         "attribution cost, {} pids, {ticks} warm ticks: cold tick {} µs wall; warm tick {} µs wall, {} µs CPU \
@@ -99,6 +120,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         host_stat_ns as f64 / 1000.0,
         host_pids.len(),
         stat_cpu.as_nanos() as f64 / 1000.0 / pids.len() as f64,
+    );
+    println!(
+        "this host's /proc through HostSource (held handles: {}): a warm process() costs {:.1} µs CPU; × 512 = {} µs a tick, {:.3} % of a core",
+        live.handles(),
+        live_ns as f64 / 1000.0,
+        live_ns * 512 / 1000,
+        100.0 * (live_ns * 512) as f64 / 1e9 / interval.as_secs_f64(),
     );
     Ok(())
 }
