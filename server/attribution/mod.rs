@@ -9,6 +9,12 @@
 //! that cannot answer (no permission, no socket) degrades to
 //! [`Unattributed`] with the reason, never to an error loop.
 
+pub mod cgroup;
+#[cfg(any(test, feature = "testing"))]
+pub mod fixture;
+pub mod host;
+pub mod podresources;
+pub mod procfs;
 pub mod tracker;
 
 use std::{path::PathBuf, time::Duration};
@@ -105,6 +111,14 @@ pub struct Unattributed {
     pub reason: String,
 }
 
+impl std::fmt::Display for Unattributed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Unattributed {}
+
 /// A source of the host's records. `host::HostSource` reads the host (or a
 /// fixture tree); the simulator declares its workloads through the same
 /// seam. Called from one thread on the slow cadence; may block briefly.
@@ -115,6 +129,11 @@ pub trait HostRecords: Send {
     /// The kubelet's device allocations, `Ok(vec![])` where there is no
     /// kubelet configured.
     fn allocations(&mut self) -> Result<Vec<Allocation>, Unattributed>;
+    /// Whether the last `allocations` came from a kubelet that answered
+    /// (false where there is none).
+    fn kubelet_answered(&self) -> bool {
+        true
+    }
 }
 
 /// What to do with command lines, which carry secrets.
@@ -207,32 +226,5 @@ impl Default for AttributionConfig {
 
 /// The host's records, as `config` says where to read them.
 pub fn host_records(config: &AttributionConfig) -> Box<dyn HostRecords> {
-    Box::new(NotBuilt(config.proc_root.clone()))
-}
-
-/// Stand-in until the host source lands: every pid unattributed, saying so.
-struct NotBuilt(PathBuf);
-
-impl HostRecords for NotBuilt {
-    fn process(&mut self, pid: u32) -> Result<ProcessRecord, Unattributed> {
-        Err(Unattributed {
-            reason: format!(
-                "reading {}/{pid} is not in this build yet",
-                self.0.display()
-            ),
-        })
-    }
-    fn allocations(&mut self) -> Result<Vec<Allocation>, Unattributed> {
-        Ok(Vec::new())
-    }
-}
-
-/// `line` with the values of secret-looking arguments replaced by `***`.
-/// Interim rule until the host source's redaction lands: every argument
-/// after the program is hidden.
-pub fn redact_command_line(line: &str) -> String {
-    match line.split_once(' ') {
-        Some((program, _)) => format!("{program} ***"),
-        None => line.to_owned(),
-    }
+    Box::new(host::HostSource::new(config))
 }

@@ -208,7 +208,10 @@ impl Join {
         let mut problems = Vec::new();
         let (allocations, kubelet) = if self.enabled {
             match self.source.allocations() {
-                Ok(a) => (a, true),
+                Ok(a) => {
+                    let answered = self.source.kubelet_answered();
+                    (a, answered)
+                }
                 Err(Unattributed { reason }) => {
                     problems.push(reason);
                     (Vec::new(), false)
@@ -419,9 +422,12 @@ fn cut(mut text: String, max: usize) -> String {
     text
 }
 
-/// A command line with secret-looking values replaced.
+/// A command line with secret-looking values replaced (the host source
+/// redacts as it reads; this covers sources that hand over whole lines,
+/// such as the simulator's).
 fn redact(line: &str) -> String {
-    super::redact_command_line(line)
+    let args: Vec<&str> = line.split_whitespace().collect();
+    super::procfs::redact_args(&args).join(" ")
 }
 
 fn pod_wire(p: &super::PodRef) -> api::PodRef {

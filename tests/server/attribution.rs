@@ -490,3 +490,210 @@ async fn on_nvml_mig_instances_and_their_changes_reach_the_api() {
     assert_eq!(devices[0].mig_instances.len(), 1);
     assert_eq!(devices[0].mig_instances[0].profile, "7g.80gb");
 }
+
+/// The host source end to end: simulated GPUs whose pids live in a fixture
+/// `/proc` tree, and an in-test kubelet over a unix socket. Every
+/// attribution the daemon reports is compared with what the fixture says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_records_and_the_kubelet_are_joined_into_what_the_api_reports() {
+    use gpuwatch_server::{
+        attribution::{
+            fixture::{FakeProc, FakeProcess, write_passwd},
+            podresources::fake_kubelet::{FakeKubelet, container, devices, pod, serve},
+        },
+        backend::sim::sim_uuid,
+        config::PresetKey,
+    };
+    let tree = tempfile::tempdir().expect("tempdir");
+    let proc = FakeProc::new(tree.path().join("proc")).expect("proc");
+    write_passwd(
+        &tree.path().join("passwd"),
+        &[("alice", 1000), ("bob", 1001)],
+    )
+    .expect("passwd");
+    let containerd = "ab".repeat(32);
+    let docker = "cd".repeat(32);
+    let pod_uid = "4f6b1c2a-0d3e-4b5f-8a9b-1c2d3e4f5a6b";
+    let processes = [
+        FakeProcess::new(
+            7001,
+            "trainer",
+            1000,
+            &format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{containerd}.scope\n",
+                pod_uid.replace('-', "_")
+            ),
+        ),
+        FakeProcess::new(
+            7002,
+            "infer",
+            1001,
+            &format!("0::/system.slice/docker-{docker}.scope\n"),
+        ),
+        FakeProcess::new(
+            7003,
+            "sim",
+            1001,
+            "0::/system.slice/slurmstepd.scope/job_4242/step_3/user/task_0\n",
+        ),
+        FakeProcess::new(7004, "render", 0, "0::/system.slice/render-farm.service\n"),
+        FakeProcess::new(
+            7005,
+            "notebook",
+            1000,
+            "0::/user.slice/user-1000.slice/session-4.scope\n",
+        ),
+        FakeProcess::new(7006, "hidden", 1000, "0::/\n"),
+    ];
+    for p in &processes {
+        proc.add(p).expect("add");
+    }
+    // A cgroup file that cannot be read (a directory where it should be).
+    let cgroup = proc.dir(7006).join("cgroup");
+    std::fs::remove_file(&cgroup).expect("rm");
+    std::fs::create_dir(&cgroup).expect("mkdir");
+
+    let (gpu0, gpu1) = (
+        sim_uuid(PresetKey::H100Sxm, 0),
+        sim_uuid(PresetKey::H100Sxm, 1),
+    );
+    let socket = tree.path().join("kubelet.sock");
+    let _kubelet = serve(
+        FakeKubelet {
+            pods: vec![
+                pod(
+                    "ml",
+                    "trainer-0",
+                    vec![container("main", vec![devices("nvidia.com/gpu", &[&gpu0])])],
+                ),
+                pod(
+                    "ml",
+                    "waiting",
+                    vec![container("c", vec![devices("nvidia.com/gpu", &[&gpu1])])],
+                ),
+                pod(
+                    "web",
+                    "nginx",
+                    vec![container(
+                        "nginx",
+                        vec![devices("example.com/fpga", &["fpga0"])],
+                    )],
+                ),
+            ],
+            allocatable: None,
+            delay: Duration::ZERO,
+        },
+        &socket,
+    )
+    .expect("kubelet");
+
+    let attribution = format!(
+        "[attribution]\nproc_root = \"{}\"\npasswd_file = \"{}\"\npod_resources_socket = \"{}\"\n",
+        proc.root().display(),
+        tree.path().join("passwd").display(),
+        socket.display()
+    );
+    let config = sim_config(
+        10.0,
+        &attribution,
+        &[
+            "preset = \"h100-sxm\"\ndemand = [ { at = \"0s\", watts = 400 } ]\nprocesses = [ { pid = 7001, memory_mib = 1000 }, { pid = 7005, memory_mib = 100 } ]",
+            "preset = \"h100-sxm\"\ndemand = [ { at = \"0s\", watts = 400 } ]\nprocesses = [ { pid = 7002 }, { pid = 7003 }, { pid = 7004 }, { pid = 7006 } ]",
+        ],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let c = d.client().await;
+    let snap = eventually(Duration::from_secs(15), "host attribution", || {
+        let mut c = c.clone();
+        async move {
+            let s = snapshot(&mut c, vec![]).await;
+            (s.samples.len() == 2
+                && s.samples.iter().all(|g| {
+                    !g.processes.is_empty() && g.processes.iter().all(|p| p.attribution.is_some())
+                })
+                && !s.samples[1].allocations.is_empty())
+            .then_some(s)
+        }
+    })
+    .await;
+    let find = |pid: u32| {
+        snap.samples
+            .iter()
+            .flat_map(|s| &s.processes)
+            .find(|p| p.pid == pid)
+            .unwrap_or_else(|| panic!("pid {pid} listed"))
+    };
+    let a = |pid| find(pid).attribution.clone().expect("attribution");
+
+    let trainer = find(7001);
+    assert_eq!(trainer.name.as_deref(), Some("trainer"));
+    assert_eq!(trainer.user.as_deref(), Some("alice"));
+    assert_eq!(
+        pod_of(trainer),
+        Some(("ml".into(), "trainer-0".into(), "main".into()))
+    );
+    assert_eq!(a(7001).container_id.as_deref(), Some(containerd.as_str()));
+    assert_eq!(
+        a(7001).container_runtime(),
+        api::ContainerRuntime::Containerd
+    );
+    assert_eq!(a(7001).pod_uid.as_deref(), Some(pod_uid));
+
+    assert_eq!(a(7002).container_id.as_deref(), Some(docker.as_str()));
+    assert_eq!(a(7002).container_runtime(), api::ContainerRuntime::Docker);
+    assert_eq!(
+        a(7002).pod,
+        None,
+        "a Docker container outside Kubernetes has no pod"
+    );
+    assert_eq!(find(7002).user.as_deref(), Some("bob"));
+
+    let slurm = a(7003).slurm.expect("slurm");
+    assert_eq!(
+        (slurm.job_id.as_str(), slurm.step.as_deref()),
+        ("4242", Some("3"))
+    );
+    assert_eq!(a(7004).systemd_unit.as_deref(), Some("render-farm.service"));
+
+    let plain = a(7005);
+    assert_eq!(
+        (plain.pod, plain.slurm, plain.container_id),
+        (None, None, None),
+        "a user's notebook is nobody's job"
+    );
+    assert!(plain.unattributed_reason.is_none());
+    assert_eq!(find(7005).name.as_deref(), Some("notebook"));
+
+    let hidden = a(7006);
+    let reason = hidden.unattributed_reason.expect("a reason");
+    assert!(
+        reason.contains("7006") && reason.contains("cgroup"),
+        "{reason}"
+    );
+
+    let allocs = &snap.samples[1].allocations;
+    assert_eq!(allocs.len(), 1, "the FPGA is not a GPU: {allocs:?}");
+    assert!(allocs[0].idle);
+    assert_eq!(
+        allocs[0].pod.as_ref().map(|p| p.pod.as_str()),
+        Some("waiting")
+    );
+    let busy = &snap.samples[0].allocations;
+    assert_eq!(busy.len(), 1);
+    assert!(!busy[0].idle, "trainer-0 runs on GPU 0");
+
+    let status = c
+        .clone()
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .host
+        .and_then(|h| h.attribution)
+        .expect("status");
+    assert_eq!(status.source, "host");
+    assert!(status.kubelet, "{status:?}");
+    let problem = status.problem.expect("the unreadable pid is reported");
+    assert!(problem.contains("7006"), "{problem}");
+}
