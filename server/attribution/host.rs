@@ -82,6 +82,10 @@ pub struct HostSource {
     noted: HashSet<String>,
     /// How many processes may hold a handle (0 on a fixture tree).
     handle_budget: usize,
+    /// NVIDIA devices the kubelet can allocate (`GetAllocatableResources`),
+    /// and when that was last asked: it changes only when devices do, so it
+    /// is asked once a minute, not every refresh.
+    allocatable: Option<(u32, std::time::Instant)>,
 }
 
 impl HostSource {
@@ -98,6 +102,7 @@ impl HostSource {
             runtime: None,
             noted: HashSet::new(),
             handle_budget: handle_budget(&ProcFs::new(&config.proc_root)),
+            allocatable: None,
         }
     }
 
@@ -108,6 +113,7 @@ impl HostSource {
 
     /// Where the kubelet stands, as of the last `allocations()` or
     /// `allocatable()`.
+    #[cfg(any(test, feature = "testing"))]
     pub fn kubelet_status(&self) -> &KubeletStatus {
         self.kubelet.status()
     }
@@ -137,6 +143,7 @@ impl HostSource {
     }
 
     /// How many processes are cached.
+    #[cfg(any(test, feature = "testing"))]
     pub fn cached(&self) -> usize {
         self.cache.len()
     }
@@ -381,9 +388,27 @@ impl HostRecords for HostSource {
             Some(runtime) => runtime.block_on(self.kubelet.list()),
             None => Err(no_runtime()),
         };
-        self.after_kubelet_call(result)
+        let listed = self.after_kubelet_call(result)?;
+        let due = self
+            .allocatable
+            .is_none_or(|(_, at)| at.elapsed() >= ALLOCATABLE_EVERY);
+        if due {
+            // Unimplemented (older kubelets) or a failure leaves it unknown.
+            let count = self.allocatable().ok().flatten().map(|devices| {
+                devices.iter().map(|r| r.device_ids.len() as u32).sum::<u32>()
+            });
+            self.allocatable = count.map(|n| (n, std::time::Instant::now()));
+        }
+        Ok(listed)
+    }
+
+    fn allocatable_devices(&self) -> Option<u32> {
+        self.allocatable.map(|(n, _)| n)
     }
 }
+
+/// How often `GetAllocatableResources` is asked.
+const ALLOCATABLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Handles held at most: a quarter of the soft open-files limit (the
 /// daemon's sockets need the rest), at most [`MAX_HANDLES`]; none on a

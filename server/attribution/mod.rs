@@ -134,6 +134,11 @@ pub trait HostRecords: Send {
     fn kubelet_answered(&self) -> bool {
         true
     }
+    /// How many NVIDIA devices the kubelet can allocate on this node, where
+    /// it says (`GetAllocatableResources`).
+    fn allocatable_devices(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// What to do with command lines, which carry secrets.

@@ -291,6 +291,7 @@ pub fn device_uuid(device_id: &str) -> &str {
         .map_or(device_id, |(uuid, _)| uuid)
 }
 
+#[cfg(test)]
 /// The pod container a device is allocated to, when exactly one holds it.
 /// A device shared between several containers (time-slicing, MPS) names
 /// no single pod, so it gives `None`, as does an unallocated one.

@@ -99,6 +99,7 @@ impl ProcFs {
         Self { root: root.into() }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -37,6 +37,7 @@ use crate::{
 };
 
 use super::{
+    podresources::device_uuid,
     Allocation, CommandLines, HostRecords, PodRef, ProcessRecord, Runtime, Unattributed,
 };
 
@@ -261,6 +262,7 @@ impl Join {
                 source: self.source_name.to_owned(),
                 kubelet,
                 problem: (!problems.is_empty()).then(|| problems.join("; ")),
+                allocatable_devices: self.source.allocatable_devices(),
             },
         }
     }
@@ -278,8 +280,12 @@ impl Join {
             .flat_map(|m| &m.instances)
             .map(|i| i.uuid.as_str())
             .collect();
-        let on_this_gpu =
-            |id: &str| id.eq_ignore_ascii_case(&g.uuid) || mig_uuids.contains(&id);
+        // Device plugins that share a GPU (time-slicing) name it
+        // `GPU-…::N`; that is still this GPU.
+        let on_this_gpu = |id: &str| {
+            let id = device_uuid(id);
+            id.eq_ignore_ascii_case(&g.uuid) || mig_uuids.iter().any(|m| m.eq_ignore_ascii_case(id))
+        };
         // The allocations of this GPU's devices.
         let mine: Vec<(&Allocation, Vec<&str>)> = allocations
             .iter()
@@ -295,7 +301,10 @@ impl Join {
             .collect();
         let holders = |device: &str| -> Vec<&Allocation> {
             mine.iter()
-                .filter(|(_, ids)| ids.iter().any(|id| id.eq_ignore_ascii_case(device)))
+                .filter(|(_, ids)| {
+                    ids.iter()
+                        .any(|id| device_uuid(id).eq_ignore_ascii_case(device))
+                })
                 .map(|(a, _)| *a)
                 .collect()
         };
@@ -327,7 +336,8 @@ impl Join {
                 let pod = pod_wire(&a.pod);
                 let busy = processes.iter().any(|p| {
                     let device = p.mig_uuid.as_deref().unwrap_or(&g.uuid);
-                    ids.iter().any(|id| id.eq_ignore_ascii_case(device))
+                    ids.iter()
+                        .any(|id| device_uuid(id).eq_ignore_ascii_case(device))
                         && p.attribution.as_ref().and_then(|x| x.pod.as_ref()) == Some(&pod)
                 });
                 for id in ids {
@@ -522,6 +532,7 @@ impl Tracker {
             source: join.source_name.to_owned(),
             kubelet: false,
             problem: None,
+            allocatable_devices: None,
         };
         let view = Arc::new(Mutex::new(Arc::new(View {
             gpus: HashMap::new(),
@@ -675,6 +686,23 @@ mod tests {
         );
         assert!(view.status.kubelet);
         assert_eq!(view.status.problem, None);
+    }
+
+    #[test]
+    fn time_sliced_device_ids_are_this_gpu() {
+        let table = Table {
+            records: HashMap::from([(10, in_pod(10, "uid-1"))]),
+            allocations: Ok(vec![alloc(pod("ml", "t", "main"), &["GPU-aaaa::3"])]),
+        };
+        let mut join = Join::new(Box::new(table), "host", true, None);
+        let view = join.refresh(&input(vec![proc_on(10, None)], None));
+        let g = view.gpu("GPU-aaaa").expect("gpu");
+        assert_eq!(g.allocations.len(), 1);
+        assert!(!g.allocations[0].idle);
+        assert_eq!(
+            g.processes[0].attribution.as_ref().and_then(|a| a.pod.as_ref()).map(|p| p.pod.as_str()),
+            Some("t")
+        );
     }
 
     #[test]
