@@ -100,6 +100,8 @@ fn host_args(command: &Command) -> &HostArgs {
         Command::SetPowerLimit(a) => &a.target.hosts,
         Command::ResetClocks(a) => &a.target.hosts,
         Command::SetThreshold(a) => &a.target.hosts,
+        Command::Pick(a) => &a.hosts,
+        Command::Release(a) => &a.hosts,
     }
 }
 
@@ -122,6 +124,8 @@ async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
         Command::SetThreshold(args) => {
             Ok(commands::control::set_threshold(args, hosts, connector, json).await)
         }
+        Command::Pick(args) => Ok(commands::pick::run(args, hosts, connector, json).await),
+        Command::Release(args) => Ok(commands::pick::release(args, hosts, connector, json).await),
     }
 }
 
