@@ -106,7 +106,7 @@ fn host_args(command: &Command) -> &HostArgs {
 }
 
 async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
-    let hosts = resolve_hosts(&cli.global, host_args(&cli.command))?;
+    let hosts = hosts::discover(resolve_hosts(&cli.global, host_args(&cli.command))?).await;
     let connector = connector(&cli.global)?;
     let json = cli.global.json;
     match cli.command {

@@ -132,3 +132,41 @@ fn a_leased_pick_keeps_the_next_pick_away_until_released() {
     assert_eq!(gone.code, Some(1));
     assert!(gone.stderr.contains("not held"), "{}", gone.stderr);
 }
+
+/// A name that resolves to two loopback addresses (the test resolver hook)
+/// stands for both daemons, in every command: here snapshot and pick.
+#[test]
+fn a_name_with_several_addresses_reaches_every_daemon() {
+    let a = crate::support::start(Some(TWO_H100));
+    let port = a.host().rsplit(':').next().expect("port").to_owned();
+    // The second daemon on the same port, on another loopback address.
+    let b = gpuwatch_testkit::Launch {
+        config: Some(TWO_H100.to_owned()),
+        listen: format!("127.0.0.2:{port}").parse().expect("addr"),
+        ..gpuwatch_testkit::Launch::default()
+    }
+    .start();
+    let name = format!("fleet.test:{port}");
+    let resolve = [
+        // client/hosts.rs TEST_RESOLVE_ENV.
+        ("GPUWATCH_TEST_RESOLVE", "fleet.test=127.0.0.1,127.0.0.2"),
+        ("GPUWATCH_TOKEN", READ_TOKEN),
+    ];
+    let snap = run_client_env(&["snapshot", &name, "--json"], &resolve);
+    assert_eq!(snap.code, Some(0), "stderr {}", snap.stderr);
+    let hosts: std::collections::BTreeSet<String> = snap
+        .json_lines()
+        .iter()
+        .filter_map(|v| v["host"].as_str().map(str::to_owned))
+        .collect();
+    let want: std::collections::BTreeSet<String> = [
+        format!("fleet.test/127.0.0.1:{port}"),
+        format!("fleet.test/127.0.0.2:{port}"),
+    ]
+    .into();
+    assert_eq!(hosts, want);
+    let pick = run_client_env(&["pick", &name, "--count", "4", "--allow-busy"], &resolve);
+    assert_eq!(pick.code, Some(0), "stderr {}", pick.stderr);
+    assert_eq!(pick.stdout.lines().count(), 2, "{}", pick.stdout);
+    drop(b);
+}
