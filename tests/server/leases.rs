@@ -427,3 +427,49 @@ async fn leasing_needs_the_lease_role_is_bounded_per_caller_and_only_the_holder_
         .expect_err("too long");
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_show_in_metrics_with_their_holder() {
+    let d = gpuwatch_testkit::Launch {
+        config: Some(four_gpus("")),
+        http: true,
+        ..gpuwatch_testkit::Launch::default()
+    }
+    .start();
+    let mut c = d.client_with(Some(LEASE_TOKEN)).await;
+    let got = c
+        .lease_gpus(lease_request(2, 600))
+        .await
+        .expect("lease")
+        .into_inner();
+    assert!(got.satisfied);
+    let metrics = crate::http_support::get_bearer(&d.http_url("/metrics"), READ_TOKEN).await;
+    assert_eq!(metrics.status, 200);
+    let body = metrics.body;
+    assert!(body.contains("gpuwatch_leases 2"), "{body}");
+    for lease in &got.leases {
+        let line = body
+            .lines()
+            .find(|l| l.starts_with("gpuwatch_gpu_leased{") && l.contains(&lease.id))
+            .unwrap_or_else(|| panic!("no gpuwatch_gpu_leased for {}: {body}", lease.id));
+        assert!(
+            line.contains("holder=\"scheduler\"") && line.ends_with(" 1.0"),
+            "{line}"
+        );
+        assert!(body.lines().any(
+            |l| l.starts_with("gpuwatch_gpu_lease_expiry_timestamp_seconds{")
+                && l.contains(&lease.id)
+        ));
+    }
+    // Released: gone from /metrics.
+    c.release_lease(api::ReleaseLeaseRequest {
+        lease_ids: got.leases.iter().map(|l| l.id.clone()).collect(),
+    })
+    .await
+    .expect("release");
+    let body = crate::http_support::get_bearer(&d.http_url("/metrics"), READ_TOKEN)
+        .await
+        .body;
+    assert!(body.contains("gpuwatch_leases 0"), "{body}");
+    assert!(!body.contains("gpuwatch_gpu_leased{"));
+}
