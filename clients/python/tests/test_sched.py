@@ -74,6 +74,8 @@ def test_a_killed_holders_gpus_come_back_after_the_ttl_and_restart_keeps_live_le
 
             assert events_pb2.EVENT_KIND_LEASE_EXPIRED in kinds
             assert kinds.count(events_pb2.EVENT_KIND_LEASE_GRANTED) == 3
+    except AssertionError as e:
+        raise AssertionError(f"{e}\ndaemon log:\n{''.join(d.log)}") from None
     finally:
         d.stop()
 
