@@ -413,11 +413,37 @@ impl Leases {
             response.leases = granted;
             (response, self.save(&book))
         };
-        ack.await.map_err(|e| {
-            Status::unavailable(format!(
-                "the lease was granted but could not be made durable: {e}"
-            ))
-        })?;
+        if let Err(e) = ack.await {
+            // A grant that would not survive a restart is not a grant: it is
+            // withdrawn (all or nothing), with an event per lease.
+            let withdrawn = {
+                let mut book = self.lock();
+                for lease in &response.leases {
+                    if book.by_uuid.get(&lease.uuid).is_some_and(|r| r.id == lease.id) {
+                        book.by_uuid.remove(&lease.uuid);
+                        drop(
+                            self.events.record(
+                                NewEvent::new(
+                                    api::EventKind::LeaseReleased,
+                                    Actor::daemon(),
+                                    format!(
+                                        "lease {} of {} withdrawn: the grant could not be made durable ({e})",
+                                        lease.id, lease.holder
+                                    ),
+                                )
+                                .gpu(lease.index, &lease.uuid)
+                                .lease(lease.clone()),
+                            ),
+                        );
+                    }
+                }
+                self.save(&book)
+            };
+            drop(withdrawn);
+            return Err(Status::unavailable(format!(
+                "nothing was leased: the grant could not be made durable ({e})"
+            )));
+        }
         Ok(response)
     }
 

@@ -473,3 +473,40 @@ async fn leases_show_in_metrics_with_their_holder() {
     assert!(body.contains("gpuwatch_leases 0"), "{body}");
     assert!(!body.contains("gpuwatch_gpu_leased{"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_cannot_be_made_durable_is_withdrawn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let d = crate::support::start(&state, Options::with_config(four_gpus("")));
+    let mut c = d.client_with(Some(LEASE_TOKEN)).await;
+    // The disk refuses the next save of leases.json.
+    std::fs::create_dir(state.join("leases.json.tmp")).expect("a directory where the file goes");
+    let err = c
+        .lease_gpus(lease_request(1, 600))
+        .await
+        .expect_err("a grant that is not durable is not an OK");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("nothing was leased"), "{err:?}");
+    let mut reader = d.client_with(Some(READ_TOKEN)).await;
+    let live = reader
+        .list_leases(api::ListLeasesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .leases;
+    assert!(live.is_empty(), "withdrawn: {live:?}");
+    // Once the disk works again, leasing does too.
+    std::fs::remove_dir(state.join("leases.json.tmp")).expect("unblock");
+    let ok = eventually(Duration::from_secs(10), "a durable grant", || {
+        let mut c = c.clone();
+        async move {
+            c.lease_gpus(lease_request(1, 600))
+                .await
+                .ok()
+                .map(tonic::Response::into_inner)
+        }
+    })
+    .await;
+    assert!(ok.satisfied);
+}
