@@ -63,6 +63,9 @@ fn resolve_hosts(global: &GlobalArgs, args: &HostArgs) -> Result<Vec<HostSpec>, 
     for text in &args.hosts {
         from_args.push(hosts::parse_host(text).map_err(|e| UsageError(e.to_string()))?);
     }
+    for text in &global.k8s_service {
+        from_args.push(hosts::k8s_service(text).map_err(|e| UsageError(e.to_string()))?);
+    }
     let from_file = match &global.hosts_file {
         Some(path) => hosts::read_hosts_file(path).map_err(|e| UsageError(e.to_string()))?,
         None => Vec::new(),

@@ -79,6 +79,11 @@ pub struct GlobalArgs {
         env = "GPUWATCH_TLS_SERVER_NAME"
     )]
     pub tls_server_name: Option<String>,
+    /// Every gpuwatch pod behind a Kubernetes headless Service: NAME.NAMESPACE[:PORT]
+    /// stands for NAME.NAMESPACE.svc.cluster.local, expanded to all its addresses
+    /// (repeat for several).
+    #[arg(long, global = true, value_name = "NAME.NAMESPACE")]
+    pub k8s_service: Vec<String>,
     /// Print NDJSON (one JSON object per line) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,

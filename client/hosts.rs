@@ -164,6 +164,36 @@ pub fn parse_host(input: &str) -> Result<HostSpec, HostError> {
     })
 }
 
+/// `--k8s-service NAME.NAMESPACE[:PORT]`: the cluster DNS name of a
+/// headless Service, `NAME.NAMESPACE.svc.cluster.local`, which [`discover`]
+/// expands to every pod behind it.
+pub fn k8s_service(input: &str) -> Result<HostSpec, HostError> {
+    let text = input.trim();
+    let (service, port) = match text.split_once(':') {
+        Some((s, p)) => (s, Some(p)),
+        None => (text, None),
+    };
+    let Some((name, namespace)) = service.split_once('.') else {
+        return Err(host_error(
+            input,
+            "--k8s-service takes NAME.NAMESPACE (e.g. gpuwatch.gpus)",
+        ));
+    };
+    if name.is_empty() || namespace.is_empty() || namespace.contains('.') {
+        return Err(host_error(
+            input,
+            "--k8s-service takes NAME.NAMESPACE (e.g. gpuwatch.gpus)",
+        ));
+    }
+    let fqdn = format!("{name}.{namespace}.svc.cluster.local");
+    let mut spec = parse_host(&match port {
+        Some(p) => format!("{fqdn}:{p}"),
+        None => fqdn,
+    })?;
+    spec.label = text.to_owned();
+    Ok(spec)
+}
+
 /// Test-only: `NAME=ADDR,ADDR;NAME=…` answers for [`discover`] instead of
 /// the system resolver (the CLI's suites give a name several loopback
 /// addresses this way). Not a setting.
@@ -425,6 +455,17 @@ mod tests {
         assert_eq!(out[2].uri(false), "http://[::1]:9451");
         assert_eq!(out[0].tls_name.as_deref(), Some("gpuwatch.gpus.svc"));
         assert_eq!(out[3].tls_name, None);
+    }
+
+    #[test]
+    fn a_k8s_service_is_its_cluster_dns_name() {
+        let h = k8s_service("gpuwatch.gpus").expect("parses");
+        assert_eq!(h.name, "gpuwatch.gpus.svc.cluster.local");
+        assert_eq!(h.port, DEFAULT_PORT);
+        assert_eq!(h.label, "gpuwatch.gpus");
+        assert_eq!(k8s_service("gw.ns:9999").expect("parses").port, 9999);
+        assert!(k8s_service("gpuwatch").is_err());
+        assert!(k8s_service("a.b.c").is_err());
     }
 
     #[tokio::test]

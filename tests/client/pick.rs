@@ -168,5 +168,30 @@ fn a_name_with_several_addresses_reaches_every_daemon() {
     let pick = run_client_env(&["pick", &name, "--count", "4", "--allow-busy"], &resolve);
     assert_eq!(pick.code, Some(0), "stderr {}", pick.stderr);
     assert_eq!(pick.stdout.lines().count(), 2, "{}", pick.stdout);
+    // The same through --k8s-service NAME.NAMESPACE: the Service's cluster
+    // DNS name, expanded to every pod behind it.
+    let service = format!("gpuwatch.gpus:{port}");
+    let k8s = run_client_env(
+        &["list", "--k8s-service", &service, "--json"],
+        &[
+            (
+                "GPUWATCH_TEST_RESOLVE",
+                "gpuwatch.gpus.svc.cluster.local=127.0.0.1,127.0.0.2",
+            ),
+            ("GPUWATCH_TOKEN", READ_TOKEN),
+        ],
+    );
+    assert_eq!(k8s.code, Some(0), "stderr {}", k8s.stderr);
+    let hosts: std::collections::BTreeSet<String> = k8s
+        .json_lines()
+        .iter()
+        .filter_map(|v| v["host"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h.starts_with("gpuwatch.gpus.svc.cluster.local/127.0.0."))
+    );
     drop(b);
 }
