@@ -9,6 +9,7 @@ use std::{env, error::Error, path::PathBuf};
 
 const PROTOS: &[&str] = &[
     "proto/gpuwatch/v1/common.proto",
+    "proto/gpuwatch/v1/leases.proto",
     "proto/gpuwatch/v1/telemetry.proto",
     "proto/gpuwatch/v1/control.proto",
     "proto/gpuwatch/v1/events.proto",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# CI: the Go example client (clients/go) built with grpc-go and run against a
-# live gpuwatch-server.
+# CI: the Go client (clients/go: the generated gpuwatchpb package, the
+# gpuwatch client package, the example programs) built with grpc-go and run
+# against live gpuwatch-servers; a program outside the repo imports it.
 #
 # Needs (installed by this script with apt-get when missing; Debian 12):
 #   golang-go (Go 1.19), golang-google-grpc-dev (grpc-go 1.33.3),
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/daemon.sh
 
-server_bin >/dev/null
+srv_bin="$(server_bin)"
 
 packages=(golang-go golang-google-grpc-dev golang-google-protobuf-dev
     golang-github-golang-protobuf-1-5-dev protobuf-compiler libprotobuf-dev
@@ -77,5 +78,44 @@ echo "example client: devices, watch, events and a refused request behaved as do
 
 cd "$work/gopath/src/gpuwatch/clients/go"
 GPUWATCH_TARGET="$DAEMON_ADDR" timeout 600 go test -count=1 -v .
+# The client package: every RPC, retries, resume across a restart, the fleet
+# helper, 50 concurrent leases on a 4-GPU daemon; its tests start their own
+# daemons (with lease tokens) from this binary.
+GPUWATCH_SERVER_BIN="$srv_bin" timeout 600 go test -count=1 -v ./gpuwatch/
+go build -o "$work/gpuwatch-go-scheduler" ./examples/scheduler
 cd - >/dev/null
+
+# A program outside the repository imports the package, as a user's would.
+mkdir -p "$work/outside/src/outsider"
+cat >"$work/outside/src/outsider/main.go" <<'GO'
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"gpuwatch/clients/go/gpuwatch"
+	pb "gpuwatch/clients/go/gpuwatchpb"
+)
+
+func main() {
+	c, err := gpuwatch.Dial(os.Args[1], gpuwatch.Options{})
+	if err != nil {
+		panic(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	p, err := c.Pick(ctx, &pb.PickCriteria{Count: 1, AllowBusy: true})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Printf("picked CUDA_VISIBLE_DEVICES=%s satisfied=%v\n", p.CudaVisibleDevices, p.Satisfied)
+}
+GO
+(cd "$work/outside/src/outsider" && GOPATH="$work/outside:$GOPATH" go build -o "$work/outsider" .)
+"$work/outsider" "$DAEMON_ADDR" | tee "$work/outsider.out"
+grep -q '^picked CUDA_VISIBLE_DEVICES=GPU-.* satisfied=true' "$work/outsider.out" \
+    || { echo "FAIL: the outside program could not pick a GPU" >&2; exit 1; }
 stop_daemon

@@ -2,7 +2,8 @@
 # CI: the Python client (clients/python) against a live gpuwatch-server.
 #
 # Needs: python3 >= 3.9 with venv and pip (Debian: python3-venv, installed by
-# this script when missing), PyPI for grpcio/grpcio-tools/protobuf/pytest, and
+# this script when missing), PyPI for grpcio/grpcio-tools/protobuf/pytest/mypy (+ types-protobuf,
+# types-grpcio), and
 # target/release/gpuwatch-server (`cargo build --release`). Run from the repo
 # root: .ci/python.sh
 #
@@ -11,7 +12,9 @@
 # 2. runs the example CLI (gpuwatch-py) against a daemon on simulated GPUs:
 #    lists devices, watches 20 frames checking the seq/stride/gap contract,
 #    replays events until caught_up, and checks the output and exit codes;
-# 3. runs the pytest suite (its fixture starts its own daemon).
+# 3. type-checks the installed package with mypy;
+# 4. runs the pytest suite (its fixtures start their own daemons, including
+#    4-GPU daemons with lease tokens for the pick/lease tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/daemon.sh
@@ -59,5 +62,9 @@ expect "$work/refused.err" 'INVALID_ARGUMENT.*minimum' "a too-short interval is 
 
 stop_daemon
 echo "example client: devices, watch, events and a refused request behaved as documented"
+
+# Type hints: the installed package (generated stubs ship .pyi files),
+# checked from outside the source tree so the installed copy is what is read.
+(cd "$work" && "$py" -m mypy --config-file "$OLDPWD/clients/python/pyproject.toml" -p gpuwatch_client)
 
 (cd clients/python && GPUWATCH_SERVER_BIN="$bin" timeout 600 "$py" -m pytest -q -p no:cacheprovider)

@@ -63,6 +63,9 @@ fn resolve_hosts(global: &GlobalArgs, args: &HostArgs) -> Result<Vec<HostSpec>, 
     for text in &args.hosts {
         from_args.push(hosts::parse_host(text).map_err(|e| UsageError(e.to_string()))?);
     }
+    for text in &global.k8s_service {
+        from_args.push(hosts::k8s_service(text).map_err(|e| UsageError(e.to_string()))?);
+    }
     let from_file = match &global.hosts_file {
         Some(path) => hosts::read_hosts_file(path).map_err(|e| UsageError(e.to_string()))?,
         None => Vec::new(),
@@ -100,11 +103,13 @@ fn host_args(command: &Command) -> &HostArgs {
         Command::SetPowerLimit(a) => &a.target.hosts,
         Command::ResetClocks(a) => &a.target.hosts,
         Command::SetThreshold(a) => &a.target.hosts,
+        Command::Pick(a) => &a.hosts,
+        Command::Release(a) => &a.hosts,
     }
 }
 
 async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
-    let hosts = resolve_hosts(&cli.global, host_args(&cli.command))?;
+    let hosts = hosts::discover(resolve_hosts(&cli.global, host_args(&cli.command))?).await;
     let connector = connector(&cli.global)?;
     let json = cli.global.json;
     match cli.command {
@@ -122,6 +127,8 @@ async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
         Command::SetThreshold(args) => {
             Ok(commands::control::set_threshold(args, hosts, connector, json).await)
         }
+        Command::Pick(args) => Ok(commands::pick::run(args, hosts, connector, json).await),
+        Command::Release(args) => Ok(commands::pick::release(args, hosts, connector, json).await),
     }
 }
 

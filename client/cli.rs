@@ -79,6 +79,11 @@ pub struct GlobalArgs {
         env = "GPUWATCH_TLS_SERVER_NAME"
     )]
     pub tls_server_name: Option<String>,
+    /// Every gpuwatch pod behind a Kubernetes headless Service: NAME.NAMESPACE[:PORT]
+    /// stands for NAME.NAMESPACE.svc.cluster.local, expanded to all its addresses
+    /// (repeat for several).
+    #[arg(long, global = true, value_name = "NAME.NAMESPACE")]
+    pub k8s_service: Vec<String>,
     /// Print NDJSON (one JSON object per line) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -156,6 +161,75 @@ gpuwatch-client set-threshold node1 --gpu all --celsius 80\n  \
 gpuwatch-client set-threshold node1 --gpu 0 --celsius 78 --hysteresis 4\n  \
 gpuwatch-client set-threshold node1 --gpu 0 --default")]
     SetThreshold(SetThresholdArgs),
+    /// Pick the best GPUs across the hosts for new work (and optionally
+    /// lease them, so other schedulers' picks skip them).
+    ///
+    /// Every host ranks its GPUs against the criteria; the best fitting
+    /// GPUs over all hosts win. Prints one `HOST CUDA_VISIBLE_DEVICES=…`
+    /// line per host with picked GPUs (with --lease, followed by
+    /// `GPUWATCH_LEASES=…`, the ids `release` takes), or NDJSON. Exit
+    /// status 1 when fewer than --count GPUs fit, saying which criteria
+    /// ruled the rest out. A lease is advisory: CUDA does not enforce it.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client pick node1 node2 --count 2 --min-free 20GiB\n  \
+gpuwatch-client pick node1 --count 1 --max-util 10 --min-headroom 10 --lease 10m\n  \
+gpuwatch-client pick --hosts-file fleet.txt --count 4 --lease 1h --json")]
+    Pick(PickArgs),
+    /// End leases taken with `pick --lease` (or LeaseGpus).
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client release node1 --lease 18c2f3a9d10-1-0\n  \
+gpuwatch-client release node1 node2 --lease ID1,ID2")]
+    Release(ReleaseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PickArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// How many GPUs, over all hosts.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub count: u32,
+    /// Free memory each GPU must have, e.g. 20GiB, 512MiB, 80GB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub min_free: Option<u64>,
+    /// Highest GPU utilisation (%) over the window.
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_util: Option<u32>,
+    /// Least thermal headroom (governor threshold - temperature), in °C.
+    #[arg(long, value_name = "C", allow_hyphen_values = true)]
+    pub min_headroom: Option<i32>,
+    /// The window utilisation is averaged over.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub window: Duration,
+    /// GPUs in MIG mode may be picked.
+    #[arg(long)]
+    pub allow_mig: bool,
+    /// GPUs with processes (or a kubelet allocation) may be picked.
+    #[arg(long)]
+    pub allow_busy: bool,
+    /// Only consider these GPUs (index, UUID or all; repeat or separate with commas).
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// Lease the picked GPUs for this long (needs a token with the lease role).
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub lease: Option<Duration>,
+    /// Recorded with the lease (a job id, a command).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub purpose: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// Lease ids to end (repeat or separate with commas).
+    #[arg(
+        long = "lease",
+        value_name = "ID",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub leases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -327,6 +401,39 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(t)
         .map_err(|e| format!("\"{text}\" is not a duration ({e}); e.g. 500ms, 2s, 1m"))
+}
+
+/// A size in bytes: "20GiB", "512MiB", "80GB", "1.5TiB", or a plain number.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size; e.g. 20GiB, 512MiB, 80GB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "\"{text}\": unknown unit \"{other}\"; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes > 1e18 {
+        return Err(format!("\"{text}\" is too large"));
+    }
+    Ok(bytes as u64)
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {

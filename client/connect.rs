@@ -93,6 +93,8 @@ pub struct Connector {
     auth: Auth,
     /// TLS settings from the command line; `Some` forces TLS on every host.
     tls: Option<ClientTlsConfig>,
+    /// --tls-server-name was given (it wins over a discovered host's name).
+    tls_server_name: Option<String>,
 }
 
 impl Connector {
@@ -172,6 +174,7 @@ impl Connector {
             timeout,
             auth: Auth { header },
             tls,
+            tls_server_name: security.tls_server_name.clone(),
         })
     }
 
@@ -193,10 +196,17 @@ impl Connector {
             .keep_alive_timeout(self.timeout.max(Duration::from_secs(5)))
             .keep_alive_while_idle(false);
         if tls {
-            let config = self
+            let mut config = self
                 .tls
                 .clone()
                 .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
+            // An address discovery found for a name: verify it as that name
+            // (unless --tls-server-name already says which name to expect).
+            if let Some(name) = &host.tls_name
+                && self.tls_server_name.is_none()
+            {
+                config = config.domain_name(name.clone());
+            }
             endpoint = endpoint
                 .tls_config(config)
                 .map_err(|e| HostFailure::Connect(format!("TLS: {}", describe_error(&e))))?;

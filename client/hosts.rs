@@ -4,9 +4,15 @@
 //! Accepted forms: `name`, `name:port`, `[v6addr]:port`, a bare IPv6 address,
 //! and `http://name[:port]` / `https://name[:port]` (https means TLS). The
 //! port defaults to the daemon's default gRPC port. Errors name the input and
-//! the forms that are allowed; nothing here touches the network.
+//! the forms that are allowed; parsing never touches the network.
+//!
+//! Discovery ([`discover`]): a name that resolves to several addresses (a
+//! Kubernetes headless Service, round-robin DNS) stands for every one of
+//! them, so it becomes one host per address, labelled `NAME/ADDR:PORT`; with
+//! TLS each is still verified as NAME. A name with one address (or none:
+//! its failure is reported when connecting) stays as written.
 
-use std::{fmt, path::Path};
+use std::{fmt, future::Future, io, net::IpAddr, path::Path};
 
 /// The daemon's default gRPC port. Kept here rather than imported from the
 /// daemon's config module: the client depends on the wire contract only.
@@ -22,6 +28,9 @@ pub struct HostSpec {
     pub port: u16,
     /// `https://` was given: connect with TLS.
     pub tls: bool,
+    /// The name to verify a TLS certificate against when `name` is one of
+    /// the addresses discovery found for it.
+    pub tls_name: Option<String>,
 }
 
 impl HostSpec {
@@ -151,7 +160,117 @@ pub fn parse_host(input: &str) -> Result<HostSpec, HostError> {
         name,
         port,
         tls,
+        tls_name: None,
     })
+}
+
+/// `--k8s-service NAME.NAMESPACE[:PORT]`: the cluster DNS name of a
+/// headless Service, `NAME.NAMESPACE.svc.cluster.local`, which [`discover`]
+/// expands to every pod behind it.
+pub fn k8s_service(input: &str) -> Result<HostSpec, HostError> {
+    let text = input.trim();
+    let (service, port) = match text.split_once(':') {
+        Some((s, p)) => (s, Some(p)),
+        None => (text, None),
+    };
+    let Some((name, namespace)) = service.split_once('.') else {
+        return Err(host_error(
+            input,
+            "--k8s-service takes NAME.NAMESPACE (e.g. gpuwatch.gpus)",
+        ));
+    };
+    if name.is_empty() || namespace.is_empty() || namespace.contains('.') {
+        return Err(host_error(
+            input,
+            "--k8s-service takes NAME.NAMESPACE (e.g. gpuwatch.gpus)",
+        ));
+    }
+    let fqdn = format!("{name}.{namespace}.svc.cluster.local");
+    let mut spec = parse_host(&match port {
+        Some(p) => format!("{fqdn}:{p}"),
+        None => fqdn,
+    })?;
+    spec.label = text.to_owned();
+    Ok(spec)
+}
+
+/// Test-only: `NAME=ADDR,ADDR;NAME=…` answers for [`discover`] instead of
+/// the system resolver (the CLI's suites give a name several loopback
+/// addresses this way). Not a setting.
+#[doc(hidden)]
+pub const TEST_RESOLVE_ENV: &str = "GPUWATCH_TEST_RESOLVE";
+
+/// Every address `name` resolves to, in the resolver's order, each once.
+async fn system_resolve(name: String, port: u16) -> io::Result<Vec<IpAddr>> {
+    if let Ok(table) = std::env::var(TEST_RESOLVE_ENV) {
+        for entry in table.split(';') {
+            if let Some((n, addrs)) = entry.split_once('=')
+                && n.trim() == name
+            {
+                return Ok(addrs
+                    .split(',')
+                    .filter_map(|a| a.trim().parse().ok())
+                    .collect());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for addr in tokio::net::lookup_host((name.as_str(), port)).await? {
+        if !out.contains(&addr.ip()) {
+            out.push(addr.ip());
+        }
+    }
+    Ok(out)
+}
+
+/// Expands every host whose name resolves to several addresses into one
+/// host per address (see the module docs), with the system's resolver.
+pub async fn discover(hosts: Vec<HostSpec>) -> Vec<HostSpec> {
+    discover_with(hosts, system_resolve).await
+}
+
+/// [`discover`] with `resolve` as the resolver.
+pub async fn discover_with<F, Fut>(hosts: Vec<HostSpec>, resolve: F) -> Vec<HostSpec>
+where
+    F: Fn(String, u16) -> Fut,
+    Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+{
+    let mut out: Vec<HostSpec> = Vec::with_capacity(hosts.len());
+    for host in hosts {
+        if host.name.parse::<IpAddr>().is_ok() {
+            out.push(host);
+            continue;
+        }
+        let addrs = resolve(host.name.clone(), host.port)
+            .await
+            .unwrap_or_default();
+        if addrs.len() < 2 {
+            out.push(host);
+            continue;
+        }
+        for addr in addrs {
+            let name = addr.to_string();
+            let shown = if addr.is_ipv6() {
+                format!("[{name}]:{}", host.port)
+            } else {
+                format!("{name}:{}", host.port)
+            };
+            let expanded = HostSpec {
+                label: format!("{}/{shown}", host.name),
+                name,
+                port: host.port,
+                tls: host.tls,
+                tls_name: Some(host.name.clone()),
+            };
+            if !out
+                .iter()
+                .any(|h| h.name == expanded.name && h.port == expanded.port)
+            {
+                out.push(expanded);
+            }
+        }
+    }
+    out
 }
 
 /// A hosts file that could not be used.
@@ -297,5 +416,63 @@ mod tests {
         let file = vec![ok("http://a:9450"), ok("c")];
         let labels: Vec<_> = merge(args, file).into_iter().map(|h| h.label).collect();
         assert_eq!(labels, ["a", "b:1", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_name_with_several_addresses_becomes_one_host_per_address() {
+        let resolve = |name: String, _port: u16| async move {
+            Ok(match name.as_str() {
+                "gpuwatch.gpus.svc" => vec![
+                    "127.0.0.2".parse().expect("ip"),
+                    "127.0.0.3".parse().expect("ip"),
+                    "127.0.0.2".parse().expect("ip"),
+                    "::1".parse().expect("ip"),
+                ],
+                "single" => vec!["127.0.0.9".parse().expect("ip")],
+                _ => Vec::new(),
+            })
+        };
+        let hosts = vec![
+            ok("gpuwatch.gpus.svc:9451"),
+            ok("single"),
+            ok("10.0.0.1"),
+            ok("unknown.example"),
+        ];
+        let out = discover_with(hosts, resolve).await;
+        let labels: Vec<&str> = out.iter().map(|h| h.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "gpuwatch.gpus.svc/127.0.0.2:9451",
+                "gpuwatch.gpus.svc/127.0.0.3:9451",
+                "gpuwatch.gpus.svc/[::1]:9451",
+                "single",
+                "10.0.0.1",
+                "unknown.example"
+            ]
+        );
+        assert_eq!(out[0].uri(false), "http://127.0.0.2:9451");
+        assert_eq!(out[2].uri(false), "http://[::1]:9451");
+        assert_eq!(out[0].tls_name.as_deref(), Some("gpuwatch.gpus.svc"));
+        assert_eq!(out[3].tls_name, None);
+    }
+
+    #[test]
+    fn a_k8s_service_is_its_cluster_dns_name() {
+        let h = k8s_service("gpuwatch.gpus").expect("parses");
+        assert_eq!(h.name, "gpuwatch.gpus.svc.cluster.local");
+        assert_eq!(h.port, DEFAULT_PORT);
+        assert_eq!(h.label, "gpuwatch.gpus");
+        assert_eq!(k8s_service("gw.ns:9999").expect("parses").port, 9999);
+        assert!(k8s_service("gpuwatch").is_err());
+        assert!(k8s_service("a.b.c").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_system_resolver_finds_localhost() {
+        let addrs = system_resolve("localhost".to_owned(), 9450)
+            .await
+            .expect("localhost resolves");
+        assert!(addrs.iter().all(IpAddr::is_loopback), "{addrs:?}");
     }
 }

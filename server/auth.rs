@@ -35,9 +35,16 @@ use crate::{
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// ListDevices, GetSnapshot, Watch, WatchEvents, GetPolicy.
+    /// ListDevices, GetSnapshot, Watch, WatchEvents, GetPolicy, PickGpus,
+    /// ListLeases.
     Read,
-    /// Everything, including SetPowerLimit, ResetClocks, SetThreshold.
+    /// Read, and hold GPUs: LeaseGpus, RenewLease, ReleaseLease. Between
+    /// read and control because a lease changes what other schedulers are
+    /// told (a leased GPU does not fit their picks) but never touches a
+    /// GPU: a scheduler's token should not be able to change power limits.
+    Lease,
+    /// Everything, including SetPowerLimit, ResetClocks, SetThreshold (and
+    /// releasing anyone's lease).
     Control,
 }
 
@@ -45,6 +52,7 @@ impl Role {
     fn name(self) -> &'static str {
         match self {
             Role::Read => "read",
+            Role::Lease => "lease",
             Role::Control => "control",
         }
     }
@@ -54,6 +62,7 @@ impl From<RoleName> for Role {
     fn from(r: RoleName) -> Self {
         match r {
             RoleName::Read => Role::Read,
+            RoleName::Lease => Role::Lease,
             RoleName::Control => Role::Control,
         }
     }
@@ -274,6 +283,13 @@ impl Authenticator {
             Role::Control => Err(refuse(
                 Status::unauthenticated(format!(
                     "{method} needs a token with role control; send it as `authorization: Bearer <token>` (--token / GPUWATCH_TOKEN)"
+                )),
+                "anonymous",
+            )),
+            Role::Lease => Err(refuse(
+                Status::unauthenticated(format!(
+                    "{method} needs a token with role lease (or control); send it as `authorization: Bearer <token>` (--token / GPUWATCH_TOKEN). \
+                     Configure one with [[auth.tokens]] name = \"scheduler\", role = \"lease\", token = \"<secret>\""
                 )),
                 "anonymous",
             )),

@@ -75,6 +75,7 @@ pub enum Need {
 
 const OPEN: Need = Need::Nothing;
 const READ: Need = Need::Role(Role::Read);
+const LEASE: Need = Need::Role(Role::Lease);
 const CONTROL: Need = Need::Role(Role::Control);
 
 /// Every gRPC method the daemon serves, by path, and what it needs. A path
@@ -88,6 +89,11 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gpuwatch.v1.GpuWatch/SetPowerLimit", CONTROL),
     ("/gpuwatch.v1.GpuWatch/ResetClocks", CONTROL),
     ("/gpuwatch.v1.GpuWatch/SetThreshold", CONTROL),
+    ("/gpuwatch.v1.GpuWatch/PickGpus", READ),
+    ("/gpuwatch.v1.GpuWatch/ListLeases", READ),
+    ("/gpuwatch.v1.GpuWatch/LeaseGpus", LEASE),
+    ("/gpuwatch.v1.GpuWatch/RenewLease", LEASE),
+    ("/gpuwatch.v1.GpuWatch/ReleaseLease", LEASE),
     ("/grpc.health.v1.Health/Check", OPEN),
     ("/grpc.health.v1.Health/Watch", OPEN),
     (
@@ -376,7 +382,9 @@ impl<S> Authorize<S> {
         match self.auth.authorize(request, method, need) {
             Ok(caller) => Ok(Some(caller)),
             Err(refusal) => {
-                if need == Role::Control {
+                // Leasing changes what other schedulers are told: a refused
+                // lease call is audited like a refused control call.
+                if need >= Role::Lease {
                     self.record_refused_control(request, method, &refusal);
                 }
                 Err(refusal.status)
@@ -540,13 +548,16 @@ mod tests {
         let stale: Vec<_> = table.difference(&served).collect();
         assert!(stale.is_empty(), "entries for no served method: {stale:?}");
         // The contract's methods all need a credential (only health and
-        // reflection are open), and Set*/Reset* need control.
+        // reflection are open), Set*/Reset* need control, and the methods
+        // that take, renew or end a lease need the lease role.
         let ours = method_paths(&[api::FILE_DESCRIPTOR_SET]);
         assert!(ours.len() >= 8, "{ours:?}");
         for path in &ours {
             let name = path.rsplit('/').next().expect("a method name");
             let expected = if name.starts_with("Set") || name.starts_with("Reset") {
                 CONTROL
+            } else if matches!(name, "LeaseGpus" | "RenewLease" | "ReleaseLease") {
+                LEASE
             } else {
                 READ
             };

@@ -135,6 +135,32 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Who uses each GPU: see `attribution`.
     pub attribution: crate::attribution::AttributionConfig,
+    /// GPU leases (LeaseGpus): see `leases`.
+    pub leases: LeasesConfig,
+}
+
+/// GPU leases: how long they last and how many one caller may hold.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeasesConfig {
+    /// Leases one caller (token name, certificate subject) may hold at once.
+    pub max_per_caller: usize,
+    /// The TTL of a lease whose request names none.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// The longest TTL a request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl Default for LeasesConfig {
+    fn default() -> Self {
+        Self {
+            max_per_caller: 16,
+            default_ttl: Duration::from_secs(600),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// Listeners and server-wide limits.
@@ -642,10 +668,12 @@ pub struct Overrides {
 
 string_enum! {
     /// What a caller may do: `read` (ListDevices, GetSnapshot, Watch,
-    /// WatchEvents, GetPolicy) or `control` (also SetPowerLimit, ResetClocks,
-    /// SetThreshold).
+    /// WatchEvents, GetPolicy, PickGpus, ListLeases), `lease` (also
+    /// LeaseGpus, RenewLease, ReleaseLease) or `control` (everything, also
+    /// SetPowerLimit, ResetClocks, SetThreshold).
     pub enum RoleName {
         Read = "read",
+        Lease = "lease",
         Control = "control",
     }
 }
@@ -924,6 +952,28 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         a.pod_resources_timeout,
         Duration::from_millis(10),
         Duration::from_secs(60),
+        dur,
+    )?;
+    let leases = &cfg.leases;
+    check_range(
+        "leases.max_per_caller",
+        leases.max_per_caller,
+        1,
+        4096,
+        |v| v.to_string(),
+    )?;
+    check_range(
+        "leases.max_ttl",
+        leases.max_ttl,
+        Duration::from_secs(1),
+        Duration::from_secs(7 * 24 * 3600),
+        dur,
+    )?;
+    check_range(
+        "leases.default_ttl",
+        leases.default_ttl,
+        Duration::from_secs(1),
+        leases.max_ttl,
         dur,
     )?;
     let l = &cfg.limits;

@@ -377,6 +377,28 @@ pub async fn start_until(
         config.sampler.history,
     ));
     let tracker = attribution_tracker(&config, sim_records, &events)?;
+    // Leases granted before a restart are still held (those that expired
+    // while the daemon was down are dropped, with an event each).
+    let (leases, lease_report) =
+        crate::leases::Leases::open(&writer, events.clone(), hub.clone(), config.leases.clone());
+    for problem in &lease_report.problems {
+        tracing::warn!("leases: {problem}");
+        events.record(
+            NewEvent::new(
+                EventKind::StateDamaged,
+                Actor::startup(),
+                format!("lease file: {problem}"),
+            )
+            .severity(Severity::Warning),
+        );
+    }
+    if lease_report.loaded > 0 || lease_report.expired > 0 {
+        tracing::info!(
+            live = lease_report.loaded,
+            expired = lease_report.expired,
+            "leases restored from the state directory"
+        );
+    }
     let sampler = Sampler::new(slots, hub.clone(), events.clone(), config.sampler.clone())
         .with_attribution(tracker.clone());
     sampler.publish_devices();
@@ -442,6 +464,7 @@ pub async fn start_until(
             streams: streams.clone(),
             shutdown: shutdown.clone(),
             attribution: Some(tracker),
+            leases: leases.clone(),
         },
         &host_facts,
     );
@@ -564,6 +587,7 @@ pub async fn start_until(
             hostname: crate::service::hostname(),
             access,
             write_timeout: config.limits.http_write_timeout,
+            leases: Some(leases.clone()),
         };
         let limits = crate::http::conn::ConnLimits {
             max_connections: http_cap,
@@ -579,6 +603,20 @@ pub async fn start_until(
         })
     });
 
+    // Expired leases end (with an event) within a second of their TTL.
+    {
+        let leases = leases.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => leases.sweep().await,
+                }
+            }
+        });
+    }
     let control_task = tokio::spawn(controller.run(requests, shutdown.clone()));
     let grace = config.server.shutdown_grace;
     let stop = shutdown.clone();

@@ -94,6 +94,9 @@ pub struct NewEvent {
     pub xid: Option<u64>,
     /// Who started or stopped using a GPU, for ATTRIBUTION_CHANGED.
     pub attribution: Option<api::AttributionChange>,
+    /// The lease, for LEASE_GRANTED / LEASE_RELEASED / LEASE_EXPIRED (live
+    /// subscribers get it; the log on disk keeps the reason's words).
+    pub lease: Option<api::Lease>,
     /// fsync the log after this event (default). Events that anyone could
     /// cause in bulk (refused requests) are written but not fsynced, so a
     /// flood of them cannot turn into a flood of disk flushes, and they may
@@ -112,12 +115,18 @@ impl NewEvent {
             change: None,
             xid: None,
             attribution: None,
+            lease: None,
             durable: true,
         }
     }
 
     pub fn not_durable(mut self) -> Self {
         self.durable = false;
+        self
+    }
+
+    pub fn lease(mut self, lease: api::Lease) -> Self {
+        self.lease = Some(lease);
         self
     }
 
@@ -456,6 +465,7 @@ impl EventLog {
             change: new.change,
             xid: new.xid,
             attribution: new.attribution,
+            lease: new.lease,
         });
         let Some(writer) = &self.writer else {
             *next_seq += 1;
@@ -976,6 +986,7 @@ fn decode_line(line: &[u8]) -> Option<api::Event> {
         }),
         xid: r.xid,
         attribution: r.attribution.map(AttributionRecord::into_wire),
+        lease: None,
     })
 }
 

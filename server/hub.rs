@@ -208,6 +208,14 @@ impl Hub {
             .clone()
     }
 
+    /// The newest `n` frames of the history ring, oldest first (a pick's
+    /// utilisation window).
+    pub fn recent(&self, n: usize) -> Vec<Arc<Frame>> {
+        let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        let skip = history.len().saturating_sub(n);
+        history.iter().skip(skip).cloned().collect()
+    }
+
     /// Subscribes to live frames; with `resume_after`, also returns the
     /// history frames with a larger seq.
     pub fn subscribe(&self, resume_after: Option<u64>) -> Subscription {

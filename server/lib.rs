@@ -65,6 +65,7 @@ test_visible!(
     governor,
     http,
     hub,
+    leases,
     persist
 );
 

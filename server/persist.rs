@@ -390,8 +390,8 @@ impl Persister {
             stats: stats.clone(),
             log: None,
             reporter: None,
-            unsaved: None,
-            last_save: Ok(()),
+            unsaved: Vec::new(),
+            last_save: Vec::new(),
             events_health: Health::default(),
             state_health: Health::default(),
             backlog: Vec::new(),
@@ -556,10 +556,11 @@ struct Writer {
     stats: Arc<Stats>,
     log: Option<(EventFiles, Publish)>,
     reporter: Option<Reporter>,
-    /// The newest version of the replaced file not yet saved.
-    unsaved: Option<(ReplacedFile, Vec<u8>)>,
-    /// How the newest save went.
-    last_save: Result<(), PersistError>,
+    /// The newest version of each replaced file not yet saved (at most one
+    /// per file: `state.json`, `leases.json`), in the order first queued.
+    unsaved: Vec<(ReplacedFile, Vec<u8>)>,
+    /// How the newest save of each replaced file went (absent: none yet).
+    last_save: Vec<(&'static str, Result<(), PersistError>)>,
     events_health: Health,
     state_health: Health,
     /// Audit-trail events the disk refused, oldest first, written before
@@ -670,7 +671,7 @@ impl Writer {
             .build();
         loop {
             let retrying =
-                self.unsaved.is_some() || !self.backlog.is_empty() || self.reports_waiting();
+                !self.unsaved.is_empty() || !self.backlog.is_empty() || self.reports_waiting();
             let first = match (&timer, retrying) {
                 (Ok(rt), true) => {
                     // The timer is made inside the runtime, which drives it.
@@ -699,7 +700,7 @@ impl Writer {
             self.commit_and_answer(batch, &mut rx);
         }
         // The channel is closed: a last try for what is still pending.
-        if self.unsaved.is_some() || !self.backlog.is_empty() {
+        if !self.unsaved.is_empty() || !self.backlog.is_empty() {
             self.commit_and_answer(Vec::new(), &mut rx);
         }
     }
@@ -734,7 +735,7 @@ impl Writer {
         );
         let state_file = self.dir.join(
             self.unsaved
-                .as_ref()
+                .first()
                 .map_or("state.json", |(file, _)| file.current),
         );
         let due: Vec<DiskReport> = [
@@ -825,9 +826,12 @@ impl Writer {
                 }),
                 Request::Replace { file, bytes, ack } => {
                     if let Some(bytes) = bytes {
-                        self.unsaved = Some((file, bytes));
+                        match self.unsaved.iter_mut().find(|(f, _)| *f == file) {
+                            Some(pending) => pending.1 = bytes,
+                            None => self.unsaved.push((file, bytes)),
+                        }
                     }
-                    state_acks.push(ack);
+                    state_acks.push((file.current, ack));
                 }
                 Request::Flush { ack } => flushes.push(ack),
             }
@@ -836,9 +840,9 @@ impl Writer {
         replies.extend(self.commit_events(events));
         // A save still pending (a new version, or one that failed before)
         // is tried on every wake-up until it works.
-        if let Some((file, bytes)) = self.unsaved.take() {
-            self.last_save = save_replaced(&self.dir, file, &bytes);
-            match &self.last_save {
+        for (file, bytes) in std::mem::take(&mut self.unsaved) {
+            let result = save_replaced(&self.dir, file, &bytes);
+            match &result {
                 Ok(()) => {
                     self.stats.state_saves.fetch_add(1, Ordering::Relaxed);
                     self.stats.state_failing.store(false, Ordering::Relaxed);
@@ -849,12 +853,21 @@ impl Writer {
                     self.stats.state_failing.store(true, Ordering::Relaxed);
                     self.state_health.failed(e);
                     tracing::debug!(error = %e, "could not save the desired state; retrying");
-                    self.unsaved = Some((file, bytes));
+                    self.unsaved.push((file, bytes));
                 }
             }
+            match self.last_save.iter_mut().find(|(f, _)| *f == file.current) {
+                Some(last) => last.1 = result,
+                None => self.last_save.push((file.current, result)),
+            }
         }
-        for ack in state_acks {
-            replies.push((ack, self.last_save.clone()));
+        for (file, ack) in state_acks {
+            let last = self
+                .last_save
+                .iter()
+                .find(|(f, _)| *f == file)
+                .map_or(Ok(()), |(_, r)| r.clone());
+            replies.push((ack, last));
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         for ack in flushes {
@@ -1332,6 +1345,34 @@ mod tests {
         writer.flush().await.expect("flushed");
         assert_eq!(seqs_on_disk(dir.path()).len(), 10);
         assert_eq!(log.recent(100).len(), 10, "and published");
+    }
+
+    #[tokio::test]
+    async fn two_replaced_files_queued_in_one_batch_are_both_saved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer =
+            Persister::start_with_delay(Some(dir.path()), Some(Duration::from_millis(100)))
+                .expect("writer");
+        let other = ReplacedFile {
+            current: "other.json",
+            previous: "other.json.prev",
+            temporary: "other.json.tmp",
+        };
+        // Queued together: one commit sees both (the delay batches them).
+        let a = writer.replace(crate::state::STATE_FILE, Some(b"{\"a\":1}\n".to_vec()));
+        let b = writer.replace(other, Some(b"{\"b\":1}\n".to_vec()));
+        let c = writer.replace(crate::state::STATE_FILE, Some(b"{\"a\":2}\n".to_vec()));
+        a.await.expect("state saved");
+        b.await.expect("other saved");
+        c.await.expect("state saved again");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("state.json")).expect("state"),
+            "{\"a\":2}\n"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("other.json")).expect("other"),
+            "{\"b\":1}\n"
+        );
     }
 
     #[tokio::test]

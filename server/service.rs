@@ -22,11 +22,13 @@ use tonic::{Request, Response, Status};
 use crate::{
     api::{
         self, EventsCaughtUp, Frame, Gap, GapReason, GetPolicyRequest, GetPolicyResponse,
-        GetSnapshotRequest, GetSnapshotResponse, HostInfo, ListDevicesRequest, ListDevicesResponse,
-        ResetClocksRequest, ResetClocksResponse, SetPowerLimitRequest, SetPowerLimitResponse,
-        SetThresholdRequest, SetThresholdResponse, WatchEventsRequest, WatchEventsResponse,
-        WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch, watch_events_response,
-        watch_response,
+        GetSnapshotRequest, GetSnapshotResponse, HostInfo, LeaseGpusRequest, ListDevicesRequest,
+        ListDevicesResponse, ListLeasesRequest, ListLeasesResponse, PickGpusRequest,
+        PickGpusResponse, ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
+        RenewLeaseResponse, ResetClocksRequest, ResetClocksResponse, SetPowerLimitRequest,
+        SetPowerLimitResponse, SetThresholdRequest, SetThresholdResponse, WatchEventsRequest,
+        WatchEventsResponse, WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch,
+        watch_events_response, watch_response,
     },
     attribution::tracker::Tracker,
     auth::Role,
@@ -36,6 +38,7 @@ use crate::{
     control_status,
     events::EventLog,
     hub::Hub,
+    leases::Leases,
     limits::{StreamLimiter, StreamPermit},
     selector::{self, Empty},
     throttle,
@@ -58,6 +61,7 @@ pub struct GpuWatchService {
     host: Arc<HostInfo>,
     shutdown: CancellationToken,
     attribution: Option<Tracker>,
+    leases: Arc<Leases>,
 }
 
 /// What the service is built from.
@@ -70,6 +74,8 @@ pub struct ServiceParts {
     pub shutdown: CancellationToken,
     /// Who uses each GPU (for the attribution status in ListDevices).
     pub attribution: Option<Tracker>,
+    /// The lease book and picker.
+    pub leases: Arc<Leases>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -86,6 +92,7 @@ impl GpuWatchService {
             streams,
             shutdown,
             attribution,
+            leases,
         } = parts;
         let hostname = hostname();
         let host = HostInfo {
@@ -108,6 +115,7 @@ impl GpuWatchService {
             host: Arc::new(host),
             shutdown,
             attribution,
+            leases,
         }
     }
 
@@ -121,12 +129,14 @@ impl GpuWatchService {
     fn devices_with_policy(&self) -> Vec<api::DeviceInfo> {
         let policies = self.hub.policies();
         let latest = self.hub.latest();
+        let leases = self.leases.live();
         self.hub
             .devices()
             .iter()
             .map(|d| {
                 let mut d = d.clone();
                 d.policy = policies.iter().find(|p| p.index == d.index).cloned();
+                d.lease = leases.get(&d.uuid).cloned();
                 if let Some(sample) = latest
                     .as_ref()
                     .and_then(|f| f.samples.iter().find(|s| s.index == d.index))
@@ -502,6 +512,58 @@ impl GpuWatch for GpuWatchService {
             .await
             .map(Response::new)
             .map_err(|e| control_status::status(&e))
+    }
+
+    async fn pick_gpus(
+        &self,
+        request: Request<PickGpusRequest>,
+    ) -> Result<Response<PickGpusResponse>, Status> {
+        authz::caller(&request, Role::Read)?;
+        let criteria = request.into_inner().criteria.unwrap_or_default();
+        self.leases.pick(&criteria).map(Response::new)
+    }
+
+    async fn lease_gpus(
+        &self,
+        request: Request<LeaseGpusRequest>,
+    ) -> Result<Response<PickGpusResponse>, Status> {
+        let caller = authz::caller(&request, Role::Lease)?.clone();
+        self.leases
+            .lease(request.get_ref(), &caller)
+            .await
+            .map(Response::new)
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<RenewLeaseRequest>,
+    ) -> Result<Response<RenewLeaseResponse>, Status> {
+        let caller = authz::caller(&request, Role::Lease)?.clone();
+        self.leases
+            .renew(request.get_ref(), &caller)
+            .await
+            .map(Response::new)
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        let caller = authz::caller(&request, Role::Lease)?.clone();
+        self.leases
+            .release(request.get_ref(), &caller)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<ListLeasesRequest>,
+    ) -> Result<Response<ListLeasesResponse>, Status> {
+        authz::caller(&request, Role::Read)?;
+        let mut leases: Vec<_> = self.leases.live().into_values().collect();
+        leases.sort_by_key(|l| l.index);
+        Ok(Response::new(ListLeasesResponse { leases }))
     }
 }
 

@@ -153,15 +153,23 @@ mod tests {
             16,
         ));
         let (events, _) = EventLog::open(None, 100);
+        let events = Arc::new(events);
+        let (leases, _) = crate::leases::Leases::open(
+            &crate::persist::Persister::memory(),
+            events.clone(),
+            hub.clone(),
+            crate::config::LeasesConfig::default(),
+        );
         let (control, _requests) = ControlHandle::channel();
         let service = GpuWatchService::new(
             ServiceParts {
                 hub: hub.clone(),
-                events: Arc::new(events),
+                events,
                 control,
                 streams: StreamLimiter::new(8, 8),
                 shutdown: CancellationToken::new(),
                 attribution: None,
+                leases,
             },
             &HostFacts {
                 backend: "simulator",

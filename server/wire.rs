@@ -82,6 +82,7 @@ pub fn device_info(
         memory_total_bytes: facts.memory_total_bytes,
         mig_enabled: mig.map(|m| m.enabled),
         mig_instances: mig.map(|m| mig_instances(m, &[])).unwrap_or_default(),
+        lease: None,
     }
 }
 

@@ -1,11 +1,12 @@
 //! The one-shot and control commands: `snapshot`, `ps`, `list`, `events`,
-//! `set-power-limit`, `reset-clocks`, `set-threshold` (`watch` has its own
-//! module). Each contacts every host at once through [`crate::fleet`] and
+//! `set-power-limit`, `reset-clocks`, `set-threshold`, `pick`, `release`
+//! (`watch` has its own module). Each contacts every host at once through [`crate::fleet`] and
 //! prints a table or NDJSON; what they share lives here.
 
 pub mod control;
 pub mod events;
 pub mod list;
+pub mod pick;
 pub mod ps;
 pub mod snapshot;
 

@@ -69,6 +69,8 @@ pub struct Sources {
     pub hostname: Arc<str>,
     /// Dashboard streams open now (the HTTP side's own subscribers).
     pub dashboard_streams: Arc<AtomicUsize>,
+    /// The lease book (None: no leases to show).
+    pub leases: Option<Arc<crate::leases::Leases>>,
 }
 
 /// Which text format a scraper gets.
@@ -461,6 +463,7 @@ impl Collector for HubCollector {
         device_facts(&mut enc, &view)?;
         governor(&mut enc, &view)?;
         events(&mut enc, &s.events)?;
+        leases(&mut enc, hostname, s.leases.as_deref())?;
         daemon(&mut enc, s, frame.as_deref(), &self.units)?;
         process(&mut enc, &s.hub, &self.units)
     }
@@ -1107,6 +1110,54 @@ fn governor(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
 }
 
 /// Event counters since the daemon started.
+/// The live leases: which GPU is held, by whom, until when.
+fn leases(
+    e: &mut DescriptorEncoder<'_>,
+    hostname: &str,
+    book: Option<&crate::leases::Leases>,
+) -> fmt::Result {
+    let live: Vec<crate::api::Lease> = book.map(|b| b.live().into_values().collect()).unwrap_or_default();
+    let indices: Vec<String> = live.iter().map(|l| l.index.to_string()).collect();
+    let rows = |value: &dyn Fn(&crate::api::Lease) -> f64| -> Vec<([(&str, &str); 5], f64)> {
+        live.iter()
+            .zip(&indices)
+            .map(|(l, index)| {
+                (
+                    [
+                        ("hostname", hostname),
+                        ("gpu", index.as_str()),
+                        ("uuid", l.uuid.as_str()),
+                        ("holder", l.holder.as_str()),
+                        ("lease", l.id.as_str()),
+                    ],
+                    value(l),
+                )
+            })
+            .collect()
+    };
+    single_gauge(
+        e,
+        "gpuwatch_leases",
+        "Live GPU leases on this host (LeaseGpus)",
+        None,
+        live.len() as i64,
+    )?;
+    gauges(
+        e,
+        "gpuwatch_gpu_leased",
+        "1 for each GPU held by a live lease, labelled with its holder",
+        None,
+        &rows(&|_| 1.0),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_gpu_lease_expiry_timestamp_seconds",
+        "When the lease on this GPU expires unless renewed (Unix time)",
+        None,
+        &rows(&|l| l.expires.as_ref().map_or(0.0, unix_seconds)),
+    )
+}
+
 fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
     let kinds: Vec<(String, f64)> = (1..)
         .map_while(|n| EventKind::try_from(n).ok())

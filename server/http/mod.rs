@@ -50,6 +50,8 @@ pub struct HttpState {
     /// How long an SSE message may wait for a stalled reader before its
     /// stream is dropped (`limits.http_write_timeout`).
     pub write_timeout: Duration,
+    /// The lease book, for /metrics.
+    pub leases: Option<Arc<crate::leases::Leases>>,
 }
 
 /// Shared by every handler.
@@ -78,6 +80,7 @@ pub fn router(state: HttpState, shutdown: CancellationToken) -> Router {
         events: state.events.clone(),
         hostname: Arc::from(state.hostname.as_str()),
         dashboard_streams: stream_count.clone(),
+        leases: state.leases.clone(),
     }));
     let gate = state.access.clone();
     let app = App {

@@ -10,6 +10,7 @@ mod support;
 
 mod control;
 mod fleet_bench;
+mod pick;
 mod ps;
 mod security;
 mod snapshot;

@@ -92,6 +92,36 @@ impl GpuWatch for OneGpu {
     ) -> Result<Response<SetThresholdResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    async fn pick_gpus(
+        &self,
+        _: Request<gpuwatch_api::PickGpusRequest>,
+    ) -> Result<Response<gpuwatch_api::PickGpusResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn lease_gpus(
+        &self,
+        _: Request<gpuwatch_api::LeaseGpusRequest>,
+    ) -> Result<Response<gpuwatch_api::PickGpusResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn renew_lease(
+        &self,
+        _: Request<gpuwatch_api::RenewLeaseRequest>,
+    ) -> Result<Response<gpuwatch_api::RenewLeaseResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn release_lease(
+        &self,
+        _: Request<gpuwatch_api::ReleaseLeaseRequest>,
+    ) -> Result<Response<gpuwatch_api::ReleaseLeaseResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn list_leases(
+        &self,
+        _: Request<gpuwatch_api::ListLeasesRequest>,
+    ) -> Result<Response<gpuwatch_api::ListLeasesResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// A CA, a server certificate for "localhost" only, and a client certificate.

@@ -42,6 +42,15 @@ pub const CONTROL_TOKEN_NAME: &str = "tester";
 pub const READ_TOKEN: &str = "test-read-token-0123456789";
 /// The name of [`READ_TOKEN`].
 pub const READ_TOKEN_NAME: &str = "reader";
+/// A token with the lease role (a scheduler); its name is
+/// [`LEASE_TOKEN_NAME`].
+pub const LEASE_TOKEN: &str = "test-lease-token-0123456789";
+/// The name of [`LEASE_TOKEN`].
+pub const LEASE_TOKEN_NAME: &str = "scheduler";
+/// A second scheduler's lease token; its name is [`LEASE_TOKEN_B_NAME`].
+pub const LEASE_TOKEN_B: &str = "test-lease-token-b-0123456789";
+/// The name of [`LEASE_TOKEN_B`].
+pub const LEASE_TOKEN_B_NAME: &str = "scheduler-b";
 
 /// How long a daemon may take to become ready: long enough for a debug
 /// build on a busy 2-core machine.
@@ -226,7 +235,9 @@ impl Launch {
                 &tokens,
                 &format!(
                     "[[tokens]]\nname = \"{CONTROL_TOKEN_NAME}\"\nrole = \"control\"\ntoken = \"{CONTROL_TOKEN}\"\n\n\
-                     [[tokens]]\nname = \"{READ_TOKEN_NAME}\"\nrole = \"read\"\ntoken = \"{READ_TOKEN}\"\n"
+                     [[tokens]]\nname = \"{READ_TOKEN_NAME}\"\nrole = \"read\"\ntoken = \"{READ_TOKEN}\"\n\n\
+                     [[tokens]]\nname = \"{LEASE_TOKEN_NAME}\"\nrole = \"lease\"\ntoken = \"{LEASE_TOKEN}\"\n\n\
+                     [[tokens]]\nname = \"{LEASE_TOKEN_B_NAME}\"\nrole = \"lease\"\ntoken = \"{LEASE_TOKEN_B}\"\n"
                 ),
             )?;
             cmd.env("GPUWATCH_AUTH__TOKEN_FILE", &tokens);

@@ -152,6 +152,7 @@ fn controlled_hub() -> (Arc<Hub>, Arc<EventLog>, MetricsEndpoint) {
         events: events.clone(),
         hostname: Arc::from("node-7"),
         dashboard_streams: Arc::new(AtomicUsize::new(2)),
+        leases: None,
     });
     (hub, events, endpoint)
 }
@@ -533,6 +534,7 @@ fn workload_hub() -> MetricsEndpoint {
         events: Arc::new(events),
         hostname: Arc::from("node-7"),
         dashboard_streams: Arc::new(AtomicUsize::new(0)),
+        leases: None,
     })
 }
 
@@ -1052,6 +1054,7 @@ async fn scrape_benchmark_8_gpus() {
         events: Arc::new(events),
         hostname: Arc::from("bench-host"),
         dashboard_streams: Arc::new(AtomicUsize::new(0)),
+        leases: None,
     });
     let mut renders = Vec::new();
     let mut size = 0;

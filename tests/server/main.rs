@@ -31,6 +31,7 @@ mod http_auth;
 mod http_dashboard;
 mod http_hardening;
 mod http_metrics;
+mod leases;
 mod nvml_backend;
 mod nvml_control;
 mod nvml_faults;

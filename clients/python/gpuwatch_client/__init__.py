@@ -10,6 +10,10 @@ stream contracts the proto promises (:mod:`gpuwatch_client.contract`).
         for d in gw.list_devices().devices:
             print(d.index, d.name)
 
+Also: :class:`AsyncGpuWatchClient` (asyncio), :class:`Fleet` (many hosts,
+partial failure reported), :func:`expand` (a name with many addresses means
+all of them), and picking/leasing GPUs (``pick``, ``lease``, ``release``).
+
 The command line (``gpuwatch-py`` or ``python -m gpuwatch_client``) lists
 devices, watches frames and reads events; see ``--help``.
 """
@@ -23,11 +27,26 @@ except ImportError as e:  # pragma: no cover - only without generated stubs
         "`python clients/python/codegen.py` (needs grpcio-tools)"
     ) from e
 
-from .client import DEFAULT_TARGET, EVENT_KINDS, GpuWatchClient, GpuWatchError, selector
+from .aio import AsyncGpuWatchClient
+from .client import (
+    DEFAULT_TARGET,
+    EVENT_KINDS,
+    GpuWatchClient,
+    GpuWatchError,
+    pick_criteria,
+    selector,
+)
 from .contract import ContractViolation, EventsContract, WatchContract
+from .fleet import Fleet, FleetPick, FleetResult, expand
 
 __all__ = [
+    "AsyncGpuWatchClient",
     "DEFAULT_TARGET",
+    "Fleet",
+    "FleetPick",
+    "FleetResult",
+    "expand",
+    "pick_criteria",
     "EVENT_KINDS",
     "ContractViolation",
     "EventsContract",

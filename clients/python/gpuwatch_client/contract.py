@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .v1 import gpuwatch_pb2
+from .v1 import gpuwatch_pb2, telemetry_pb2
 
 
 class ContractViolation(Exception):
@@ -95,14 +95,18 @@ class WatchContract:
         self.missed += gap.missed
         self.expect_seq = gap.last_seq + 1
 
-    def _frame(self, frame: gpuwatch_pb2.Frame) -> None:
+    def _frame(self, frame: telemetry_pb2.Frame) -> None:
         if self.expect_seq is not None:
             if frame.seq != self.expect_seq:
                 raise ContractViolation(
                     f"frame seq {frame.seq} after a gap ending at {self.expect_seq - 1}; "
                     f"expected {self.expect_seq}"
                 )
-        elif self.last_seq is not None and frame.seq != self.last_seq + self.stride:
+        elif (
+            self.last_seq is not None
+            and self.stride is not None
+            and frame.seq != self.last_seq + self.stride
+        ):
             raise ContractViolation(
                 f"frame seq jumped from {self.last_seq} to {frame.seq} (stride {self.stride}) "
                 "without a gap"
@@ -113,7 +117,7 @@ class WatchContract:
         self.frames += 1
 
     @staticmethod
-    def _samples_match(frame: gpuwatch_pb2.Frame) -> None:
+    def _samples_match(frame: telemetry_pb2.Frame) -> None:
         for s in frame.samples:
             if s.seq != frame.seq:
                 raise ContractViolation(

@@ -42,13 +42,18 @@ def server_binary() -> Path:
 class Daemon:
     """A running gpuwatch-server; ``target`` is its gRPC address."""
 
-    def __init__(self, state_dir: Path, extra_args: tuple = ()):
+    def __init__(self, state_dir: Path, extra_args: tuple = (), env: dict | None = None,
+                 listen: str = "127.0.0.1:0"):
+        self.state_dir = state_dir
+        self.extra_args = extra_args
+        self.env = env
         self.log: list[str] = []
         self._ready = threading.Event()
         self.target: str | None = None
         self.proc = subprocess.Popen(
-            [str(server_binary()), "--simulate", "--listen", "127.0.0.1:0",
+            [str(server_binary()), "--simulate", "--listen", listen,
              "--http-listen", "off", "--state-dir", str(state_dir), *extra_args],
+            env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -70,6 +75,25 @@ class Daemon:
                 self.target = m.group(1)
                 self._ready.set()
         self._ready.set()  # exited before listening: wake the waiter
+
+    def kill(self) -> None:
+        """SIGKILL: nothing gets a chance to be saved."""
+        self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT_S)
+        self._reader.join(STOP_TIMEOUT_S)
+
+    def restart(self) -> "Daemon":
+        """The same daemon again: same port, state directory and settings."""
+        if self.proc.poll() is None:
+            self.kill()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return Daemon(self.state_dir, self.extra_args, self.env, listen=self.target or "")
+            except BaseException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -108,3 +132,42 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     )
     result.elapsed = time.monotonic() - started  # type: ignore[attr-defined]
     return result
+
+
+#: Tokens of the scheduler daemons (names are the actors in audit events).
+CONTROL_TOKEN = "py-control-token-0123456789"
+LEASE_TOKEN = "py-lease-token-0123456789"
+LEASE_TOKEN_B = "py-lease-token-b-0123456789"
+READ_TOKEN = "py-read-token-0123456789"
+
+#: Four idle simulated H100s, sampled every 100 ms.
+FOUR_GPUS = """
+[sampler]
+interval = "100ms"
+[simulator]
+gpus = [{ preset = "h100-sxm" }, { preset = "h100-sxm" }, { preset = "h100-sxm" }, { preset = "h100-sxm" }]
+"""
+
+
+def sched_daemon(tmp: Path) -> Daemon:
+    """A daemon with 4 GPUs and read, lease (two schedulers) and control tokens."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokens = tmp / "tokens.toml"
+    tokens.write_text(
+        f'[[tokens]]\nname = "ops"\nrole = "control"\ntoken = "{CONTROL_TOKEN}"\n'
+        f'[[tokens]]\nname = "sched-a"\nrole = "lease"\ntoken = "{LEASE_TOKEN}"\n'
+        f'[[tokens]]\nname = "sched-b"\nrole = "lease"\ntoken = "{LEASE_TOKEN_B}"\n'
+        f'[[tokens]]\nname = "reader"\nrole = "read"\ntoken = "{READ_TOKEN}"\n'
+    )
+    tokens.chmod(0o600)
+    config = tmp / "gpuwatch.toml"
+    config.write_text(FOUR_GPUS)
+    state = tmp / "state"
+    return Daemon(state, ("--config", str(config)), {"GPUWATCH_AUTH__TOKEN_FILE": str(tokens)})
+
+
+@pytest.fixture()
+def sched(tmp_path):
+    d = sched_daemon(tmp_path / "sched")
+    yield d
+    d.stop()

@@ -83,7 +83,9 @@ def test_events_replay_ends_with_caught_up(client):
     assert messages[-1].WhichOneof("message") == "caught_up"
     events = [m.event for m in messages if m.WhichOneof("message") == "event"]
     assert events, "a fresh daemon has at least its own start event"
-    assert events[0].kind == events_pb2.EVENT_KIND_DAEMON_STARTED
+    # The attribution thread may record who uses the GPUs before the start
+    # event is written, so the start is among the events, not always first.
+    assert events_pb2.EVENT_KIND_DAEMON_STARTED in [e.kind for e in events]
     seqs = [e.seq for e in events]
     assert seqs == sorted(set(seqs))
     assert messages[-1].caught_up.latest_seq >= seqs[-1]

@@ -15,7 +15,9 @@ use std::{
 use gpuwatch_api::{self as api, GpuSelector, gpu_selector::Selector};
 use gpuwatch_testkit::{Gpus, Launch, LaunchError};
 
-pub use gpuwatch_testkit::{CONTROL_TOKEN, Client, Daemon, READ_TOKEN, connect_with};
+pub use gpuwatch_testkit::{
+    CONTROL_TOKEN, Client, Daemon, LEASE_TOKEN, LEASE_TOKEN_B, READ_TOKEN, connect_with,
+};
 
 /// How a suite starts a daemon: the few knobs these suites turn, mapped
 /// onto the test kit's [`Launch`] (the one launcher).
