@@ -26,6 +26,9 @@ pub enum Policy {
     Naive,
     /// gpuwatch's governor.
     Governor,
+    /// The governor before it learned to hold the threshold
+    /// ([`crate::governor_v1`]), for comparison.
+    GovernorV1,
 }
 
 impl Policy {
@@ -34,6 +37,7 @@ impl Policy {
             Policy::None => "no governor",
             Policy::Naive => "naive (min when hot)",
             Policy::Governor => "gpuwatch governor",
+            Policy::GovernorV1 => "previous governor (0.x)",
         }
     }
 }
@@ -128,6 +132,10 @@ pub struct Trace {
     pub ceiling: f64,
     /// What the policy moves.
     pub actuator: Actuator,
+    /// The most the GPU can draw and stay at the threshold (the die
+    /// settled exactly at it), capped by what the workload asks and the
+    /// ceiling: what a perfect governor would let it draw while hot.
+    pub allowed_power_w: f64,
 }
 
 /// Runs `scenario` under `policy`. Boards whose power limit cannot be set
@@ -141,6 +149,10 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
     if let Some(r) = scenario.thermal_resistance_c_per_w {
         params.thermal_resistance_c_per_w = r;
     }
+    let allowed_power_w = ((scenario.threshold_c - params.ambient_c)
+        / params.thermal_resistance_c_per_w)
+        .min(scenario.high_w)
+        .min(preset.power_default_w);
     let mut model = GpuModel::new(params, scenario.demand());
     let (actuator, floor, ceiling, min_step) = if preset.power_limit_settable {
         (
@@ -174,12 +186,35 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
         },
         ceiling,
     );
+    let mut previous = crate::governor_v1::Governor::new(
+        crate::governor_v1::GovernorParams {
+            threshold_c: scenario.threshold_c,
+            hysteresis_c: scenario.hysteresis_c,
+            floor,
+            ceiling,
+            min_write_interval: scenario.min_write_interval,
+            min_step,
+            ambient_guess_c: 30.0,
+            actuator: match actuator {
+                Actuator::PowerLimit => crate::governor_v1::Actuator::PowerLimit,
+                Actuator::ClockCap => crate::governor_v1::Actuator::ClockCap,
+            },
+            thermal_prior: match governor.params().thermal_prior {
+                ThermalPrior::ResistanceCPerW(r) => {
+                    crate::governor_v1::ThermalPrior::ResistanceCPerW(r)
+                }
+                ThermalPrior::HeadroomC(h) => crate::governor_v1::ThermalPrior::HeadroomC(h),
+            },
+        },
+        ceiling,
+    );
     let mut trace = Trace {
         points: Vec::new(),
         writes_s: Vec::new(),
         floor,
         ceiling,
         actuator,
+        allowed_power_w,
     };
     let mut t = Duration::ZERO;
     while t <= scenario.duration {
@@ -225,6 +260,19 @@ pub fn run(scenario: &Scenario, policy: Policy) -> Trace {
                     Decision::Set { level, .. } => Some(level),
                 }
             }
+            Policy::GovernorV1 => {
+                let obs = crate::governor_v1::Observation {
+                    time: t,
+                    temperature_c,
+                    power_w: Some(power_w),
+                    level: Some(level),
+                    clock_mhz: reading.graphics_clock_mhz.map(f64::from),
+                };
+                match previous.step(&obs) {
+                    crate::governor_v1::Decision::Hold => None,
+                    crate::governor_v1::Decision::Set { level, .. } => Some(level),
+                }
+            }
         };
         if let Some(level) = new_level {
             match actuator {
@@ -261,6 +309,15 @@ pub struct Metrics {
     /// Seconds from the demand drop until the limit is back at the ceiling
     /// (`None` if it never gets there).
     pub recovery_s: Option<f64>,
+    /// Mean reported temperature over the settled half of the high-demand
+    /// phase.
+    pub settled_mean_c: f64,
+    /// What the settled power falls short of [`Trace::allowed_power_w`]
+    /// (negative: the GPU drew more than staying at the threshold allows).
+    pub power_given_up_w: f64,
+    /// Changes of direction of the level over the whole run (a cut after a
+    /// raise or a raise after a cut).
+    pub reversals: usize,
 }
 
 /// Reduces a run of `scenario` to its figures.
@@ -313,7 +370,11 @@ pub fn metrics(scenario: &Scenario, trace: &Trace) -> Metrics {
         .filter(|p| p.t_s >= drop)
         .find(|p| p.level >= trace.ceiling - 0.5)
         .map(|p| p.t_s - drop);
+    let settled_mean_c = settled.iter().sum::<f64>() / settled.len().max(1) as f64;
     Metrics {
+        settled_mean_c,
+        power_given_up_w: trace.allowed_power_w - settled_power_w,
+        reversals: reversals(trace),
         peak_c,
         band_c,
         writes: trace.writes_s.len(),
@@ -322,4 +383,176 @@ pub fn metrics(scenario: &Scenario, trace: &Trace) -> Metrics {
         settled_power_w,
         recovery_s,
     }
+}
+
+/// Changes of direction of the level in `trace` (writes that do not move it
+/// are ignored).
+pub fn reversals(trace: &Trace) -> usize {
+    let mut count = 0;
+    let mut last_direction = 0i8;
+    for pair in trace.points.windows(2) {
+        let delta = pair[1].level - pair[0].level;
+        if delta.abs() < 0.5 {
+            continue;
+        }
+        let direction = if delta > 0.0 { 1 } else { -1 };
+        if last_direction != 0 && direction != last_direction {
+            count += 1;
+        }
+        last_direction = direction;
+    }
+    count
+}
+
+/// The scenarios the criteria are stated for, named: the standard
+/// step on an H100 for time constants of 2, 10 and 60 s, sampled every 100 ms
+/// and every second, with the cooling the governor assumes and cooling 30 %
+/// better / 40 % worse at other ambients; the same on the laptop preset (the
+/// clock-cap mode); a sensor that lags three times as much as the preset's.
+pub fn criteria_scenarios() -> Vec<(String, Scenario)> {
+    let mut out = Vec::new();
+    for tau in [2.0, 10.0, 60.0] {
+        for period in [0.1, 1.0] {
+            for (r_scale, ambient) in [(1.0, 30.0), (0.7, 40.0), (1.4, 20.0)] {
+                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+                s.sample_period = Duration::from_secs_f64(period);
+                let r = 0.075 * r_scale;
+                s.thermal_resistance_c_per_w = Some(r);
+                s.ambient_c = ambient;
+                s.threshold_c = (ambient + s.high_w * r - 15.0).round();
+                out.push((
+                    format!("h100 tau {tau} dt {period} R x{r_scale} amb {ambient}"),
+                    s,
+                ));
+            }
+            let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+            s.sample_period = Duration::from_secs_f64(period);
+            s.sensor_lag = Duration::from_secs_f64(2.4);
+            out.push((format!("h100 tau {tau} dt {period} sensor lag 2.4 s"), s));
+            out.push((
+                format!("laptop tau {tau} dt {period}"),
+                Scenario::laptop(
+                    Duration::from_secs_f64(tau),
+                    Duration::from_secs_f64(period),
+                ),
+            ));
+        }
+    }
+    out
+}
+
+impl Scenario {
+    /// The laptop preset (no settable power limit: the clock-cap mode) under
+    /// a demand that would take it 15 °C over the threshold.
+    pub fn laptop(time_constant: Duration, sample_period: Duration) -> Self {
+        let mut s = Scenario::standard(time_constant);
+        s.preset = PresetKey::Laptop;
+        s.high_w = 110.0;
+        s.low_w = 20.0;
+        s.ambient_c = 35.0;
+        let r = 0.42;
+        s.thermal_resistance_c_per_w = Some(r);
+        s.threshold_c = (s.ambient_c + s.high_w * r - 15.0).round();
+        s.sample_period = sample_period;
+        s
+    }
+
+    /// A square-wave load between the standard scenario's high and low
+    /// demand whose period is the time constant: the load that would make a
+    /// governor that chases it cycle.
+    pub fn square_wave(time_constant: Duration, sample_period: Duration) -> Self {
+        let mut s = Scenario::standard(time_constant);
+        let half = time_constant / 2;
+        let point = |at: Duration, watts: f64| crate::config::DemandPoint {
+            at,
+            watts,
+            ramp: false,
+        };
+        s.sample_period = sample_period;
+        s.profile = Some((
+            vec![point(Duration::ZERO, s.high_w), point(half, s.low_w)],
+            Some(time_constant),
+        ));
+        s
+    }
+}
+
+/// Loads other than a single step — ramps, square waves, a second step up —
+/// on every preset the governor can act on, for time constants of 2 to 60 s
+/// and both sampling rates: (name, scenario, has a repeating load).
+pub fn other_load_scenarios() -> Vec<(String, Scenario, Option<u64>)> {
+    use crate::config::DemandPoint;
+    let p = |at: u64, watts: f64, ramp: bool| DemandPoint {
+        at: Duration::from_secs(at),
+        watts,
+        ramp,
+    };
+    /// Name, board, demand points, repeat period (s), threshold (°C).
+    type Case = (&'static str, PresetKey, Vec<DemandPoint>, Option<u64>, f64);
+    let cases: Vec<Case> = vec![
+        (
+            "ramp 100->700 W over 120 s",
+            PresetKey::H100Sxm,
+            vec![p(0, 100.0, false), p(120, 700.0, true)],
+            None,
+            70.0,
+        ),
+        (
+            "square 650/150 W, 60 s period",
+            PresetKey::H100Sxm,
+            vec![p(0, 650.0, false), p(30, 150.0, false)],
+            Some(60),
+            65.0,
+        ),
+        (
+            "450 W then 700 W",
+            PresetKey::H100Sxm,
+            vec![p(0, 450.0, false), p(150, 700.0, false)],
+            None,
+            66.0,
+        ),
+        (
+            "A100 at 400 W",
+            PresetKey::A100Sxm,
+            vec![p(5, 400.0, false)],
+            None,
+            70.0,
+        ),
+        (
+            "RTX 4090 at 450 W",
+            PresetKey::Rtx4090,
+            vec![p(5, 450.0, false)],
+            None,
+            72.0,
+        ),
+        (
+            "laptop square 115/30 W",
+            PresetKey::Laptop,
+            vec![p(0, 115.0, false), p(20, 30.0, false)],
+            Some(40),
+            70.0,
+        ),
+    ];
+    let mut out = Vec::new();
+    for tau in [2.0, 10.0, 30.0, 60.0] {
+        for period in [0.1, 1.0] {
+            for (name, preset, points, repeat, threshold) in &cases {
+                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+                let params = Preset::get(*preset);
+                s.preset = *preset;
+                s.ambient_c = params.ambient_c;
+                s.threshold_c = *threshold;
+                s.sample_period = Duration::from_secs_f64(period);
+                s.duration = Duration::from_secs(400);
+                s.drop = Duration::from_secs(400);
+                s.profile = Some((points.clone(), repeat.map(Duration::from_secs)));
+                out.push((
+                    format!("{name}, tau {tau} s, sampled every {period} s"),
+                    s,
+                    *repeat,
+                ));
+            }
+        }
+    }
+    out
 }

@@ -17,6 +17,44 @@ use plotters::prelude::*;
 const POLICIES: [Policy; 3] = [Policy::None, Policy::Naive, Policy::Governor];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::args().nth(1).as_deref() == Some("--trace") {
+        let wanted = std::env::args().nth(2).unwrap_or_default();
+        let other = gpuwatch_server::scenario::other_load_scenarios()
+            .into_iter()
+            .map(|(n, s, _)| (n, s));
+        for (name, s) in gpuwatch_server::scenario::criteria_scenarios()
+            .into_iter()
+            .chain(other)
+        {
+            if name == wanted {
+                let trace = run(&s, Policy::Governor);
+                for p in trace
+                    .points
+                    .iter()
+                    .filter(|p| (p.t_s * 10.0).round() as i64 % 5 == 0)
+                {
+                    let wrote = trace.writes_s.iter().any(|w| (w - p.t_s).abs() < 0.51);
+                    println!(
+                        "{:7.1} {:4.0} {:6.1} {:6.1}{}",
+                        p.t_s,
+                        p.temperature_c - s.threshold_c,
+                        p.level,
+                        p.power_w,
+                        if wrote { " W" } else { "" }
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("--matrix") {
+        matrix();
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("--other") {
+        other();
+        return Ok(());
+    }
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "docs".into()));
     std::fs::create_dir_all(&out)?;
 
@@ -148,4 +186,75 @@ fn draw(
     }
     root.present()?;
     Ok(())
+}
+
+/// Every scenario the tests check, one line each for the governor and the
+/// previous one: the figures the criteria are stated in.
+fn matrix() {
+    println!(
+        "{:<46} {:<10} {:>6} {:>9} {:>5} {:>7} {:>5} {:>6} {:>4} {:>8}",
+        "scenario", "policy", "mean", "band", "peak", "writes", "w/s", "rec/τ", "rev", "given up"
+    );
+    for (name, s) in gpuwatch_server::scenario::criteria_scenarios() {
+        for policy in [Policy::GovernorV1, Policy::Governor] {
+            let m = metrics(&s, &run(&s, policy));
+            let rel = |t: f64| t - s.threshold_c;
+            println!(
+                "{:<46} {:<10} {:>+6.2} {:>+4.0}..{:<+3.0} {:>+5.0} {:>4}/{:<2} {:>5} {:>6.2} {:>4} {:>6.0} W",
+                name,
+                if policy == Policy::Governor {
+                    "new"
+                } else {
+                    "previous"
+                },
+                rel(m.settled_mean_c),
+                rel(m.band_c.0),
+                rel(m.band_c.1),
+                rel(m.peak_c),
+                m.writes,
+                m.steady_writes,
+                m.max_writes_per_s,
+                m.recovery_s
+                    .map_or(f64::NAN, |r| r / s.time_constant.as_secs_f64()),
+                m.reversals,
+                m.power_given_up_w,
+            );
+        }
+    }
+}
+
+/// The other loads the tests check: peak, seconds over threshold + 1, writes.
+fn other() {
+    for (name, s, _) in gpuwatch_server::scenario::other_load_scenarios() {
+        for policy in [Policy::GovernorV1, Policy::Governor] {
+            let trace = run(&s, policy);
+            let peak = trace
+                .points
+                .iter()
+                .map(|p| p.temperature_c)
+                .fold(f64::MIN, f64::max);
+            let period = s.sample_period.as_secs_f64();
+            let over = trace
+                .points
+                .iter()
+                .filter(|p| p.temperature_c > s.threshold_c + 1.0)
+                .count() as f64
+                * period;
+            let m = metrics(&s, &trace);
+            println!(
+                "{:<52} {:<8} peak {:+3.0} over {:5.1} s writes {:3} rev {:3} w/s {}",
+                name,
+                if policy == Policy::Governor {
+                    "new"
+                } else {
+                    "previous"
+                },
+                peak - s.threshold_c,
+                over,
+                trace.writes_s.len(),
+                m.reversals,
+                m.max_writes_per_s
+            );
+        }
+    }
 }
