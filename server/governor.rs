@@ -11,22 +11,33 @@
 //! # The law
 //!
 //! Temperature is a first-order response to power: it heads for
-//! `ambient + R * power` with a time constant. The governor works in power:
+//! `ambient + R * power` with a time constant. The governor works in power,
+//! and aims to hold the GPU *at* its threshold under sustained load — the
+//! die settled [`AIM_BELOW_C`] under it, so the whole-degree sensor reads
+//! `threshold - 1` or `threshold` — not a safe margin under it: the margin
+//! is throughput the operator paid for.
 //!
-//! * **Hot** — the predicted temperature (the sensor reading plus its
-//!   current rate of rise over a short horizon, to see past the sensor's lag)
-//!   reaches the threshold: cut the limit, relative to the power actually
-//!   drawn, by the fraction that removes the excess heat:
-//!   `cut = excess / (predicted - ambient)`. Successive cuts while the
-//!   temperature still rises grow, so a fast heater is caught in a few writes.
-//! * **Cool** — at or below `threshold - hysteresis` and not rising: raise the
-//!   limit, by the fraction the remaining headroom allows, halved for safety;
-//!   when the GPU is not even using the limit (demand fell), go straight
-//!   back to the ceiling.
-//! * **In between** — hold. The band is what keeps it from oscillating.
+//! * **Segments.** Readings at one power form a segment. Once they span a
+//!   few degrees, an exponential is fitted to them ([`Segment::fit`]): where
+//!   this power settles, long before it gets there, and the time constant.
+//!   Flat for three time constants (or, with none learned, for as long as it
+//!   took to get flat) counts as settled. Either makes the segment *known*.
+//! * **Hot** — a reading over `threshold + 1`, a rise towards it at a power
+//!   the model does not vouch for, or a known segment settling over the
+//!   threshold: cut to the power the model says settles at the aim. Before
+//!   the resistance is learned the cut assumes it is [`PRIOR_ERROR`] higher
+//!   than the prior (under-cooled rather than overshooting); repeated cuts
+//!   with the reading still over the line grow.
+//! * **Trim** — a known segment settling more than [`TRIM_BELOW_C`] under the
+//!   threshold while the GPU presses against its limit: raise to the aim.
+//! * **Cool** — at or below `threshold - hysteresis`: when the workload no
+//!   longer uses the limit, straight back to the ceiling; otherwise a raise
+//!   towards the aim.
 //!
 //! Writes are rate-limited (`min_write_interval`) and only made when the
 //! change is at least `min_step`. The limit never leaves `[floor, ceiling]`.
+//! The previous law (cut to 1 °C under, hold until `threshold - hysteresis`)
+//! is kept as `governor_v1` in test builds, for side-by-side comparison.
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -592,7 +603,7 @@ impl Governor {
         // model does not vouch for; or the model says this power settles
         // over the threshold's reading (far over, to act before the reading
         // gets there).
-        let over_settle = settles_at >= p.threshold_c + 0.5 && temp >= p.threshold_c
+        let over_settle = settles_at >= p.threshold_c + 0.5 && temp >= p.threshold_c && known
             || settles_at >= p.threshold_c + 2.0 && temp >= p.threshold_c - 1.0;
         // The model vouches for a power it chose itself, or one whose curve
         // it has seen; not for the ceiling it has never held the GPU at.
@@ -608,7 +619,11 @@ impl Governor {
             // A resistance not yet learned may be the prior's, which can be
             // 40 % off: the first cut assumes the worse case and the trim
             // gives back what it did not need.
-            let power_target = if self.model.learned {
+            // In clock mode the level is mapped through the power reading,
+            // which lags while the power moves: cautious then as well.
+            let mapping_lags =
+                p.actuator == Actuator::ClockCap && !self.power_held_for(t, POWER_HOLD_S);
+            let power_target = if self.model.learned && !mapping_lags {
                 self.model.power_for(aim)
             } else {
                 self.model.power_for_cautious(aim, PRIOR_ERROR)
@@ -629,6 +644,7 @@ impl Governor {
             // Right after a cut the lagging sensor still rises: only a
             // reading over the line is evidence then.
             let evidence = over_now && temp > self.last_write_temp
+                || over_now && settled_since_write && slope >= -0.05
                 || settled_since_write && (slope > 0.1 || temp > self.last_write_temp)
                 || since_write > 2.0 * HORIZON_S.max(self.tau_s.unwrap_or(0.0));
             if can_write && evidence && self.level - target >= p.min_step {
@@ -675,7 +691,7 @@ impl Governor {
                 Some(ceiling)
             } else if pressing && known && settles_at <= p.threshold_c - TRIM_BELOW_C {
                 Some(self.level_for_power(self.model.power_for(aim), obs))
-            } else if pressing && temp <= cool_edge {
+            } else if pressing && temp <= cool_edge && since_write >= POWER_HOLD_S {
                 // Cool but not settled: aim at the target only if the
                 // resistance has been learned, else halfway.
                 let cautious = if self.model.learned {

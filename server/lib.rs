@@ -61,6 +61,7 @@ test_visible!(
     attribution,
     auth,
     authz,
+    budget,
     events,
     governor,
     http,

@@ -556,3 +556,256 @@ pub fn other_load_scenarios() -> Vec<(String, Scenario, Option<u64>)> {
     }
     out
 }
+
+/// A node power budget over several simulated GPUs whose demand moves
+/// between them, each GPU with its own physics, the budget's split written
+/// through [`crate::budget::Sequencer`].
+#[derive(Debug, Clone)]
+pub struct BudgetScenario {
+    pub preset: PresetKey,
+    pub budget_w: f64,
+    /// Demand per GPU (steps).
+    pub demand: Vec<Vec<crate::config::DemandPoint>>,
+    pub duration: Duration,
+    pub sample_period: Duration,
+    pub min_write_interval: Duration,
+}
+
+impl BudgetScenario {
+    /// Eight H100s under 4,000 W, demand moving between them every 40 s:
+    /// half busy (3,000 W asked), all busy (5,200 W), the other half busy
+    /// and harder (3,200 W), two flat out and the rest at 450 W (4,100 W),
+    /// a hot spot that moves every 5 s (2,800 W), six flat out (4,500 W).
+    pub fn eight_h100s() -> Self {
+        let step = |at_s: u64, watts: f64| crate::config::DemandPoint {
+            at: Duration::from_secs(at_s),
+            watts,
+            ramp: false,
+        };
+        let demand = (0..8)
+            .map(|i| {
+                let mut points = vec![
+                    step(0, if i < 4 { 650.0 } else { 100.0 }),
+                    step(40, 650.0),
+                    step(80, if i < 4 { 100.0 } else { 700.0 }),
+                    step(120, if i < 2 { 700.0 } else { 450.0 }),
+                ];
+                for slot in 0..8u64 {
+                    let hot = slot as usize == i;
+                    points.push(step(160 + 5 * slot, if hot { 700.0 } else { 300.0 }));
+                }
+                points.push(step(200, if i < 6 { 700.0 } else { 150.0 }));
+                points
+            })
+            .collect();
+        Self {
+            preset: PresetKey::H100Sxm,
+            budget_w: 4000.0,
+            demand,
+            duration: Duration::from_secs(240),
+            sample_period: Duration::from_millis(100),
+            min_write_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a budget run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetMetrics {
+    /// Highest sum of the limits in force, at any sample and after any
+    /// single write within one.
+    pub max_enforced_sum_w: f64,
+    /// Energy the GPUs drew (J) and what the best split of the same demand
+    /// would have let them draw.
+    pub delivered_j: f64,
+    pub oracle_j: f64,
+    /// Most writes to one GPU within any one second.
+    pub max_writes_per_s: usize,
+    /// Writes to all GPUs.
+    pub writes: usize,
+    /// Samples where the total demand was under the budget (counted from 5 s
+    /// after the demand last changed), and of those, the ones where every
+    /// GPU's limit covered its demand.
+    pub under_budget_samples: usize,
+    pub under_budget_all_unconstrained: usize,
+    /// Seconds per sample, the budget, and per-sample totals for plots:
+    /// (t, sum of limits, sum of power drawn, oracle power).
+    pub series: Vec<(f64, f64, f64, f64)>,
+}
+
+/// Runs a budget scenario. The budget is in force from the start: the GPUs
+/// begin at an even split of it (as if it had been set while they idled).
+pub fn run_budget(s: &BudgetScenario) -> BudgetMetrics {
+    use crate::budget::{BudgetGpu, Sequencer, Standing, allocate};
+    let preset = Preset::get(s.preset);
+    let n = s.demand.len();
+    let (min_w, max_w) = (preset.power_min_w, preset.power_default_w);
+    let mut models: Vec<GpuModel> = s
+        .demand
+        .iter()
+        .map(|d| {
+            let mut m = GpuModel::new(
+                ModelParams::from_preset(preset.clone()),
+                DemandProfile::new(d, None),
+            );
+            m.set_power_limit_mw(watts_to_mw((s.budget_w / n as f64).min(max_w)));
+            m
+        })
+        .collect();
+    let profiles: Vec<DemandProfile> = s
+        .demand
+        .iter()
+        .map(|d| DemandProfile::new(d, None))
+        .collect();
+    let changes: Vec<f64> = {
+        let mut c: Vec<f64> = s
+            .demand
+            .iter()
+            .flat_map(|d| d.iter().map(|p| p.at.as_secs_f64()))
+            .collect();
+        c.sort_by(f64::total_cmp);
+        c
+    };
+    let mut seq = Sequencer::new(n, s.min_write_interval, 5.0);
+    let mut writes: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let dt = s.sample_period.as_secs_f64();
+    let limit_w = |m: &GpuModel| f64::from(m.power_limit_mw()) / 1000.0;
+    let mut out = BudgetMetrics {
+        max_enforced_sum_w: 0.0,
+        delivered_j: 0.0,
+        oracle_j: 0.0,
+        max_writes_per_s: 0,
+        writes: 0,
+        under_budget_samples: 0,
+        under_budget_all_unconstrained: 0,
+        series: Vec::new(),
+    };
+    let mut t = Duration::ZERO;
+    while t <= s.duration {
+        let ts = t.as_secs_f64();
+        for m in &mut models {
+            m.advance_to(t);
+        }
+        let sum: f64 = models.iter().map(limit_w).sum();
+        out.max_enforced_sum_w = out.max_enforced_sum_w.max(sum);
+        let demand: Vec<f64> = profiles.iter().map(|p| p.at(ts)).collect();
+        let drawn: f64 = models.iter().map(GpuModel::power_w).sum();
+        // The oracle: water-filling on the true demand.
+        let oracle_split = allocate(
+            s.budget_w,
+            &demand
+                .iter()
+                .map(|d| BudgetGpu {
+                    min_w,
+                    cap_w: d.clamp(min_w, max_w),
+                    enforced_w: d.clamp(min_w, max_w),
+                    draw_w: *d,
+                    capped: false,
+                    standing: Standing::Allocatable,
+                })
+                .collect::<Vec<_>>(),
+        );
+        let oracle: f64 = demand
+            .iter()
+            .zip(&oracle_split)
+            .map(|(d, share)| d.min(share.unwrap_or(0.0)).max(preset.idle_w))
+            .sum();
+        out.delivered_j += drawn * dt;
+        out.oracle_j += oracle * dt;
+        out.series.push((ts, sum, drawn, oracle));
+        let settled = changes.iter().all(|c| ts < *c || ts - c >= 5.0);
+        if demand.iter().sum::<f64>() < s.budget_w && settled {
+            out.under_budget_samples += 1;
+            if models
+                .iter()
+                .zip(&demand)
+                .all(|(m, d)| limit_w(m) >= d.min(max_w) - 0.5)
+            {
+                out.under_budget_all_unconstrained += 1;
+            }
+        }
+        let gpus: Vec<BudgetGpu> = models
+            .iter()
+            .map(|m| {
+                let reading = m.reading(false, 0);
+                BudgetGpu {
+                    min_w,
+                    cap_w: max_w,
+                    enforced_w: limit_w(m),
+                    draw_w: f64::from(reading.power_draw_mw.unwrap_or(0)) / 1000.0,
+                    capped: reading
+                        .throttle_mask
+                        .is_some_and(|m| m & crate::throttle::mask::SW_POWER_CAP != 0),
+                    standing: Standing::Allocatable,
+                }
+            })
+            .collect();
+        let targets = allocate(s.budget_w, &gpus);
+        if std::env::var_os("BUDGET_DEBUG").is_some() && (ts * 10.0).round() as i64 % 50 == 0 {
+            eprintln!(
+                "{ts:5.1} limits {:?} draw {:?} targets {:?}",
+                gpus.iter()
+                    .map(|g| g.enforced_w.round())
+                    .collect::<Vec<_>>(),
+                gpus.iter().map(|g| g.draw_w.round()).collect::<Vec<_>>(),
+                targets
+                    .iter()
+                    .map(|t| t.unwrap_or(0.0).round())
+                    .collect::<Vec<_>>()
+            );
+        }
+        // Writes land one at a time, in the order planned: the sum is
+        // checked after each.
+        for (i, to) in seq.plan(t, s.budget_w, &gpus, &targets) {
+            models[i].set_power_limit_mw(watts_to_mw(to));
+            seq.settled(i);
+            writes[i].push(ts);
+            out.writes += 1;
+            let sum: f64 = models.iter().map(limit_w).sum();
+            out.max_enforced_sum_w = out.max_enforced_sum_w.max(sum);
+        }
+        t += s.sample_period;
+    }
+    out.max_writes_per_s = writes
+        .iter()
+        .map(|w| {
+            w.iter()
+                .map(|&a| w.iter().filter(|&&b| b >= a && b < a + 1.0 - 1e-9).count())
+                .max()
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    out
+}
+
+/// Which of the "hold the threshold" criteria a run misses, by
+/// name: settled mean within [threshold - 1, threshold], band within the
+/// mean ± 1 °C and no reading above threshold + 1 once settled, peak at most
+/// threshold + 2, at most one write a second and no more writes than
+/// `previous` (the previous governor in the same scenario), back at the
+/// ceiling within three time constants (plus two samples and a second).
+pub fn hold_criteria_failures(s: &Scenario, m: &Metrics, previous: &Metrics) -> Vec<&'static str> {
+    let t = s.threshold_c;
+    let mut failed = Vec::new();
+    if !(t - 1.0..=t).contains(&m.settled_mean_c) {
+        failed.push("mean");
+    }
+    if m.band_c.1 - m.band_c.0 > 2.0 || m.band_c.1 > t + 1.0 {
+        failed.push("band");
+    }
+    if m.peak_c > t + 2.0 {
+        failed.push("peak");
+    }
+    if m.max_writes_per_s > 1 {
+        failed.push("writes/s");
+    }
+    if m.writes > previous.writes {
+        failed.push("writes");
+    }
+    let allowed = 3.0 * s.time_constant.as_secs_f64() + 2.0 * s.sample_period.as_secs_f64() + 1.0;
+    if m.recovery_s.is_none_or(|r| r > allowed) {
+        failed.push("recovery");
+    }
+    failed
+}
