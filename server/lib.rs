@@ -61,6 +61,7 @@ test_visible!(
     attribution,
     auth,
     authz,
+    budget,
     events,
     governor,
     http,
@@ -73,3 +74,7 @@ test_visible!(
 /// physics in a loop, for the scenario tests and `examples/governor_report`.
 #[cfg(feature = "testing")]
 pub mod scenario;
+
+/// The previous governor, for side-by-side comparison only.
+#[cfg(feature = "testing")]
+pub mod governor_v1;
