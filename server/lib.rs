@@ -61,6 +61,7 @@ test_visible!(
     attribution,
     auth,
     authz,
+    budget,
     events,
     governor,
     http,
@@ -73,11 +74,6 @@ test_visible!(
 /// physics in a loop, for the scenario tests and `examples/governor_report`.
 #[cfg(feature = "testing")]
 pub mod scenario;
-
-/// The node power budget's allocator, so far driven by the scenario runner
-/// only (the daemon does not enforce a budget yet).
-#[cfg(feature = "testing")]
-pub mod budget;
 
 /// The previous governor, for side-by-side comparison only.
 #[cfg(feature = "testing")]
