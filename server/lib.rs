@@ -61,7 +61,6 @@ test_visible!(
     attribution,
     auth,
     authz,
-    budget,
     events,
     governor,
     http,
@@ -74,7 +73,3 @@ test_visible!(
 /// physics in a loop, for the scenario tests and `examples/governor_report`.
 #[cfg(feature = "testing")]
 pub mod scenario;
-
-/// The previous governor, for side-by-side comparison only.
-#[cfg(feature = "testing")]
-pub mod governor_v1;
