@@ -162,6 +162,13 @@ mod tests {
                 streams: StreamLimiter::new(8, 8),
                 shutdown: CancellationToken::new(),
                 attribution: None,
+                history: crate::service::HistoryParts {
+                    store: None,
+                    limits: crate::history::Limits {
+                        max_points: 1000,
+                        max_bytes: 1 << 20,
+                    },
+                },
             },
             &HostFacts {
                 backend: "simulator",

@@ -26,6 +26,7 @@ mod deploy_files;
 mod fuzz_config;
 mod fuzz_requests;
 mod governor_scenarios;
+mod history;
 mod http_auth;
 mod http_dashboard;
 mod http_hardening;
