@@ -100,6 +100,7 @@ fn host_args(command: &Command) -> &HostArgs {
         Command::SetPowerLimit(a) => &a.target.hosts,
         Command::ResetClocks(a) => &a.target.hosts,
         Command::SetThreshold(a) => &a.target.hosts,
+        Command::History(a) => &a.hosts,
     }
 }
 
@@ -110,6 +111,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
     match cli.command {
         Command::Watch(args) => watch::run(args, hosts, connector, json).await,
         Command::Snapshot(args) => Ok(commands::snapshot::run(args, hosts, connector, json).await),
+        Command::History(args) => Ok(commands::history::run(args, hosts, connector, json).await),
         Command::List(args) => Ok(commands::list::run(args, hosts, connector, json).await),
         Command::Events(args) => commands::events::run(args, hosts, connector, json).await,
         Command::SetPowerLimit(args) => {

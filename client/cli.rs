@@ -141,6 +141,17 @@ gpuwatch-client set-threshold node1 --gpu all --celsius 80\n  \
 gpuwatch-client set-threshold node1 --gpu 0 --celsius 78 --hysteresis 4\n  \
 gpuwatch-client set-threshold node1 --gpu 0 --default")]
     SetThreshold(SetThresholdArgs),
+    /// What GPUs did over a past window, from each daemon's history store.
+    ///
+    /// On a terminal: per host, GPU and field the window's min, mean, max and
+    /// last value and a sparkline (blank where there is no data: the daemon
+    /// was down or the GPU lost). With --json: NDJSON `point`, `gap` and
+    /// `event` objects.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client history node1 --since 1h\n  \
+gpuwatch-client history node1 node2 --gpu 0 --since 24h --step 1m --field temperature_c\n  \
+gpuwatch-client history node1 --since 15m --step 10s --json | jq -c 'select(.event == \"gap\")'")]
+    History(HistoryArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -166,6 +177,34 @@ pub struct WatchArgs {
     /// Longest wait between reconnect attempts.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// GPUs to show: indices, UUIDs or all (default all).
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// How far back (e.g. 15m, 1h, 24h, 7d).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_window)]
+    pub since: Duration,
+    /// Width of one point (e.g. 1s, 10s, 1m); default: about 1000 points.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    pub step: Option<Duration>,
+    /// Fields to show, as GpuSample names (temperature_c, power_draw_mw, ...).
+    #[arg(long, value_name = "FIELD", value_delimiter = ',')]
+    pub field: Vec<String>,
+}
+
+/// A history window or step: 100ms to 400 days.
+fn parse_window(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("\"{text}\" is not a duration ({e}); e.g. 10s, 1h, 7d"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(400 * 86_400) {
+        return Err(format!("\"{text}\" is out of range (100ms to 400d)"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1493,6 +1493,11 @@ mod tests {
         let mut c = HistoryConfig::default();
         assert!(validate(&c).is_ok());
         c.tiers[1].step = Duration::from_millis(1500);
-        assert!(validate(&c).expect_err("refused").0.contains("tiers[1].step"));
+        assert!(
+            validate(&c)
+                .expect_err("refused")
+                .0
+                .contains("tiers[1].step")
+        );
     }
 }

@@ -10,6 +10,7 @@ mod support;
 
 mod control;
 mod fleet_bench;
+mod history;
 mod security;
 mod snapshot;
 mod tls;
