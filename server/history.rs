@@ -1128,9 +1128,17 @@ pub fn query(
     } else {
         q.step_ms
     };
-    // The raw ring serves steps below the finest tier, or everything when
-    // there is no store.
-    let tier = pick_tier(tiers, step);
+    // The raw ring serves steps below the finest tier when it reaches back
+    // to `since` (it holds about a minute), and everything when there is
+    // no store; otherwise the finest tier serves them at its own step.
+    let ring_from_ms = src
+        .raw
+        .first()
+        .and_then(|f| f.time)
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .map_or(u64::MAX, unix_ms);
+    let ring_covers = ring_from_ms <= q.since_ms.saturating_add(raw_step);
+    let tier = pick_tier(tiers, step).or_else(|| (!ring_covers && !tiers.is_empty()).then_some(0));
     let tier_step = tier.map_or(raw_step, |i| ms(tiers[i].step));
     if step < tier_step {
         step = tier_step;
