@@ -152,6 +152,16 @@ gpuwatch-client history node1 --since 1h\n  \
 gpuwatch-client history node1 node2 --gpu 0 --since 24h --step 1m --field temperature_c\n  \
 gpuwatch-client history node1 --since 15m --step 10s --json | jq -c 'select(.event == \"gap\")'")]
     History(HistoryArgs),
+    /// Record every host's telemetry stream to a file, for `watch --replay`.
+    ///
+    /// The file is gzip-compressed and self-describing (it carries the
+    /// contract's protobuf descriptors); it is flushed every second, so an
+    /// interrupted recording still plays back.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client record node1 node2 --out incident.gwrec\n  \
+gpuwatch-client record --hosts-file fleet.txt --interval 100ms --duration 10m -o run.gwrec\n  \
+gpuwatch-client watch --replay incident.gwrec --speed 10")]
+    Record(RecordArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -172,6 +182,46 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
     pub gpu: Vec<GpuSel>,
     /// Stop after this long (default: until q, Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub duration: Option<Duration>,
+    /// Longest wait between reconnect attempts.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub reconnect_max: Duration,
+    /// Play back a file written by `gpuwatch-client record` instead of
+    /// contacting hosts (no HOST arguments then).
+    #[arg(long, value_name = "FILE", conflicts_with = "hosts")]
+    pub replay: Option<PathBuf>,
+    /// Replay speed: 2 plays twice as fast, 0.5 at half speed (0.01 to 10000).
+    #[arg(long, value_name = "N", default_value = "1", requires = "replay", value_parser = parse_speed)]
+    pub speed: f64,
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a number"))?;
+    if !(v.is_finite() && (0.01..=10_000.0).contains(&v)) {
+        return Err(format!("{text} is out of range (0.01 to 10000)"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// The file to write (gzip-compressed, self-describing; see
+    /// docs/client.md).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: PathBuf,
+    /// How often each host sends a sample.
+    #[arg(long, short = 'n', value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// GPUs to record: an index, a UUID, or all.
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// Stop after this long (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     pub duration: Option<Duration>,
     /// Longest wait between reconnect attempts.

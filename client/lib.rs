@@ -18,6 +18,7 @@ mod fleet;
 mod hosts;
 mod output;
 mod record;
+mod recording;
 mod units;
 mod watch;
 

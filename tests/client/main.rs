@@ -11,6 +11,7 @@ mod support;
 mod control;
 mod fleet_bench;
 mod history;
+mod record;
 mod security;
 mod snapshot;
 mod tls;
