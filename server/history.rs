@@ -1396,6 +1396,80 @@ fn find_gaps(buckets: &[Bucket], cx: &GapContext<'_>) -> Vec<api::HistoryGap> {
         .collect()
 }
 
+/// Test and benchmark only: fills `dir`'s store with `span` of synthetic
+/// history ending at `end` for GPUs `uuids` (every configured tier, 10
+/// readings a second, values that move like a loaded H100), through the
+/// same encoding and commits as the writer, and records the span as one
+/// daemon run. Returns the store's size in bytes. Not used by the daemon.
+#[doc(hidden)]
+pub fn backfill(
+    dir: &Path,
+    config: &HistoryConfig,
+    uuids: &[String],
+    span: Duration,
+    end: SystemTime,
+) -> Result<u64, HistoryError> {
+    let (store, _) = Store::open(dir, config)?;
+    let end_ms = unix_ms(end);
+    let from_ms = end_ms.saturating_sub(ms(span));
+    for (tier, cfg) in store.tiers.clone().iter().enumerate() {
+        let step = ms(cfg.step).max(1);
+        let first = from_ms - from_ms % step;
+        let mut batch = Vec::with_capacity(4096);
+        let mut t = first;
+        while t < end_ms {
+            for (g, uuid) in uuids.iter().enumerate() {
+                let mut b = Bucket::new(t);
+                let readings = (step / 100).clamp(1, 600);
+                for r in 0..readings {
+                    let at = t + r * 100;
+                    let phase = (at / 100 + g as u64 * 37) % 900;
+                    let load = if phase < 450 { phase } else { 900 - phase };
+                    let power_mw = 350_000 + u32::try_from(load).unwrap_or(0) * 660;
+                    let s = GpuSample {
+                        uuid: uuid.clone(),
+                        health: GpuHealth::Ok as i32,
+                        temperature_c: Some(45 + power_mw / 20_000),
+                        memory_temperature_c: Some(50 + power_mw / 25_000),
+                        power_draw_mw: Some(power_mw),
+                        power_limit_mw: Some(700_000),
+                        enforced_power_limit_mw: Some(700_000),
+                        graphics_clock_mhz: Some(1980 - power_mw / 10_000),
+                        sm_clock_mhz: Some(1980 - power_mw / 10_000),
+                        memory_clock_mhz: Some(2619),
+                        video_clock_mhz: Some(1545),
+                        utilization_gpu_pct: Some(power_mw / 7_000),
+                        utilization_memory_pct: Some(power_mw / 14_000),
+                        memory_used_bytes: Some(40_000_000_000 + u64::from(power_mw) * 1000),
+                        pcie_tx_kbps: Some(power_mw * 4),
+                        pcie_rx_kbps: Some(power_mw * 2),
+                        governor_state: GovernorState::Idle as i32,
+                        throttle_reasons_mask: Some(0),
+                        ..GpuSample::default()
+                    };
+                    b.add_sample(&s);
+                }
+                batch.push((uuid.clone(), tier, b));
+            }
+            if batch.len() >= 4096 {
+                store.commit(&batch, end_ms)?;
+                batch.clear();
+            }
+            t += step;
+        }
+        store.commit(&batch, end_ms)?;
+    }
+    // The span as one run that ended at `end`.
+    let txn = store.db.begin_write()?;
+    {
+        let mut runs = txn.open_table(RUNS)?;
+        runs.remove(store.run_start_ms)?;
+        runs.insert(from_ms, end_ms)?;
+    }
+    txn.commit()?;
+    Ok(store.disk_bytes())
+}
+
 /// Indices into [`FIELDS`] for `names` (empty: all); an unknown name is an
 /// error listing the known ones.
 pub fn resolve_fields(names: &[String]) -> Result<Vec<usize>, String> {
