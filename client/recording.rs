@@ -159,6 +159,8 @@ pub fn update_of(entry: RecordingEntry) -> Option<Update> {
                 resumed_after_seq: None,
             }),
             watch_response::Message::Frame(frame) => Some(Update::Frame { host, frame }),
+            // Not recorded (see entry_of): a replay draws frames only.
+            watch_response::Message::History(_) => None,
             watch_response::Message::Gap(g) => {
                 let mut gap = GapRecord::from(&g);
                 if g.reason == GapReason::Unspecified as i32 {

@@ -407,6 +407,9 @@ pub async fn start_until(
     ));
     let history_writer = match &history_store {
         Some(store) => {
+            if let Err(e) = store.record_first_seq(hub.first_seq()) {
+                tracing::warn!(error = %e, "history: cannot record this run's first seq");
+            }
             let writer = crate::history::HistoryWriter::start(store.clone(), &config.history)
                 .map_err(|e| {
                     DaemonError::Startup(format!("cannot start the history writer: {e}"))

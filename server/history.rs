@@ -437,6 +437,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const GPUS: TableDefinition<&str, u32> = TableDefinition::new("gpus");
 /// Daemon runs: start (Unix ms) → time of the last commit (Unix ms).
 const RUNS: TableDefinition<u64, u64> = TableDefinition::new("runs");
+/// Each run's first Watch seq (its hub's start in Unix ms) → the run's
+/// start in `RUNS`: how a resume point maps to a time.
+const FIRST_SEQS: TableDefinition<u64, u64> = TableDefinition::new("first_seqs");
 
 fn tier_table_name(step_ms: u64) -> String {
     format!("tier_{step_ms}ms")
@@ -752,6 +755,8 @@ impl Store {
             let longest = self.tiers.iter().map(|t| ms(t.retain)).max().unwrap_or(0);
             let mut runs = txn.open_table(RUNS)?;
             runs.retain_in(0..now_ms.saturating_sub(longest), |_, _| false)?;
+            let mut seqs = txn.open_table(FIRST_SEQS)?;
+            seqs.retain_in(0..now_ms.saturating_sub(longest), |_, _| false)?;
         }
         txn.commit()?;
         if over {
@@ -761,6 +766,34 @@ impl Store {
                 "the history store is over [history] max_disk_bytes: dropped the oldest tenth of every tier"
             );
         }
+        Ok(())
+    }
+
+    /// The start (Unix ms, which is also its first seq) of the run that
+    /// published tick `seq`: this run's `current_first_seq`, or the latest
+    /// recorded run that started at or before it.
+    pub fn run_start_for_seq(&self, seq: u64, current_first_seq: u64) -> Option<u64> {
+        if seq >= current_first_seq {
+            return Some(current_first_seq);
+        }
+        let read = self.db.begin_read().ok()?;
+        let table = read.open_table(FIRST_SEQS).ok()?;
+        let mut found = None;
+        for item in table.range(0..=seq).ok()? {
+            let (k, _) = item.ok()?;
+            found = Some(k.value());
+        }
+        found
+    }
+
+    /// Records this run's first Watch seq (see [`Store::run_start_for_seq`]).
+    pub fn record_first_seq(&self, first_seq: u64) -> Result<(), HistoryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(FIRST_SEQS)?;
+            t.insert(first_seq, self.run_start_ms)?;
+        }
+        txn.commit()?;
         Ok(())
     }
 

@@ -324,6 +324,9 @@ impl GpuWatchService {
                 } else {
                     after + 1
                 };
+                if let Some(history) = self.history_for_resume(after, first_kept, &indices) {
+                    queue.push_back(Pending::Message(watch_response::Message::History(history)));
+                }
                 queue.push_back(Pending::Message(watch_response::Message::Gap(Gap {
                     first_seq: after + 1,
                     last_seq: first_kept - 1,
@@ -356,6 +359,62 @@ impl GpuWatchService {
             state,
             WatchState::next,
         )))
+    }
+}
+
+impl GpuWatchService {
+    /// The history store's 1 s points between the tick numbered `after`
+    /// and the ring's first kept tick, for a resume older than the ring.
+    /// Ticks are numbered from their run's start in Unix ms, one per
+    /// sampler interval, so a seq's time is its run's start plus its tick
+    /// count times the interval (the current interval: approximate for a
+    /// run that used another). None without a store or over the limits.
+    fn history_for_resume(
+        &self,
+        after: u64,
+        first_kept: u64,
+        indices: &[u32],
+    ) -> Option<api::GetHistoryResponse> {
+        let store = self.history.store.as_ref()?;
+        let interval_ms =
+            u64::try_from(self.hub.sampler_interval().as_millis()).unwrap_or(u64::MAX);
+        let run_start = store.run_start_for_seq(after, self.hub.first_seq())?;
+        let since_ms = run_start + (after + 1 - run_start).saturating_mul(interval_ms);
+        let until_ms = match self.hub.ring().first() {
+            Some(f) if f.seq == first_kept => f
+                .time
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .map(crate::history::unix_ms)?,
+            _ => crate::history::unix_ms(SystemTime::now()),
+        };
+        if until_ms <= since_ms {
+            return None;
+        }
+        let devices = self.hub.devices();
+        let gpus = devices
+            .iter()
+            .filter(|d| indices.contains(&d.index))
+            .map(|d| (d.index, d.uuid.clone()))
+            .collect();
+        let raw = Vec::new();
+        let source = crate::history::Source {
+            store: Some(store),
+            raw: &raw,
+            sampler_interval_ms: interval_ms,
+            started_ms: crate::history::unix_ms(self.hub.started()),
+            now_ms: crate::history::unix_ms(SystemTime::now()),
+        };
+        let query = crate::history::Query {
+            gpus,
+            fields: crate::history::resolve_fields(&[]).ok()?,
+            since_ms,
+            until_ms,
+            step_ms: store
+                .tiers()
+                .first()
+                .map_or(1000, |t| u64::try_from(t.step.as_millis()).unwrap_or(1000)),
+        };
+        crate::history::query(&source, &query, self.history.limits).ok()
     }
 }
 

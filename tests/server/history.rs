@@ -91,6 +91,7 @@ async fn watch_for(c: &mut Client, run: Duration) -> BTreeMap<u32, Vec<Seen>> {
                 Some(watch_response::Message::Gap(g)) => {
                     panic!("the test must see every frame; got a gap {g:?}")
                 }
+                Some(watch_response::Message::History(_)) => {}
                 None => {}
             },
             Ok(None) | Err(_) => break,
@@ -649,5 +650,129 @@ async fn the_dashboard_opens_with_the_last_minutes_even_right_after_a_restart() 
             .count()
             >= 2,
         "both starts are on the time axis: {events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resume_older_than_the_ring_continues_from_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A ring of 20 frames: 2 s at 100 ms.
+    let config = fleet("history = 20\n[history]\nflush_interval = \"200ms\"\n");
+    let d = crate::support::start(dir.path(), Options::with_config(config));
+    let mut c = d.client().await;
+    let mut stream = crate::support::watch(&mut c, WatchRequest::default()).await;
+    let (seq, t0) = loop {
+        if let watch_response::Message::Frame(f) = crate::support::next_message(&mut stream).await {
+            break (f.seq, ms_of(f.time));
+        }
+    };
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut stream = crate::support::watch(
+        &mut c,
+        WatchRequest {
+            resume_after_seq: Some(seq),
+            ..WatchRequest::default()
+        },
+    )
+    .await;
+    let watch_response::Message::Start(start) = crate::support::next_message(&mut stream).await
+    else {
+        panic!("Watch starts with a start message");
+    };
+    let watch_response::Message::History(h) = crate::support::next_message(&mut stream).await
+    else {
+        panic!("a resume older than the ring continues from history first");
+    };
+    let watch_response::Message::Gap(gap) = crate::support::next_message(&mut stream).await else {
+        panic!("then the gap, as precise as without history");
+    };
+    assert_eq!(gap.first_seq, seq + 1);
+    assert_eq!(
+        gap.last_seq + 1,
+        start.oldest_seq,
+        "the gap ends where the ring starts"
+    );
+    assert_eq!(gap.reason(), api::GapReason::NotInHistory);
+    assert_eq!(h.gpus.len(), 2);
+    for g in &h.gpus {
+        let first = g.points.first().expect("points from history");
+        let last = g.points.last().expect("points");
+        let first_t = u64::try_from(first.time_unix_ms).expect("positive");
+        assert!(
+            first_t + 1500 >= t0 && first_t <= t0 + 1500,
+            "history starts at the resume point: {first_t} vs {t0}"
+        );
+        assert!(
+            g.points.len() >= 3,
+            "about 3 s of 1 s points: {}",
+            g.points.len()
+        );
+        assert!(
+            u64::try_from(last.time_unix_ms).expect("positive") <= crate::support::now_ms(),
+            "nothing from the future"
+        );
+        assert!(
+            g.points
+                .iter()
+                .all(|p| p.tier_step_ms == 1000 && p.samples > 0)
+        );
+    }
+    // Then live frames as usual.
+    loop {
+        if let watch_response::Message::Frame(f) = crate::support::next_message(&mut stream).await {
+            assert!(f.seq > gap.last_seq);
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resume_from_before_a_restart_continues_from_history_with_the_downtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = fleet("history = 20\n[history]\nflush_interval = \"200ms\"\n");
+    let mut d = crate::support::start(dir.path(), Options::with_config(config));
+    let mut c = d.client().await;
+    let mut stream = crate::support::watch(&mut c, WatchRequest::default()).await;
+    let (seq, t0) = loop {
+        if let watch_response::Message::Frame(f) = crate::support::next_message(&mut stream).await {
+            break (f.seq, ms_of(f.time));
+        }
+    };
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.stop().expect("clean stop");
+    d.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = d.client().await;
+    let mut stream = crate::support::watch(
+        &mut c,
+        WatchRequest {
+            resume_after_seq: Some(seq),
+            ..WatchRequest::default()
+        },
+    )
+    .await;
+    let _start = crate::support::next_message(&mut stream).await;
+    let watch_response::Message::History(h) = crate::support::next_message(&mut stream).await
+    else {
+        panic!("history first");
+    };
+    let watch_response::Message::Gap(gap) = crate::support::next_message(&mut stream).await else {
+        panic!("then the gap");
+    };
+    assert!(gap.restarted, "the gap says it spans a restart");
+    let g = &h.gpus[0];
+    let first_t = u64::try_from(g.points[0].time_unix_ms).expect("positive");
+    assert!(
+        first_t + 1500 >= t0 && first_t <= t0 + 1500,
+        "history starts at the resume point of the earlier run: {first_t} vs {t0}"
+    );
+    assert!(
+        g.gaps
+            .iter()
+            .any(|x| x.reason() == HistoryGapReason::DaemonDown),
+        "the downtime is marked: {:?}",
+        g.gaps
     );
 }

@@ -73,6 +73,7 @@ async fn watcher(
                     }
                 }
                 Some(Message::Gap(g)) => last = Some(g.last_seq + 1 - stride),
+                Some(Message::History(_)) => {}
                 Some(Message::Frame(f)) => {
                     if let Some(prev) = last
                         && f.seq != prev + stride
