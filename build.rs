@@ -13,7 +13,9 @@ const PROTOS: &[&str] = &[
     "proto/gpuwatch/v1/telemetry.proto",
     "proto/gpuwatch/v1/control.proto",
     "proto/gpuwatch/v1/events.proto",
+    "proto/gpuwatch/v1/history.proto",
     "proto/gpuwatch/v1/gpuwatch.proto",
+    "proto/gpuwatch/v1/recording.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

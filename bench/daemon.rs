@@ -34,6 +34,8 @@ pub struct DaemonSpec {
     pub log_level: &'static str,
     /// A `[simulator]` section to use instead of the moving-load H100s.
     pub simulator_toml: Option<String>,
+    /// The state directory (None: a fresh temporary one).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl DaemonSpec {
@@ -47,6 +49,7 @@ impl DaemonSpec {
             nvml: None,
             log_level: "info",
             simulator_toml: None,
+            state_dir: None,
         }
     }
 
@@ -92,6 +95,7 @@ impl DaemonSpec {
             // The harness calls reads only, like most clients.
             tokens: false,
             log_level: self.log_level.to_owned(),
+            state_dir: self.state_dir.clone(),
             ..Launch::default()
         }
     }

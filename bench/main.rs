@@ -18,6 +18,7 @@ mod baseline;
 mod client_fleet;
 mod daemon;
 mod fanout;
+mod history;
 mod http1;
 mod idle;
 mod lite;
@@ -140,6 +141,9 @@ enum Command {
     Idle(idle::IdleArgs),
     /// Sampler cost: 8 GPUs at 100 Hz, no clients — CPU % of a core.
     Sampler(idle::SamplerArgs),
+    /// History: 24 h x 8 GPU and 1 h x 1 s GetHistory latency and CPU, the
+    /// write cost at 10 Hz (history on vs off), disk per GPU-day.
+    History(history::HistoryArgs),
     /// Fan-out: 1,000 Watch subscribers × 8 GPUs at 10 Hz — delivery,
     /// sample→client latency, daemon CPU and memory.
     Fanout(fanout::FanoutArgs),
@@ -246,6 +250,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Machine | Command::Config(_) | Command::SubscribeHelper(_) => Vec::new(),
         Command::Idle(a) => vec![("idle", Box::new(|| idle::idle(common, a)))],
         Command::Sampler(a) => vec![("sampler", Box::new(|| idle::sampler(common, a)))],
+        Command::History(a) => vec![("history", Box::new(|| history::history(common, a)))],
         Command::Fanout(a) => vec![("fanout", Box::new(|| fanout::fanout(common, a)))],
         Command::Fanout10k(a) => vec![("fanout-10k", Box::new(|| fanout::fanout_10k(common, a)))],
         Command::SlowSubscribers(a) => {
@@ -308,6 +313,10 @@ fn all_figures<'a>(common: &'a Common, all: &'a AllArgs) -> Vec<FigureFn<'a>> {
         (
             "scrape",
             Box::new(|| scrape::scrape(common, &Default::default())),
+        ),
+        (
+            "history",
+            Box::new(|| history::history(common, &Default::default())),
         ),
         ("attribution", Box::new(|| attribution::attribution(common))),
         (

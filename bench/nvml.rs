@@ -181,6 +181,7 @@ pub fn nvml(common: &Common, args: &NvmlArgs) -> anyhow::Result<Figure> {
             nvml: Some(library.map(Path::to_path_buf)),
             log_level: "info",
             simulator_toml: None,
+            state_dir: None,
         };
         let mut daemon = Daemon::start(&common.server, &spec).context("the daemon on NVML")?;
         std::thread::sleep(common.pick(Duration::from_secs(5), Duration::from_secs(1)));

@@ -105,10 +105,17 @@ fn host_args(command: &Command) -> &HostArgs {
         Command::SetThreshold(a) => &a.target.hosts,
         Command::Pick(a) => &a.hosts,
         Command::Release(a) => &a.hosts,
+        Command::History(a) => &a.hosts,
+        Command::Record(a) => &a.hosts,
     }
 }
 
 async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
+    if let Command::Watch(args) = &cli.command
+        && let Some(file) = &args.replay
+    {
+        return watch::replay(file, args, cli.global.json).await;
+    }
     let hosts = hosts::discover(resolve_hosts(&cli.global, host_args(&cli.command))?).await;
     let connector = connector(&cli.global)?;
     let json = cli.global.json;
@@ -116,6 +123,8 @@ async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
         Command::Watch(args) => watch::run(args, hosts, connector, json).await,
         Command::Snapshot(args) => Ok(commands::snapshot::run(args, hosts, connector, json).await),
         Command::Ps(args) => Ok(commands::ps::run(args, hosts, connector, json).await),
+        Command::History(args) => Ok(commands::history::run(args, hosts, connector, json).await),
+        Command::Record(args) => watch::record(args, hosts, connector).await,
         Command::List(args) => Ok(commands::list::run(args, hosts, connector, json).await),
         Command::Events(args) => commands::events::run(args, hosts, connector, json).await,
         Command::SetPowerLimit(args) => {

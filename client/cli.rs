@@ -161,6 +161,27 @@ gpuwatch-client set-threshold node1 --gpu all --celsius 80\n  \
 gpuwatch-client set-threshold node1 --gpu 0 --celsius 78 --hysteresis 4\n  \
 gpuwatch-client set-threshold node1 --gpu 0 --default")]
     SetThreshold(SetThresholdArgs),
+    /// What GPUs did over a past window, from each daemon's history store.
+    ///
+    /// On a terminal: per host, GPU and field the window's min, mean, max and
+    /// last value and a sparkline (blank where there is no data: the daemon
+    /// was down or the GPU lost). With --json: NDJSON `point`, `gap` and
+    /// `event` objects.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client history node1 --since 1h\n  \
+gpuwatch-client history node1 node2 --gpu 0 --since 24h --step 1m --field temperature_c\n  \
+gpuwatch-client history node1 --since 15m --step 10s --json | jq -c 'select(.event == \"gap\")'")]
+    History(HistoryArgs),
+    /// Record every host's telemetry stream to a file, for `watch --replay`.
+    ///
+    /// The file is gzip-compressed and self-describing (it carries the
+    /// contract's protobuf descriptors); it is flushed every second, so an
+    /// interrupted recording still plays back.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client record node1 node2 --out incident.gwrec\n  \
+gpuwatch-client record --hosts-file fleet.txt --interval 100ms --duration 10m -o run.gwrec\n  \
+gpuwatch-client watch --replay incident.gwrec --speed 10")]
+    Record(RecordArgs),
     /// Pick the best GPUs across the hosts for new work (and optionally
     /// lease them, so other schedulers' picks skip them).
     ///
@@ -255,6 +276,74 @@ pub struct WatchArgs {
     /// Longest wait between reconnect attempts.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     pub reconnect_max: Duration,
+    /// Play back a file written by `gpuwatch-client record` instead of
+    /// contacting hosts (no HOST arguments then).
+    #[arg(long, value_name = "FILE", conflicts_with = "hosts")]
+    pub replay: Option<PathBuf>,
+    /// Replay speed: 2 plays twice as fast, 0.5 at half speed (0.01 to 10000).
+    #[arg(long, value_name = "N", default_value = "1", requires = "replay", value_parser = parse_speed)]
+    pub speed: f64,
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a number"))?;
+    if !(v.is_finite() && (0.01..=10_000.0).contains(&v)) {
+        return Err(format!("{text} is out of range (0.01 to 10000)"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// The file to write (gzip-compressed, self-describing; see
+    /// docs/client.md).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: PathBuf,
+    /// How often each host sends a sample.
+    #[arg(long, short = 'n', value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// GPUs to record: an index, a UUID, or all.
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// Stop after this long (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub duration: Option<Duration>,
+    /// Longest wait between reconnect attempts.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// GPUs to show: indices, UUIDs or all (default all).
+    #[arg(long, value_name = "SEL", value_delimiter = ',', value_parser = parse_gpu)]
+    pub gpu: Vec<GpuSel>,
+    /// How far back (e.g. 15m, 1h, 24h, 7d).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_window)]
+    pub since: Duration,
+    /// Width of one point (e.g. 1s, 10s, 1m); default: about 1000 points.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    pub step: Option<Duration>,
+    /// Fields to show, as GpuSample names (temperature_c, power_draw_mw, ...).
+    #[arg(long, value_name = "FIELD", value_delimiter = ',')]
+    pub field: Vec<String>,
+}
+
+/// A history window or step: 100ms to 400 days.
+fn parse_window(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("\"{text}\" is not a duration ({e}); e.g. 10s, 1h, 7d"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(400 * 86_400) {
+        return Err(format!("\"{text}\" is out of range (100ms to 400d)"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,6 +19,7 @@ mod hosts;
 mod output;
 mod owner;
 mod record;
+mod recording;
 mod units;
 mod watch;
 

@@ -17,8 +17,8 @@
 
 use crate::{
     ActorKind, ContainerRuntime, EventKind, GapReason, GovernorMode, GovernorState, GpuHealth,
-    ProcessKind, ResetOutcome, Severity, TelemetryField, ThresholdSource, ThrottleCategory,
-    ThrottleReason,
+    HistoryGapReason, ProcessKind, ResetOutcome, Severity, TelemetryField, ThresholdSource,
+    ThrottleCategory, ThrottleReason,
 };
 
 /// An enum of the contract whose values have a short snake_case name.
@@ -60,6 +60,7 @@ named! {
     ThrottleCategory => "THROTTLE_CATEGORY_",
     ProcessKind => "PROCESS_KIND_",
     ContainerRuntime => "CONTAINER_RUNTIME_",
+    HistoryGapReason => "HISTORY_GAP_REASON_",
 }
 
 /// The short name of a value: `observe_only`, `gpu_lost`, `unspecified`.

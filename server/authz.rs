@@ -86,6 +86,7 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gpuwatch.v1.GpuWatch/Watch", READ),
     ("/gpuwatch.v1.GpuWatch/WatchEvents", READ),
     ("/gpuwatch.v1.GpuWatch/GetPolicy", READ),
+    ("/gpuwatch.v1.GpuWatch/GetHistory", READ),
     ("/gpuwatch.v1.GpuWatch/SetPowerLimit", CONTROL),
     ("/gpuwatch.v1.GpuWatch/ResetClocks", CONTROL),
     ("/gpuwatch.v1.GpuWatch/SetThreshold", CONTROL),

@@ -135,6 +135,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Who uses each GPU: see `attribution`.
     pub attribution: crate::attribution::AttributionConfig,
+    /// Past telemetry in tiers: see `history`.
+    pub history: crate::history::HistoryConfig,
     /// GPU leases (LeaseGpus): see `leases`.
     pub leases: LeasesConfig,
 }
@@ -787,6 +789,7 @@ pub const SECTIONS: &[&str] = &[
     "tls",
     "limits",
     "attribution",
+    "history",
 ];
 
 /// Loads the configuration: defaults < `file` < `env` < `overrides`, then
@@ -933,6 +936,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     check_range("events.retain", cfg.events.retain, 100, 10_000_000, |v| {
         v.to_string()
     })?;
+    crate::history::validate(&cfg.history).map_err(|(key, message)| invalid(key, message))?;
     validate_controller(&cfg.controller)?;
     if let Some(sim) = &cfg.simulator {
         validate_simulator(sim)?;

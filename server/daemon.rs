@@ -363,6 +363,35 @@ pub async fn start_until(
         );
     }
 
+    // History: the tiered store in the state directory (none without one).
+    let history_store = match (&state_dir, config.history.enabled) {
+        (Some(dir), true) => match crate::history::Store::open(dir, &config.history) {
+            Ok((store, report)) => {
+                if let Some(damaged) = &report.damaged {
+                    tracing::warn!("{damaged}");
+                    events.record(
+                        NewEvent::new(EventKind::StateDamaged, Actor::startup(), damaged.clone())
+                            .severity(Severity::Warning),
+                    );
+                }
+                for note in &report.notes {
+                    tracing::info!("{note}");
+                }
+                Some(store)
+            }
+            Err(e) => {
+                let why = format!("history is off for this run: {e}");
+                tracing::error!("{why}");
+                events.record(
+                    NewEvent::new(EventKind::StateDamaged, Actor::startup(), why)
+                        .severity(Severity::Warning),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+
     let slots = match open_devices(backend.as_ref(), &shutdown).await {
         Err(DaemonError::Stopped) => {
             tracing::info!("stop requested while opening GPUs; nothing was written to any GPU");
@@ -376,6 +405,27 @@ pub async fn start_until(
         config.sampler.slow_interval,
         config.sampler.history,
     ));
+    let history_writer = match &history_store {
+        Some(store) => {
+            if let Err(e) = store.record_first_seq(hub.first_seq()) {
+                tracing::warn!(error = %e, "history: cannot record this run's first seq");
+            }
+            let writer = crate::history::HistoryWriter::start(store.clone(), &config.history)
+                .map_err(|e| {
+                    DaemonError::Startup(format!("cannot start the history writer: {e}"))
+                })?;
+            hub.set_history_sink(writer.sink());
+            Some(Arc::new(writer))
+        }
+        None => None,
+    };
+    let history = crate::service::HistoryParts {
+        store: history_store,
+        limits: crate::history::Limits {
+            max_points: config.history.max_points_per_request,
+            max_bytes: config.history.max_bytes_per_request,
+        },
+    };
     let tracker = attribution_tracker(&config, sim_records, &events)?;
     // Leases granted before a restart are still held (those that expired
     // while the daemon was down are dropped, with an event each).
@@ -465,6 +515,7 @@ pub async fn start_until(
             shutdown: shutdown.clone(),
             attribution: Some(tracker),
             leases: leases.clone(),
+            history: history.clone(),
         },
         &host_facts,
     );
@@ -588,6 +639,7 @@ pub async fn start_until(
             access,
             write_timeout: config.limits.http_write_timeout,
             leases: Some(leases.clone()),
+            history: history.clone(),
         };
         let limits = crate::http::conn::ConnLimits {
             max_connections: http_cap,
@@ -650,6 +702,10 @@ pub async fn start_until(
         stop.cancel();
         if control_task.await.is_err() {
             tracing::error!("control plane task failed during shutdown");
+        }
+        // No more frames: the history writer commits what it holds.
+        if let Some(writer) = history_writer {
+            let _ = tokio::task::spawn_blocking(move || writer.stop(Duration::from_secs(10))).await;
         }
         // A clean stop loses nothing: every event and state change queued
         // (the restores above included) is on disk before the daemon exits.

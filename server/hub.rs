@@ -126,6 +126,8 @@ pub struct Hub {
     frames: broadcast::Sender<Arc<Frame>>,
     devices: RwLock<Arc<Vec<DeviceInfo>>>,
     policies: RwLock<Arc<Vec<GpuPolicy>>>,
+    /// The history writer, offered every frame (never waited for).
+    history_sink: std::sync::OnceLock<Arc<crate::history::HistorySink>>,
     pub stats: HubStats,
 }
 
@@ -160,6 +162,7 @@ impl Hub {
             frames,
             devices: RwLock::new(Arc::new(Vec::new())),
             policies: RwLock::new(Arc::new(Vec::new())),
+            history_sink: std::sync::OnceLock::new(),
             stats: HubStats::default(),
         }
     }
@@ -195,9 +198,28 @@ impl Hub {
         }
         history.push_back(frame.clone());
         *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Some(frame.clone());
+        if let Some(sink) = self.history_sink.get() {
+            sink.offer(&frame);
+        }
         // An error only means nobody is subscribed.
         let _ = self.frames.send(frame);
         self.stats.frames_published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Feeds every published frame to the history writer from now on.
+    pub fn set_history_sink(&self, sink: Arc<crate::history::HistorySink>) {
+        let _ = self.history_sink.set(sink);
+    }
+
+    /// The history writer's sink, if history is on.
+    pub fn history_sink(&self) -> Option<&Arc<crate::history::HistorySink>> {
+        self.history_sink.get()
+    }
+
+    /// Every frame in the ring, oldest first.
+    pub fn ring(&self) -> Vec<Arc<Frame>> {
+        let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        history.iter().cloned().collect()
     }
 
     /// The latest frame, if any tick has run.

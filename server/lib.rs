@@ -7,7 +7,8 @@
 //! `authz`) and `http`. The `control` plane runs the `governor` and
 //! operator requests on the sampler's loop; `events` is the audit trail;
 //! `state` the desired state that outlives a restart; `persist` the one
-//! writer that puts both on disk, off the sampling loop; `statedir` claims
+//! writer that puts both on disk, off the sampling loop; `history` the
+//! tiered store of past telemetry and its own writer thread; `statedir` claims
 //! the state directory for one daemon. [`api`] is the wire
 //! contract (its own crate, `gpuwatch-api`, the only part the CLI uses).
 //!
@@ -23,6 +24,7 @@ pub use gpuwatch_api as api;
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod history;
 pub mod tls;
 
 // The engine: private to the daemon.

@@ -62,6 +62,100 @@ pub struct GpuWatchService {
     shutdown: CancellationToken,
     attribution: Option<Tracker>,
     leases: Arc<Leases>,
+    history: HistoryParts,
+}
+
+/// The history store (None: no state directory, or history off) and the
+/// limits on one answer; shared by GetHistory and `/api/v1/history`.
+#[derive(Debug, Clone)]
+pub struct HistoryParts {
+    pub store: Option<crate::history::Store>,
+    pub limits: crate::history::Limits,
+}
+
+/// Most events one history answer carries (the newest).
+pub const MAX_HISTORY_EVENTS: usize = 2000;
+/// The window GetHistory answers when `since` is absent.
+pub const DEFAULT_HISTORY_WINDOW_MS: u64 = 3_600_000;
+
+/// Answers a GetHistory request from the store, the hub's ring and the
+/// event log. Blocking (disk reads): call from a blocking thread.
+pub fn answer_history(
+    hub: &Hub,
+    events: &EventLog,
+    history: &HistoryParts,
+    req: &api::GetHistoryRequest,
+) -> Result<api::GetHistoryResponse, Status> {
+    let devices = hub.devices();
+    let picked = selector::resolve(&req.gpus, &devices, Empty::MeansAll)?;
+    let gpus: Vec<(u32, String)> = picked
+        .into_iter()
+        .map(|i| (devices[i].index, devices[i].uuid.clone()))
+        .collect();
+    let fields = crate::history::resolve_fields(&req.fields).map_err(Status::invalid_argument)?;
+    let now = SystemTime::now();
+    let now_ms = crate::history::unix_ms(now);
+    let to_ms = |t: &prost_types::Timestamp, what: &str| -> Result<u64, Status> {
+        SystemTime::try_from(*t)
+            .ok()
+            .map(crate::history::unix_ms)
+            .filter(|&ms| ms > 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{what} is not a valid time after 1970"))
+            })
+    };
+    let until_ms = match &req.until {
+        Some(t) => to_ms(t, "until")?.min(now_ms),
+        None => now_ms,
+    };
+    let since_ms = match &req.since {
+        Some(t) => to_ms(t, "since")?,
+        None => until_ms.saturating_sub(DEFAULT_HISTORY_WINDOW_MS),
+    };
+    if since_ms >= until_ms {
+        return Err(Status::invalid_argument(
+            "since must be before until (and before now)",
+        ));
+    }
+    let raw = hub.ring();
+    let source = crate::history::Source {
+        store: history.store.as_ref(),
+        raw: &raw,
+        sampler_interval_ms: u64::try_from(hub.sampler_interval().as_millis()).unwrap_or(u64::MAX),
+        started_ms: crate::history::unix_ms(hub.started()),
+        now_ms,
+    };
+    let query = crate::history::Query {
+        gpus,
+        fields,
+        since_ms,
+        until_ms,
+        step_ms: u64::from(req.step_ms),
+    };
+    let mut answer =
+        crate::history::query(&source, &query, history.limits).map_err(|e| match e {
+            crate::history::QueryError::Invalid(m) => Status::invalid_argument(m),
+            crate::history::QueryError::TooLarge(m) => Status::resource_exhausted(m),
+            crate::history::QueryError::Store(e) => Status::internal(e.to_string()),
+        })?;
+    let uuids: Vec<&str> = answer.gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let in_window = |e: &api::Event| {
+        e.time
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map(crate::history::unix_ms)
+            .is_some_and(|t| t >= since_ms && t < until_ms)
+            && e.gpu_uuid.as_deref().is_none_or(|u| uuids.contains(&u))
+    };
+    let mut picked_events: Vec<api::Event> = events
+        .recent(usize::MAX)
+        .iter()
+        .filter(|e| in_window(e))
+        .map(|e| (**e).clone())
+        .collect();
+    let skip = picked_events.len().saturating_sub(MAX_HISTORY_EVENTS);
+    picked_events.drain(..skip);
+    answer.events = picked_events;
+    Ok(answer)
 }
 
 /// What the service is built from.
@@ -76,6 +170,7 @@ pub struct ServiceParts {
     pub attribution: Option<Tracker>,
     /// The lease book and picker.
     pub leases: Arc<Leases>,
+    pub history: HistoryParts,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -93,6 +188,7 @@ impl GpuWatchService {
             shutdown,
             attribution,
             leases,
+            history,
         } = parts;
         let hostname = hostname();
         let host = HostInfo {
@@ -116,6 +212,7 @@ impl GpuWatchService {
             shutdown,
             attribution,
             leases,
+            history,
         }
     }
 
@@ -237,6 +334,9 @@ impl GpuWatchService {
                 } else {
                     after + 1
                 };
+                if let Some(history) = self.history_for_resume(after, first_kept, &indices) {
+                    queue.push_back(Pending::Message(watch_response::Message::History(history)));
+                }
                 queue.push_back(Pending::Message(watch_response::Message::Gap(Gap {
                     first_seq: after + 1,
                     last_seq: first_kept - 1,
@@ -269,6 +369,62 @@ impl GpuWatchService {
             state,
             WatchState::next,
         )))
+    }
+}
+
+impl GpuWatchService {
+    /// The history store's 1 s points between the tick numbered `after`
+    /// and the ring's first kept tick, for a resume older than the ring.
+    /// Ticks are numbered from their run's start in Unix ms, one per
+    /// sampler interval, so a seq's time is its run's start plus its tick
+    /// count times the interval (the current interval: approximate for a
+    /// run that used another). None without a store or over the limits.
+    fn history_for_resume(
+        &self,
+        after: u64,
+        first_kept: u64,
+        indices: &[u32],
+    ) -> Option<api::GetHistoryResponse> {
+        let store = self.history.store.as_ref()?;
+        let interval_ms =
+            u64::try_from(self.hub.sampler_interval().as_millis()).unwrap_or(u64::MAX);
+        let run_start = store.run_start_for_seq(after, self.hub.first_seq())?;
+        let since_ms = run_start + (after + 1 - run_start).saturating_mul(interval_ms);
+        let until_ms = match self.hub.ring().first() {
+            Some(f) if f.seq == first_kept => f
+                .time
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .map(crate::history::unix_ms)?,
+            _ => crate::history::unix_ms(SystemTime::now()),
+        };
+        if until_ms <= since_ms {
+            return None;
+        }
+        let devices = self.hub.devices();
+        let gpus = devices
+            .iter()
+            .filter(|d| indices.contains(&d.index))
+            .map(|d| (d.index, d.uuid.clone()))
+            .collect();
+        let raw = Vec::new();
+        let source = crate::history::Source {
+            store: Some(store),
+            raw: &raw,
+            sampler_interval_ms: interval_ms,
+            started_ms: crate::history::unix_ms(self.hub.started()),
+            now_ms: crate::history::unix_ms(SystemTime::now()),
+        };
+        let query = crate::history::Query {
+            gpus,
+            fields: crate::history::resolve_fields(&[]).ok()?,
+            since_ms,
+            until_ms,
+            step_ms: store
+                .tiers()
+                .first()
+                .map_or(1000, |t| u64::try_from(t.step.as_millis()).unwrap_or(1000)),
+        };
+        crate::history::query(&source, &query, self.history.limits).ok()
     }
 }
 
@@ -459,6 +615,19 @@ impl GpuWatch for GpuWatchService {
             .cloned()
             .collect();
         Ok(Response::new(GetPolicyResponse { policies }))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<api::GetHistoryRequest>,
+    ) -> Result<Response<api::GetHistoryResponse>, Status> {
+        authz::caller(&request, Role::Read)?;
+        let (hub, events, history) = (self.hub.clone(), self.events.clone(), self.history.clone());
+        let req = request.into_inner();
+        tokio::task::spawn_blocking(move || answer_history(&hub, &events, &history, &req))
+            .await
+            .map_err(|e| Status::internal(format!("history query failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn set_power_limit(

@@ -170,6 +170,13 @@ mod tests {
                 shutdown: CancellationToken::new(),
                 attribution: None,
                 leases,
+                history: crate::service::HistoryParts {
+                    store: None,
+                    limits: crate::history::Limits {
+                        max_points: 1000,
+                        max_bytes: 1 << 20,
+                    },
+                },
             },
             &HostFacts {
                 backend: "simulator",

@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod events;
+pub mod history;
 pub mod list;
 pub mod pick;
 pub mod ps;

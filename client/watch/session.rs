@@ -392,7 +392,10 @@ async fn session(
                 outbox.push(Update::Gap { host: index, gap });
             }
             // A second `start` or an unknown message: ignore it.
-            Some(watch_response::Message::Start(_)) | None => {}
+            // History for a resume older than the ring: not drawn by the
+            // live view (its gap is reported as before).
+            Some(watch_response::Message::Start(_) | watch_response::Message::History(_))
+            | None => {}
         }
         for update in outbox.drain(..) {
             if tx.send(update).await.is_err() {

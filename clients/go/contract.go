@@ -47,6 +47,13 @@ func (c *watchContract) observe(msg *pb.WatchResponse) (string, error) {
 			return "", fmt.Errorf("the first Watch message is 'gap', not 'start'")
 		}
 		return "gap", c.gap(m.Gap)
+	case *pb.WatchResponse_History:
+		// A resume older than the ring: the store's points for the missed
+		// range, sent before that range's gap (no frames, no seqs).
+		if c.stride == 0 {
+			return "", fmt.Errorf("the first Watch message is 'history', not 'start'")
+		}
+		return "history", nil
 	default:
 		return "", fmt.Errorf("unknown Watch message %T", msg.Message)
 	}

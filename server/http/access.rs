@@ -58,6 +58,7 @@ pub const PATHS: &[(&str, PathNeed)] = &[
     ("/metrics", PathNeed::Metrics),
     ("/api/v1/dashboard", PathNeed::Is(Need::Role(Role::Read))),
     ("/api/v1/stream", PathNeed::Is(Need::Role(Role::Read))),
+    ("/api/v1/history", PathNeed::Is(Need::Role(Role::Read))),
 ];
 
 /// What `path` needs; None when it is not served.

@@ -19,6 +19,7 @@
 pub mod access;
 pub mod api;
 pub mod conn;
+pub mod history;
 pub mod metrics;
 pub mod procstat;
 
@@ -52,6 +53,8 @@ pub struct HttpState {
     pub write_timeout: Duration,
     /// The lease book, for /metrics.
     pub leases: Option<Arc<crate::leases::Leases>>,
+    /// The history store, for `/api/v1/history`.
+    pub history: crate::service::HistoryParts,
 }
 
 /// Shared by every handler.
@@ -95,6 +98,7 @@ pub fn router(state: HttpState, shutdown: CancellationToken) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/v1/dashboard", get(api::dashboard_json))
         .route("/api/v1/stream", get(api::stream))
+        .route("/api/v1/history", get(history::history_json))
         .fallback(not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn_with_state(gate, access::enforce))
@@ -184,7 +188,7 @@ pub(crate) async fn not_found(uri: Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         format!(
-            "not found: {}\nthis daemon serves / (dashboard), /metrics, /healthz, /api/v1/dashboard, /api/v1/stream\n",
+            "not found: {}\nthis daemon serves / (dashboard), /metrics, /healthz, /api/v1/dashboard, /api/v1/stream, /api/v1/history\n",
             uri.path()
         ),
     )

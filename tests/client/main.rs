@@ -10,8 +10,10 @@ mod support;
 
 mod control;
 mod fleet_bench;
+mod history;
 mod pick;
 mod ps;
+mod record;
 mod security;
 mod snapshot;
 mod tls;

@@ -122,6 +122,13 @@ impl GpuWatch for OneGpu {
     ) -> Result<Response<gpuwatch_api::ListLeasesResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    async fn get_history(
+        &self,
+        _: Request<gpuwatch_api::GetHistoryRequest>,
+    ) -> Result<Response<gpuwatch_api::GetHistoryResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// A CA, a server certificate for "localhost" only, and a client certificate.

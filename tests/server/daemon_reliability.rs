@@ -378,7 +378,7 @@ async fn a_restart_under_a_watching_client_resumes_with_the_restart_marked() {
         match crate::support::next_message(&mut stream).await {
             Message::Start(s) => last = s.current.map_or(last, |f| f.seq),
             Message::Frame(f) => last = f.seq,
-            Message::Gap(_) => {}
+            Message::Gap(_) | Message::History(_) => {}
         }
     }
     d.signal_and_wait("TERM", Duration::from_secs(15));

@@ -27,6 +27,7 @@ mod fault_injection;
 mod fuzz_config;
 mod fuzz_requests;
 mod governor_scenarios;
+mod history;
 mod http_auth;
 mod http_dashboard;
 mod http_hardening;

@@ -46,7 +46,7 @@ class WatchContract:
     missed: int = 0
 
     def observe(self, msg: gpuwatch_pb2.WatchResponse) -> str:
-        """Checks ``msg``; returns its kind ("start", "frame" or "gap")."""
+        """Checks ``msg``; returns its kind ("start", "frame", "gap" or "history")."""
         kind = msg.WhichOneof("message")
         if self.stride is None:
             if kind != "start":
@@ -59,6 +59,10 @@ class WatchContract:
             self._gap(msg.gap)
         elif kind == "frame":
             self._frame(msg.frame)
+        elif kind == "history":
+            # A resume older than the ring: the store's points for the
+            # missed range, before that range's gap (no frames, no seqs).
+            pass
         else:
             raise ContractViolation(f"unknown Watch message kind {kind!r}")
         return kind

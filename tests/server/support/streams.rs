@@ -55,6 +55,7 @@ pub async fn watcher(
                     }
                 }
                 Some(Message::Gap(g)) => last = Some(g.last_seq + 1 - stride),
+                Some(Message::History(_)) => {}
                 Some(Message::Frame(f)) => {
                     if let Some(prev) = last
                         && f.seq != prev + stride

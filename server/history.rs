@@ -1,0 +1,1618 @@
+//! History: what every GPU did over the last day and month, kept in the
+//! state directory across restarts and served by `GetHistory`, the
+//! dashboard and the CLI.
+//!
+//! Why it exists: the hub's ring holds one minute of frames; operators ask
+//! what a GPU did overnight. This module owns the history store
+//! (`history.redb` in the state directory, a redb database: copy-on-write
+//! B-trees, crash-safe commits, checksummed pages), the one thread that
+//! writes it, and the queries over it.
+//!
+//! Tiers: each configured tier (default 1 s for 24 h, 1 min for 30 days)
+//! keeps one bucket per GPU per step: count, min, max, sum and last of every
+//! numeric field in [`FIELDS`], and the throttle mask and governor state
+//! that held longest. The finest data is the hub's ring of raw frames (in
+//! memory). Buckets are encoded as varints relative to the bucket's minimum
+//! (about 100 bytes a bucket; see ARCHITECTURE.md for bytes per GPU-day).
+//!
+//! Writing never blocks the sampler: the hub offers every frame to a bounded
+//! channel ([`HistorySink::offer`], `try_send`; a full channel drops the
+//! frame and counts it). The writer thread folds frames into the open
+//! buckets and commits once per `flush_interval` (one redb transaction,
+//! fsynced): the finished buckets, and the open ones as they stand, so a
+//! SIGKILL loses at most one flush interval; a clean stop commits
+//! everything. Each run of the daemon is recorded (start, last commit), so a
+//! restart shows as an exact `DAEMON_DOWN` gap.
+//!
+//! Recovery: a file redb cannot open, or one with an unknown format version,
+//! is moved aside (`history.redb.damaged-<unix ms>`), reported to the caller
+//! (the daemon logs it and records a STATE_DAMAGED event) and replaced by a
+//! new store. Tiers whose step is no longer configured are folded into the
+//! configured tiers whose step is a multiple of theirs, then dropped; a
+//! shorter retention trims, a longer one keeps everything.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use serde::Deserialize;
+
+use crate::api::{self, Frame, GovernorState, GpuHealth, GpuSample};
+
+/// The store's file in the state directory.
+pub const FILE_NAME: &str = "history.redb";
+/// The format this build writes and reads. Stored in the `meta` table; a
+/// file with another version is moved aside.
+pub const FORMAT_VERSION: u64 = 1;
+/// Frames the writer may be behind by before frames are dropped (about
+/// 100 s at 10 Hz).
+pub const QUEUE_FRAMES: usize = 1024;
+/// redb's page cache (its default is 1 GiB).
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The numeric `GpuSample` fields kept, in storage order. Never reorder:
+/// the encoding refers to them by position (append only).
+pub const FIELDS: &[&str] = &[
+    "temperature_c",
+    "memory_temperature_c",
+    "fan_speed_pct",
+    "power_draw_mw",
+    "power_limit_mw",
+    "enforced_power_limit_mw",
+    "graphics_clock_mhz",
+    "sm_clock_mhz",
+    "memory_clock_mhz",
+    "video_clock_mhz",
+    "utilization_gpu_pct",
+    "utilization_memory_pct",
+    "memory_used_bytes",
+    "pcie_tx_kbps",
+    "pcie_rx_kbps",
+];
+const NFIELDS: usize = FIELDS.len();
+
+fn field_values(s: &GpuSample) -> [Option<u64>; NFIELDS] {
+    let u = |v: Option<u32>| v.map(u64::from);
+    [
+        u(s.temperature_c),
+        u(s.memory_temperature_c),
+        u(s.fan_speed_pct),
+        u(s.power_draw_mw),
+        u(s.power_limit_mw),
+        u(s.enforced_power_limit_mw),
+        u(s.graphics_clock_mhz),
+        u(s.sm_clock_mhz),
+        u(s.memory_clock_mhz),
+        u(s.video_clock_mhz),
+        u(s.utilization_gpu_pct),
+        u(s.utilization_memory_pct),
+        s.memory_used_bytes,
+        u(s.pcie_tx_kbps),
+        u(s.pcie_rx_kbps),
+    ]
+}
+
+// ---------------------------------------------------------------- config
+
+/// One tier: a bucket per `step`, kept for `retain`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Bucket width.
+    #[serde(with = "humantime_serde")]
+    pub step: Duration,
+    /// How long buckets are kept.
+    #[serde(with = "humantime_serde")]
+    pub retain: Duration,
+}
+
+/// `[history]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Keep history in the state directory.
+    pub enabled: bool,
+    /// How often the writer commits (the most a SIGKILL loses).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Tiers, finest first.
+    pub tiers: Vec<TierConfig>,
+    /// Most points (summed over GPUs) one GetHistory answer may hold.
+    pub max_points_per_request: usize,
+    /// Most bytes (estimated, encoded) one GetHistory answer may hold.
+    pub max_bytes_per_request: usize,
+    /// Disk budget of the store; past it the oldest data of every tier goes.
+    pub max_disk_bytes: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            flush_interval: Duration::from_secs(1),
+            tiers: vec![
+                TierConfig {
+                    step: Duration::from_secs(1),
+                    retain: Duration::from_secs(24 * 3600),
+                },
+                TierConfig {
+                    step: Duration::from_secs(60),
+                    retain: Duration::from_secs(30 * 24 * 3600),
+                },
+            ],
+            max_points_per_request: 200_000,
+            max_bytes_per_request: 32 * 1024 * 1024,
+            max_disk_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Checks `[history]`; the error names the key and what is allowed.
+pub fn validate(c: &HistoryConfig) -> Result<(), (String, String)> {
+    let bad = |k: &str, m: String| Err((format!("history.{k}"), m));
+    if !(Duration::from_millis(100)..=Duration::from_secs(10)).contains(&c.flush_interval) {
+        return bad(
+            "flush_interval",
+            format!(
+                "{} is out of range; allowed: 100ms to 10s",
+                humantime::format_duration(c.flush_interval)
+            ),
+        );
+    }
+    if c.tiers.is_empty() || c.tiers.len() > 4 {
+        return bad("tiers", format!("{} tiers; allowed: 1 to 4", c.tiers.len()));
+    }
+    let mut prev: Option<TierConfig> = None;
+    for (i, t) in c.tiers.iter().enumerate() {
+        let step_ms = t.step.as_millis();
+        if !(100..=3_600_000).contains(&step_ms) || step_ms % 100 != 0 {
+            return bad(
+                &format!("tiers[{i}].step"),
+                format!(
+                    "{} is not allowed: 100ms to 1h, a multiple of 100ms",
+                    humantime::format_duration(t.step)
+                ),
+            );
+        }
+        if t.retain < t.step * 10 || t.retain > Duration::from_secs(400 * 24 * 3600) {
+            return bad(
+                &format!("tiers[{i}].retain"),
+                format!(
+                    "{} is out of range; allowed: 10 steps to 400 days",
+                    humantime::format_duration(t.retain)
+                ),
+            );
+        }
+        if let Some(p) = prev
+            && (t.step <= p.step || step_ms % p.step.as_millis() != 0)
+        {
+            return bad(
+                &format!("tiers[{i}].step"),
+                "each tier's step must be a multiple of (and larger than) the previous tier's"
+                    .to_owned(),
+            );
+        }
+        prev = Some(*t);
+    }
+    if !(1_000..=10_000_000).contains(&c.max_points_per_request) {
+        return bad(
+            "max_points_per_request",
+            format!(
+                "{} is out of range; allowed: 1000 to 10000000",
+                c.max_points_per_request
+            ),
+        );
+    }
+    if !(64 * 1024..=256 * 1024 * 1024).contains(&c.max_bytes_per_request) {
+        return bad(
+            "max_bytes_per_request",
+            format!(
+                "{} is out of range; allowed: 65536 to 268435456",
+                c.max_bytes_per_request
+            ),
+        );
+    }
+    if !(1024 * 1024..=1024 * 1024 * 1024 * 1024).contains(&c.max_disk_bytes) {
+        return bad(
+            "max_disk_bytes",
+            format!(
+                "{} is out of range; allowed: 1048576 to 1099511627776",
+                c.max_disk_bytes
+            ),
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- buckets
+
+/// One field's statistics over a bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FieldAcc {
+    pub n: u32,
+    pub min: u64,
+    pub max: u64,
+    pub sum: u128,
+    pub last: u64,
+}
+
+impl FieldAcc {
+    fn add(&mut self, v: u64) {
+        if self.n == 0 {
+            self.min = v;
+            self.max = v;
+        } else {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.n += 1;
+        self.sum += u128::from(v);
+        self.last = v;
+    }
+
+    /// Folds `later` (a bucket after this one) in.
+    fn merge(&mut self, later: &FieldAcc) {
+        if later.n == 0 {
+            return;
+        }
+        if self.n == 0 {
+            *self = *later;
+            return;
+        }
+        self.min = self.min.min(later.min);
+        self.max = self.max.max(later.max);
+        self.n += later.n;
+        self.sum += later.sum;
+        self.last = later.last;
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum as f64 / f64::from(self.n))
+    }
+}
+
+/// A value and how many readings it held for; the longest wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Longest {
+    held: Vec<(u64, u32)>,
+}
+
+impl Longest {
+    fn add(&mut self, v: u64, n: u32) {
+        match self.held.iter_mut().find(|(x, _)| *x == v) {
+            Some(slot) => slot.1 += n,
+            None => self.held.push((v, n)),
+        }
+    }
+
+    fn winner(&self) -> (u64, u32) {
+        self.held
+            .iter()
+            .copied()
+            .max_by_key(|&(v, n)| (n, std::cmp::Reverse(v)))
+            .unwrap_or((0, 0))
+    }
+}
+
+/// One GPU's bucket of one tier (or one output point).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bucket {
+    pub start_ms: u64,
+    pub samples: u32,
+    pub fields: [FieldAcc; NFIELDS],
+    throttle: Longest,
+    governor: Longest,
+}
+
+impl Bucket {
+    fn new(start_ms: u64) -> Self {
+        Self {
+            start_ms,
+            ..Self::default()
+        }
+    }
+
+    fn add_sample(&mut self, s: &GpuSample) {
+        self.samples += 1;
+        for (acc, v) in self.fields.iter_mut().zip(field_values(s)) {
+            if let Some(v) = v {
+                acc.add(v);
+            }
+        }
+        self.throttle.add(s.throttle_reasons_mask.unwrap_or(0), 1);
+        self.governor
+            .add(u64::try_from(s.governor_state).unwrap_or(0), 1);
+    }
+
+    fn merge(&mut self, later: &Bucket) {
+        self.samples += later.samples;
+        for (a, b) in self.fields.iter_mut().zip(&later.fields) {
+            a.merge(b);
+        }
+        for &(v, n) in &later.throttle.held {
+            self.throttle.add(v, n);
+        }
+        for &(v, n) in &later.governor.held {
+            self.governor.add(v, n);
+        }
+    }
+
+    /// The throttle mask that held longest.
+    pub fn throttle_mask(&self) -> u64 {
+        self.throttle.winner().0
+    }
+
+    /// The governor state that held longest.
+    pub fn governor_state(&self) -> GovernorState {
+        GovernorState::try_from(i32::try_from(self.governor.winner().0).unwrap_or(0))
+            .unwrap_or(GovernorState::Unspecified)
+    }
+
+    /// The compact encoding: varints, each field relative to its minimum.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        put(&mut out, u64::from(self.samples));
+        let mut mask = 0u64;
+        for (i, f) in self.fields.iter().enumerate() {
+            if f.n > 0 {
+                mask |= 1 << i;
+            }
+        }
+        put(&mut out, mask);
+        for f in self.fields.iter().filter(|f| f.n > 0) {
+            put(&mut out, u64::from(f.n));
+            put(&mut out, f.min);
+            put(&mut out, f.max - f.min);
+            put(&mut out, f.last - f.min);
+            let offsets = f.sum - u128::from(f.min) * u128::from(f.n);
+            put(&mut out, u64::try_from(offsets).unwrap_or(u64::MAX));
+        }
+        // Longest-held states, with how long, so partial buckets merge.
+        for l in [&self.throttle, &self.governor] {
+            let (v, n) = l.winner();
+            put(&mut out, v);
+            put(&mut out, u64::from(n));
+        }
+        out
+    }
+
+    /// Decodes [`Bucket::encode`]'s output; None when it is malformed.
+    pub fn decode(start_ms: u64, mut bytes: &[u8]) -> Option<Self> {
+        let b = &mut bytes;
+        let mut bucket = Bucket::new(start_ms);
+        bucket.samples = u32::try_from(get(b)?).ok()?;
+        let mask = get(b)?;
+        for (i, f) in bucket.fields.iter_mut().enumerate() {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            f.n = u32::try_from(get(b)?).ok()?;
+            f.min = get(b)?;
+            f.max = f.min.checked_add(get(b)?)?;
+            f.last = f.min.checked_add(get(b)?)?;
+            f.sum = u128::from(f.min) * u128::from(f.n) + u128::from(get(b)?);
+        }
+        let (tv, tn) = (get(b)?, get(b)?);
+        let (gv, gn) = (get(b)?, get(b)?);
+        bucket.throttle.add(tv, u32::try_from(tn).ok()?);
+        bucket.governor.add(gv, u32::try_from(gn).ok()?);
+        Some(bucket)
+    }
+}
+
+fn put(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------- the store
+
+type TierTable<'a> = TableDefinition<'a, (u32, u64), &'static [u8]>;
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const GPUS: TableDefinition<&str, u32> = TableDefinition::new("gpus");
+/// Daemon runs: start (Unix ms) → time of the last commit (Unix ms).
+const RUNS: TableDefinition<u64, u64> = TableDefinition::new("runs");
+/// Each run's first Watch seq (its hub's start in Unix ms) → the run's
+/// start in `RUNS`: how a resume point maps to a time.
+const FIRST_SEQS: TableDefinition<u64, u64> = TableDefinition::new("first_seqs");
+
+fn tier_table_name(step_ms: u64) -> String {
+    format!("tier_{step_ms}ms")
+}
+
+fn step_of_table(name: &str) -> Option<u64> {
+    name.strip_prefix("tier_")?.strip_suffix("ms")?.parse().ok()
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history store: {0}")]
+    Store(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for HistoryError {
+            fn from(e: $t) -> Self {
+                Self::Store(e.to_string())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What opening the store found wrong (already repaired).
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    /// A damaged file that was moved aside, and why.
+    pub damaged: Option<String>,
+    /// Tiers folded into others or trimmed after a configuration change.
+    pub notes: Vec<String>,
+}
+
+/// The on-disk store. Cheap to clone; reads run concurrently with the
+/// writer (redb's MVCC).
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+    tiers: Vec<TierConfig>,
+    gpu_ids: Arc<Mutex<HashMap<String, u32>>>,
+    run_start_ms: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; a damaged file is moved aside
+    /// and replaced, and said so in the report.
+    pub fn open(dir: &Path, config: &HistoryConfig) -> Result<(Self, OpenReport), HistoryError> {
+        let path = dir.join(FILE_NAME);
+        let mut report = OpenReport::default();
+        let db = match Self::open_checked(&path) {
+            Ok(db) => db,
+            Err(why) => {
+                let aside = dir.join(format!(
+                    "{FILE_NAME}.damaged-{}",
+                    unix_ms(SystemTime::now())
+                ));
+                std::fs::rename(&path, &aside).map_err(|e| {
+                    HistoryError::Store(format!(
+                        "cannot move the damaged {} aside: {e}",
+                        path.display()
+                    ))
+                })?;
+                report.damaged = Some(format!(
+                    "history store {} is damaged ({why}); moved aside to {} and started a new one",
+                    path.display(),
+                    aside.display()
+                ));
+                Self::open_checked(&path).map_err(HistoryError::Store)?
+            }
+        };
+        let run_start_ms = unix_ms(SystemTime::now());
+        let mut store = Self {
+            db: Arc::new(db),
+            path,
+            tiers: config.tiers.clone(),
+            gpu_ids: Arc::default(),
+            run_start_ms,
+        };
+        store.reconcile_tiers(&mut report)?;
+        store.load_gpu_ids()?;
+        let txn = store.db.begin_write()?;
+        {
+            let mut runs = txn.open_table(RUNS)?;
+            runs.insert(run_start_ms, run_start_ms)?;
+        }
+        txn.commit()?;
+        store.prune(run_start_ms, u64::MAX)?;
+        Ok((store, report))
+    }
+
+    fn open_checked(path: &Path) -> Result<Database, String> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| e.to_string())?;
+        let check = || -> Result<(), HistoryError> {
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                let version = meta.get("format_version")?.map(|v| v.value());
+                match version {
+                    None => {
+                        meta.insert("format_version", FORMAT_VERSION)?;
+                        meta.insert("created_unix_ms", unix_ms(SystemTime::now()))?;
+                    }
+                    Some(FORMAT_VERSION) => {}
+                    Some(v) => {
+                        return Err(HistoryError::Store(format!(
+                            "format version {v}; this gpuwatch reads version {FORMAT_VERSION}"
+                        )));
+                    }
+                }
+                txn.open_table(GPUS)?;
+                txn.open_table(RUNS)?;
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        check().map_err(|e| e.to_string())?;
+        Ok(db)
+    }
+
+    /// Folds tiers no longer configured into the configured ones whose step
+    /// is a multiple of theirs (keeping what the new tiers do not hold
+    /// yet), then drops them.
+    fn reconcile_tiers(&mut self, report: &mut OpenReport) -> Result<(), HistoryError> {
+        let steps: Vec<u64> = self.tiers.iter().map(|t| ms(t.step)).collect();
+        let read = self.db.begin_read()?;
+        let orphans: Vec<u64> = read
+            .list_tables()?
+            .filter_map(|t| step_of_table(t.name()))
+            .filter(|s| !steps.contains(s))
+            .collect();
+        drop(read);
+        for old in orphans {
+            let old_name = tier_table_name(old);
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| HistoryError::Store(e.to_string()))?;
+            let mut folded = Vec::new();
+            {
+                let old_table = txn.open_table(TierTable::new(&old_name))?;
+                for &new in steps.iter().filter(|&&s| s >= old && s % old == 0) {
+                    let new_name = tier_table_name(new);
+                    let mut new_table = txn.open_table(TierTable::new(&new_name))?;
+                    let mut merged: std::collections::BTreeMap<(u32, u64), Bucket> =
+                        Default::default();
+                    for item in old_table.iter()? {
+                        let (k, v) = item?;
+                        let (gpu, start) = k.value();
+                        let Some(b) = Bucket::decode(start, v.value()) else {
+                            continue;
+                        };
+                        let key = (gpu, start - start % new);
+                        merged
+                            .entry(key)
+                            .or_insert_with(|| Bucket::new(key.1))
+                            .merge(&b);
+                    }
+                    let mut added = 0usize;
+                    for (key, b) in merged {
+                        if new_table.get(key)?.is_none() {
+                            new_table.insert(key, b.encode().as_slice())?;
+                            added += 1;
+                        }
+                    }
+                    folded.push(format!("{added} buckets into the {new} ms tier"));
+                }
+            }
+            txn.delete_table(TierTable::new(&old_name))?;
+            txn.commit()?;
+            report.notes.push(format!(
+                "history tier {old} ms is no longer configured: folded {}; dropped it",
+                if folded.is_empty() {
+                    "nothing (no configured step is a multiple of it)".to_owned()
+                } else {
+                    folded.join(", ")
+                }
+            ));
+        }
+        Ok(())
+    }
+
+    fn load_gpu_ids(&self) -> Result<(), HistoryError> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(GPUS)?;
+        let mut ids = self.gpu_ids.lock().unwrap_or_else(PoisonError::into_inner);
+        for item in table.iter()? {
+            let (k, v) = item?;
+            ids.insert(k.value().to_owned(), v.value());
+        }
+        Ok(())
+    }
+
+    /// The tiers on disk, finest first.
+    pub fn tiers(&self) -> &[TierConfig] {
+        &self.tiers
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's size in bytes.
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    fn gpu_id(&self, uuid: &str) -> Option<u32> {
+        self.gpu_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(uuid)
+            .copied()
+    }
+
+    /// Commits buckets (replacing any with the same key) and the run's
+    /// last-alive time, fsynced.
+    fn commit(
+        &self,
+        buckets: &[(String, usize, Bucket)],
+        alive_ms: u64,
+    ) -> Result<(), HistoryError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| HistoryError::Store(e.to_string()))?;
+        {
+            let mut gpus = txn.open_table(GPUS)?;
+            let mut ids = self.gpu_ids.lock().unwrap_or_else(PoisonError::into_inner);
+            let names: Vec<String> = self
+                .tiers
+                .iter()
+                .map(|t| tier_table_name(ms(t.step)))
+                .collect();
+            let mut tables = Vec::new();
+            for name in &names {
+                tables.push(txn.open_table(TierTable::new(name))?);
+            }
+            for (uuid, tier, bucket) in buckets {
+                let id = match ids.get(uuid) {
+                    Some(&id) => id,
+                    None => {
+                        let id = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+                        gpus.insert(uuid.as_str(), id)?;
+                        ids.insert(uuid.clone(), id);
+                        id
+                    }
+                };
+                if let Some(table) = tables.get_mut(*tier) {
+                    table.insert((id, bucket.start_ms), bucket.encode().as_slice())?;
+                }
+            }
+            let mut runs = txn.open_table(RUNS)?;
+            runs.insert(self.run_start_ms, alive_ms)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Drops buckets past each tier's retention; over `max_disk_bytes`,
+    /// also the oldest tenth of every tier.
+    fn prune(&self, now_ms: u64, max_disk_bytes: u64) -> Result<(), HistoryError> {
+        let over = self.disk_bytes() > max_disk_bytes;
+        let ids: Vec<u32> = self
+            .gpu_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .copied()
+            .collect();
+        let txn = self.db.begin_write()?;
+        {
+            for t in &self.tiers {
+                let mut keep_ms = ms(t.retain);
+                if over {
+                    keep_ms -= keep_ms / 10;
+                }
+                let cutoff = now_ms.saturating_sub(keep_ms);
+                let name = tier_table_name(ms(t.step));
+                let mut table = txn.open_table(TierTable::new(&name))?;
+                for &id in &ids {
+                    table.retain_in((id, 0)..(id, cutoff), |_, _| false)?;
+                }
+            }
+            // Runs older than the longest retention say nothing any more.
+            let longest = self.tiers.iter().map(|t| ms(t.retain)).max().unwrap_or(0);
+            let mut runs = txn.open_table(RUNS)?;
+            runs.retain_in(0..now_ms.saturating_sub(longest), |_, _| false)?;
+            let mut seqs = txn.open_table(FIRST_SEQS)?;
+            seqs.retain_in(0..now_ms.saturating_sub(longest), |_, _| false)?;
+        }
+        txn.commit()?;
+        if over {
+            tracing::warn!(
+                bytes = self.disk_bytes(),
+                max_disk_bytes,
+                "the history store is over [history] max_disk_bytes: dropped the oldest tenth of every tier"
+            );
+        }
+        Ok(())
+    }
+
+    /// The start (Unix ms, which is also its first seq) of the run that
+    /// published tick `seq`: this run's `current_first_seq`, or the latest
+    /// recorded run that started at or before it.
+    pub fn run_start_for_seq(&self, seq: u64, current_first_seq: u64) -> Option<u64> {
+        if seq >= current_first_seq {
+            return Some(current_first_seq);
+        }
+        let read = self.db.begin_read().ok()?;
+        let table = read.open_table(FIRST_SEQS).ok()?;
+        let mut found = None;
+        for item in table.range(0..=seq).ok()? {
+            let (k, _) = item.ok()?;
+            found = Some(k.value());
+        }
+        found
+    }
+
+    /// Records this run's first Watch seq (see [`Store::run_start_for_seq`]).
+    pub fn record_first_seq(&self, first_seq: u64) -> Result<(), HistoryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(FIRST_SEQS)?;
+            t.insert(first_seq, self.run_start_ms)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The daemon's runs (start, last commit) overlapping `[from, to)`.
+    fn runs(&self, from_ms: u64, to_ms: u64) -> Result<Vec<(u64, u64)>, HistoryError> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(RUNS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let (start, alive) = (k.value(), v.value());
+            if start < to_ms && alive.max(start) >= from_ms.saturating_sub(3_600_000) {
+                out.push((start, alive));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One GPU's buckets of tier `tier` in `[from, to)`, oldest first.
+    fn buckets(
+        &self,
+        tier: usize,
+        uuid: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<Bucket>, HistoryError> {
+        let Some(id) = self.gpu_id(uuid) else {
+            return Ok(Vec::new());
+        };
+        let Some(t) = self.tiers.get(tier) else {
+            return Ok(Vec::new());
+        };
+        let read = self.db.begin_read()?;
+        let name = tier_table_name(ms(t.step));
+        let table = match read.open_table(TierTable::new(&name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for item in table.range((id, from_ms)..(id, to_ms))? {
+            let (k, v) = item?;
+            if let Some(b) = Bucket::decode(k.value().1, v.value()) {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------- the writer
+
+enum Msg {
+    Frame(Arc<Frame>),
+    Flush(mpsc::Sender<()>),
+}
+
+/// The sampler's side: offers frames without ever waiting.
+#[derive(Debug)]
+pub struct HistorySink {
+    tx: SyncSender<Msg>,
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Frame(fr) => write!(f, "Frame({})", fr.seq),
+            Msg::Flush(_) => f.write_str("Flush"),
+        }
+    }
+}
+
+impl HistorySink {
+    /// Hands a frame to the writer; a full queue drops it (counted).
+    pub fn offer(&self, frame: &Arc<Frame>) {
+        match self.tx.try_send(Msg::Frame(frame.clone())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Frames not recorded because the writer was behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer thread's handle: flush (and stop) it.
+#[derive(Debug)]
+pub struct HistoryWriter {
+    sink: Arc<HistorySink>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl HistoryWriter {
+    /// Starts the writer thread for `store`.
+    pub fn start(store: Store, config: &HistoryConfig) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_FRAMES);
+        let flush_every = config.flush_interval;
+        let max_disk = config.max_disk_bytes;
+        let thread = std::thread::Builder::new()
+            .name("gpuwatch-history".into())
+            .spawn(move || Writer::new(store, flush_every, max_disk).run(rx))?;
+        Ok(Self {
+            sink: Arc::new(HistorySink {
+                tx,
+                dropped: AtomicU64::new(0),
+            }),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn sink(&self) -> Arc<HistorySink> {
+        self.sink.clone()
+    }
+
+    /// Commits everything offered so far; waits (blocking) up to `within`.
+    pub fn flush_blocking(&self, within: Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        if self.sink.tx.send(Msg::Flush(tx)).is_err() {
+            return false;
+        }
+        rx.recv_timeout(within).is_ok()
+    }
+
+    /// Commits everything and ends the thread (a clean stop).
+    pub fn stop(&self, within: Duration) {
+        if !self.flush_blocking(within) {
+            tracing::error!("the history writer did not commit within {within:?}");
+        }
+        // The thread ends when every sender is gone; the hub holds one, so
+        // it is left to end with the process.
+        drop(
+            self.thread
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
+struct Writer {
+    store: Store,
+    flush_every: Duration,
+    max_disk_bytes: u64,
+    /// Open bucket per (GPU uuid, tier).
+    open: HashMap<(String, usize), Bucket>,
+    /// Finished buckets not committed yet.
+    done: Vec<(String, usize, Bucket)>,
+    last_frame_ms: u64,
+    last_prune: Instant,
+    failing: bool,
+}
+
+impl Writer {
+    fn new(store: Store, flush_every: Duration, max_disk_bytes: u64) -> Self {
+        Self {
+            store,
+            flush_every,
+            max_disk_bytes,
+            open: HashMap::new(),
+            done: Vec::new(),
+            last_frame_ms: 0,
+            last_prune: Instant::now(),
+            failing: false,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut next_flush = Instant::now() + self.flush_every;
+        loop {
+            let wait = next_flush.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Frame(frame)) => self.fold(&frame),
+                Ok(Msg::Flush(ack)) => {
+                    // Everything offered before the flush is queued ahead.
+                    while let Ok(msg) = rx.try_recv() {
+                        match msg {
+                            Msg::Frame(frame) => self.fold(&frame),
+                            Msg::Flush(other) => {
+                                let _ = other.send(());
+                            }
+                        }
+                    }
+                    self.commit();
+                    let _ = ack.send(());
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.commit();
+                    return;
+                }
+            }
+            if Instant::now() >= next_flush {
+                self.commit();
+                next_flush = Instant::now() + self.flush_every;
+                if self.last_prune.elapsed() >= Duration::from_secs(60) {
+                    self.last_prune = Instant::now();
+                    if let Err(e) = self.store.prune(self.last_frame_ms, self.max_disk_bytes) {
+                        tracing::warn!(error = %e, "history retention pass failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Folds one frame into the open buckets of every tier.
+    fn fold(&mut self, frame: &Frame) {
+        let Some(time) = frame.time.and_then(|t| SystemTime::try_from(t).ok()) else {
+            return;
+        };
+        let t_ms = unix_ms(time);
+        self.last_frame_ms = self.last_frame_ms.max(t_ms);
+        for s in &frame.samples {
+            if s.uuid.is_empty() || !readable(s) {
+                continue;
+            }
+            for (tier, cfg) in self.store.tiers.iter().enumerate() {
+                let step = ms(cfg.step).max(1);
+                let start = t_ms - t_ms % step;
+                let key = (s.uuid.clone(), tier);
+                let store = &self.store;
+                let bucket = self.open.entry(key.clone()).or_insert_with(|| {
+                    // The first bucket of a run may continue one an earlier
+                    // run left open (a restart within one step): go on
+                    // from what it committed instead of replacing it.
+                    store
+                        .buckets(tier, &key.0, start, start + 1)
+                        .ok()
+                        .and_then(|mut v| v.pop())
+                        .unwrap_or_else(|| Bucket::new(start))
+                });
+                if bucket.start_ms != start {
+                    let finished = std::mem::replace(bucket, Bucket::new(start));
+                    if finished.samples > 0 {
+                        self.done.push((key.0.clone(), tier, finished));
+                    }
+                }
+                bucket.add_sample(s);
+            }
+        }
+    }
+
+    fn commit(&mut self) {
+        if self.done.is_empty() && self.open.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.done);
+        let open_count = self.open.len();
+        batch.extend(
+            self.open
+                .iter()
+                .filter(|(_, b)| b.samples > 0)
+                .map(|((uuid, tier), b)| (uuid.clone(), *tier, b.clone())),
+        );
+        match self.store.commit(&batch, self.last_frame_ms) {
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!("the history store is written again");
+                    self.failing = false;
+                }
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::error!(error = %e, "cannot commit history; retrying every flush");
+                    self.failing = true;
+                }
+                // Keep the finished buckets for the next try (bounded).
+                let finished = batch.len() - open_count.min(batch.len());
+                batch.truncate(finished.min(100_000));
+                self.done = batch;
+            }
+        }
+    }
+}
+
+/// A sample whose telemetry is a fresh reading (not lost, not stale).
+fn readable(s: &GpuSample) -> bool {
+    matches!(
+        GpuHealth::try_from(s.health),
+        Ok(GpuHealth::Ok | GpuHealth::Error)
+    ) && s.temperature_c.is_some()
+}
+
+// ---------------------------------------------------------------- queries
+
+/// One GetHistory question, already validated.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// (index, uuid) per GPU.
+    pub gpus: Vec<(u32, String)>,
+    /// Indices into [`FIELDS`].
+    pub fields: Vec<usize>,
+    pub since_ms: u64,
+    pub until_ms: u64,
+    /// Requested step (0: pick one).
+    pub step_ms: u64,
+}
+
+/// Limits on one answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_points: usize,
+    pub max_bytes: usize,
+}
+
+/// Why a query was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Store(#[from] HistoryError),
+}
+
+/// What answers a query: the store (if any), and the hub's raw ring.
+#[derive(Debug, Clone)]
+pub struct Source<'a> {
+    pub store: Option<&'a Store>,
+    /// Raw frames, oldest first.
+    pub raw: &'a [Arc<Frame>],
+    pub sampler_interval_ms: u64,
+    /// The daemon's start (for gaps in the raw ring).
+    pub started_ms: u64,
+    pub now_ms: u64,
+}
+
+/// Points the automatic step aims for, per GPU.
+pub const AUTO_POINTS: u64 = 1000;
+/// Bytes one point costs per field in the answer (estimate: 4 doubles
+/// and tags), and per point.
+const BYTES_PER_FIELD: usize = 40;
+const BYTES_PER_POINT: usize = 24;
+
+/// Which tier serves `step_ms` over `[since, until)`: the coarsest with a
+/// step at most `step_ms`; None = the raw ring.
+fn pick_tier(tiers: &[TierConfig], step_ms: u64) -> Option<usize> {
+    tiers
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| ms(t.step) <= step_ms)
+        .map(|(i, _)| i)
+        .next_back()
+}
+
+/// Answers a query.
+pub fn query(
+    src: &Source<'_>,
+    q: &Query,
+    limits: Limits,
+) -> Result<api::GetHistoryResponse, QueryError> {
+    if q.until_ms <= q.since_ms {
+        return Err(QueryError::Invalid("until must be after since".to_owned()));
+    }
+    let window = q.until_ms - q.since_ms;
+    let tiers: &[TierConfig] = src.store.map_or(&[], |s| s.tiers());
+    let raw_step = src.sampler_interval_ms.max(1);
+    let mut step = if q.step_ms == 0 {
+        window.div_ceil(AUTO_POINTS).max(raw_step)
+    } else {
+        q.step_ms
+    };
+    // The raw ring serves steps below the finest tier when it reaches back
+    // to `since` (it holds about a minute), and everything when there is
+    // no store; otherwise the finest tier serves them at its own step.
+    let ring_from_ms = src
+        .raw
+        .first()
+        .and_then(|f| f.time)
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .map_or(u64::MAX, unix_ms);
+    let ring_covers = ring_from_ms <= q.since_ms.saturating_add(raw_step);
+    let tier = pick_tier(tiers, step).or_else(|| (!ring_covers && !tiers.is_empty()).then_some(0));
+    let tier_step = tier.map_or(raw_step, |i| ms(tiers[i].step));
+    if step < tier_step {
+        step = tier_step;
+    }
+    step = step.div_ceil(tier_step) * tier_step;
+    let first = q.since_ms - q.since_ms % step;
+    let per_gpu = usize::try_from((q.until_ms - first).div_ceil(step)).unwrap_or(usize::MAX);
+    let points = per_gpu.saturating_mul(q.gpus.len());
+    if points > limits.max_points {
+        return Err(QueryError::TooLarge(format!(
+            "the answer would hold {points} points ({} GPU(s) x {per_gpu}); the limit is [history] max_points_per_request = {}: ask for a coarser step, fewer GPUs or a shorter window",
+            q.gpus.len(),
+            limits.max_points
+        )));
+    }
+    let bytes = points.saturating_mul(q.fields.len() * BYTES_PER_FIELD + BYTES_PER_POINT);
+    if bytes > limits.max_bytes {
+        return Err(QueryError::TooLarge(format!(
+            "the answer would take about {bytes} bytes; the limit is [history] max_bytes_per_request = {}: ask for fewer fields, a coarser step, fewer GPUs or a shorter window",
+            limits.max_bytes
+        )));
+    }
+    let runs = match src.store {
+        Some(store) => store.runs(q.since_ms, q.until_ms)?,
+        None => vec![(src.started_ms, src.now_ms)],
+    };
+    let retained_from = match tier {
+        Some(i) => src.now_ms.saturating_sub(ms(tiers[i].retain)),
+        None => src
+            .raw
+            .first()
+            .and_then(|f| f.time)
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map_or(src.now_ms, unix_ms),
+    };
+    let mut gpus = Vec::with_capacity(q.gpus.len());
+    for (index, uuid) in &q.gpus {
+        let buckets = match (tier, src.store) {
+            (Some(i), Some(store)) => store.buckets(i, uuid, first, q.until_ms)?,
+            _ => raw_buckets(src.raw, uuid, first, q.until_ms),
+        };
+        let points = merge_into_points(&buckets, step, tier_step, q);
+        let gaps = find_gaps(
+            &buckets,
+            &GapContext {
+                since_ms: q.since_ms,
+                until_ms: q.until_ms.min(src.now_ms),
+                tier_step,
+                threshold: 2 * tier_step.max(raw_step),
+                runs: &runs,
+                retained_from,
+                // Open buckets reach the disk once per flush.
+                trailing_slack: tier_step + 2_000 + 2 * raw_step,
+            },
+        );
+        gpus.push(api::GpuHistory {
+            index: *index,
+            uuid: uuid.clone(),
+            points,
+            gaps,
+        });
+    }
+    let mut tiers_out = vec![api::HistoryTier {
+        step_ms: u32::try_from(raw_step).unwrap_or(u32::MAX),
+        retain_ms: raw_step * src.raw.len() as u64,
+        raw: true,
+    }];
+    tiers_out.extend(tiers.iter().map(|t| api::HistoryTier {
+        step_ms: u32::try_from(ms(t.step)).unwrap_or(u32::MAX),
+        retain_ms: ms(t.retain),
+        raw: false,
+    }));
+    Ok(api::GetHistoryResponse {
+        since: Some(time_of(q.since_ms).into()),
+        until: Some(time_of(q.until_ms).into()),
+        step_ms: u32::try_from(step).unwrap_or(u32::MAX),
+        tier_step_ms: u32::try_from(tier_step).unwrap_or(u32::MAX),
+        fields: q.fields.iter().map(|&i| FIELDS[i].to_owned()).collect(),
+        gpus,
+        events: Vec::new(),
+        tiers: tiers_out,
+    })
+}
+
+fn time_of(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// One bucket per raw frame of `uuid` in `[from, to)`.
+fn raw_buckets(raw: &[Arc<Frame>], uuid: &str, from_ms: u64, to_ms: u64) -> Vec<Bucket> {
+    let mut out = Vec::new();
+    for f in raw {
+        let Some(t) = f.time.and_then(|t| SystemTime::try_from(t).ok()) else {
+            continue;
+        };
+        let t_ms = unix_ms(t);
+        if t_ms < from_ms || t_ms >= to_ms {
+            continue;
+        }
+        if let Some(s) = f.samples.iter().find(|s| s.uuid == uuid)
+            && readable(s)
+        {
+            let mut b = Bucket::new(t_ms);
+            b.add_sample(s);
+            out.push(b);
+        }
+    }
+    out
+}
+
+fn merge_into_points(
+    buckets: &[Bucket],
+    step: u64,
+    tier_step: u64,
+    q: &Query,
+) -> Vec<api::HistoryPoint> {
+    let mut out: Vec<Bucket> = Vec::new();
+    for b in buckets {
+        let start = b.start_ms - b.start_ms % step;
+        match out.last_mut() {
+            Some(last) if last.start_ms == start => last.merge(b),
+            _ => {
+                let mut n = Bucket::new(start);
+                n.merge(b);
+                out.push(n);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|b| api::HistoryPoint {
+            time_unix_ms: i64::try_from(b.start_ms).unwrap_or(i64::MAX),
+            tier_step_ms: u32::try_from(tier_step).unwrap_or(u32::MAX),
+            samples: b.samples,
+            values: q
+                .fields
+                .iter()
+                .map(|&i| {
+                    let f = &b.fields[i];
+                    if f.n == 0 {
+                        api::FieldStats::default()
+                    } else {
+                        api::FieldStats {
+                            min: Some(f.min as f64),
+                            max: Some(f.max as f64),
+                            mean: f.mean(),
+                            last: Some(f.last as f64),
+                        }
+                    }
+                })
+                .collect(),
+            throttle_reasons_mask: b.throttle_mask(),
+            governor_state: b.governor_state() as i32,
+        })
+        .collect()
+}
+
+struct GapContext<'a> {
+    since_ms: u64,
+    until_ms: u64,
+    tier_step: u64,
+    threshold: u64,
+    runs: &'a [(u64, u64)],
+    retained_from: u64,
+    trailing_slack: u64,
+}
+
+/// The ranges of `[since, until)` with no data: daemon downtime (exact,
+/// from the recorded runs), missing buckets longer than the threshold, and
+/// what lies before retention.
+fn find_gaps(buckets: &[Bucket], cx: &GapContext<'_>) -> Vec<api::HistoryGap> {
+    use api::HistoryGapReason as R;
+    let mut raw: Vec<(u64, u64, R)> = Vec::new();
+    // Downtime between runs (and before the first run, after the last
+    // commit of a run that did not end cleanly).
+    let mut runs = cx.runs.to_vec();
+    runs.sort_unstable();
+    for pair in runs.windows(2) {
+        let (down_from, down_to) = (pair[0].1.max(pair[0].0), pair[1].0);
+        if down_to > down_from {
+            raw.push((down_from, down_to, R::DaemonDown));
+        }
+    }
+    // Missing buckets while the daemon ran.
+    let mut cursor = cx.since_ms;
+    let mut first = true;
+    for b in buckets {
+        let end = b.start_ms + cx.tier_step;
+        if end <= cx.since_ms {
+            continue;
+        }
+        if b.start_ms > cursor && (b.start_ms - cursor >= cx.threshold || first) {
+            let reason = if first && cursor < cx.retained_from {
+                R::NotRetained
+            } else {
+                R::NoSamples
+            };
+            if !(first && b.start_ms - cursor < cx.tier_step) {
+                raw.push((cursor, b.start_ms, reason));
+            }
+        }
+        first = false;
+        cursor = cursor.max(end);
+    }
+    if cx.until_ms > cursor && cx.until_ms - cursor > cx.trailing_slack {
+        let reason = if buckets.is_empty() && cursor < cx.retained_from {
+            R::NotRetained
+        } else {
+            R::NoSamples
+        };
+        raw.push((cursor, cx.until_ms, reason));
+    }
+    // Clip to the window; downtime wins where ranges overlap.
+    let mut out: Vec<(u64, u64, R)> = Vec::new();
+    let down: Vec<(u64, u64)> = raw
+        .iter()
+        .filter(|g| g.2 == R::DaemonDown)
+        .map(|g| (g.0.max(cx.since_ms), g.1.min(cx.until_ms)))
+        .filter(|g| g.1 > g.0)
+        .collect();
+    for &(a, b) in &down {
+        out.push((a, b, R::DaemonDown));
+    }
+    for &(a, b, r) in raw.iter().filter(|g| g.2 != R::DaemonDown) {
+        // Subtract the downtime ranges.
+        let mut pieces = vec![(a.max(cx.since_ms), b.min(cx.until_ms))];
+        for &(da, db) in &down {
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(pa, pb)| {
+                    let mut v = Vec::new();
+                    if pa < da.min(pb) {
+                        v.push((pa, da.min(pb)));
+                    }
+                    if db.max(pa) < pb {
+                        v.push((db.max(pa), pb));
+                    }
+                    v
+                })
+                .collect();
+        }
+        for (pa, pb) in pieces {
+            // A sliver left beside downtime is the same outage.
+            if pb > pa && pb - pa >= cx.tier_step {
+                out.push((pa, pb, r));
+            }
+        }
+    }
+    out.sort_unstable_by_key(|g| g.0);
+    out.into_iter()
+        .map(|(a, b, r)| api::HistoryGap {
+            start_unix_ms: i64::try_from(a).unwrap_or(i64::MAX),
+            end_unix_ms: i64::try_from(b).unwrap_or(i64::MAX),
+            reason: r as i32,
+        })
+        .collect()
+}
+
+/// Test and benchmark only: fills `dir`'s store with `span` of synthetic
+/// history ending at `end` for GPUs `uuids` (every configured tier, 10
+/// readings a second, values that move like a loaded H100), through the
+/// same encoding and commits as the writer, and records the span as one
+/// daemon run. Returns the store's size in bytes. Not used by the daemon.
+#[doc(hidden)]
+pub fn backfill(
+    dir: &Path,
+    config: &HistoryConfig,
+    uuids: &[String],
+    span: Duration,
+    end: SystemTime,
+) -> Result<u64, HistoryError> {
+    let (store, _) = Store::open(dir, config)?;
+    let end_ms = unix_ms(end);
+    let from_ms = end_ms.saturating_sub(ms(span));
+    for (tier, cfg) in store.tiers.clone().iter().enumerate() {
+        let step = ms(cfg.step).max(1);
+        let first = from_ms - from_ms % step;
+        let mut batch = Vec::with_capacity(4096);
+        let mut t = first;
+        while t < end_ms {
+            for (g, uuid) in uuids.iter().enumerate() {
+                let mut b = Bucket::new(t);
+                let readings = (step / 100).clamp(1, 600);
+                for r in 0..readings {
+                    let at = t + r * 100;
+                    let phase = (at / 100 + g as u64 * 37) % 900;
+                    let load = if phase < 450 { phase } else { 900 - phase };
+                    let power_mw = 350_000 + u32::try_from(load).unwrap_or(0) * 660;
+                    let s = GpuSample {
+                        uuid: uuid.clone(),
+                        health: GpuHealth::Ok as i32,
+                        temperature_c: Some(45 + power_mw / 20_000),
+                        memory_temperature_c: Some(50 + power_mw / 25_000),
+                        power_draw_mw: Some(power_mw),
+                        power_limit_mw: Some(700_000),
+                        enforced_power_limit_mw: Some(700_000),
+                        graphics_clock_mhz: Some(1980 - power_mw / 10_000),
+                        sm_clock_mhz: Some(1980 - power_mw / 10_000),
+                        memory_clock_mhz: Some(2619),
+                        video_clock_mhz: Some(1545),
+                        utilization_gpu_pct: Some(power_mw / 7_000),
+                        utilization_memory_pct: Some(power_mw / 14_000),
+                        memory_used_bytes: Some(40_000_000_000 + u64::from(power_mw) * 1000),
+                        pcie_tx_kbps: Some(power_mw * 4),
+                        pcie_rx_kbps: Some(power_mw * 2),
+                        governor_state: GovernorState::Idle as i32,
+                        throttle_reasons_mask: Some(0),
+                        ..GpuSample::default()
+                    };
+                    b.add_sample(&s);
+                }
+                batch.push((uuid.clone(), tier, b));
+            }
+            if batch.len() >= 4096 {
+                store.commit(&batch, end_ms)?;
+                batch.clear();
+            }
+            t += step;
+        }
+        store.commit(&batch, end_ms)?;
+    }
+    // The span as one run that ended at `end`.
+    let txn = store.db.begin_write()?;
+    {
+        let mut runs = txn.open_table(RUNS)?;
+        runs.remove(store.run_start_ms)?;
+        runs.insert(from_ms, end_ms)?;
+    }
+    txn.commit()?;
+    Ok(store.disk_bytes())
+}
+
+/// Indices into [`FIELDS`] for `names` (empty: all); an unknown name is an
+/// error listing the known ones.
+pub fn resolve_fields(names: &[String]) -> Result<Vec<usize>, String> {
+    if names.is_empty() {
+        return Ok((0..NFIELDS).collect());
+    }
+    let mut out = Vec::new();
+    for n in names {
+        match FIELDS.iter().position(|f| f == n) {
+            Some(i) if !out.contains(&i) => out.push(i),
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "unknown history field {n:?}; allowed: {}",
+                    FIELDS.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(temp: u32, power_mw: u32) -> GpuSample {
+        GpuSample {
+            uuid: "GPU-x".into(),
+            health: GpuHealth::Ok as i32,
+            temperature_c: Some(temp),
+            power_draw_mw: Some(power_mw),
+            ..GpuSample::default()
+        }
+    }
+
+    #[test]
+    fn a_bucket_round_trips_through_its_encoding() {
+        let mut b = Bucket::new(60_000);
+        for (t, p) in [(60, 300_000), (65, 310_500), (62, 299_000)] {
+            b.add_sample(&sample(t, p));
+        }
+        let bytes = b.encode();
+        let back = Bucket::decode(60_000, &bytes).expect("decodes");
+        assert_eq!(back.fields, b.fields);
+        assert_eq!(back.samples, 3);
+        assert!(bytes.len() < 40, "{} bytes", bytes.len());
+        assert!(Bucket::decode(0, &bytes[..bytes.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn merged_partial_buckets_equal_one_bucket() {
+        let mut whole = Bucket::new(0);
+        let mut a = Bucket::new(0);
+        let mut b = Bucket::new(0);
+        for i in 0..10u32 {
+            let s = sample(50 + i % 7, 200_000 + i * 1000);
+            whole.add_sample(&s);
+            if i < 4 {
+                a.add_sample(&s)
+            } else {
+                b.add_sample(&s)
+            }
+        }
+        a.merge(&b);
+        assert_eq!(a.fields, whole.fields);
+    }
+
+    #[test]
+    fn downtime_between_runs_is_a_gap_and_points_are_not_invented() {
+        let mut buckets = Vec::new();
+        for t in (0..10_000)
+            .step_by(1000)
+            .chain((20_000..30_000).step_by(1000))
+        {
+            let mut b = Bucket::new(t);
+            b.add_sample(&sample(60, 1));
+            buckets.push(b);
+        }
+        let runs = [(0, 9_500), (19_800, 30_000)];
+        let gaps = find_gaps(
+            &buckets,
+            &GapContext {
+                since_ms: 0,
+                until_ms: 30_000,
+                tier_step: 1000,
+                threshold: 2000,
+                runs: &runs,
+                retained_from: 0,
+                trailing_slack: 3000,
+            },
+        );
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert_eq!(gaps[0].reason, api::HistoryGapReason::DaemonDown as i32);
+        assert_eq!(
+            (gaps[0].start_unix_ms, gaps[0].end_unix_ms),
+            (9_500, 19_800)
+        );
+    }
+
+    #[test]
+    fn the_config_is_checked() {
+        let mut c = HistoryConfig::default();
+        assert!(validate(&c).is_ok());
+        c.tiers[1].step = Duration::from_millis(1500);
+        assert!(
+            validate(&c)
+                .expect_err("refused")
+                .0
+                .contains("tiers[1].step")
+        );
+    }
+}
