@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI: the Go client (clients/go: the generated gpuwatchpb package, the
+# CI: the Go client (clients/go: the generated gpuwatchv1 package, the
 # gpuwatch client package, the example programs) built with grpc-go and run
 # against live gpuwatch-servers; a program outside the repo imports it.
 #
@@ -96,7 +96,7 @@ import (
 	"os"
 
 	"gpuwatch/clients/go/gpuwatch"
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 func main() {

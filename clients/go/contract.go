@@ -13,7 +13,7 @@ package main
 import (
 	"fmt"
 
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 // watchContract checks one Watch stream.

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 func startMsg(stride uint32, current *uint64) *pb.WatchResponse {

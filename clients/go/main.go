@@ -3,7 +3,7 @@
 // contract, and replays the event log until it has caught up. CI builds it
 // against Debian's grpc-go and runs it against a live daemon (.ci/go.sh).
 //
-//	./generate.sh            # stubs from ../../proto into ./gpuwatchpb
+//	./generate.sh            # stubs from ../../proto into ./gpuwatchv1
 //	go run . -target 127.0.0.1:9450 -frames 20 -interval-ms 200
 //
 // Exit status: 0 success, 1 the daemon refused or could not be reached, 2 bad
@@ -24,7 +24,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 const (

@@ -1,5 +1,5 @@
 // Package gpuwatch is a small client for gpuwatch daemons on top of the
-// generated gpuwatch.v1 stubs (package gpuwatch/clients/go/gpuwatchpb).
+// generated gpuwatch.v1 stubs (package gpuwatch/clients/go/gpuwatchv1).
 //
 // It owns what every Go scheduler would otherwise rewrite: the connection
 // with a bearer token (and TLS), retries with jittered exponential backoff
@@ -28,7 +28,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 // Error is a failed call: the RPC, the gRPC code and the daemon's message.

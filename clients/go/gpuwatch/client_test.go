@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 const (

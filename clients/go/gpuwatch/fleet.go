@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 // DefaultPort is the daemon's gRPC port.

@@ -19,7 +19,7 @@ import (
 	"time"
 
 	"gpuwatch/clients/go/gpuwatch"
-	pb "gpuwatch/clients/go/gpuwatchpb"
+	pb "gpuwatch/clients/go/gpuwatchv1"
 )
 
 func main() {
