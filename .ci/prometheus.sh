@@ -152,6 +152,8 @@ n=$(count 'gpuwatch_power_limit_watts')
 [ "$(count 'gpuwatch_governor_state == 1')" -eq "$GPUS" ] || die "not every GPU has exactly one governor state"
 # The joins docs/metrics.md shows: per-instance memory by pod (the MIG
 # instance's uuid is the allocation's device), and who is allocated idle.
+# "$1" is PromQL's regex group, not a shell expansion:
+# shellcheck disable=SC2016
 JOIN='gpuwatch_mig_instance_memory_used_bytes * on(mig_uuid) group_left(namespace, pod, container) label_replace(gpuwatch_gpu_allocation_info, "mig_uuid", "$1", "device", "(.*)")'
 deadline=$((SECONDS + 30))
 until [ "$(count "$JOIN")" -eq 2 ] && [ "$(count 'gpuwatch_gpu_allocated_idle{pod="notebook-1"} == 1')" -eq 1 ]; do
