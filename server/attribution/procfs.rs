@@ -283,7 +283,8 @@ pub fn render_command_line(raw: &[u8], mode: CommandLines, max_bytes: usize) -> 
     Some(line)
 }
 
-fn truncate_on_char_boundary(s: &mut String, max_bytes: usize) {
+/// Cuts `s` to at most `max_bytes`, on a char boundary.
+pub fn truncate_on_char_boundary(s: &mut String, max_bytes: usize) {
     if s.len() > max_bytes {
         let mut cut = max_bytes;
         while !s.is_char_boundary(cut) {

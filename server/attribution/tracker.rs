@@ -192,7 +192,10 @@ impl Join {
             CommandLines::Redacted => r.command_line.map(|c| redact(&c)),
             CommandLines::Full => r.command_line,
         }
-        .map(|c| cut(c, self.command_line_max_bytes));
+        .map(|mut c| {
+            super::procfs::truncate_on_char_boundary(&mut c, self.command_line_max_bytes);
+            c
+        });
         r
     }
 
@@ -418,18 +421,6 @@ impl Join {
             ));
         }
     }
-}
-
-/// `text` cut to at most `max` bytes on a char boundary.
-fn cut(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 /// A command line with secret-looking values replaced (the host source
