@@ -118,23 +118,33 @@ done
 curl -fsS "http://$ADDR/healthz" >/dev/null || die "/healthz did not answer 200"
 sleep 3 # a few seconds of history, so the first picture has lines
 
-PROFILE="$WORK/profile"
-mkdir -p "$PROFILE"
-"$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-dev-shm-usage \
-  --disable-background-networking --disable-component-update --disable-sync \
-  --no-first-run --no-default-browser-check --hide-scrollbars \
-  --user-data-dir="$PROFILE" --remote-debugging-address=127.0.0.1 \
-  --remote-debugging-port=0 --window-size=1400,1050 about:blank \
-  >"$WORK/chromium.log" 2>&1 &
-BROWSER_PID=$!
-
-PORT=
-for _ in $(seq 1 150); do
-  [ -s "$PROFILE/DevToolsActivePort" ] && PORT=$(head -n1 "$PROFILE/DevToolsActivePort") && break
-  kill -0 "$BROWSER_PID" 2>/dev/null || { tail -n 20 "$WORK/chromium.log" >&2; die "chromium exited"; }
-  sleep 0.2
-done
-[ -n "$PORT" ] || { tail -n 20 "$WORK/chromium.log" >&2; die "chromium did not open its DevTools port within 30 s"; }
+# Chromium's first start on a fresh machine can stall (font caches, a slow
+# disk while other jobs finish): wait up to 60 s for its DevTools port, and
+# if it never opens, kill that browser and start one more on a new profile.
+start_browser() {
+  PROFILE="$WORK/profile$1"
+  mkdir -p "$PROFILE"
+  "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-dev-shm-usage \
+    --disable-background-networking --disable-component-update --disable-sync \
+    --no-first-run --no-default-browser-check --hide-scrollbars \
+    --user-data-dir="$PROFILE" --remote-debugging-address=127.0.0.1 \
+    --remote-debugging-port=0 --window-size=1400,1050 about:blank \
+    >"$WORK/chromium$1.log" 2>&1 &
+  BROWSER_PID=$!
+  PORT=
+  for _ in $(seq 1 300); do
+    [ -s "$PROFILE/DevToolsActivePort" ] && PORT=$(head -n1 "$PROFILE/DevToolsActivePort") && return 0
+    kill -0 "$BROWSER_PID" 2>/dev/null || { tail -n 20 "$WORK/chromium$1.log" >&2; say "chromium (try $1) exited"; return 1; }
+    sleep 0.2
+  done
+  tail -n 20 "$WORK/chromium$1.log" >&2
+  say "chromium (try $1) did not open its DevTools port within 60 s"
+  kill -KILL "$BROWSER_PID" 2>/dev/null || true
+  wait "$BROWSER_PID" 2>/dev/null || true
+  BROWSER_PID=
+  return 1
+}
+start_browser 1 || start_browser 2 || die "chromium would not start (two tries)"
 say "chromium DevTools on 127.0.0.1:$PORT"
 
 mkdir -p "$(dirname "$SCREENSHOT")"
