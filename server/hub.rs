@@ -1,9 +1,11 @@
 //! The hub: what the sampler last published, and the fan-out to subscribers.
 //!
-//! The sampler publishes one [`Frame`] per tick. The hub keeps the latest
-//! frame (every snapshot is served from it, never from a device call), a
-//! bounded ring of recent frames (so a reconnecting subscriber can resume),
-//! and a broadcast channel that hands each frame to every live subscriber.
+//! The sampler publishes one [`TickFrame`] per tick (the fast frame and
+//! each GPU's slow part, shared across ticks: see [`crate::tick`]). The hub
+//! keeps the latest tick (every snapshot is served from it, never from a
+//! device call; the whole [`Frame`] is built from it once, on first demand),
+//! a bounded ring of recent ticks (so a reconnecting subscriber can resume),
+//! and a broadcast channel that hands each tick to every live subscriber.
 //! The broadcast is bounded too: a subscriber that falls behind loses the
 //! oldest frames and is told so — the sampler never waits for anyone.
 //!
@@ -21,19 +23,22 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use crate::api::{DeviceInfo, Frame, GpuPolicy};
+use crate::{
+    api::{DeviceInfo, Frame, GpuPolicy},
+    tick::TickFrame,
+};
 
 /// What a new subscriber starts from.
 #[derive(Debug)]
 pub struct Subscription {
-    /// Frames for the subscriber to replay (when resuming), oldest first.
-    pub replay: Vec<Arc<Frame>>,
-    /// The newest frame at subscription time (None before the first tick).
-    pub latest: Option<Arc<Frame>>,
+    /// Ticks for the subscriber to replay (when resuming), oldest first.
+    pub replay: Vec<Arc<TickFrame>>,
+    /// The newest tick at subscription time (None before the first tick).
+    pub latest: Option<Arc<TickFrame>>,
     /// Oldest seq still in history (0 when empty).
     pub oldest_seq: u64,
-    /// Live frames after `latest`.
-    pub live: broadcast::Receiver<Arc<Frame>>,
+    /// Live ticks after `latest`.
+    pub live: broadcast::Receiver<Arc<TickFrame>>,
 }
 
 /// Counters about the daemon's own cost, exported as metrics.
@@ -117,13 +122,15 @@ pub struct Hub {
     sampler_interval: Duration,
     slow_interval: Duration,
     history_capacity: usize,
-    /// The latest frame; read on every snapshot, so kept apart from the ring.
-    latest: RwLock<Option<Arc<Frame>>>,
+    /// The latest tick; read on every snapshot, so kept apart from the ring.
+    latest: RwLock<Option<Arc<TickFrame>>>,
+    /// The latest tick's whole frame, built on first demand (by seq).
+    latest_whole: Mutex<Option<Arc<Frame>>>,
     /// Recent frames, oldest first. Publishing holds this lock while it
     /// sends, so a subscriber that takes the lock sees a consistent cut:
     /// everything up to the ring's end, then the live channel.
-    history: Mutex<VecDeque<Arc<Frame>>>,
-    frames: broadcast::Sender<Arc<Frame>>,
+    history: Mutex<VecDeque<Arc<TickFrame>>>,
+    frames: broadcast::Sender<Arc<TickFrame>>,
     devices: RwLock<Arc<Vec<DeviceInfo>>>,
     policies: RwLock<Arc<Vec<GpuPolicy>>>,
     /// The history writer, offered every frame (never waited for).
@@ -158,6 +165,7 @@ impl Hub {
             slow_interval,
             history_capacity: history_capacity.max(1),
             latest: RwLock::new(None),
+            latest_whole: Mutex::new(None),
             history: Mutex::new(VecDeque::with_capacity(history_capacity.clamp(1, 4096))),
             frames,
             devices: RwLock::new(Arc::new(Vec::new())),
@@ -189,20 +197,25 @@ impl Hub {
         self.history_capacity
     }
 
-    /// Publishes a tick's frame: latest, history, then every subscriber.
+    /// Publishes a whole frame (split into its fast and slow parts).
     pub fn publish(&self, frame: Frame) {
-        let frame = Arc::new(frame);
+        self.publish_tick(TickFrame::from_whole(frame));
+    }
+
+    /// Publishes a tick: latest, history, then every subscriber.
+    pub fn publish_tick(&self, tick: TickFrame) {
+        let tick = Arc::new(tick);
         let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
         if history.len() == self.history_capacity {
             history.pop_front();
         }
-        history.push_back(frame.clone());
-        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Some(frame.clone());
+        history.push_back(tick.clone());
+        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Some(tick.clone());
         if let Some(sink) = self.history_sink.get() {
-            sink.offer(&frame);
+            sink.offer(tick.fast());
         }
         // An error only means nobody is subscribed.
-        let _ = self.frames.send(frame);
+        let _ = self.frames.send(tick);
         self.stats.frames_published.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -216,26 +229,53 @@ impl Hub {
         self.history_sink.get()
     }
 
-    /// Every frame in the ring, oldest first.
+    /// Every tick's fast frame in the ring, oldest first (history's raw
+    /// tier: numeric readings only).
     pub fn ring(&self) -> Vec<Arc<Frame>> {
         let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
-        history.iter().cloned().collect()
+        history.iter().map(|t| t.fast().clone()).collect()
     }
 
-    /// The latest frame, if any tick has run.
-    pub fn latest(&self) -> Option<Arc<Frame>> {
+    /// The latest tick, if any has run.
+    pub fn latest_tick(&self) -> Option<Arc<TickFrame>> {
         self.latest
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// The newest `n` frames of the history ring, oldest first (a pick's
-    /// utilisation window).
+    /// The latest whole frame, if any tick has run: built from the latest
+    /// tick by the first caller after each tick, then shared.
+    pub fn latest(&self) -> Option<Arc<Frame>> {
+        let tick = self.latest_tick()?;
+        Some(self.whole(&tick))
+    }
+
+    /// `tick` as a whole frame; the newest one built is kept for the next
+    /// caller (a resuming subscriber's old ticks never evict it).
+    pub fn whole(&self, tick: &TickFrame) -> Arc<Frame> {
+        let mut cached = self
+            .latest_whole
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(frame) = cached.as_ref()
+            && frame.seq == tick.seq()
+        {
+            return frame.clone();
+        }
+        let frame = Arc::new(tick.whole());
+        if cached.as_ref().is_none_or(|f| f.seq < frame.seq) {
+            *cached = Some(frame.clone());
+        }
+        frame
+    }
+
+    /// The fast frames of the newest `n` ticks of the ring, oldest first
+    /// (a pick's utilisation window).
     pub fn recent(&self, n: usize) -> Vec<Arc<Frame>> {
         let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
         let skip = history.len().saturating_sub(n);
-        history.iter().skip(skip).cloned().collect()
+        history.iter().skip(skip).map(|t| t.fast().clone()).collect()
     }
 
     /// Subscribes to live frames; with `resume_after`, also returns the
@@ -245,7 +285,7 @@ impl Hub {
         let live = self.frames.subscribe();
         let replay = match resume_after {
             Some(after) => {
-                let start = history.partition_point(|f| f.seq <= after);
+                let start = history.partition_point(|f| f.seq() <= after);
                 history.range(start..).cloned().collect()
             }
             None => Vec::new(),
@@ -253,7 +293,7 @@ impl Hub {
         Subscription {
             replay,
             latest: history.back().cloned(),
-            oldest_seq: history.front().map_or(0, |f| f.seq),
+            oldest_seq: history.front().map_or(0, |f| f.seq()),
             live,
         }
     }
@@ -304,7 +344,7 @@ mod tests {
         }
         assert_eq!(hub.latest().map(|f| f.seq), Some(5));
         let sub = hub.subscribe(Some(0));
-        let seqs: Vec<_> = sub.replay.iter().map(|f| f.seq).collect();
+        let seqs: Vec<_> = sub.replay.iter().map(|f| f.seq()).collect();
         assert_eq!(seqs, [3, 4, 5]);
         assert_eq!(sub.oldest_seq, 3);
     }
@@ -316,9 +356,9 @@ mod tests {
             hub.publish(frame(seq));
         }
         let mut sub = hub.subscribe(Some(2));
-        assert_eq!(sub.replay.iter().map(|f| f.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(sub.replay.iter().map(|f| f.seq()).collect::<Vec<_>>(), [3, 4]);
         hub.publish(frame(5));
-        assert_eq!(sub.live.try_recv().map(|f| f.seq).ok(), Some(5));
+        assert_eq!(sub.live.try_recv().map(|f| f.seq()).ok(), Some(5));
     }
 
     #[test]
@@ -354,6 +394,6 @@ mod tests {
             Err(broadcast::error::TryRecvError::Lagged(n)) => assert_eq!(n, 10),
             other => panic!("expected lag, got {other:?}"),
         }
-        assert_eq!(sub.live.try_recv().map(|f| f.seq).ok(), Some(11));
+        assert_eq!(sub.live.try_recv().map(|f| f.seq()).ok(), Some(11));
     }
 }

@@ -68,7 +68,8 @@ test_visible!(
     http,
     hub,
     leases,
-    persist
+    persist,
+    tick
 );
 
 /// The governor scenario runner: the governor against the simulator's

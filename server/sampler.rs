@@ -30,7 +30,7 @@ use tokio::{sync::oneshot, time::MissedTickBehavior};
 use crate::{
     actor::{DeviceActor, ReadOutcome, WriteQueue},
     api::{EventKind, Frame, GovernorState, GpuHealth, Severity},
-    attribution::tracker::{GpuInput, Tracker},
+    attribution::tracker::{GpuInput, GpuView, Tracker},
     backend::{
         BackendError, DeviceEvent, DeviceFacts, MigReading, ReadScope, Reading, SlowReading,
     },
@@ -38,6 +38,7 @@ use crate::{
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
     throttle::{self, mask},
+    tick::{SlowPart, TickFrame},
     wire,
 };
 
@@ -86,6 +87,17 @@ pub struct GpuSlot {
     last_slow: Option<(SlowReading, SystemTime)>,
     last_probe: Option<Instant>,
     hw_slowdown: bool,
+    /// The published slow part, with the slow reading and attribution view
+    /// it was made from: rebuilt only when either changes.
+    slow_part: Option<SlowCache>,
+}
+
+/// A GPU's published slow part and what it was made from.
+#[derive(Debug)]
+struct SlowCache {
+    at: SystemTime,
+    users: Option<Arc<GpuView>>,
+    part: Arc<SlowPart>,
 }
 
 impl GpuSlot {
@@ -104,6 +116,7 @@ impl GpuSlot {
             last_slow: None,
             last_probe: None,
             hw_slowdown: false,
+            slow_part: None,
         }
     }
 
@@ -526,9 +539,10 @@ impl Sampler {
         let seq = self.next_seq;
         self.next_seq += 1;
         let view = self.tracker.as_ref().map(Tracker::view);
+        let mut slow_parts = Vec::with_capacity(self.slots.len());
         let samples = self
             .slots
-            .iter()
+            .iter_mut()
             .map(|slot| {
                 let error = slot.error_text();
                 let lost = slot.is_lost();
@@ -541,6 +555,7 @@ impl Sampler {
                 } else {
                     tick_wall
                 });
+                let users = view.as_ref().and_then(|v| v.gpu_arc(&slot.facts.uuid));
                 let meta = wire::SampleMeta {
                     facts: &slot.facts,
                     seq,
@@ -549,17 +564,52 @@ impl Sampler {
                     health: slot.wire_health(),
                     error: error.as_deref(),
                     governor_state: governor(slot.index()),
-                    users: view.as_ref().and_then(|v| v.gpu(&slot.facts.uuid)),
                 };
                 let reading = if lost { None } else { slot.last_reading() };
-                wire::sample(meta, reading, slot.last_slow.as_ref())
+                let sample = wire::sample(meta, reading, slot.last_slow.as_ref());
+                let readable = reading.is_some();
+                slow_parts.push(if readable {
+                    slot.slow_part(users)
+                } else {
+                    None
+                });
+                sample
             })
             .collect();
-        self.hub.publish(Frame {
-            seq,
-            time: Some(tick_wall.into()),
-            samples,
+        self.hub.publish_tick(TickFrame::new(
+            Frame {
+                seq,
+                time: Some(tick_wall.into()),
+                samples,
+            },
+            slow_parts,
+        ));
+    }
+}
+
+impl GpuSlot {
+    /// The slow part for this tick: the one already made from the same
+    /// slow reading and attribution view, or a new one.
+    fn slow_part(&mut self, users: Option<&Arc<GpuView>>) -> Option<Arc<SlowPart>> {
+        let (slow, at) = self.last_slow.as_ref()?;
+        let same_users = |cached: &Option<Arc<GpuView>>| match (cached, users) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if let Some(c) = &self.slow_part
+            && c.at == *at
+            && same_users(&c.users)
+        {
+            return Some(c.part.clone());
+        }
+        let part = Arc::new(wire::slow_part(slow, *at, users.map(|u| &**u)));
+        self.slow_part = Some(SlowCache {
+            at: *at,
+            users: users.cloned(),
+            part: part.clone(),
         });
+        Some(part)
     }
 }
 

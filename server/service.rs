@@ -42,6 +42,7 @@ use crate::{
     limits::{StreamLimiter, StreamPermit},
     selector::{self, Empty},
     throttle,
+    tick::TickFrame,
     watch_frames::{SharedFrames, WatchItem},
     wire,
 };
@@ -292,7 +293,7 @@ impl GpuWatchService {
         let stride = u64::from((interval_ms + sampler_ms / 2) / sampler_ms).max(1);
         let filter = (!all).then_some(indices.clone());
         let sub = self.hub.subscribe(req.resume_after_seq);
-        let latest_seq = sub.latest.as_ref().map_or(0, |f| f.seq);
+        let latest_seq = sub.latest.as_ref().map_or(0, |f| f.seq());
         // A resume point newer than anything published (e.g. the clock went
         // back across a restart) is treated as a fresh subscription.
         let resume = req.resume_after_seq.filter(|&after| after <= latest_seq);
@@ -305,7 +306,7 @@ impl GpuWatchService {
         let mut last_delivered = None;
         let current = match resume {
             None => sub.latest.as_ref().map(|f| {
-                last_delivered = Some(f.seq);
+                last_delivered = Some(f.seq());
                 filter_frame(f, filter.as_deref())
             }),
             Some(_) => None,
@@ -326,7 +327,7 @@ impl GpuWatchService {
         )));
         if let Some(after) = resume {
             last_delivered = Some(after);
-            let first_kept = sub.replay.first().map_or(latest_seq + 1, |f| f.seq);
+            let first_kept = sub.replay.first().map_or(latest_seq + 1, |f| f.seq());
             if after + 1 < first_kept {
                 let restarted = after < self.hub.first_seq();
                 let counted_from = if restarted {
@@ -347,10 +348,10 @@ impl GpuWatchService {
                 last_delivered = Some(first_kept.saturating_sub(stride));
             }
             for frame in sub.replay {
-                if last_delivered.is_some_and(|last| frame.seq < last.saturating_add(stride)) {
+                if last_delivered.is_some_and(|last| frame.seq() < last.saturating_add(stride)) {
                     continue;
                 }
-                last_delivered = Some(frame.seq);
+                last_delivered = Some(frame.seq());
                 queue.push_back(Pending::Frame(frame));
             }
         }
@@ -442,20 +443,11 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// The samples of `frame` for `indices` (None = all).
-fn filter_frame(frame: &Frame, indices: Option<&[u32]>) -> Frame {
+/// The whole samples of `tick` for `indices` (None = all).
+fn filter_frame(tick: &TickFrame, indices: Option<&[u32]>) -> Frame {
     match indices {
-        None => frame.clone(),
-        Some(indices) => Frame {
-            seq: frame.seq,
-            time: frame.time,
-            samples: frame
-                .samples
-                .iter()
-                .filter(|s| indices.contains(&s.index))
-                .cloned()
-                .collect(),
-        },
+        None => tick.whole(),
+        Some(indices) => tick.whole_filtered(|i| indices.contains(&i)),
     }
 }
 
@@ -484,28 +476,22 @@ impl GpuWatch for GpuWatchService {
     ) -> Result<Response<GetSnapshotResponse>, Status> {
         authz::caller(&request, Role::Read)?;
         let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
-        let Some(latest) = self.hub.latest() else {
+        let Some(latest) = self.hub.latest_tick() else {
             return Err(Status::unavailable(
                 "no sample yet: the sampler has not completed its first tick",
             ));
         };
         let now = SystemTime::now();
-        let samples = latest
-            .samples
-            .iter()
-            .filter(|s| indices.contains(&s.index))
-            .map(|s| {
-                let mut s = s.clone();
-                if let Some(t) = s.time.and_then(|t| SystemTime::try_from(t).ok()) {
-                    s.age_ms = wire::age_ms(t, now);
-                }
-                s
-            })
-            .collect();
+        let mut frame = latest.whole_filtered(|i| indices.contains(&i));
+        for s in &mut frame.samples {
+            if let Some(t) = s.time.and_then(|t| SystemTime::try_from(t).ok()) {
+                s.age_ms = wire::age_ms(t, now);
+            }
+        }
         Ok(Response::new(GetSnapshotResponse {
-            seq: latest.seq,
-            time: latest.time,
-            samples,
+            seq: frame.seq,
+            time: frame.time,
+            samples: frame.samples,
         }))
     }
 
@@ -778,12 +764,12 @@ impl Drop for SubscriberGuard {
 
 enum Pending {
     Message(watch_response::Message),
-    Frame(Arc<Frame>),
+    Frame(Arc<TickFrame>),
 }
 
 struct WatchState {
     queue: VecDeque<Pending>,
-    live: broadcast::Receiver<Arc<Frame>>,
+    live: broadcast::Receiver<Arc<TickFrame>>,
     filter: Option<Vec<u32>>,
     /// Frames encoded once for every subscriber of all GPUs.
     shared: Option<Arc<SharedFrames>>,
@@ -822,7 +808,7 @@ impl WatchState {
             };
             match received {
                 Ok(frame) => {
-                    let seq = frame.seq;
+                    let seq = frame.seq();
                     if self.lagged > 0 {
                         let first = self
                             .last_delivered

@@ -26,7 +26,10 @@ use tonic::{
 };
 use tonic_prost::{ProstCodec, ProstDecoder};
 
-use crate::api::{Frame, WatchRequest, WatchResponse};
+use crate::{
+    api::{WatchRequest, WatchResponse},
+    tick::TickFrame,
+};
 
 /// `WatchResponse.frame`'s field number (`oneof message { Frame frame = 2 }`).
 const FRAME_FIELD: u32 = 2;
@@ -76,31 +79,38 @@ impl SharedFrames {
     /// `WatchResponse { frame }` encoded: from the cache when this is the
     /// frame it holds, else encoded now (and cached if it is newer, so a
     /// resuming subscriber's replay of old frames never evicts the live one).
-    pub fn encoded(&self, frame: &Frame) -> Bytes {
+    pub fn encoded(&self, frame: &TickFrame) -> Bytes {
         if let Some((seq, bytes)) = self
             .newest
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            && *seq == frame.seq
+            && *seq == frame.seq()
         {
             return bytes.clone();
         }
         let bytes = encode_frame(frame);
         let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
-        if newest.as_ref().is_none_or(|(seq, _)| frame.seq > *seq) {
-            *newest = Some((frame.seq, bytes.clone()));
+        if newest.as_ref().is_none_or(|(seq, _)| frame.seq() > *seq) {
+            *newest = Some((frame.seq(), bytes.clone()));
         }
         bytes
     }
 }
 
 /// `WatchResponse { message: Some(Frame(frame)) }` on the wire, without
-/// copying the frame into a message first.
-fn encode_frame(frame: &Frame) -> Bytes {
-    let len = frame.encoded_len();
-    let mut buf = Vec::with_capacity(len + 8);
-    prost::encoding::message::encode(FRAME_FIELD, frame, &mut buf);
+/// building the whole frame or a message first: the tick's fast frame and
+/// its slow parts' bytes (encoded once per slow reading) are spliced.
+fn encode_frame(frame: &TickFrame) -> Bytes {
+    let body = frame.encode_whole();
+    let mut buf = Vec::with_capacity(body.len() + 8);
+    prost::encoding::encode_key(
+        FRAME_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        &mut buf,
+    );
+    prost::encoding::encode_varint(body.len() as u64, &mut buf);
+    buf.extend_from_slice(&body);
     Bytes::from(buf)
 }
 
@@ -147,7 +157,7 @@ impl Codec for WatchCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{GpuSample, watch_response};
+    use crate::api::{Frame, GpuProcess, GpuSample, watch_response};
 
     fn frame(seq: u64) -> Frame {
         Frame {
@@ -162,6 +172,12 @@ mod tests {
                 seq,
                 temperature_c: Some(70),
                 throttle_reasons: vec![3, 4],
+                governor_state: 1,
+                processes: vec![GpuProcess {
+                    pid: 4,
+                    name: Some("worker".into()),
+                    ..GpuProcess::default()
+                }],
                 ..GpuSample::default()
             }],
         }
@@ -175,10 +191,11 @@ mod tests {
         }
         .encode_to_vec();
         let shared = SharedFrames::default();
-        assert_eq!(shared.encoded(&f).as_ref(), expected.as_slice());
+        let tick = TickFrame::from_whole(f.clone());
+        assert_eq!(shared.encoded(&tick).as_ref(), expected.as_slice());
         // Served from the cache the second time: the same allocation.
-        let a = shared.encoded(&f);
-        let b = shared.encoded(&f);
+        let a = shared.encoded(&tick);
+        let b = shared.encoded(&tick);
         assert_eq!(a.as_ptr(), b.as_ptr());
         let back = WatchItem::Encoded(a).into_message().expect("decodes");
         assert_eq!(back.message, Some(watch_response::Message::Frame(f)));
@@ -187,9 +204,10 @@ mod tests {
     #[test]
     fn an_old_frame_never_evicts_the_newest() {
         let shared = SharedFrames::default();
-        let newest = shared.encoded(&frame(10));
-        let old = shared.encoded(&frame(3));
+        let tick = |seq| TickFrame::from_whole(frame(seq));
+        let newest = shared.encoded(&tick(10));
+        let old = shared.encoded(&tick(3));
         assert_ne!(old, newest);
-        assert_eq!(shared.encoded(&frame(10)).as_ptr(), newest.as_ptr());
+        assert_eq!(shared.encoded(&tick(10)).as_ptr(), newest.as_ptr());
     }
 }

@@ -236,7 +236,12 @@ mod tests {
         );
         // Sent from the shared encoding: it cached that tick's bytes.
         assert_eq!(shared.newest_seq(), Some(frame.seq));
-        assert_eq!(shared.encoded(&frame).as_ref(), messages[1].as_slice());
+        assert_eq!(
+            shared
+                .encoded(&crate::tick::TickFrame::from_whole(frame))
+                .as_ref(),
+            messages[1].as_slice()
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::{
     attribution::tracker::{self, GpuView},
     backend::{DeviceFacts, Field, MigReading, Reading, SlowReading},
     throttle,
+    tick::SlowPart,
 };
 
 /// The wire enum for a telemetry field.
@@ -97,11 +98,12 @@ pub struct SampleMeta<'a> {
     pub health: GpuHealth,
     pub error: Option<&'a str>,
     pub governor_state: GovernorState,
-    /// Who uses the GPU, as of the attribution thread's latest refresh.
-    pub users: Option<&'a GpuView>,
 }
 
-/// Builds a sample. `reading` is `None` for a lost GPU (all telemetry absent).
+/// Builds a sample's fast part: every field but the slow ones (processes,
+/// MIG, allocations: see [`slow_part`]). ECC counts come from the slow
+/// reading but cost no allocation, so they are here. `reading` is `None`
+/// for a lost GPU (all telemetry absent).
 pub fn sample(
     meta: SampleMeta<'_>,
     reading: Option<&Reading>,
@@ -152,24 +154,35 @@ pub fn sample(
     }
     s.pcie_tx_kbps = r.pcie_tx_kbps;
     s.pcie_rx_kbps = r.pcie_rx_kbps;
-    if let Some((slow, at)) = slow {
+    if let Some((slow, _)) = slow {
         s.ecc = slow.ecc.map(|e| EccErrors {
             corrected_volatile: e.corrected_volatile,
             uncorrected_volatile: e.uncorrected_volatile,
             corrected_aggregate: e.corrected_aggregate,
             uncorrected_aggregate: e.uncorrected_aggregate,
         });
-        s.processes = processes(slow, *at, meta.users);
-        s.processes_time = Some((*at).into());
-        if let Some(mig) = &slow.mig {
-            s.mig_enabled = Some(mig.enabled);
-            s.mig_instances = mig_instances(mig, &s.processes);
-        }
-        if let Some(users) = meta.users {
-            s.allocations.clone_from(&users.allocations);
-        }
     }
     s
+}
+
+/// A sample's slow part, from one slow reading and who uses the GPU: its
+/// processes with their owners, its MIG instances and its allocations.
+/// Built once per slow reading (or attribution refresh) and shared by every
+/// tick until the next.
+pub fn slow_part(slow: &SlowReading, at: SystemTime, users: Option<&GpuView>) -> SlowPart {
+    let mut s = GpuSample {
+        processes: processes(slow, at, users),
+        processes_time: Some(at.into()),
+        ..GpuSample::default()
+    };
+    if let Some(mig) = &slow.mig {
+        s.mig_enabled = Some(mig.enabled);
+        s.mig_instances = mig_instances(mig, &s.processes);
+    }
+    if let Some(users) = users {
+        s.allocations.clone_from(&users.allocations);
+    }
+    SlowPart::new(s)
 }
 
 /// The processes of a slow reading, with who owns them. The attribution
@@ -250,7 +263,6 @@ mod tests {
             health: GpuHealth::Lost,
             error: Some("fell off the bus"),
             governor_state: GovernorState::Suspended,
-            users: None,
         };
         let s = sample(meta, None, None);
         assert_eq!(s.health(), GpuHealth::Lost);
@@ -279,7 +291,6 @@ mod tests {
             health: GpuHealth::Ok,
             error: None,
             governor_state: GovernorState::Idle,
-            users: None,
         };
         let s = sample(meta, Some(&reading), None);
         assert_eq!(s.temperature_c, Some(0), "a real zero stays a zero");

@@ -74,8 +74,9 @@ pub struct View {
 }
 
 impl View {
-    pub fn gpu(&self, uuid: &str) -> Option<&GpuView> {
-        self.gpus.get(uuid).map(|g| &**g)
+    /// The GPU's view as shared: the same `Arc` until a refresh changes it.
+    pub fn gpu_arc(&self, uuid: &str) -> Option<&Arc<GpuView>> {
+        self.gpus.get(uuid)
     }
 }
 
@@ -659,7 +660,7 @@ mod tests {
         };
         let mut join = Join::new(Box::new(table), "host", true, None);
         let view = join.refresh(&input(vec![proc_on(10, None)], Some(mig)));
-        let g = view.gpu("GPU-aaaa").expect("gpu");
+        let g = view.gpu_arc("GPU-aaaa").expect("gpu");
         let a = g.processes[0].attribution.as_ref().expect("attributed");
         assert_eq!(a.pod.as_ref().map(|p| p.pod.as_str()), Some("trainer"));
         let allocs: Vec<_> = g
@@ -687,7 +688,7 @@ mod tests {
         };
         let mut join = Join::new(Box::new(table), "host", true, None);
         let view = join.refresh(&input(vec![proc_on(10, None)], None));
-        let g = view.gpu("GPU-aaaa").expect("gpu");
+        let g = view.gpu_arc("GPU-aaaa").expect("gpu");
         assert_eq!(g.allocations.len(), 1);
         assert!(!g.allocations[0].idle);
         assert_eq!(
@@ -707,7 +708,7 @@ mod tests {
         };
         let mut join = Join::new(Box::new(table), "host", true, None);
         let view = join.refresh(&input(vec![proc_on(10, None)], None));
-        let g = view.gpu("GPU-aaaa").expect("gpu");
+        let g = view.gpu_arc("GPU-aaaa").expect("gpu");
         let a = g.processes[0].attribution.as_ref().expect("record");
         assert_eq!(a.pod, None);
         assert!(g.allocations.iter().all(|a| a.idle));
@@ -726,7 +727,7 @@ mod tests {
         };
         let mut join = Join::new(Box::new(table), "host", true, None);
         let view = join.refresh(&input(vec![proc_on(11, None)], None));
-        let g = view.gpu("GPU-aaaa").expect("gpu");
+        let g = view.gpu_arc("GPU-aaaa").expect("gpu");
         assert_eq!(g.processes[0].attribution.as_ref().and_then(|a| a.pod.clone()), None);
         assert!(g.allocations[0].idle, "a foreign process does not make the pod busy");
     }
@@ -741,7 +742,7 @@ mod tests {
         };
         let mut join = Join::new(Box::new(table), "host", true, None);
         let view = join.refresh(&input(vec![proc_on(12, None)], None));
-        let g = view.gpu("GPU-aaaa").expect("gpu");
+        let g = view.gpu_arc("GPU-aaaa").expect("gpu");
         let reason = g.processes[0]
             .attribution
             .as_ref()
@@ -762,7 +763,7 @@ mod tests {
         };
         let mut join = Join::new(Box::new(table), "host", false, None);
         let view = join.refresh(&input(vec![proc_on(10, None)], None));
-        let g = view.gpu("GPU-aaaa").expect("gpu");
+        let g = view.gpu_arc("GPU-aaaa").expect("gpu");
         assert_eq!(g.processes[0].attribution, None);
         assert_eq!(g.processes[0].used_memory_bytes, Some(1 << 30));
         assert!(g.allocations.is_empty());

@@ -40,6 +40,7 @@ use crate::{
     },
     http::App,
     throttle,
+    tick::TickFrame,
 };
 
 /// Dashboard streams allowed open at once; more get 503.
@@ -462,7 +463,10 @@ pub fn frame_view(frame: &api::Frame) -> FrameView {
 }
 
 /// Columns per GPU over `frames` (oldest first), for the GPUs in `devices`.
-pub fn series(devices: &[DeviceInfo], frames: &[Arc<api::Frame>]) -> Vec<SeriesView> {
+pub fn series<'a>(
+    devices: &[DeviceInfo],
+    frames: impl IntoIterator<Item = &'a api::Frame>,
+) -> Vec<SeriesView> {
     let mut out: Vec<SeriesView> = devices
         .iter()
         .map(|d| SeriesView {
@@ -519,7 +523,7 @@ pub fn event_view(e: &api::Event) -> EventView {
 /// The snapshot, from a hub subscription's replay and an event replay.
 fn snapshot(
     app: &App,
-    history: &[Arc<api::Frame>],
+    history: &[Arc<TickFrame>],
     events: &[Arc<api::Event>],
     stream_interval: Duration,
 ) -> Snapshot {
@@ -538,10 +542,10 @@ fn snapshot(
         sampler_interval_ms: ms(hub.sampler_interval()),
         stream_interval_ms: ms(stream_interval),
         history_frames: hub.history_capacity(),
-        latest_seq: history.last().map_or(0, |f| f.seq),
+        latest_seq: history.last().map_or(0, |f| f.seq()),
         gpus: gpu_views(&devices, &policies),
-        history: series(&devices, history),
-        latest: history.last().map(|f| frame_view(f)),
+        history: series(&devices, history.iter().map(|t| &**t.fast())),
+        latest: history.last().map(|f| frame_view(&hub.whole(f))),
         events: events.iter().map(|e| event_view(e)).collect(),
     }
 }
@@ -651,7 +655,7 @@ pub(crate) async fn stream(State(app): State<App>, Query(query): Query<StreamQue
         if tx.send(Ok(first)).await.is_err() {
             return;
         }
-        let mut next_due = frames.replay.last().map_or(0, |f| f.seq + stride);
+        let mut next_due = frames.replay.last().map_or(0, |f| f.seq() + stride);
         let mut devices = hub.devices();
         let mut policies = hub.policies();
         loop {
@@ -674,14 +678,14 @@ pub(crate) async fn stream(State(app): State<App>, Query(query): Query<StreamQue
                                 break;
                             }
                         }
-                        if frame.seq < next_due {
+                        if frame.seq() < next_due {
                             continue;
                         }
-                        next_due = frame.seq + stride;
+                        next_due = frame.seq() + stride;
                         SseEvent::default()
                             .event("frame")
-                            .id(frame.seq.to_string())
-                            .json_data(frame_view(&frame))
+                            .id(frame.seq().to_string())
+                            .json_data(frame_view(&hub.whole(&frame)))
                     }
                     Err(RecvError::Lagged(missed)) => SseEvent::default()
                         .event("gap")
@@ -831,7 +835,7 @@ mod tests {
             time: None,
             samples: vec![sample],
         });
-        let columns = series(&[device], &[frame]);
+        let columns = series(&[device], [&*frame]);
         assert_eq!(columns[0].temperature_c, vec![None]);
         let json = serde_json::to_value(&columns[0]).expect("a series serializes");
         assert!(json["temperature_c"][0].is_null());

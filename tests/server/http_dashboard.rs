@@ -255,6 +255,18 @@ processes = [ { pid = 6200, name = "tritonserver", memory_mib = 8000, mig_instan
 allocations = [ { namespace = "research", pod = "notebook-1", container = "jupyter", mig_instance = 1 } ]
 "#;
 
+/// Whether any owner in `v` is a bare process (not yet attributed).
+fn names_an_unattributed_owner(v: &Value) -> bool {
+    match v {
+        Value::Object(o) => {
+            o.get("kind").and_then(Value::as_str) == Some("process")
+                || o.values().any(names_an_unattributed_owner)
+        }
+        Value::Array(a) => a.iter().any(names_an_unattributed_owner),
+        _ => false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_card_names_who_runs_on_its_gpu_and_mig_instances() {
     bounded(async {
@@ -262,9 +274,11 @@ async fn each_card_names_who_runs_on_its_gpu_and_mig_instances() {
         let snap: Value = eventually(LIMIT, "the GPUs' users", || async {
             let r = get(&d.url("/api/v1/dashboard"), None).await;
             let v: Value = serde_json::from_str(&r.body).expect("JSON");
+            // Processes are listed from the first slow reading; their
+            // owners join once the attribution thread has read them.
             let ready = v["latest"]["gpus"].as_array().is_some_and(|g| {
                 g.len() == 2 && g.iter().all(|p| p["users"]["processes"].as_u64() > Some(0))
-            });
+            }) && !names_an_unattributed_owner(&v["latest"]);
             ready.then_some(v)
         })
         .await;
