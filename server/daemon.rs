@@ -215,7 +215,7 @@ fn make_backend(
 
 /// Opens every GPU and learns its facts, each on its own thread; gives up
 /// (nothing has been written to any GPU yet) when `shutdown` is cancelled.
-async fn open_devices(
+pub(crate) async fn open_devices(
     backend: &dyn Backend,
     shutdown: &CancellationToken,
 ) -> Result<Vec<GpuSlot>, DaemonError> {

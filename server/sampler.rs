@@ -653,3 +653,121 @@ fn mig_change(before: Option<&MigReading>, after: Option<&MigReading>) -> Option
 
 /// How long startup waits for one GPU to describe itself.
 pub const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+// The test build's global allocator counts allocations: the one unsafe
+// impl outside the NVML bindings, test-only, forwarding to `System`.
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod tests {
+    //! The fast tick's cost must not grow with the processes on a GPU: a
+    //! tick between two slow readings refers to the slow part already made.
+    //! Allocations are counted per thread, so other tests running at the
+    //! same time do not disturb the count.
+
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        cell::Cell,
+    };
+
+    use super::*;
+    use crate::{backend::sim::SimBackend, config::SimulatorConfig, daemon::open_devices};
+
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed to the system allocator unchanged; the
+    // counter is a const-initialised thread-local that never allocates.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.with(|c| c.set(c.get() + 1));
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: as above.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATIONS.with(|c| c.set(c.get() + 1));
+            // SAFETY: as above.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    fn allocations() -> u64 {
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    /// A sampler over one simulated H100 running `processes` processes of
+    /// one pod, its slow readings an hour apart (so only the first tick
+    /// takes one).
+    async fn sampler(processes: u32) -> Sampler {
+        let list: Vec<String> = (0..processes)
+            .map(|i| {
+                format!(
+                    "{{ pid = {}, name = \"worker-{i}\", memory_mib = 512, namespace = \"ml\", pod = \"trainer-{}\", container = \"main\" }}",
+                    5000 + i,
+                    i % 4
+                )
+            })
+            .collect();
+        let toml = format!(
+            "[[gpus]]\npreset = \"h100-sxm\"\nprocesses = [{}]\n",
+            list.join(", ")
+        );
+        let config: SimulatorConfig = toml::from_str(&toml).expect("simulator config");
+        let backend = SimBackend::new(&config);
+        let slots = open_devices(&backend, &tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("the simulated GPU opens");
+        let config = SamplerConfig {
+            slow_interval: Duration::from_secs(3600),
+            ..SamplerConfig::default()
+        };
+        let hub = Arc::new(Hub::new(config.interval, config.slow_interval, 600));
+        let (events, _) = EventLog::open(None, 100);
+        Sampler::new(slots, hub, Arc::new(events), config)
+    }
+
+    /// Allocations made by one publish, after a first tick that read the
+    /// slow fields and a first publish that made the slow part.
+    async fn allocations_per_publish(processes: u32) -> (u64, Arc<Hub>) {
+        let mut s = sampler(processes).await;
+        s.tick(|_| GovernorState::Idle).await;
+        let before = allocations();
+        s.publish(SystemTime::now(), |_| GovernorState::Idle);
+        let after = allocations();
+        (after - before, s.hub.clone())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_tick_between_slow_readings_allocates_nothing_per_process() {
+        let (none, _) = allocations_per_publish(0).await;
+        let (many, hub) = allocations_per_publish(64).await;
+        assert_eq!(
+            many, none,
+            "a publish with 64 processes allocates as much as one with none"
+        );
+        // And every tick of that slow reading carries the processes, from
+        // the one shared part.
+        let sub = hub.subscribe(Some(0));
+        assert_eq!(sub.replay.len(), 2);
+        let parts: Vec<_> = sub
+            .replay
+            .iter()
+            .map(|t| t.slow(0).expect("a slow part").clone())
+            .collect();
+        assert!(Arc::ptr_eq(&parts[0], &parts[1]));
+        assert_eq!(parts[0].sample().processes.len(), 64);
+        let whole = hub.latest().expect("a frame");
+        assert_eq!(whole.samples[0].processes.len(), 64);
+    }
+}
