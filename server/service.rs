@@ -15,6 +15,7 @@
 use std::{collections::VecDeque, pin::Pin, sync::Arc, sync::atomic::Ordering, time::SystemTime};
 
 use futures_util::{Stream, StreamExt};
+use prost::Message;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -43,7 +44,7 @@ use crate::{
     selector::{self, Empty},
     throttle,
     tick::TickFrame,
-    watch_frames::{SharedFrames, WatchItem},
+    watch_frames::{Shared, SharedFrames, WatchItem},
     wire,
 };
 
@@ -374,6 +375,90 @@ impl GpuWatchService {
 }
 
 impl GpuWatchService {
+    /// Answers GetSnapshot from the latest tick. With `shared`, an answer
+    /// for every GPU (no selector) comes from bytes encoded once per tick
+    /// and millisecond: every caller in that millisecond gets the same
+    /// ages, to the millisecond, and the same bytes.
+    pub fn snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+        shared: Option<&SharedSnapshots>,
+    ) -> Result<Shared<GetSnapshotResponse>, Status> {
+        authz::caller(&request, Role::Read)?;
+        let selectors = &request.get_ref().gpus;
+        let indices = if selectors.is_empty() {
+            None
+        } else {
+            Some(self.pick_indices(selectors, Empty::MeansAll)?)
+        };
+        let Some(latest) = self.hub.latest_tick() else {
+            return Err(Status::unavailable(
+                "no sample yet: the sampler has not completed its first tick",
+            ));
+        };
+        let now = SystemTime::now();
+        let answer = || {
+            let mut frame = match &indices {
+                None => latest.whole(),
+                Some(indices) => latest.whole_filtered(|i| indices.contains(&i)),
+            };
+            for s in &mut frame.samples {
+                if let Some(t) = s.time.and_then(|t| SystemTime::try_from(t).ok()) {
+                    s.age_ms = wire::age_ms(t, now);
+                }
+            }
+            GetSnapshotResponse {
+                seq: frame.seq,
+                time: frame.time,
+                samples: frame.samples,
+            }
+        };
+        Ok(match (shared, &indices) {
+            (Some(cache), None) => Shared::Encoded(cache.encoded(
+                latest.seq(),
+                crate::history::unix_ms(now),
+                || answer().encode_to_vec(),
+            )),
+            _ => Shared::Message(answer()),
+        })
+    }
+}
+
+/// The newest GetSnapshot answer for every GPU, encoded, with the tick and
+/// the millisecond it was made in.
+#[derive(Debug, Default)]
+pub struct SharedSnapshots {
+    newest: std::sync::Mutex<Option<(u64, u64, bytes::Bytes)>>,
+}
+
+impl SharedSnapshots {
+    /// The answer for tick `seq` at `now_ms`: the cached one when it was
+    /// made for both, else `encode`'s (cached if newer).
+    fn encoded(&self, seq: u64, now_ms: u64, encode: impl FnOnce() -> Vec<u8>) -> bytes::Bytes {
+        use std::sync::PoisonError;
+        if let Some((s, ms, bytes)) = self
+            .newest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && *s == seq
+            && *ms == now_ms
+        {
+            return bytes.clone();
+        }
+        let bytes = bytes::Bytes::from(encode());
+        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
+        if newest
+            .as_ref()
+            .is_none_or(|(s, ms, _)| (seq, now_ms) > (*s, *ms))
+        {
+            *newest = Some((seq, now_ms, bytes.clone()));
+        }
+        bytes
+    }
+}
+
+impl GpuWatchService {
     /// The history store's 1 s points between the tick numbered `after`
     /// and the ring's first kept tick, for a resume older than the ring.
     /// Ticks are numbered from their run's start in Unix ms, one per
@@ -474,25 +559,12 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        authz::caller(&request, Role::Read)?;
-        let indices = self.pick_indices(&request.get_ref().gpus, Empty::MeansAll)?;
-        let Some(latest) = self.hub.latest_tick() else {
-            return Err(Status::unavailable(
-                "no sample yet: the sampler has not completed its first tick",
-            ));
-        };
-        let now = SystemTime::now();
-        let mut frame = latest.whole_filtered(|i| indices.contains(&i));
-        for s in &mut frame.samples {
-            if let Some(t) = s.time.and_then(|t| SystemTime::try_from(t).ok()) {
-                s.age_ms = wire::age_ms(t, now);
-            }
-        }
-        Ok(Response::new(GetSnapshotResponse {
-            seq: frame.seq,
-            time: frame.time,
-            samples: frame.samples,
-        }))
+        // The daemon serves GetSnapshot through `watch_wire::SnapshotRoute`
+        // (answers for every GPU encoded once per millisecond); this path
+        // serves in-process callers of the trait.
+        self.snapshot(request, None)?
+            .into_message()
+            .map(Response::new)
     }
 
     type WatchStream = BoxStream<WatchResponse>;
@@ -922,5 +994,36 @@ impl EventsState {
                 Err(RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_snapshot_is_made_once_per_tick_and_millisecond() {
+        let shared = SharedSnapshots::default();
+        let mut made = 0;
+        let mut make = |b: u8| {
+            made += 1;
+            vec![b]
+        };
+        let a = shared.encoded(5, 1000, || make(1));
+        let b = shared.encoded(5, 1000, || make(2));
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "the same bytes within a millisecond"
+        );
+        let c = shared.encoded(5, 1001, || make(3));
+        assert_eq!(c.as_ref(), [3], "a new millisecond: new ages, new bytes");
+        let d = shared.encoded(6, 1001, || make(4));
+        assert_eq!(d.as_ref(), [4], "a new tick: new bytes");
+        // A caller whose clock read is older gets its own answer and never
+        // evicts the newest.
+        assert_eq!(shared.encoded(6, 999, || make(5)).as_ref(), [5]);
+        assert_eq!(shared.encoded(6, 1001, || make(6)).as_ptr(), d.as_ptr());
+        assert_eq!(made, 4, "only the four answers above were encoded");
     }
 }

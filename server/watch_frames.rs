@@ -8,15 +8,18 @@
 //! BENCHMARKS.md). Here the first subscriber to send a frame encodes it;
 //! the others send the same bytes.
 //!
-//! What it owns: the `WatchItem` a Watch stream yields (a message, or a
-//! frame already encoded), the cache of the newest encoded frame, and the
-//! codec that writes either. It is a leaf: it knows the wire types and
+//! What it owns: [`Shared`], a message or its bytes already encoded (a
+//! Watch stream's `WatchItem`, a shared GetSnapshot answer), the cache of
+//! the newest encoded frame, and the codec that writes either. It is a leaf: it knows the wire types and
 //! tonic's codec traits, nothing of the service. The service
 //! ([`crate::service`]) produces `WatchItem`s; [`crate::watch_wire`] serves
 //! them. The bytes on the wire are exactly what the generated code would
 //! send.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::{
+    marker::PhantomData,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use bytes::{BufMut, Bytes};
 use prost::Message;
@@ -34,26 +37,31 @@ use crate::{
 /// `WatchResponse.frame`'s field number (`oneof message { Frame frame = 2 }`).
 const FRAME_FIELD: u32 = 2;
 
-/// One message of a Watch stream.
+/// A message to encode, or one already encoded (shared by many callers).
 #[derive(Debug, Clone)]
-pub enum WatchItem {
-    /// A message to encode (start, gap, or a frame for a subset of GPUs).
-    Message(WatchResponse),
-    /// A `WatchResponse` holding a whole frame, already encoded.
+pub enum Shared<M> {
+    /// A message to encode.
+    Message(M),
+    /// The message's bytes, already encoded.
     Encoded(Bytes),
 }
 
-impl WatchItem {
-    /// The message itself (decoding a shared frame back, for callers that
+impl<M: Message + Default> Shared<M> {
+    /// The message itself (decoding shared bytes back, for callers that
     /// want messages rather than bytes).
-    pub fn into_message(self) -> Result<WatchResponse, Status> {
+    pub fn into_message(self) -> Result<M, Status> {
         match self {
-            WatchItem::Message(m) => Ok(m),
-            WatchItem::Encoded(bytes) => WatchResponse::decode(bytes)
-                .map_err(|e| Status::internal(format!("re-reading a shared frame: {e}"))),
+            Shared::Message(m) => Ok(m),
+            Shared::Encoded(bytes) => M::decode(bytes)
+                .map_err(|e| Status::internal(format!("re-reading a shared message: {e}"))),
         }
     }
 }
+
+/// One message of a Watch stream: a message to encode (start, gap, or a
+/// frame for a subset of GPUs), or a `WatchResponse` holding a whole frame,
+/// already encoded.
+pub type WatchItem = Shared<WatchResponse>;
 
 /// The newest frame, encoded as a `WatchResponse`.
 #[derive(Debug, Default)]
@@ -114,24 +122,34 @@ fn encode_frame(frame: &TickFrame) -> Bytes {
     Bytes::from(buf)
 }
 
-/// Encodes `WatchItem`s, decodes `WatchRequest`s.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WatchCodec;
+/// Encodes [`Shared`] messages of type `M` (writing shared bytes as they
+/// are), decodes requests of type `R` as the generated code does.
+#[derive(Debug)]
+pub struct SharedCodec<M, R>(PhantomData<fn() -> (M, R)>);
 
-/// The encoding half of [`WatchCodec`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WatchEncoder;
+impl<M, R> Default for SharedCodec<M, R> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
 
-impl Encoder for WatchEncoder {
-    type Item = WatchItem;
+/// The codec of the Watch route.
+pub type WatchCodec = SharedCodec<WatchResponse, WatchRequest>;
+
+/// The encoding half of [`SharedCodec`].
+#[derive(Debug)]
+pub struct SharedEncoder<M>(PhantomData<fn() -> M>);
+
+impl<M: Message> Encoder for SharedEncoder<M> {
+    type Item = Shared<M>;
     type Error = Status;
 
-    fn encode(&mut self, item: WatchItem, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+    fn encode(&mut self, item: Shared<M>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         match item {
-            WatchItem::Message(m) => m
+            Shared::Message(m) => m
                 .encode(dst)
-                .map_err(|e| Status::internal(format!("encoding a Watch message: {e}"))),
-            WatchItem::Encoded(bytes) => {
+                .map_err(|e| Status::internal(format!("encoding a message: {e}"))),
+            Shared::Encoded(bytes) => {
                 dst.put_slice(&bytes);
                 Ok(())
             }
@@ -139,18 +157,22 @@ impl Encoder for WatchEncoder {
     }
 }
 
-impl Codec for WatchCodec {
-    type Encode = WatchItem;
-    type Decode = WatchRequest;
-    type Encoder = WatchEncoder;
-    type Decoder = ProstDecoder<WatchRequest>;
+impl<M, R> Codec for SharedCodec<M, R>
+where
+    M: Message + Send + 'static,
+    R: Message + Default + Send + 'static,
+{
+    type Encode = Shared<M>;
+    type Decode = R;
+    type Encoder = SharedEncoder<M>;
+    type Decoder = ProstDecoder<R>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        WatchEncoder
+        SharedEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<WatchResponse, WatchRequest>::raw_decoder(BufferSettings::default())
+        ProstCodec::<M, R>::raw_decoder(BufferSettings::default())
     }
 }
 

@@ -1,11 +1,17 @@
-//! The Watch method as the daemon serves it: frames encoded once per tick
-//! and shared (see [`crate::watch_frames`]).
+//! The Watch and GetSnapshot methods as the daemon serves them: frames
+//! encoded once per tick and shared (see [`crate::watch_frames`]), and a
+//! snapshot of every GPU encoded once per tick and millisecond.
 //!
-//! What it owns: [`WatchRoute`], the service for `/gpuwatch.v1.GpuWatch/Watch`,
-//! and [`add_gpuwatch`], which registers it in the gRPC router under that
-//! path next to the generated server that serves every other method (the
-//! router prefers the exact path to the service's `/{*rest}`); nothing here
-//! looks at a request's path. Authorization has already happened in front
+//! Why GetSnapshot too: polling schedulers call it thousands of times a
+//! second, and building, encoding and dropping the same answer for each
+//! caller made it cost ~1.6× an empty health check (BENCHMARKS.md).
+//!
+//! What it owns: [`WatchRoute`] and [`SnapshotRoute`], the services for
+//! `/gpuwatch.v1.GpuWatch/Watch` and `/GetSnapshot`, and [`add_gpuwatch`],
+//! which registers them in the gRPC router under those paths next to the
+//! generated server that serves every other method (the router prefers the
+//! exact path to the service's `/{*rest}`); nothing here looks at a
+//! request's path. Authorization has already happened in front
 //! of the router ([`crate::authz`]), like for every other method.
 //!
 //! The generated server's own `watch` (without the shared encoding) serves
@@ -21,18 +27,22 @@ use std::{
 use tonic::{
     Request, Response, Status,
     codegen::{Body, BoxFuture, Service, StdError, http},
-    server::{Grpc, ServerStreamingService},
+    server::{Grpc, ServerStreamingService, UnaryService},
     service::Routes,
 };
 
 use crate::{
-    api::{WatchRequest, gpu_watch_server::GpuWatchServer},
-    service::{GpuWatchService, WatchItemStream},
-    watch_frames::{SharedFrames, WatchCodec, WatchItem},
+    api::{
+        GetSnapshotRequest, GetSnapshotResponse, WatchRequest, gpu_watch_server::GpuWatchServer,
+    },
+    service::{GpuWatchService, SharedSnapshots, WatchItemStream},
+    watch_frames::{Shared, SharedCodec, SharedFrames, WatchCodec, WatchItem},
 };
 
 /// The path [`WatchRoute`] serves.
 pub const WATCH_PATH: &str = "/gpuwatch.v1.GpuWatch/Watch";
+/// The path [`SnapshotRoute`] serves.
+pub const SNAPSHOT_PATH: &str = "/gpuwatch.v1.GpuWatch/GetSnapshot";
 
 /// `routes` plus the `gpuwatch.v1.GpuWatch` service: Watch served by
 /// [`WatchRoute`] with frames from `shared`, every other method by the
@@ -45,8 +55,14 @@ pub fn add_gpuwatch(
 ) -> Routes {
     let generated =
         GpuWatchServer::new(service.clone()).max_decoding_message_size(max_request_bytes);
+    let service = Arc::new(service);
+    let snapshot = SnapshotRoute {
+        service: service.clone(),
+        shared: Arc::new(SharedSnapshots::default()),
+        max_request_bytes,
+    };
     let watch = WatchRoute {
-        service: Arc::new(service),
+        service,
         shared,
         max_request_bytes,
     };
@@ -54,8 +70,64 @@ pub fn add_gpuwatch(
         routes
             .add_service(generated)
             .into_axum_router()
-            .route_service(WATCH_PATH, watch),
+            .route_service(WATCH_PATH, watch)
+            .route_service(SNAPSHOT_PATH, snapshot),
     )
+}
+
+/// Serves GetSnapshot, every GPU's answer from shared bytes.
+#[derive(Debug, Clone)]
+pub struct SnapshotRoute {
+    service: Arc<GpuWatchService>,
+    shared: Arc<SharedSnapshots>,
+    max_request_bytes: usize,
+}
+
+impl<B> Service<http::Request<B>> for SnapshotRoute
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = SnapshotMethod {
+            service: self.service.clone(),
+            shared: self.shared.clone(),
+        };
+        let max_request_bytes = self.max_request_bytes;
+        Box::pin(async move {
+            let mut grpc =
+                Grpc::new(SharedCodec::<GetSnapshotResponse, GetSnapshotRequest>::default())
+                    .apply_max_message_size_config(Some(max_request_bytes), None);
+            Ok(grpc.unary(method, request).await)
+        })
+    }
+}
+
+/// GetSnapshot, served from shared bytes.
+struct SnapshotMethod {
+    service: Arc<GpuWatchService>,
+    shared: Arc<SharedSnapshots>,
+}
+
+impl UnaryService<GetSnapshotRequest> for SnapshotMethod {
+    type Response = Shared<GetSnapshotResponse>;
+    type Future = std::future::Ready<Result<Response<Self::Response>, Status>>;
+
+    fn call(&mut self, request: Request<GetSnapshotRequest>) -> Self::Future {
+        std::future::ready(
+            self.service
+                .snapshot(request, Some(&self.shared))
+                .map(Response::new),
+        )
+    }
 }
 
 /// Serves Watch with shared frames.
@@ -86,8 +158,8 @@ where
         };
         let max_request_bytes = self.max_request_bytes;
         Box::pin(async move {
-            let mut grpc =
-                Grpc::new(WatchCodec).apply_max_message_size_config(Some(max_request_bytes), None);
+            let mut grpc = Grpc::new(WatchCodec::default())
+                .apply_max_message_size_config(Some(max_request_bytes), None);
             Ok(grpc.server_streaming(method, request).await)
         })
     }
@@ -145,13 +217,8 @@ mod tests {
         messages
     }
 
-    #[tokio::test]
-    async fn the_router_sends_watch_through_the_shared_encoding() {
-        let hub = Arc::new(Hub::new(
-            Duration::from_millis(100),
-            Duration::from_secs(1),
-            16,
-        ));
+    /// A service on `hub` with nothing else behind it.
+    fn service(hub: &Arc<Hub>) -> GpuWatchService {
         let (events, _) = EventLog::open(None, 100);
         let events = Arc::new(events);
         let (leases, _) = crate::leases::Leases::open(
@@ -161,7 +228,7 @@ mod tests {
             crate::config::LeasesConfig::default(),
         );
         let (control, _requests) = ControlHandle::channel();
-        let service = GpuWatchService::new(
+        GpuWatchService::new(
             ServiceParts {
                 hub: hub.clone(),
                 events,
@@ -183,24 +250,125 @@ mod tests {
                 driver_version: None,
                 nvml_version: None,
             },
-        );
-        let shared = SharedFrames::new();
-        let mut routes = add_gpuwatch(Routes::default(), service, shared.clone(), 1 << 20);
+        )
+    }
 
-        // An empty WatchRequest, as the transport hands it over after the
-        // authorization layer attached the caller.
+    /// A gRPC request for `path` carrying `message`, as the transport hands
+    /// it over after the authorization layer attached the caller.
+    fn grpc_request(path: &str, message: &impl Message) -> http::Request<tonic::body::Body> {
+        let body = message.encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+        framed.extend_from_slice(&body);
         let mut request = http::Request::builder()
             .method("POST")
-            .uri(format!("http://localhost{WATCH_PATH}"))
+            .uri(format!("http://localhost{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(tonic::body::Body::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+                bytes::Bytes::from(framed),
             )))
             .expect("request");
         request
             .extensions_mut()
             .insert(Caller::anonymous(Role::Read));
+        request
+    }
+
+    #[tokio::test]
+    async fn the_router_answers_get_snapshot_from_shared_bytes() {
+        let hub = Arc::new(Hub::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            16,
+        ));
+        let sample = |index: u32| GpuSample {
+            index,
+            uuid: format!("GPU-{index}"),
+            seq: hub.first_seq() + 1,
+            temperature_c: Some(60 + index),
+            governor_state: 1,
+            processes: vec![crate::api::GpuProcess {
+                pid: 100 + index,
+                ..crate::api::GpuProcess::default()
+            }],
+            processes_time: Some(prost_types::Timestamp::default()),
+            ..GpuSample::default()
+        };
+        hub.set_devices(
+            (0..2)
+                .map(|i| crate::api::DeviceInfo {
+                    index: i,
+                    uuid: format!("GPU-{i}"),
+                    ..crate::api::DeviceInfo::default()
+                })
+                .collect(),
+        );
+        let frame = Frame {
+            seq: hub.first_seq() + 1,
+            time: None,
+            samples: vec![sample(0), sample(1)],
+        };
+        hub.publish(frame.clone());
+        let mut routes = add_gpuwatch(
+            Routes::default(),
+            service(&hub),
+            SharedFrames::new(),
+            1 << 20,
+        );
+        let mut ask = async |request: GetSnapshotRequest| {
+            let response = routes
+                .call(grpc_request(SNAPSHOT_PATH, &request))
+                .await
+                .expect("infallible");
+            assert_eq!(response.status(), http::StatusCode::OK);
+            let body = response.into_body().collect().await.expect("a body");
+            let status = body
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .map(|v| v.to_str().expect("ascii").to_owned());
+            let messages = grpc_messages(&body.to_bytes());
+            (status, messages)
+        };
+        for _ in 0..2 {
+            let (status, messages) = ask(GetSnapshotRequest::default()).await;
+            assert_eq!(status.as_deref(), Some("0"));
+            let got = GetSnapshotResponse::decode(messages[0].as_slice()).expect("decodes");
+            assert_eq!(got.seq, frame.seq);
+            assert_eq!(got.samples, frame.samples, "every GPU, processes included");
+        }
+        let one = GetSnapshotRequest {
+            gpus: vec![crate::api::GpuSelector {
+                selector: Some(crate::api::gpu_selector::Selector::Index(1)),
+            }],
+        };
+        let (_, messages) = ask(one).await;
+        let got = GetSnapshotResponse::decode(messages[0].as_slice()).expect("decodes");
+        assert_eq!(got.samples, vec![sample(1)]);
+        let missing = GetSnapshotRequest {
+            gpus: vec![crate::api::GpuSelector {
+                selector: Some(crate::api::gpu_selector::Selector::Index(7)),
+            }],
+        };
+        let (status, messages) = ask(missing).await;
+        assert!(messages.is_empty());
+        assert_ne!(status.as_deref(), Some("0"), "an unknown GPU is refused");
+    }
+
+    #[tokio::test]
+    async fn the_router_sends_watch_through_the_shared_encoding() {
+        let hub = Arc::new(Hub::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            16,
+        ));
+        let service = service(&hub);
+        let shared = SharedFrames::new();
+        let mut routes = add_gpuwatch(Routes::default(), service, shared.clone(), 1 << 20);
+
+        // An empty WatchRequest, as the transport hands it over after the
+        // authorization layer attached the caller.
+        let request = grpc_request(WATCH_PATH, &WatchRequest::default());
         let response = routes.call(request).await.expect("infallible");
         assert_eq!(response.status(), http::StatusCode::OK);
         let frame = Frame {
