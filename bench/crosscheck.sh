@@ -13,7 +13,8 @@
 # (cargo build --release; the harness only prints the daemon config, so the
 # daemon runs exactly as in the figures), python3 with venv, and Debian's
 # nghttp2-client (h2load) and wrk -- installed here with apt-get when
-# missing; grpcio and grpcio-tools come from PyPI into target/crosscheck-venv.
+# missing; grpcio, grpcio-tools and grpcio-health-checking come from PyPI into
+# target/crosscheck-venv.
 # Run from the repository root. RUNS (default 3) repeats each check;
 # WINDOW (default 15 s for polling and scrapes, 30 s for fan-out) sets
 # their length; SUBSCRIBERS (1000) and PROCESSES (2) shape the fan-out;
@@ -48,10 +49,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
-  say "installing grpcio and grpcio-tools into $VENV"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import grpc, grpc_tools, grpc_health' 2>/dev/null; then
+  say "installing grpcio, grpcio-tools and grpcio-health-checking into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'grpcio==1.76.0' 'grpcio-tools==1.76.0'
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'grpcio==1.76.0' 'grpcio-tools==1.76.0' 'grpcio-health-checking==1.76.0'
 fi
 PY="$VENV/bin/python"
 
@@ -75,7 +76,7 @@ start_daemon() {
   "$SERVER" --simulate --config "$WORK/gpuwatch.toml" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
     --state-dir "$WORK/state" 2>"$WORK/daemon.log" &
   DAEMON_PID=$!
-  GRPC= HTTP=
+  GRPC='' HTTP=''
   for _ in $(seq 1 150); do
     GRPC=$(sed -n 's/.*gRPC listening on \([0-9.:]*\).*/\1/p' "$WORK/daemon.log" | head -n1)
     HTTP=$(sed -n 's/.*HTTP (metrics, dashboard, healthz) listening on \([0-9.:]*\).*/\1/p' "$WORK/daemon.log" | head -n1)
@@ -100,27 +101,44 @@ say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
 
 # ---- 1. GetSnapshot polling with h2load --------------------------------
 printf '\x00\x00\x00\x00\x00' >"$WORK/empty.grpc"
-want polling && echo "polling (h2load -c 4 -m 8, ${WINDOW}s): req/s, p50 ms, p99 ms, daemon CPU %"
-want polling && for run in $(seq 1 "$RUNS"); do
-  start_daemon
-  "$PY" - "$GRPC" "$WORK/stubs" <<'PYEOF' || die "GetSnapshot over grpcio failed"
-import sys; sys.path.insert(0, sys.argv[2])
-import grpc
-from gpuwatch.v1 import gpuwatch_pb2 as pb, gpuwatch_pb2_grpc as rpc
-snap = rpc.GpuWatchStub(grpc.insecure_channel(sys.argv[1])).GetSnapshot(pb.GetSnapshotRequest(), timeout=5)
-assert len(snap.samples) == 8, snap
-PYEOF
+want polling && echo "polling (h2load -c 4 -m 8, ${WINDOW}s each): req/s, p50 ms, p99 ms, daemon CPU %; GetSnapshot of 8 GPUs against the daemon's own grpc.health.v1.Health/Check, same daemon, same load"
+# h2load against one gRPC method of the running daemon: prints
+# "RPS P50 P99 CPU", the same empty request either way.
+h2load_method() {
+  local t0 out ok
   t0=$(daemon_ticks)
   h2load -c 4 -m 8 -D "$WINDOW" --warm-up-time 2 \
     -H 'content-type: application/grpc' -H 'te: trailers' -d "$WORK/empty.grpc" \
-    --log-file "$WORK/h2load.log" "http://$GRPC/gpuwatch.v1.GpuWatch/GetSnapshot" >"$WORK/h2load.out" 2>&1 \
-    || { cat "$WORK/h2load.out" >&2; die "h2load failed"; }
-  cpu=$(daemon_cpu_since "$t0" "$((WINDOW + 2))")
-  rps=$(sed -n 's/.*finished in .*, \([0-9.]*\) req\/s.*/\1/p' "$WORK/h2load.out")
+    --log-file "$WORK/h2load.log" "http://$GRPC/$1" >"$WORK/h2load.out" 2>&1 \
+    || { cat "$WORK/h2load.out" >&2; die "h2load failed on $1"; }
+  out="$(sed -n 's/.*finished in .*, \([0-9.]*\) req\/s.*/\1/p' "$WORK/h2load.out")"
   ok=$(sed -n 's/.*status codes: \([0-9]*\) 2xx.*/\1/p' "$WORK/h2load.out")
-  lat=$(awk -F'\t' '$2 == 200 { print $3 }' "$WORK/h2load.log" | sort -n \
-    | awk '{ v[NR] = $1 } END { printf "%.3f %.3f", v[int(NR*0.5)]/1000, v[int(NR*0.99)]/1000 }')
-  echo "  run $run: $rps req/s ($ok answered 2xx), p50/p99 ms: $lat, daemon CPU $cpu % (includes the warm-up)"
+  [ "${ok:-0}" -gt 0 ] || { cat "$WORK/h2load.out" >&2; die "no 2xx answers from $1"; }
+  # gRPC answers 200 with grpc-status in trailers: a refused call would
+  # still count as 2xx, so the method's answer was checked once before.
+  printf '%s %s %s\n' "$out" \
+    "$(awk -F'\t' '$2 == 200 { print $3 }' "$WORK/h2load.log" | sort -n \
+      | awk '{ v[NR] = $1 } END { printf "%.3f %.3f", v[int(NR*0.5)]/1000, v[int(NR*0.99)]/1000 }')" \
+    "$(daemon_cpu_since "$t0" "$((WINDOW + 2))")"
+}
+want polling && for run in $(seq 1 "$RUNS"); do
+  start_daemon
+  "$PY" - "$GRPC" "$WORK/stubs" <<'PYEOF' || die "GetSnapshot or Health/Check over grpcio failed"
+import sys; sys.path.insert(0, sys.argv[2])
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from gpuwatch.v1 import gpuwatch_pb2 as pb, gpuwatch_pb2_grpc as rpc
+channel = grpc.insecure_channel(sys.argv[1])
+snap = rpc.GpuWatchStub(channel).GetSnapshot(pb.GetSnapshotRequest(), timeout=5)
+assert len(snap.samples) == 8, snap
+health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+assert health.status == health_pb2.HealthCheckResponse.SERVING, health
+PYEOF
+  read -r h_rps h_p50 h_p99 h_cpu < <(h2load_method grpc.health.v1.Health/Check)
+  read -r s_rps s_p50 s_p99 s_cpu < <(h2load_method gpuwatch.v1.GpuWatch/GetSnapshot)
+  ratio=$(awk -v s="$s_rps" -v h="$h_rps" 'BEGIN { printf "%.2f", s / h }')
+  echo "  run $run: Health/Check $h_rps req/s, p50/p99 ms $h_p50/$h_p99, daemon CPU $h_cpu %"
+  echo "  run $run: GetSnapshot  $s_rps req/s, p50/p99 ms $s_p50/$s_p99, daemon CPU $s_cpu % -> $ratio x the health check"
   stop_daemon
 done
 
