@@ -13,7 +13,7 @@
 //! the GPUs' identities and limits, and the governor's policies.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -114,6 +114,9 @@ impl HubStats {
     }
 }
 
+/// The sending side of a channel of ticks.
+type TickSender = broadcast::Sender<Arc<TickFrame>>;
+
 /// The hub. Shared by the sampler (writer) and every reader.
 #[derive(Debug)]
 pub struct Hub {
@@ -131,6 +134,10 @@ pub struct Hub {
     /// everything up to the ring's end, then the live channel.
     history: Mutex<VecDeque<Arc<TickFrame>>>,
     frames: broadcast::Sender<Arc<TickFrame>>,
+    /// Channels that carry every `stride`-th tick only (those whose seq is
+    /// `phase` modulo `stride`), keyed by (stride, phase): a subscriber
+    /// decimated to 1 s is woken once a second, not every tick.
+    strided: Mutex<HashMap<(u64, u64), TickSender>>,
     devices: RwLock<Arc<Vec<DeviceInfo>>>,
     policies: RwLock<Arc<Vec<GpuPolicy>>>,
     /// The history writer, offered every frame (never waited for).
@@ -168,6 +175,7 @@ impl Hub {
             latest_whole: Mutex::new(None),
             history: Mutex::new(VecDeque::with_capacity(history_capacity.clamp(1, 4096))),
             frames,
+            strided: Mutex::new(HashMap::new()),
             devices: RwLock::new(Arc::new(Vec::new())),
             policies: RwLock::new(Arc::new(Vec::new())),
             history_sink: std::sync::OnceLock::new(),
@@ -213,6 +221,16 @@ impl Hub {
         *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Some(tick.clone());
         if let Some(sink) = self.history_sink.get() {
             sink.offer(tick.fast());
+        }
+        {
+            let seq = tick.seq();
+            let mut strided = self.strided.lock().unwrap_or_else(PoisonError::into_inner);
+            strided.retain(|_, tx| tx.receiver_count() > 0);
+            for ((stride, phase), tx) in strided.iter() {
+                if seq % stride == *phase {
+                    let _ = tx.send(tick.clone());
+                }
+            }
         }
         // An error only means nobody is subscribed.
         let _ = self.frames.send(tick);
@@ -298,6 +316,22 @@ impl Hub {
         }
     }
 
+    /// Live ticks whose seq is `phase` modulo `stride` (`stride` ≥ 2),
+    /// published from now on. A decimated subscriber moves to this once
+    /// it knows its phase (the seq of a tick it delivered), so it is woken
+    /// only for the ticks it sends. A subscriber that falls more than
+    /// [`SUBSCRIBER_BUFFER_FRAMES`] of these behind lags as on the main
+    /// channel, counted in these ticks.
+    pub fn subscribe_strided(&self, stride: u64, phase: u64) -> broadcast::Receiver<Arc<TickFrame>> {
+        let stride = stride.max(1);
+        self.strided
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((stride, phase % stride))
+            .or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER_FRAMES).0)
+            .subscribe()
+    }
+
     pub fn devices(&self) -> Arc<Vec<DeviceInfo>> {
         self.devices
             .read()
@@ -359,6 +393,29 @@ mod tests {
         assert_eq!(sub.replay.iter().map(|f| f.seq()).collect::<Vec<_>>(), [3, 4]);
         hub.publish(frame(5));
         assert_eq!(sub.live.try_recv().map(|f| f.seq()).ok(), Some(5));
+    }
+
+    #[test]
+    fn a_strided_subscriber_gets_only_its_phase() {
+        let hub = Hub::new(Duration::from_millis(100), Duration::from_secs(5), 10);
+        let mut every_third = hub.subscribe_strided(3, 7);
+        let mut other_phase = hub.subscribe_strided(3, 2);
+        for seq in 1..=12 {
+            hub.publish(frame(seq));
+        }
+        let mut got = Vec::new();
+        while let Ok(t) = every_third.try_recv() {
+            got.push(t.seq());
+        }
+        assert_eq!(got, [1, 4, 7, 10], "7 mod 3 is phase 1");
+        assert_eq!(other_phase.try_recv().map(|t| t.seq()).ok(), Some(2));
+        drop(every_third);
+        drop(other_phase);
+        hub.publish(frame(13));
+        assert!(
+            hub.strided.lock().expect("lock").is_empty(),
+            "channels nobody listens to are dropped"
+        );
     }
 
     #[test]

@@ -364,6 +364,7 @@ impl GpuWatchService {
             stride,
             last_delivered,
             lagged: 0,
+            strided: false,
             shutdown: self.shutdown.clone(),
             _guard: SubscriberGuard::new(self.hub.clone(), Gauge::Watch, permit),
         };
@@ -847,8 +848,11 @@ struct WatchState {
     shared: Option<Arc<SharedFrames>>,
     stride: u64,
     last_delivered: Option<u64>,
-    /// Frames the broadcast dropped for us since the last delivery.
+    /// Ticks the broadcast dropped for us since the last delivery.
     lagged: u64,
+    /// Whether `live` carries only this subscriber's ticks (every
+    /// `stride`-th, in its phase) rather than every tick.
+    strided: bool,
     shutdown: CancellationToken,
     _guard: SubscriberGuard,
 }
@@ -865,6 +869,38 @@ impl WatchState {
         WatchItem::Message(WatchResponse {
             message: Some(message),
         })
+    }
+
+    /// A decimated subscriber that has just delivered tick `seq` and is
+    /// caught up moves to the channel of its own ticks (`seq` plus
+    /// multiples of the stride), so it is no longer woken for the others.
+    /// Ticks published while it moved are taken from the old channel first.
+    fn move_to_strided(&mut self, seq: u64) {
+        if self.stride < 2 || self.strided || !self.live.is_empty() {
+            return;
+        }
+        let strided = self
+            ._guard
+            .hub
+            .subscribe_strided(self.stride, seq % self.stride);
+        let old = std::mem::replace(&mut self.live, strided);
+        self.strided = true;
+        let mut old = old;
+        loop {
+            match old.try_recv() {
+                Ok(frame) if frame.seq() % self.stride == seq % self.stride => {
+                    if self.last_delivered.is_none_or(|last| frame.seq() > last) {
+                        self.last_delivered = Some(frame.seq());
+                        self.queue.push_back(Pending::Frame(frame));
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    self.lagged = self.lagged.saturating_add(n);
+                }
+                Err(_) => break,
+            }
+        }
     }
 
     async fn next(mut self) -> Option<(Result<WatchItem, Status>, Self)> {
@@ -907,15 +943,22 @@ impl WatchState {
                     }
                     self.last_delivered = Some(seq);
                     let msg = self.message(Pending::Frame(frame));
+                    self.move_to_strided(seq);
                     return Some((Ok(msg), self));
                 }
                 Err(RecvError::Lagged(n)) => {
-                    self.lagged = self.lagged.saturating_add(n);
+                    // Counted in ticks: a strided channel's are `stride` apart.
+                    let ticks = if self.strided {
+                        n.saturating_mul(self.stride)
+                    } else {
+                        n
+                    };
+                    self.lagged = self.lagged.saturating_add(ticks);
                     self._guard
                         .hub
                         .stats
                         .frames_dropped
-                        .fetch_add(n, Ordering::Relaxed);
+                        .fetch_add(ticks, Ordering::Relaxed);
                 }
                 Err(RecvError::Closed) => return None,
             }
