@@ -230,7 +230,19 @@ fn item_line(host: &str, item: &Item) -> String {
             let mut reason = e.reason.clone();
             reason.push_str(&change_text(e));
             if let Some(xid) = e.xid {
-                reason.push_str(&format!(" [xid {xid}]"));
+                reason.push_str(&format!(" [xid {xid}"));
+                if let Some(info) = &e.xid_info {
+                    // Older daemons give the bare code; newer ones put the
+                    // meaning in the reason and the action here too.
+                    if !e.reason.contains(&info.meaning) {
+                        reason.push_str(&format!(": {}", info.meaning));
+                    }
+                    reason.push_str(&format!(
+                        "; action {}",
+                        names::name_of::<gpuwatch_api::XidAction>(info.action)
+                    ));
+                }
+                reason.push(']');
             }
             format!(
                 "{:<20} {:>8}  {:<24} {:<8} {:<24} {:<4} {:<20} {}",

@@ -463,6 +463,7 @@ impl Collector for HubCollector {
         device_facts(&mut enc, &view)?;
         governor(&mut enc, &view)?;
         events(&mut enc, &s.events)?;
+        xids(&mut enc, &view, &s.events)?;
         leases(&mut enc, hostname, s.leases.as_deref())?;
         daemon(&mut enc, s, frame.as_deref(), &self.units)?;
         process(&mut enc, &s.hub, &self.units)
@@ -1116,7 +1117,9 @@ fn leases(
     hostname: &str,
     book: Option<&crate::leases::Leases>,
 ) -> fmt::Result {
-    let live: Vec<crate::api::Lease> = book.map(|b| b.live().into_values().collect()).unwrap_or_default();
+    let live: Vec<crate::api::Lease> = book
+        .map(|b| b.live().into_values().collect())
+        .unwrap_or_default();
     let indices: Vec<String> = live.iter().map(|l| l.index.to_string()).collect();
     let rows = |value: &dyn Fn(&crate::api::Lease) -> f64| -> Vec<([(&str, &str); 5], f64)> {
         live.iter()
@@ -1182,6 +1185,38 @@ fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
         log.persist_failures() as f64,
     )?;
     persistence(e, log)
+}
+
+/// XID errors since the daemon started, per GPU, code and class (the action
+/// NVIDIA documents for the code; see `xid`).
+fn xids(e: &mut DescriptorEncoder<'_>, v: &View<'_>, log: &EventLog) -> fmt::Result {
+    let tally = log.xid_tally();
+    let mut rows: Vec<((GpuLabels<'_>, [(&'static str, String); 3]), f64)> = Vec::new();
+    for ((_, uuid, code), n) in &tally.counts {
+        // Events name a GPU the device list knows (the sampler records them).
+        let Some(g) = v.gpus.iter().find(|g| g.uuid == uuid.as_str()) else {
+            continue;
+        };
+        let entry = crate::xid::decode(*code);
+        rows.push((
+            (
+                g.labels(v.hostname),
+                [
+                    ("xid", code.to_string()),
+                    ("action", entry.class()),
+                    ("severity", names::name(entry.severity())),
+                ],
+            ),
+            *n as f64,
+        ));
+    }
+    counters(
+        e,
+        "gpuwatch_xid_errors",
+        "XID errors reported by the driver since the daemon started, by code and by the action NVIDIA documents for it (none, restart_app, reset_gpu, reboot_node, contact_support, unknown)",
+        None,
+        &rows,
+    )
 }
 
 /// Whether the state directory can be written (faults-state, issue 12 row 3):
