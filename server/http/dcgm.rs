@@ -12,9 +12,12 @@
 //! `DCGM_FI_DRIVER_VERSION` where the driver is known, and `namespace`,
 //! `pod`, `container` for a GPU the kubelet allocated whole to a container.
 //!
-//! A counter gpuwatch cannot read (encoder/decoder utilisation, PCIe
-//! replays, NVLink bandwidth, the profiling counters) is absent, never a
-//! sentinel; the same for a field one GPU does not report.
+//! The profiling counters (`DCGM_FI_PROF_GR_ENGINE_ACTIVE`,
+//! `..._PIPE_TENSOR_ACTIVE`, `..._DRAM_ACTIVE`) come from NVML's GPM, so
+//! only Hopper and newer GPUs have them. A counter gpuwatch cannot read
+//! (encoder/decoder utilisation, PCIe replays, NVLink bandwidth, framebuffer
+//! reserved, vGPU licence, row remapping) is absent, never a sentinel; the
+//! same for a field one GPU does not report.
 //!
 //! The text is the classic Prometheus format 0.0.4, as dcgm-exporter serves
 //! it: its counters are named without `_total`, which OpenMetrics does not
@@ -150,6 +153,24 @@ const FAMILIES: &[Family] = &[
         kind: Kind::Gauge,
         help: "Power management limit (in W).",
         value: |g| s(g)?.power_limit_mw.map(|mw| f64::from(mw) / 1000.0),
+    },
+    Family {
+        name: "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        kind: Kind::Gauge,
+        help: "Ratio of time the graphics engine is active.",
+        value: |g| s(g)?.graphics_engine_active,
+    },
+    Family {
+        name: "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        kind: Kind::Gauge,
+        help: "Ratio of cycles the tensor (HMMA) pipe is active.",
+        value: |g| s(g)?.tensor_active,
+    },
+    Family {
+        name: "DCGM_FI_PROF_DRAM_ACTIVE",
+        kind: Kind::Gauge,
+        help: "Ratio of cycles the device memory interface is active sending or receiving data.",
+        value: |g| s(g)?.dram_active,
     },
     Family {
         name: "DCGM_FI_PROF_PCIE_TX_BYTES",

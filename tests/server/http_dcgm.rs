@@ -398,6 +398,25 @@ async fn simulated_xids_arrive_decoded_and_the_flag_picks_the_dcgm_profile() {
     let all = parse_samples(&text);
     assert_eq!(one(&all, "DCGM_FI_DEV_XID_ERRORS", "0"), 13.0);
     assert_eq!(one(&all, "DCGM_FI_DEV_XID_ERRORS", "1"), 0.0);
+    // The profiling counters: the H100 (Hopper, GPM) has them, as ratios;
+    // the A100 does not.
+    let tensor = one(&all, "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "0");
+    let engine = one(&all, "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "0");
+    assert!(
+        (0.0..=1.0).contains(&tensor) && tensor <= engine,
+        "{tensor} {engine}"
+    );
+    assert!((0.0..=1.0).contains(&one(&all, "DCGM_FI_PROF_DRAM_ACTIVE", "0")));
+    for name in [
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+    ] {
+        assert!(
+            find(&all, name, &[("gpu", "1")]).is_empty(),
+            "{name} on the A100"
+        );
+    }
     assert!(
         !text.contains("gpuwatch_"),
         "the dcgm-exporter profile only"
@@ -409,7 +428,7 @@ async fn simulated_xids_arrive_decoded_and_the_flag_picks_the_dcgm_profile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nvml_xids_are_counted_by_class_in_metrics() {
     let fake = crate::nvml_support::FakeNvml::new(&json!({
-        "gpus": [ { "model": "datacenter", "xid": [48, 94] }, { "model": "datacenter" } ]
+        "gpus": [ { "model": "datacenter", "xid": [48, 94], "gpm": true }, { "model": "datacenter" } ]
     }));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = crate::support::start(
@@ -449,6 +468,28 @@ async fn nvml_xids_are_counted_by_class_in_metrics() {
         contained[0].labels.get("action").map(String::as_str),
         Some("restart_app")
     );
+    // GPM on GPU 0 only: the stand-in's tensor pipes run at half the
+    // graphics engine's busy time, which is its utilisation.
+    let all = eventually(Duration::from_secs(10), "GPM counters", || {
+        let url = url.clone();
+        async move {
+            let all = parse_samples(
+                &crate::http_support::get_bearer(&url, gpuwatch_testkit::READ_TOKEN)
+                    .await
+                    .body,
+            );
+            (!find(&all, "gpuwatch_tensor_active_ratio", &[]).is_empty()).then_some(all)
+        }
+    })
+    .await;
+    let util = one(&all, "gpuwatch_gpu_utilization_ratio", "0");
+    assert!(util > 0.0);
+    assert_eq!(
+        one(&all, "gpuwatch_graphics_engine_active_ratio", "0"),
+        util
+    );
+    assert_eq!(one(&all, "gpuwatch_tensor_active_ratio", "0"), util / 2.0);
+    assert!(find(&all, "gpuwatch_tensor_active_ratio", &[("gpu", "1")]).is_empty());
     let mut c = d.client().await;
     let events = events_since(&mut c, 0).await;
     let decoded = events
