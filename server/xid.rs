@@ -227,7 +227,7 @@ impl XidEntry {
     }
 
     /// The wire form of this entry.
-    pub fn to_wire(&self) -> api::XidInfo {
+    pub fn to_wire(self) -> api::XidInfo {
         api::XidInfo {
             meaning: self.meaning.to_owned(),
             action: self.action as i32,

@@ -234,7 +234,7 @@ fn label_sets(g: &GpuView<'_>, hostname: &str, driver: Option<&str>) -> Vec<Stri
     let mut pods = std::collections::BTreeSet::new();
     for a in g.sample.map_or(&[][..], |x| &x.allocations[..]) {
         if let Some(pod) = &a.pod
-            && a.device_ids.iter().any(|id| *id == d.uuid)
+            && a.device_ids.contains(&d.uuid)
         {
             pods.insert((
                 pod.namespace.as_str(),

@@ -1271,11 +1271,14 @@ fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
     persistence(e, log)
 }
 
+/// A GPU's labels with an XID's code, class and severity.
+type XidLabels<'a> = (GpuLabels<'a>, [(&'static str, String); 3]);
+
 /// XID errors since the daemon started, per GPU, code and class (the action
 /// NVIDIA documents for the code; see `xid`).
 fn xids(e: &mut DescriptorEncoder<'_>, v: &View<'_>, log: &EventLog) -> fmt::Result {
     let tally = log.xid_tally();
-    let mut rows: Vec<((GpuLabels<'_>, [(&'static str, String); 3]), f64)> = Vec::new();
+    let mut rows: Vec<(XidLabels<'_>, f64)> = Vec::new();
     for ((_, uuid, code), n) in &tally.counts {
         // Events name a GPU the device list knows (the sampler records them).
         let Some(g) = v.gpus.iter().find(|g| g.uuid == uuid.as_str()) else {

@@ -81,7 +81,6 @@ fn hub_and_log() -> (Arc<Hub>, Arc<EventLog>) {
                 namespace: "ml".into(),
                 pod: "trainer-0".into(),
                 container: "main".into(),
-                ..PodRef::default()
             }),
             resource_name: "nvidia.com/gpu".into(),
             device_ids: vec![uuid(0)],
