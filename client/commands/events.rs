@@ -466,3 +466,51 @@ async fn follow_host(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuwatch_api::{EventKind, XidAction, XidInfo};
+
+    fn xid_event(reason: &str, info: Option<XidInfo>) -> Item {
+        Item::Event(Box::new(Event {
+            seq: 7,
+            kind: EventKind::XidError as i32,
+            gpu_index: Some(0),
+            reason: reason.to_owned(),
+            xid: Some(79),
+            xid_info: info,
+            ..Event::default()
+        }))
+    }
+
+    #[test]
+    fn an_xid_line_shows_its_meaning_and_action() {
+        let info = XidInfo {
+            meaning: "GPU has fallen off the bus".into(),
+            action: XidAction::RebootNode as i32,
+            action_text: "drain the node and reboot it".into(),
+        };
+        // An older daemon's reason names only the code: the meaning is added.
+        let line = item_line(
+            "n1",
+            &xid_event("XID 79 reported by the driver", Some(info.clone())),
+        );
+        assert!(
+            line.ends_with("[xid 79: GPU has fallen off the bus; action reboot_node]"),
+            "{line}"
+        );
+        // A reason that already says it is not repeated.
+        let line = item_line(
+            "n1",
+            &xid_event(
+                "XID 79 reported by the driver: GPU has fallen off the bus",
+                Some(info),
+            ),
+        );
+        assert!(line.ends_with("[xid 79; action reboot_node]"), "{line}");
+        // Without xid_info (a daemon before this field): the bare code.
+        let line = item_line("n1", &xid_event("XID 79", None));
+        assert!(line.ends_with("[xid 79]"), "{line}");
+    }
+}
