@@ -30,11 +30,13 @@ use XidAction::{ContactSupport, None as Ignore, RebootNode, ResetGpu, RestartApp
 const RESTART_APP: &str = "restart the application; the GPU stays usable (an application or CUDA fault, check the application if it repeats)";
 const RESET_GPU: &str = "drain the GPU's work and reset it (nvidia-smi -r, or reboot the node); contact NVIDIA support if it repeats";
 const REBOOT_NODE: &str = "drain the node and reboot it; check the GPU's seating, power and cooling; contact NVIDIA support if it repeats";
+const CONTACT_SUPPORT: &str = "collect an nvidia-bug-report and contact NVIDIA support";
+const UNUSED: &str = "A code NVIDIA lists as unused on Ampere and newer GPUs";
 const NONE: &str =
     "no action: informational, or a consequence of an earlier error (look at the XIDs before it)";
 
 macro_rules! xid {
-    ($code:literal, $action:ident, $text:expr, $meaning:literal) => {
+    ($code:literal, $action:ident, $text:expr, $meaning:expr) => {
         XidEntry {
             code: $code,
             meaning: $meaning,
@@ -46,18 +48,30 @@ macro_rules! xid {
 
 /// The XIDs gpuwatch knows, by code.
 pub const TABLE: &[XidEntry] = &[
+    // Codes the catalog lists as unused on Ampere and newer: one appearing
+    // is itself a fault to report.
+    xid!(1, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(2, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(3, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(4, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(5, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(6, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(7, ContactSupport, CONTACT_SUPPORT, UNUSED),
     xid!(
         8,
         RestartApp,
         RESTART_APP,
         "GPU stopped processing (channel idle timeout)"
     ),
+    xid!(9, ContactSupport, CONTACT_SUPPORT, UNUSED),
+    xid!(10, ContactSupport, CONTACT_SUPPORT, UNUSED),
     xid!(
         11,
         RestartApp,
         RESTART_APP,
         "Invalid or corrupted push buffer stream"
     ),
+    xid!(12, ContactSupport, CONTACT_SUPPORT, UNUSED),
     xid!(
         13,
         RestartApp,
@@ -166,12 +180,6 @@ pub const TABLE: &[XidEntry] = &[
         "C2C (chip-to-chip) link corrected error"
     ),
     xid!(123, ResetGpu, RESET_GPU, "SPI PMU RPC write failure"),
-    xid!(
-        136,
-        ContactSupport,
-        "collect an nvidia-bug-report and contact NVIDIA support",
-        "Hardware error reported by the GPU (see the XIDs and kernel log around it)"
-    ),
     xid!(140, ResetGpu, RESET_GPU, "Unrecovered ECC error"),
     xid!(
         154,
@@ -280,6 +288,12 @@ mod tests {
         assert_eq!(decode(45).class(), "none");
         assert_eq!(decode(45).severity(), Severity::Info);
         assert!(decode(79).meaning.contains("fallen off the bus"));
+        assert_eq!(
+            decode(3).action,
+            XidAction::ContactSupport,
+            "unused on Ampere+"
+        );
+        assert_eq!(decode(3).severity(), Severity::Error);
     }
 
     #[test]
