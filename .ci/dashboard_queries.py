@@ -36,11 +36,19 @@ def dashboard_queries(path):
             if q:
                 out.append((f"variable {v['name']}", q))
 
+    ids = set()
+
     def walk(panels):
         for p in panels:
-            for t in p.get("targets", []):
-                if t.get("expr"):
-                    out.append((f"panel {p.get('title', p.get('id'))!r} {t.get('refId', '')}", t["expr"]))
+            where = f"panel {p.get('title', p.get('id'))!r}"
+            if p.get("id") in ids:
+                out.append((f"{where}: duplicate panel id {p.get('id')}", None))
+            ids.add(p.get("id"))
+            exprs = [t for t in p.get("targets", []) if t.get("expr")]
+            if p.get("type") != "row" and not exprs:
+                out.append((f"{where}: a panel without a query", None))
+            for t in exprs:
+                out.append((f"{where} {t.get('refId', '')}", t["expr"]))
             walk(p.get("panels", []))
 
     walk(d.get("panels", []))
@@ -114,6 +122,10 @@ def main():
             failed += 1
         for where, expr in queries:
             total += 1
+            if expr is None:
+                failed += 1
+                print(f"FAIL {source} {where}", file=sys.stderr)
+                continue
             concrete = substitute(expr, variables, builtins)
             n, err = query(a.prometheus, concrete)
             if err or not n:
