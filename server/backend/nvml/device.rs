@@ -18,8 +18,8 @@
 //!
 //! On Hopper and newer datacenter GPUs it also reads the profiling counters
 //! (graphics engine, tensor pipes and memory interface busy) through GPU
-//! Performance Monitoring: each read takes a GPM sample and compares it with
-//! the previous one, so the values cover the last sample period. A GPU or
+//! Performance Monitoring: each slow read takes a GPM sample and compares it
+//! with the previous one, so the values cover the last slow period. A GPU or
 //! library without GPM (the query answers false or NotSupported, or the
 //! symbols are missing) has none of them.
 //!
@@ -112,6 +112,8 @@ pub(super) struct NvmlDevice {
     /// GPU Performance Monitoring: whether the GPU has it, and the last
     /// sample the next one is compared with.
     gpm: Gpm,
+    /// The profiling counters of the last slow read.
+    gpm_cache: Option<Profiling>,
 }
 
 /// GPM as far as it is known for one GPU.
@@ -220,6 +222,7 @@ impl NvmlDevice {
             slow_cache: SlowCache::default(),
             slow_probes: SlowProbes::default(),
             gpm: Gpm::Unprobed,
+            gpm_cache: None,
         })
     }
 
@@ -243,6 +246,7 @@ impl NvmlDevice {
         self.locked_gpu_clock_max_mhz = None;
         // A sample from before the loss says nothing about the GPU now.
         self.gpm = Gpm::Unprobed;
+        self.gpm_cache = None;
         if self.events.active() {
             self.events.register(self.nvml, &self.handle);
         }
@@ -902,7 +906,13 @@ impl GpuDevice for NvmlDevice {
         } else {
             None
         };
-        let profiling = self.read_gpm();
+        // GPM samples cost the driver more than a plain query: take them on
+        // the slow cadence, over the slow period, and report the latest
+        // values in between (as for PCIe throughput).
+        if scope.slow_fields || matches!(self.gpm, Gpm::Unprobed) {
+            self.gpm_cache = self.read_gpm();
+        }
+        let profiling = self.gpm_cache;
         Ok(Reading {
             device_time,
             temperature_c,
