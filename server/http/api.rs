@@ -341,16 +341,10 @@ fn owner_words(p: &api::GpuProcess) -> (String, &'static str) {
         };
         return (text, "slurm");
     }
-    if let Some(id) = a
-        .and_then(|a| a.container_id.as_deref())
-        .filter(|c| !c.is_empty())
-    {
+    if let Some(id) = a.and_then(|a| a.container_id.as_deref()).filter(|c| !c.is_empty()) {
         return (id.chars().take(SHORT_CONTAINER_ID).collect(), "container");
     }
-    if let Some(unit) = a
-        .and_then(|a| a.systemd_unit.as_deref())
-        .filter(|u| !u.is_empty())
-    {
+    if let Some(unit) = a.and_then(|a| a.systemd_unit.as_deref()).filter(|u| !u.is_empty()) {
         return (unit.to_owned(), "unit");
     }
     let text = match (&p.user, &p.name) {
@@ -754,15 +748,14 @@ mod tests {
 
     #[test]
     fn users_are_grouped_by_owner_and_absent_before_the_first_read() {
-        let process =
-            |pid: u32, name: &str, attribution: Option<api::Attribution>| api::GpuProcess {
-                pid,
-                name: Some(name.into()),
-                user: Some("alice".into()),
-                used_memory_bytes: Some(1 << 30),
-                attribution,
-                ..api::GpuProcess::default()
-            };
+        let process = |pid: u32, name: &str, attribution: Option<api::Attribution>| api::GpuProcess {
+            pid,
+            name: Some(name.into()),
+            user: Some("alice".into()),
+            used_memory_bytes: Some(1 << 30),
+            attribution,
+            ..api::GpuProcess::default()
+        };
         let unit = api::Attribution {
             systemd_unit: Some("render.service".into()),
             ..api::Attribution::default()

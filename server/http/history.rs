@@ -117,42 +117,40 @@ fn ms_of(t: Option<prost_types::Timestamp>) -> i64 {
 /// (null for a field the GPU did not report), to keep the page's download
 /// small.
 fn to_json(a: &api::GetHistoryResponse) -> Value {
-    let gpus: Vec<Value> =
-        a.gpus
-            .iter()
-            .map(|g| {
-                let points: Vec<Value> =
-                    g.points
-                        .iter()
-                        .map(|p| {
-                            let mut row = vec![json!(p.time_unix_ms), json!(p.samples)];
-                            row.extend(p.values.iter().map(|v| {
-                                match (v.min, v.max, v.mean, v.last) {
-                                    (Some(min), Some(max), Some(mean), Some(last)) => {
-                                        json!([min, max, (mean * 100.0).round() / 100.0, last])
-                                    }
-                                    _ => Value::Null,
-                                }
-                            }));
-                            row.push(json!(names::name_of::<GovernorState>(p.governor_state)));
-                            row.push(json!(p.throttle_reasons_mask));
-                            Value::Array(row)
-                        })
-                        .collect();
-                let gaps: Vec<Value> = g
-                    .gaps
-                    .iter()
-                    .map(|gap| {
-                        json!({
-                            "start_ms": gap.start_unix_ms,
-                            "end_ms": gap.end_unix_ms,
-                            "reason": names::name_of::<HistoryGapReason>(gap.reason),
-                        })
+    let gpus: Vec<Value> = a
+        .gpus
+        .iter()
+        .map(|g| {
+            let points: Vec<Value> = g
+                .points
+                .iter()
+                .map(|p| {
+                    let mut row = vec![json!(p.time_unix_ms), json!(p.samples)];
+                    row.extend(p.values.iter().map(|v| match (v.min, v.max, v.mean, v.last) {
+                        (Some(min), Some(max), Some(mean), Some(last)) => {
+                            json!([min, max, (mean * 100.0).round() / 100.0, last])
+                        }
+                        _ => Value::Null,
+                    }));
+                    row.push(json!(names::name_of::<GovernorState>(p.governor_state)));
+                    row.push(json!(p.throttle_reasons_mask));
+                    Value::Array(row)
+                })
+                .collect();
+            let gaps: Vec<Value> = g
+                .gaps
+                .iter()
+                .map(|gap| {
+                    json!({
+                        "start_ms": gap.start_unix_ms,
+                        "end_ms": gap.end_unix_ms,
+                        "reason": names::name_of::<HistoryGapReason>(gap.reason),
                     })
-                    .collect();
-                json!({ "index": g.index, "uuid": g.uuid, "points": points, "gaps": gaps })
-            })
-            .collect();
+                })
+                .collect();
+            json!({ "index": g.index, "uuid": g.uuid, "points": points, "gaps": gaps })
+        })
+        .collect();
     let events: Vec<Value> = a
         .events
         .iter()
