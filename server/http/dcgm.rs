@@ -158,19 +158,19 @@ const FAMILIES: &[Family] = &[
         name: "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
         kind: Kind::Gauge,
         help: "Ratio of time the graphics engine is active.",
-        value: |g| s(g)?.graphics_engine_active,
+        value: |g| s(g)?.graphics_engine_active_ratio,
     },
     Family {
         name: "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
         kind: Kind::Gauge,
         help: "Ratio of cycles the tensor (HMMA) pipe is active.",
-        value: |g| s(g)?.tensor_active,
+        value: |g| s(g)?.tensor_active_ratio,
     },
     Family {
         name: "DCGM_FI_PROF_DRAM_ACTIVE",
         kind: Kind::Gauge,
         help: "Ratio of cycles the device memory interface is active sending or receiving data.",
-        value: |g| s(g)?.dram_active,
+        value: |g| s(g)?.dram_active_ratio,
     },
     Family {
         name: "DCGM_FI_PROF_PCIE_TX_BYTES",

@@ -689,21 +689,21 @@ fn telemetry(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
         "gpuwatch_graphics_engine_active",
         "Fraction of the last slow period the graphics engine was busy (GPM, Hopper and newer)",
         ratios,
-        &sampled(gpus, h, |x| x.graphics_engine_active),
+        &sampled(gpus, h, |x| x.graphics_engine_active_ratio),
     )?;
     gauges(
         e,
         "gpuwatch_tensor_active",
         "Fraction of the last slow period any tensor pipe was busy (GPM, Hopper and newer)",
         ratios,
-        &sampled(gpus, h, |x| x.tensor_active),
+        &sampled(gpus, h, |x| x.tensor_active_ratio),
     )?;
     gauges(
         e,
         "gpuwatch_dram_active",
         "Fraction of the last slow period the device memory interface was busy (GPM, Hopper and newer)",
         ratios,
-        &sampled(gpus, h, |x| x.dram_active),
+        &sampled(gpus, h, |x| x.dram_active_ratio),
     )?;
     gauges(
         e,
