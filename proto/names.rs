@@ -18,7 +18,7 @@
 use crate::{
     ActorKind, ContainerRuntime, EventKind, GapReason, GovernorMode, GovernorState, GpuHealth,
     HistoryGapReason, ProcessKind, ResetOutcome, Severity, TelemetryField, ThresholdSource,
-    ThrottleCategory, ThrottleReason,
+    ThrottleCategory, ThrottleReason, XidAction,
 };
 
 /// An enum of the contract whose values have a short snake_case name.
@@ -61,6 +61,7 @@ named! {
     ProcessKind => "PROCESS_KIND_",
     ContainerRuntime => "CONTAINER_RUNTIME_",
     HistoryGapReason => "HISTORY_GAP_REASON_",
+    XidAction => "XID_ACTION_",
 }
 
 /// The short name of a value: `observe_only`, `gpu_lost`, `unspecified`.

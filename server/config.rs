@@ -139,6 +139,57 @@ pub struct Config {
     pub history: crate::history::HistoryConfig,
     /// GPU leases (LeaseGpus): see `leases`.
     pub leases: LeasesConfig,
+    /// What `/metrics` serves.
+    pub metrics: MetricsConfig,
+}
+
+string_enum! {
+    /// The metric names `/metrics` serves: gpuwatch's own (`native`),
+    /// dcgm-exporter's default counters under dcgm-exporter's names, labels
+    /// and units (`dcgm-exporter`), or both in one scrape (`both`, for a
+    /// migration: existing dcgm dashboards and gpuwatch's rules at once).
+    #[derive(Default)]
+    pub enum MetricsProfile {
+        #[default]
+        Native = "native",
+        DcgmExporter = "dcgm-exporter",
+        Both = "both",
+    }
+}
+
+impl MetricsProfile {
+    /// Parses a command-line or config spelling; the error lists what is
+    /// allowed.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|v| v.as_str() == text)
+            .ok_or_else(|| {
+                let allowed: Vec<_> = Self::ALL.iter().map(|v| v.as_str()).collect();
+                format!(
+                    "unknown metrics profile \"{text}\"; allowed: {}",
+                    allowed.join(", ")
+                )
+            })
+    }
+
+    /// True when gpuwatch's own families are served.
+    pub fn native(self) -> bool {
+        matches!(self, Self::Native | Self::Both)
+    }
+
+    /// True when dcgm-exporter's families are served.
+    pub fn dcgm(self) -> bool {
+        matches!(self, Self::DcgmExporter | Self::Both)
+    }
+}
+
+/// `/metrics`: which names it serves.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub profile: MetricsProfile,
 }
 
 /// GPU leases: how long they last and how many one caller may hold.
@@ -666,6 +717,7 @@ pub struct Overrides {
     pub sampler_interval: Option<Duration>,
     pub dry_run: bool,
     pub log_level: Option<String>,
+    pub metrics_profile: Option<MetricsProfile>,
 }
 
 string_enum! {
@@ -790,6 +842,7 @@ pub const SECTIONS: &[&str] = &[
     "limits",
     "attribution",
     "history",
+    "metrics",
 ];
 
 /// Loads the configuration: defaults < `file` < `env` < `overrides`, then
@@ -859,6 +912,9 @@ fn apply(cfg: &mut Config, o: &Overrides) {
     }
     if let Some(level) = &o.log_level {
         cfg.log.level = level.clone();
+    }
+    if let Some(profile) = o.metrics_profile {
+        cfg.metrics.profile = profile;
     }
 }
 
@@ -1518,6 +1574,27 @@ mod tests {
         let env = vec![("GPUWATCH_SAMPLER__INTERVAL".to_owned(), "250ms".to_owned())];
         let cfg = load(Some(f.path()), env, &o).expect("valid");
         assert_eq!(cfg.sampler.interval, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn metrics_profile_defaults_to_native_and_a_bad_one_names_the_allowed() {
+        assert_eq!(
+            load_str("", &[]).expect("defaults").metrics.profile,
+            MetricsProfile::Native
+        );
+        let cfg = load_str("[metrics]\nprofile = \"dcgm-exporter\"\n", &[]).expect("valid");
+        assert_eq!(cfg.metrics.profile, MetricsProfile::DcgmExporter);
+        let cfg = load_str("", &[("GPUWATCH_METRICS__PROFILE", "both")]).expect("env");
+        assert_eq!(cfg.metrics.profile, MetricsProfile::Both);
+        let msg = load_str("[metrics]\nprofile = \"dcgm\"\n", &[])
+            .expect_err("bad profile")
+            .to_string();
+        assert!(
+            msg.contains("\"dcgm\"") && msg.contains("native, dcgm-exporter, both"),
+            "{msg}"
+        );
+        let msg = MetricsProfile::parse("prom").expect_err("bad flag");
+        assert!(msg.contains("native, dcgm-exporter, both"), "{msg}");
     }
 
     #[test]

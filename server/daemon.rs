@@ -640,6 +640,8 @@ pub async fn start_until(
             write_timeout: config.limits.http_write_timeout,
             leases: Some(leases.clone()),
             history: history.clone(),
+            metrics_profile: config.metrics.profile,
+            driver_version: host_facts.driver_version.clone(),
         };
         let limits = crate::http::conn::ConnLimits {
             max_connections: http_cap,

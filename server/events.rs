@@ -263,6 +263,16 @@ struct Published {
     bulk_retain: usize,
     /// Events published since start, by kind (index = EventKind as usize).
     counts: Vec<AtomicU64>,
+    /// XID events published since start, per GPU and code.
+    xids: Mutex<XidTally>,
+}
+
+/// XID events since the daemon started: how many per (GPU index, UUID,
+/// code), and the last code per GPU.
+#[derive(Debug, Default, Clone)]
+pub struct XidTally {
+    pub counts: std::collections::BTreeMap<(u32, String, u64), u64>,
+    pub last: std::collections::BTreeMap<(u32, String), u64>,
 }
 
 #[derive(Debug)]
@@ -334,6 +344,14 @@ impl Published {
             ring.last_seq = ring.last_seq.max(event.seq);
             if let Some(count) = self.counts.get(event.kind as usize) {
                 count.fetch_add(1, Ordering::Relaxed);
+            }
+            if event.kind == EventKind::XidError as i32
+                && let (Some(index), Some(uuid), Some(code)) =
+                    (event.gpu_index, event.gpu_uuid.as_ref(), event.xid)
+            {
+                let mut xids = self.xids.lock().unwrap_or_else(PoisonError::into_inner);
+                *xids.counts.entry((index, uuid.clone(), code)).or_default() += 1;
+                xids.last.insert((index, uuid.clone()), code);
             }
             // Sent under the lock so subscribe() sees a consistent cut.
             let _ = self.tx.send(event);
@@ -414,6 +432,7 @@ impl EventLog {
             retain,
             bulk_retain,
             counts: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
+            xids: Mutex::default(),
         });
         let next_seq = Arc::new(Mutex::new(last_seq + 1));
         let mut attached = None;
@@ -463,6 +482,7 @@ impl EventLog {
             }),
             reason: new.reason,
             change: new.change,
+            xid_info: xid_info(new.kind as i32, new.xid),
             xid: new.xid,
             attribution: new.attribution,
             lease: new.lease,
@@ -587,6 +607,15 @@ impl EventLog {
     }
 
     /// Events published since start, per kind.
+    /// XID events since the daemon started, per GPU and code.
+    pub fn xid_tally(&self) -> XidTally {
+        self.published
+            .xids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn count(&self, kind: EventKind) -> u64 {
         self.published
             .counts
@@ -984,10 +1013,19 @@ fn decode_line(line: &[u8]) -> Option<api::Event> {
                 after_hysteresis_c,
             }),
         }),
+        xid_info: xid_info(EventKind::from_str_name(&r.kind)? as i32, r.xid),
         xid: r.xid,
         attribution: r.attribution.map(AttributionRecord::into_wire),
         lease: None,
     })
+}
+
+/// The decoded XID for an XID event (decoded, not stored, so events logged
+/// by an older release get it too).
+fn xid_info(kind: i32, xid: Option<u64>) -> Option<api::XidInfo> {
+    (kind == EventKind::XidError as i32)
+        .then(|| xid.map(|code| crate::xid::decode(code).to_wire()))
+        .flatten()
 }
 
 #[cfg(test)]

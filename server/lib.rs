@@ -42,6 +42,7 @@ mod throttle;
 mod watch_frames;
 mod watch_wire;
 mod wire;
+mod xid;
 
 /// Declares modules that are private to the daemon, except with the
 /// `testing` feature, where the daemon's own test suites drive them directly

@@ -61,6 +61,10 @@ struct Args {
     /// Log filter, e.g. info, debug, gpuwatch=debug.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Metric names /metrics serves: native, dcgm-exporter or both
+    /// [default: native].
+    #[arg(long, value_name = "PROFILE", value_parser = config::MetricsProfile::parse)]
+    metrics_profile: Option<config::MetricsProfile>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
         sampler_interval: args.sampler_interval,
         dry_run: args.dry_run,
         log_level: args.log_level.clone(),
+        metrics_profile: args.metrics_profile,
     };
     let config = match config::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(c) => c,

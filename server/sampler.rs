@@ -419,14 +419,18 @@ impl Sampler {
         for event in outcome.events {
             match event {
                 DeviceEvent::Xid(code) => {
+                    let xid = crate::xid::decode(code);
                     events.record(
                         NewEvent::new(
                             EventKind::XidError,
                             Actor::device(),
-                            format!("XID {code} reported by the driver"),
+                            format!(
+                                "XID {code} reported by the driver: {} (action: {})",
+                                xid.meaning, xid.action_text
+                            ),
                         )
                         .gpu(index, &slot.facts.uuid)
-                        .severity(Severity::Error)
+                        .severity(xid.severity())
                         .xid(code),
                     );
                 }

@@ -126,6 +126,11 @@ pub fn sample(
     };
     s.temperature_c = r.temperature_c;
     s.memory_temperature_c = r.memory_temperature_c;
+    if let Some(p) = &r.profiling {
+        s.graphics_engine_active_ratio = p.graphics_engine_active;
+        s.tensor_active_ratio = p.tensor_active;
+        s.dram_active_ratio = p.dram_active;
+    }
     s.fan_speed_pct = r.fan_speed_pct;
     s.power_draw_mw = r.power_draw_mw;
     s.power_limit_mw = r.power_limit_mw;

@@ -230,7 +230,19 @@ fn item_line(host: &str, item: &Item) -> String {
             let mut reason = e.reason.clone();
             reason.push_str(&change_text(e));
             if let Some(xid) = e.xid {
-                reason.push_str(&format!(" [xid {xid}]"));
+                reason.push_str(&format!(" [xid {xid}"));
+                if let Some(info) = &e.xid_info {
+                    // Older daemons give the bare code; newer ones put the
+                    // meaning in the reason and the action here too.
+                    if !e.reason.contains(&info.meaning) {
+                        reason.push_str(&format!(": {}", info.meaning));
+                    }
+                    reason.push_str(&format!(
+                        "; action {}",
+                        names::name_of::<gpuwatch_api::XidAction>(info.action)
+                    ));
+                }
+                reason.push(']');
             }
             format!(
                 "{:<20} {:>8}  {:<24} {:<8} {:<24} {:<4} {:<20} {}",
@@ -452,5 +464,53 @@ async fn follow_host(
             _ = tokio::time::sleep(retry_in) => {}
             _ = tx.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuwatch_api::{EventKind, XidAction, XidInfo};
+
+    fn xid_event(reason: &str, info: Option<XidInfo>) -> Item {
+        Item::Event(Box::new(Event {
+            seq: 7,
+            kind: EventKind::XidError as i32,
+            gpu_index: Some(0),
+            reason: reason.to_owned(),
+            xid: Some(79),
+            xid_info: info,
+            ..Event::default()
+        }))
+    }
+
+    #[test]
+    fn an_xid_line_shows_its_meaning_and_action() {
+        let info = XidInfo {
+            meaning: "GPU has fallen off the bus".into(),
+            action: XidAction::RebootNode as i32,
+            action_text: "drain the node and reboot it".into(),
+        };
+        // An older daemon's reason names only the code: the meaning is added.
+        let line = item_line(
+            "n1",
+            &xid_event("XID 79 reported by the driver", Some(info.clone())),
+        );
+        assert!(
+            line.ends_with("[xid 79: GPU has fallen off the bus; action reboot_node]"),
+            "{line}"
+        );
+        // A reason that already says it is not repeated.
+        let line = item_line(
+            "n1",
+            &xid_event(
+                "XID 79 reported by the driver: GPU has fallen off the bus",
+                Some(info),
+            ),
+        );
+        assert!(line.ends_with("[xid 79; action reboot_node]"), "{line}");
+        // Without xid_info (a daemon before this field): the bare code.
+        let line = item_line("n1", &xid_event("XID 79", None));
+        assert!(line.ends_with("[xid 79]"), "{line}");
     }
 }

@@ -359,6 +359,16 @@ pub struct Reading {
     pub slow: Option<SlowReading>,
     /// Graphics clock cap currently locked, when the backend knows it.
     pub locked_gpu_clock_max_mhz: Option<u32>,
+    /// Profiling counters (NVML's GPM on Hopper and newer), when given.
+    pub profiling: Option<Profiling>,
+}
+
+/// Profiling counters over the last sample period, each a fraction (0-1).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Profiling {
+    pub graphics_engine_active: Option<f64>,
+    pub tensor_active: Option<f64>,
+    pub dram_active: Option<f64>,
 }
 
 /// Something the device reported on its own (not derived from a reading).

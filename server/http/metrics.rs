@@ -45,6 +45,7 @@ use crate::{
         DeviceInfo, EventKind, Frame, GovernorMode, GovernorState, GpuHealth, GpuPolicy, GpuSample,
         TelemetryField,
     },
+    config::MetricsProfile,
     events::EventLog,
     http::procstat,
     hub::Hub,
@@ -134,13 +135,27 @@ struct Rendered {
 pub struct MetricsEndpoint {
     registry: Registry,
     sources: Sources,
+    profile: MetricsProfile,
+    /// The driver version, for dcgm-exporter's `DCGM_FI_DRIVER_VERSION` label.
+    driver_version: Option<String>,
     cache: Mutex<Option<Arc<Rendered>>>,
     /// Length of the last rendering, so the next one allocates once.
     size_hint: AtomicUsize,
 }
 
 impl MetricsEndpoint {
+    /// The native profile (the daemon's test suites build endpoints so).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub fn new(sources: Sources) -> Self {
+        Self::with_profile(sources, MetricsProfile::Native, None)
+    }
+
+    /// `profile`'s families; `driver_version` labels the dcgm-exporter ones.
+    pub fn with_profile(
+        sources: Sources,
+        profile: MetricsProfile,
+        driver_version: Option<String>,
+    ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(HubCollector {
             sources: sources.clone(),
@@ -149,9 +164,46 @@ impl MetricsEndpoint {
         Self {
             registry,
             sources,
+            profile,
+            driver_version,
             cache: Mutex::new(None),
             size_hint: AtomicUsize::new(16 * 1024),
         }
+    }
+
+    /// The format a scraper asking for `wanted` gets: the dcgm-exporter
+    /// families exist in the classic text format only (their counters have
+    /// no `_total`), so any profile with them serves that.
+    pub fn format_for(&self, wanted: Format) -> Format {
+        if self.profile.dcgm() {
+            Format::Prometheus
+        } else {
+            wanted
+        }
+    }
+
+    /// The dcgm-exporter families (and, for `both`, the native ones before
+    /// them) in the classic text format.
+    fn render_classic(&self) -> Result<String, fmt::Error> {
+        let mut out = if self.profile.native() {
+            to_prometheus_text(&self.render_openmetrics()?)
+        } else {
+            String::with_capacity(self.size_hint.load(Ordering::Relaxed) + 1024)
+        };
+        let frame = self.sources.hub.latest();
+        let samples: &[GpuSample] = frame.as_deref().map_or(&[], |f| f.samples.as_slice());
+        super::dcgm::render(
+            &mut out,
+            &self.sources.hub.devices(),
+            samples,
+            &self.sources.events.xid_tally(),
+            &self.sources.hostname,
+            self.driver_version.as_deref(),
+        );
+        if !self.profile.native() {
+            self.size_hint.store(out.len(), Ordering::Relaxed);
+        }
+        Ok(out)
     }
 
     /// The metrics text in `format`, from the cache when no new frame or
@@ -169,7 +221,13 @@ impl MetricsEndpoint {
         let rendered = match cached {
             Some(r) if r.key == key && r.at.elapsed() < MAX_CACHE_AGE => r,
             _ => {
-                let openmetrics = self.render_openmetrics()?;
+                // With dcgm-exporter's families the one rendering is the
+                // classic text, served for either format (see format_for).
+                let openmetrics = if self.profile.dcgm() {
+                    self.render_classic()?
+                } else {
+                    self.render_openmetrics()?
+                };
                 let fresh = Arc::new(Rendered {
                     key,
                     at: Instant::now(),
@@ -180,6 +238,9 @@ impl MetricsEndpoint {
                 fresh
             }
         };
+        if self.profile.dcgm() {
+            return Ok(rendered.openmetrics.clone());
+        }
         Ok(match format {
             Format::OpenMetrics => rendered.openmetrics.clone(),
             Format::Prometheus => rendered
@@ -203,7 +264,9 @@ impl MetricsEndpoint {
 
     /// The HTTP response for a scrape with these request headers.
     pub fn respond(&self, headers: &HeaderMap) -> Response {
-        let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+        let format = self.format_for(Format::negotiate(
+            headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+        ));
         match self.body(format) {
             Ok(body) => (
                 [
@@ -463,6 +526,7 @@ impl Collector for HubCollector {
         device_facts(&mut enc, &view)?;
         governor(&mut enc, &view)?;
         events(&mut enc, &s.events)?;
+        xids(&mut enc, &view, &s.events)?;
         leases(&mut enc, hostname, s.leases.as_deref())?;
         daemon(&mut enc, s, frame.as_deref(), &self.units)?;
         process(&mut enc, &s.hub, &self.units)
@@ -619,6 +683,27 @@ fn telemetry(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
         "Fraction of the last sample period device memory was read or written (0-1)",
         ratios,
         &sampled(gpus, h, |x| x.utilization_memory_pct.map(ratio)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_graphics_engine_active",
+        "Fraction of the last slow period the graphics engine was busy (GPM, Hopper and newer)",
+        ratios,
+        &sampled(gpus, h, |x| x.graphics_engine_active_ratio),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_tensor_active",
+        "Fraction of the last slow period any tensor pipe was busy (GPM, Hopper and newer)",
+        ratios,
+        &sampled(gpus, h, |x| x.tensor_active_ratio),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_dram_active",
+        "Fraction of the last slow period the device memory interface was busy (GPM, Hopper and newer)",
+        ratios,
+        &sampled(gpus, h, |x| x.dram_active_ratio),
     )?;
     gauges(
         e,
@@ -1116,7 +1201,9 @@ fn leases(
     hostname: &str,
     book: Option<&crate::leases::Leases>,
 ) -> fmt::Result {
-    let live: Vec<crate::api::Lease> = book.map(|b| b.live().into_values().collect()).unwrap_or_default();
+    let live: Vec<crate::api::Lease> = book
+        .map(|b| b.live().into_values().collect())
+        .unwrap_or_default();
     let indices: Vec<String> = live.iter().map(|l| l.index.to_string()).collect();
     let rows = |value: &dyn Fn(&crate::api::Lease) -> f64| -> Vec<([(&str, &str); 5], f64)> {
         live.iter()
@@ -1182,6 +1269,41 @@ fn events(e: &mut DescriptorEncoder<'_>, log: &EventLog) -> fmt::Result {
         log.persist_failures() as f64,
     )?;
     persistence(e, log)
+}
+
+/// A GPU's labels with an XID's code, class and severity.
+type XidLabels<'a> = (GpuLabels<'a>, [(&'static str, String); 3]);
+
+/// XID errors since the daemon started, per GPU, code and class (the action
+/// NVIDIA documents for the code; see `xid`).
+fn xids(e: &mut DescriptorEncoder<'_>, v: &View<'_>, log: &EventLog) -> fmt::Result {
+    let tally = log.xid_tally();
+    let mut rows: Vec<(XidLabels<'_>, f64)> = Vec::new();
+    for ((_, uuid, code), n) in &tally.counts {
+        // Events name a GPU the device list knows (the sampler records them).
+        let Some(g) = v.gpus.iter().find(|g| g.uuid == uuid.as_str()) else {
+            continue;
+        };
+        let entry = crate::xid::decode(*code);
+        rows.push((
+            (
+                g.labels(v.hostname),
+                [
+                    ("xid", code.to_string()),
+                    ("action", entry.class()),
+                    ("severity", names::name(entry.severity())),
+                ],
+            ),
+            *n as f64,
+        ));
+    }
+    counters(
+        e,
+        "gpuwatch_xid_errors",
+        "XID errors reported by the driver since the daemon started, by code and by the action NVIDIA documents for it (none, restart_app, reset_gpu, reboot_node, contact_support, unknown)",
+        None,
+        &rows,
+    )
 }
 
 /// Whether the state directory can be written (faults-state, issue 12 row 3):

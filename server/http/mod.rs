@@ -19,6 +19,7 @@
 pub mod access;
 pub mod api;
 pub mod conn;
+pub mod dcgm;
 pub mod history;
 pub mod metrics;
 pub mod procstat;
@@ -55,6 +56,10 @@ pub struct HttpState {
     pub leases: Option<Arc<crate::leases::Leases>>,
     /// The history store, for `/api/v1/history`.
     pub history: crate::service::HistoryParts,
+    /// Which metric names `/metrics` serves.
+    pub metrics_profile: crate::config::MetricsProfile,
+    /// The driver version (dcgm-exporter's `DCGM_FI_DRIVER_VERSION` label).
+    pub driver_version: Option<String>,
 }
 
 /// Shared by every handler.
@@ -78,13 +83,17 @@ const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; sty
 /// The HTTP routes. `shutdown` ends the dashboard's live streams.
 pub fn router(state: HttpState, shutdown: CancellationToken) -> Router {
     let stream_count = Arc::new(AtomicUsize::new(0));
-    let metrics = Arc::new(metrics::MetricsEndpoint::new(metrics::Sources {
-        hub: state.hub.clone(),
-        events: state.events.clone(),
-        hostname: Arc::from(state.hostname.as_str()),
-        dashboard_streams: stream_count.clone(),
-        leases: state.leases.clone(),
-    }));
+    let metrics = Arc::new(metrics::MetricsEndpoint::with_profile(
+        metrics::Sources {
+            hub: state.hub.clone(),
+            events: state.events.clone(),
+            hostname: Arc::from(state.hostname.as_str()),
+            dashboard_streams: stream_count.clone(),
+            leases: state.leases.clone(),
+        },
+        state.metrics_profile,
+        state.driver_version.clone(),
+    ));
     let gate = state.access.clone();
     let app = App {
         state,

@@ -30,6 +30,7 @@ mod governor_scenarios;
 mod history;
 mod http_auth;
 mod http_dashboard;
+mod http_dcgm;
 mod http_hardening;
 mod http_metrics;
 mod leases;

@@ -16,6 +16,13 @@
 //!   (GeForce boards answer NotSupported) and the reset is exported;
 //! - XID events: registering for them succeeded.
 //!
+//! On Hopper and newer datacenter GPUs it also reads the profiling counters
+//! (graphics engine, tensor pipes and memory interface busy) through GPU
+//! Performance Monitoring: each slow read takes a GPM sample and compares it
+//! with the previous one, so the values cover the last slow period. A GPU or
+//! library without GPM (the query answers false or NotSupported, or the
+//! symbols are missing) has none of them.
+//!
 //! On the slow cadence it also reads who is on the GPU: compute and
 //! graphics processes merged by pid, per-process utilisation from NVML's
 //! samples (asking only for samples newer than the last one seen), and, on
@@ -35,12 +42,15 @@ use std::{
 };
 
 use nvml_wrapper::{
-    Device, Nvml,
+    Device, GpmSample, Nvml,
     enum_wrappers::device::{
         Clock, EccCounter, MemoryError, PcieUtilCounter, PerformanceState, TemperatureSensor,
         TemperatureThreshold,
     },
-    enums::device::{DeviceArchitecture, GpuLockedClocksSetting, SampleValue},
+    enums::{
+        device::{DeviceArchitecture, GpuLockedClocksSetting, SampleValue},
+        gpm::GpmMetricId,
+    },
     error::NvmlError,
     struct_wrappers::device::ProcessInfo,
     structs::device::FieldId,
@@ -57,7 +67,7 @@ use super::{
 };
 use crate::backend::{
     BackendError, Controls, DeviceEvent, DeviceFacts, Ecc, Field, GpuDevice, MigInstance,
-    MigReading, ProcessUtilization, ReadScope, Reading, SlowReading,
+    MigReading, ProcessUtilization, Profiling, ReadScope, Reading, SlowReading,
 };
 
 /// NVML's `NVML_DEVICE_MIG_ENABLE`: the value of an enabled MIG mode.
@@ -99,6 +109,20 @@ pub(super) struct NvmlDevice {
     slow_cache: SlowCache,
     /// What is known about the slow read's process and MIG calls.
     slow_probes: SlowProbes,
+    /// GPU Performance Monitoring: whether the GPU has it, and the last
+    /// sample the next one is compared with.
+    gpm: Gpm,
+    /// The profiling counters of the last slow read.
+    gpm_cache: Option<Profiling>,
+}
+
+/// GPM as far as it is known for one GPU.
+#[derive(Debug, Default)]
+enum Gpm {
+    #[default]
+    Unprobed,
+    Unsupported,
+    Ready(Option<GpmSample<'static>>),
 }
 
 /// Whether a call is supported, as far as is known.
@@ -197,6 +221,8 @@ impl NvmlDevice {
             locked_gpu_clock_max_mhz: None,
             slow_cache: SlowCache::default(),
             slow_probes: SlowProbes::default(),
+            gpm: Gpm::Unprobed,
+            gpm_cache: None,
         })
     }
 
@@ -218,6 +244,9 @@ impl NvmlDevice {
         self.handle = handle;
         self.lost = false;
         self.locked_gpu_clock_max_mhz = None;
+        // A sample from before the loss says nothing about the GPU now.
+        self.gpm = Gpm::Unprobed;
+        self.gpm_cache = None;
         if self.events.active() {
             self.events.register(self.nvml, &self.handle);
         }
@@ -308,6 +337,62 @@ impl NvmlDevice {
                 Ok(None)
             }
         }
+    }
+
+    /// The profiling counters since the previous read, through GPM; None
+    /// without GPM, on the first read (nothing to compare with yet) and on
+    /// any failure (logged at debug; the next read starts over).
+    fn read_gpm(&mut self) -> Option<Profiling> {
+        if matches!(self.gpm, Gpm::Unprobed) {
+            self.gpm = match self.handle.gpm_support() {
+                Ok(true) => Gpm::Ready(None),
+                Ok(false) => Gpm::Unsupported,
+                Err(e) if is_unsupported(&e) => Gpm::Unsupported,
+                Err(e) => {
+                    tracing::debug!("GPU {}: GPM support unknown: {e}", self.index);
+                    return None;
+                }
+            };
+        }
+        let Gpm::Ready(previous) = &mut self.gpm else {
+            return None;
+        };
+        let sample = match self.handle.gpm_sample() {
+            Ok(sample) => sample,
+            Err(e) => {
+                tracing::debug!("GPU {}: GPM sample failed: {e}", self.index);
+                *previous = None;
+                return None;
+            }
+        };
+        let before = previous.replace(sample)?;
+        let after = previous.as_ref()?;
+        const METRICS: [GpmMetricId; 3] = [
+            GpmMetricId::GraphicsUtil,
+            GpmMetricId::AnyTensorUtil,
+            GpmMetricId::DramBwUtil,
+        ];
+        let results = match nvml_wrapper::gpm::gpm_metrics_get(self.nvml, &before, after, &METRICS)
+        {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::debug!("GPU {}: GPM metrics failed: {e}", self.index);
+                return None;
+            }
+        };
+        // GPM answers percentages; the counters are fractions.
+        let value = |i: usize| {
+            results
+                .get(i)?
+                .as_ref()
+                .ok()
+                .map(|r| (r.value / 100.0).clamp(0.0, 1.0))
+        };
+        Some(Profiling {
+            graphics_engine_active: value(0),
+            tensor_active: value(1),
+            dram_active: value(2),
+        })
     }
 
     /// Probes every telemetry field and control. Returns the facts and
@@ -821,6 +906,13 @@ impl GpuDevice for NvmlDevice {
         } else {
             None
         };
+        // GPM samples cost the driver more than a plain query: take them on
+        // the slow cadence, over the slow period, and report the latest
+        // values in between (as for PCIe throughput).
+        if scope.slow_fields || matches!(self.gpm, Gpm::Unprobed) {
+            self.gpm_cache = self.read_gpm();
+        }
+        let profiling = self.gpm_cache;
         Ok(Reading {
             device_time,
             temperature_c,
@@ -844,6 +936,7 @@ impl GpuDevice for NvmlDevice {
             pcie_rx_kbps,
             slow,
             locked_gpu_clock_max_mhz: self.locked_gpu_clock_max_mhz,
+            profiling,
         })
     }
 

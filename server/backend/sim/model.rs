@@ -25,7 +25,7 @@
 use std::time::Duration;
 
 use crate::{
-    backend::{Ecc, Process, Reading, SlowReading},
+    backend::{Ecc, Process, Profiling, Reading, SlowReading},
     config::DemandPoint,
     throttle::mask,
 };
@@ -411,6 +411,14 @@ impl GpuModel {
             throttle_mask: Some(self.throttle_mask()),
             pcie_tx_kbps: some_if(p.has_pcie_throughput, pcie),
             pcie_rx_kbps: some_if(p.has_pcie_throughput, pcie / 2),
+            // The simulated workload keeps the tensor pipes busy for 70 %
+            // of the time a kernel runs and the memory interface for 55 %
+            // (as its memory utilisation above).
+            profiling: p.has_gpm.then_some(Profiling {
+                graphics_engine_active: Some(load),
+                tensor_active: Some(load * 0.7),
+                dram_active: Some(load * 0.55),
+            }),
             slow: slow_fields.then(|| SlowReading {
                 ecc: p.has_ecc.then_some(Ecc {
                     corrected_volatile: Some(0),

@@ -41,6 +41,9 @@ pub struct Preset {
     pub has_ecc: bool,
     pub has_energy: bool,
     pub has_pcie_throughput: bool,
+    /// GPU Performance Monitoring (Hopper and newer): the profiling
+    /// counters (graphics engine, tensor pipes, memory interface busy).
+    pub has_gpm: bool,
     /// Power limit readable (current/default/min/max).
     pub reports_power_limits: bool,
     pub power_limit_settable: bool,
@@ -81,6 +84,7 @@ impl Preset {
                 has_ecc: true,
                 has_energy: true,
                 has_pcie_throughput: true,
+                has_gpm: true,
                 reports_power_limits: true,
                 power_limit_settable: true,
                 gpu_clocks_lockable: true,
@@ -113,6 +117,7 @@ impl Preset {
                 has_ecc: true,
                 has_energy: true,
                 has_pcie_throughput: true,
+                has_gpm: false,
                 reports_power_limits: true,
                 power_limit_settable: true,
                 gpu_clocks_lockable: true,
@@ -145,6 +150,7 @@ impl Preset {
                 has_ecc: false,
                 has_energy: true,
                 has_pcie_throughput: true,
+                has_gpm: false,
                 reports_power_limits: true,
                 power_limit_settable: true,
                 gpu_clocks_lockable: true,
@@ -177,6 +183,7 @@ impl Preset {
                 has_ecc: false,
                 has_energy: false,
                 has_pcie_throughput: false,
+                has_gpm: false,
                 reports_power_limits: false,
                 power_limit_settable: false,
                 gpu_clocks_lockable: true,

@@ -1416,3 +1416,132 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
         thread::sleep(EVENT_POLL.min(deadline - now));
     }
 }
+
+// ---- GPU Performance Monitoring -------------------------------------------
+
+/// A GPM sample: the GPU it was taken on and what it saw then (`None`
+/// until `nvmlGpmSampleGet` fills it).
+#[derive(Debug, Default)]
+struct FakeGpmSample {
+    taken: Option<(u32, f64, f64)>,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmQueryDeviceSupport(
+    device: nvmlDevice_t,
+    support: *mut nvmlGpmSupport_t,
+) -> nvmlReturn_t {
+    if support.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let result = query("nvmlGpmQueryDeviceSupport", device, None, |g| {
+        Ok(u32::from(g.config.gpm))
+    });
+    match result {
+        // SAFETY: NVML contract: `support` points to a writable struct.
+        Ok(on) => unsafe {
+            (*support).isSupportedDevice = on;
+            SUCCESS
+        },
+        Err(code) => code,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmSampleAlloc(sample: *mut nvmlGpmSample_t) -> nvmlReturn_t {
+    if sample.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let boxed = Box::into_raw(Box::new(FakeGpmSample::default()));
+    // SAFETY: NVML contract: `sample` is writable.
+    unsafe { put(sample, boxed.cast()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmSampleFree(sample: nvmlGpmSample_t) -> nvmlReturn_t {
+    if sample.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: allocated by nvmlGpmSampleAlloc and freed once (NVML contract).
+    drop(unsafe { Box::from_raw(sample.cast::<FakeGpmSample>()) });
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmSampleGet(
+    device: nvmlDevice_t,
+    sample: nvmlGpmSample_t,
+) -> nvmlReturn_t {
+    if sample.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let result = query("nvmlGpmSampleGet", device, None, |g| {
+        if !g.config.gpm {
+            return Err(NOT_SUPPORTED);
+        }
+        let now = g.snapshot();
+        Ok((
+            g.index,
+            f64::from(now.utilization_gpu_pct),
+            f64::from(now.utilization_memory_pct),
+        ))
+    });
+    match result {
+        Ok(taken) => {
+            // SAFETY: allocated by nvmlGpmSampleAlloc (NVML contract).
+            unsafe { (*sample.cast::<FakeGpmSample>()).taken = Some(taken) };
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+const GPM_NAME: &std::ffi::CStr = c"fake";
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut nvmlGpmMetricsGet_t) -> nvmlReturn_t {
+    if request.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: NVML contract: `request` points to a filled-in request.
+    let request = unsafe { &mut *request };
+    if request.version != NVML_GPM_METRICS_GET_VERSION
+        || request.sample1.is_null()
+        || request.sample2.is_null()
+        || request.numMetrics as usize > request.metrics.len()
+    {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: both allocated by nvmlGpmSampleAlloc (NVML contract).
+    let (before, after) = unsafe {
+        (
+            (*request.sample1.cast::<FakeGpmSample>()).taken,
+            (*request.sample2.cast::<FakeGpmSample>()).taken,
+        )
+    };
+    let (Some((gpu_a, ..)), Some((gpu_b, graphics, memory))) = (before, after) else {
+        return INVALID_ARGUMENT;
+    };
+    if gpu_a != gpu_b {
+        return INVALID_ARGUMENT;
+    }
+    for metric in &mut request.metrics[..request.numMetrics as usize] {
+        let value = match metric.metricId {
+            nvmlGpmMetricId_t_NVML_GPM_METRIC_GRAPHICS_UTIL => Some(graphics),
+            nvmlGpmMetricId_t_NVML_GPM_METRIC_ANY_TENSOR_UTIL => Some(graphics / 2.0),
+            nvmlGpmMetricId_t_NVML_GPM_METRIC_DRAM_BW_UTIL => Some(memory),
+            _ => None,
+        };
+        metric.nvmlReturn = if value.is_some() {
+            SUCCESS
+        } else {
+            NOT_SUPPORTED
+        };
+        metric.value = value.unwrap_or(0.0);
+        let name = GPM_NAME.as_ptr().cast_mut();
+        metric.metricInfo.shortName = name;
+        metric.metricInfo.longName = name;
+        metric.metricInfo.unit = name;
+    }
+    SUCCESS
+}

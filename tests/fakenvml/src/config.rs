@@ -161,6 +161,11 @@ pub struct GpuConfig {
     /// the board back to its defaults (power limit, clock locks) without
     /// the GPU being lost.
     pub resets: u64,
+    /// GPU Performance Monitoring (Hopper and newer): off by default. When
+    /// on, GPM samples report the graphics engine busy at `load_pct`, the
+    /// tensor pipes at half of it and the memory interface at the memory
+    /// utilisation.
+    pub gpm: bool,
 }
 
 impl Default for GpuConfig {
@@ -186,6 +191,7 @@ impl Default for GpuConfig {
             slowdown_c: None,
             xid: Vec::new(),
             resets: 0,
+            gpm: false,
         }
     }
 }
