@@ -13,14 +13,15 @@
 //! tick until the next; and the two ways out of it: a whole [`Frame`] built
 //! on demand (snapshots, `/metrics`, a filtered Watch) and the Watch wire
 //! encoding, spliced from the fast frame and each slow part's bytes encoded
-//! once, byte for byte what prost would write for the whole frame.
+//! once. The spliced sample writes the fast fields, then the slow ones:
+//! protobuf parsers accept fields in any order and merge them, so it
+//! decodes to exactly the whole sample (a test decodes and compares), and
+//! no field number has to be known here.
 //!
-//! The split follows the contract's field numbers: the slow fields are
-//! `processes` (35), `processes_time` (36), `mig_enabled` (38),
-//! `mig_instances` (39) and `allocations` (40); `governor_state` (37) sits
-//! between them and stays fast. ECC counts (32) are read on the slow cadence
-//! too, but they are a few plain integers that cost no allocation, so they
-//! stay in the fast sample.
+//! The slow fields are `processes`, `processes_time`, `mig_enabled`,
+//! `mig_instances` and `allocations`. ECC counts are read on the slow
+//! cadence too, but they are a few plain integers that cost no allocation,
+//! so they stay in the fast sample.
 
 use std::sync::Arc;
 
@@ -29,8 +30,6 @@ use prost::{Message, encoding};
 
 use crate::api::{Frame, GpuSample};
 
-/// `GpuSample.governor_state`'s field number, between the slow fields.
-const GOVERNOR_STATE_FIELD: u32 = 37;
 /// `Frame.samples`' field number (the last of the frame's fields).
 const SAMPLES_FIELD: u32 = 3;
 
@@ -40,10 +39,8 @@ const SAMPLES_FIELD: u32 = 3;
 pub struct SlowPart {
     /// A sample with only the slow fields set.
     sample: GpuSample,
-    /// Fields 35–36, encoded.
-    before_governor: Bytes,
-    /// Fields 38–40, encoded.
-    after_governor: Bytes,
+    /// That sample, encoded.
+    encoded: Bytes,
 }
 
 impl SlowPart {
@@ -63,21 +60,18 @@ impl SlowPart {
     /// A slow part from a sample that holds nothing but slow fields (any
     /// other field is ignored).
     pub fn new(slow: GpuSample) -> Self {
-        let mut before = Vec::new();
-        encoding::message::encode_repeated(35, &slow.processes, &mut before);
-        if let Some(t) = &slow.processes_time {
-            encoding::message::encode(36, t, &mut before);
-        }
-        let mut after = Vec::new();
-        if let Some(m) = &slow.mig_enabled {
-            encoding::bool::encode(38, m, &mut after);
-        }
-        encoding::message::encode_repeated(39, &slow.mig_instances, &mut after);
-        encoding::message::encode_repeated(40, &slow.allocations, &mut after);
+        let slow = GpuSample {
+            processes: slow.processes,
+            processes_time: slow.processes_time,
+            mig_enabled: slow.mig_enabled,
+            mig_instances: slow.mig_instances,
+            allocations: slow.allocations,
+            ..GpuSample::default()
+        };
+        let encoded = slow.encode_to_vec().into();
         Self {
             sample: slow,
-            before_governor: before.into(),
-            after_governor: after.into(),
+            encoded,
         }
     }
 
@@ -97,7 +91,7 @@ impl SlowPart {
     }
 
     fn encoded_len(&self) -> usize {
-        self.before_governor.len() + self.after_governor.len()
+        self.encoded.len()
     }
 }
 
@@ -178,38 +172,24 @@ impl TickFrame {
         self.whole_filtered(|_| true)
     }
 
-    /// The sample at `pos`, encoded: its fast fields up to 36, the slow
-    /// fields 35–36, `governor_state`, the slow fields 38–40 — field order,
-    /// as prost writes a whole sample.
+    /// The sample at `pos`, encoded: its fast fields, then its slow part's
+    /// bytes (the same message once decoded).
     fn encode_sample(&self, pos: usize, buf: &mut Vec<u8>) {
         let fast = &self.fast.samples[pos];
         let Some(slow) = self.slow(pos) else {
             encoding::message::encode(SAMPLES_FIELD, fast, buf);
             return;
         };
-        let governor = fast.governor_state;
-        let governor_len = if governor == 0 {
-            0
-        } else {
-            encoding::int32::encoded_len(GOVERNOR_STATE_FIELD, &governor)
-        };
         let len = fast.encoded_len() + slow.encoded_len();
         encoding::encode_key(SAMPLES_FIELD, encoding::WireType::LengthDelimited, buf);
         encoding::encode_varint(len as u64, buf);
         fast.encode(buf)
             .expect("a Vec<u8> grows to whatever is encoded into it");
-        // Fields 38 and up are all slow (empty here), so the governor's
-        // field is the last one written: take it off, put 35–36 first.
-        buf.truncate(buf.len() - governor_len);
-        buf.extend_from_slice(&slow.before_governor);
-        if governor != 0 {
-            encoding::int32::encode(GOVERNOR_STATE_FIELD, &governor, buf);
-        }
-        buf.extend_from_slice(&slow.after_governor);
+        buf.extend_from_slice(&slow.encoded);
     }
 
-    /// The whole frame encoded as `Frame` (what prost would write for
-    /// [`Self::whole`], without building it).
+    /// The whole frame encoded as `Frame` (decoding to [`Self::whole`],
+    /// without building it).
     pub fn encode_whole(&self) -> Vec<u8> {
         let head = Frame {
             seq: self.fast.seq,
@@ -316,11 +296,15 @@ mod tests {
     }
 
     #[test]
-    fn spliced_encoding_is_what_prost_writes_for_the_whole_frame() {
-        let f = whole(9);
+    fn spliced_encoding_decodes_to_the_whole_frame() {
+        let mut f = whole(9);
+        // Fast fields numbered after the slow ones, too.
+        f.samples[0].tensor_active_ratio = Some(0.25);
+        f.samples[0].dram_active_ratio = Some(0.5);
         let tick = TickFrame::from_whole(f.clone());
-        assert_eq!(tick.encode_whole(), f.encode_to_vec());
-        let back = Frame::decode(tick.encode_whole().as_slice()).expect("decodes");
+        let bytes = tick.encode_whole();
+        assert_eq!(bytes.len(), f.encoded_len(), "the same size as prost's");
+        let back = Frame::decode(bytes.as_slice()).expect("decodes");
         assert_eq!(back, f);
     }
 
