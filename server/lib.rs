@@ -63,6 +63,7 @@ test_visible!(
     attribution,
     auth,
     authz,
+    budget,
     events,
     governor,
     http,
@@ -75,3 +76,7 @@ test_visible!(
 /// physics in a loop, for the scenario tests and `examples/governor_report`.
 #[cfg(feature = "testing")]
 pub mod scenario;
+
+/// The previous governor, for side-by-side comparison only.
+#[cfg(feature = "testing")]
+pub mod governor_v1;
