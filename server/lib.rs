@@ -63,7 +63,6 @@ test_visible!(
     attribution,
     auth,
     authz,
-    budget,
     events,
     governor,
     http,
@@ -76,6 +75,11 @@ test_visible!(
 /// physics in a loop, for the scenario tests and `examples/governor_report`.
 #[cfg(feature = "testing")]
 pub mod scenario;
+
+/// The node power budget's allocator, so far driven by the scenario runner
+/// only (the daemon does not enforce a budget yet).
+#[cfg(feature = "testing")]
+pub mod budget;
 
 /// The previous governor, for side-by-side comparison only.
 #[cfg(feature = "testing")]
