@@ -254,7 +254,10 @@ impl Sequencer {
             .enumerate()
             .filter_map(|(i, (g, t))| t.map(|t| (i, t - g.enforced_w)))
             .filter(|&(i, up)| {
-                up >= self.min_step_w.min(gpus[i].cap_w - gpus[i].enforced_w).max(0.5)
+                up >= self
+                    .min_step_w
+                    .min(gpus[i].cap_w - gpus[i].enforced_w)
+                    .max(0.5)
                     && self.in_flight[i].is_none()
             })
             .collect();

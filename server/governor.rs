@@ -238,7 +238,9 @@ impl Segment {
         let (lo, hi) = self
             .points
             .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), (_, y)| (lo.min(*y), hi.max(*y)));
+            .fold((f64::MAX, f64::MIN), |(lo, hi), (_, y)| {
+                (lo.min(*y), hi.max(*y))
+            });
         if self.points.is_empty() { 0.0 } else { hi - lo }
     }
 
@@ -264,7 +266,12 @@ impl Segment {
         // The start of a segment carries the sensor's lag (the curve is
         // S-shaped there, not exponential): fit the rest.
         let from = self.points[0].0 + 0.25 * duration;
-        let points: Vec<(f64, f64)> = self.points.iter().copied().filter(|p| p.0 >= from).collect();
+        let points: Vec<(f64, f64)> = self
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0 >= from)
+            .collect();
         let t0 = points[0].0;
         let mut best: Option<(f64, f64, f64)> = None;
         // Time constants from 0.5 s to ~400 s, 6 % apart.
@@ -351,6 +358,27 @@ impl Governor {
     pub fn note_written(&mut self, level: f64, at: Duration) {
         self.level = level;
         self.last_write = Some(at);
+    }
+
+    /// Tells the governor its last write did not land: `in_force` is what
+    /// was last written (or read). It decided as if its write had landed;
+    /// without this, a failed raise to the ceiling would leave it believing
+    /// the GPU is there while the GPU stays held down (with a limit that
+    /// cannot be read back, nothing else would correct it). The time of the
+    /// attempt still counts for the rate limit.
+    pub fn write_failed(&mut self, in_force: f64) {
+        if !in_force.is_finite() {
+            return;
+        }
+        self.level = in_force.clamp(
+            self.params.floor,
+            self.params.ceiling.max(self.params.floor),
+        );
+        self.state = if self.is_lowered() {
+            Phase::Throttling
+        } else {
+            Phase::Idle
+        };
     }
 
     /// True when the governor holds the GPU below its ceiling.
@@ -452,7 +480,11 @@ impl Governor {
         let Some(flat_since) = flat_since else {
             return false;
         };
-        if self.history.front().is_some_and(|(t0, _)| *t0 >= flat_since) {
+        if self
+            .history
+            .front()
+            .is_some_and(|(t0, _)| *t0 >= flat_since)
+        {
             // Flat for all the history holds: the other tests judge that.
             return false;
         }
@@ -507,11 +539,14 @@ impl Governor {
             self.history.pop_front();
             self.powers.pop_front();
         }
-        self.history.push_back((t, obs.temperature_c));
-        self.powers.push_back(obs.power_w.unwrap_or(self.level).min(self.level.max(1.0)));
-        if let Some(level) = obs.level {
+        // What is read in force overrules what the governor believes it
+        // wrote, before anything (the draw's bound below) is judged by it.
+        if let Some(level) = obs.level.filter(|l| l.is_finite()) {
             self.level = level;
         }
+        self.history.push_back((t, obs.temperature_c));
+        self.powers
+            .push_back(obs.power_w.unwrap_or(self.level).min(self.level.max(1.0)));
         let p = self.params.clone();
         let temp = obs.temperature_c;
         let slope = self.slope();
@@ -561,21 +596,23 @@ impl Governor {
             } else if slope < -0.05 {
                 self.model.at_most(power, temp);
             }
-            let flat_for = self.tau_s.map_or(LONG_WINDOW.as_secs_f64(), |tau| 3.0 * tau);
+            let flat_for = self
+                .tau_s
+                .map_or(LONG_WINDOW.as_secs_f64(), |tau| 3.0 * tau);
             let settled = match self.tau_s {
-                Some(_) => self.segment.duration_s() >= flat_for && {
-                    // The last time constant's readings, all within a degree.
-                    let mean = self.segment.mean_c(flat_for / 3.0);
-                    (temp - mean).abs() <= 1.0 && long_slope.abs() < 0.05
-                },
+                Some(_) => {
+                    self.segment.duration_s() >= flat_for && {
+                        // The last time constant's readings, all within a degree.
+                        let mean = self.segment.mean_c(flat_for / 3.0);
+                        (temp - mean).abs() <= 1.0 && long_slope.abs() < 0.05
+                    }
+                }
                 // No time constant seen yet: flat for a while at one power.
                 None => {
                     self.segment.duration_s() >= UNKNOWN_TAU_FLAT_S
                         && self.segment.spread_c() <= 1.0
                         || self.flat_for_as_long_as_it_moved(t)
-                        || long_slope.abs() < 0.02
-                            && self.history.len() >= 6
-                            && self.power_steady()
+                        || long_slope.abs() < 0.02 && self.history.len() >= 6 && self.power_steady()
                 }
             };
             if settled && slope.abs() <= 0.05 {
@@ -705,13 +742,10 @@ impl Governor {
             };
             if let Some(target) = target.map(|t| t.clamp(p.floor, ceiling)) {
                 self.state = Phase::Recovering;
-                if can_write
-                    && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5)
+                if can_write && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5)
                 {
                     let reason = if target >= ceiling {
-                        format!(
-                            "temperature {temp:.0} °C: back to the ceiling {ceiling:.0} {unit}"
-                        )
+                        format!("temperature {temp:.0} °C: back to the ceiling {ceiling:.0} {unit}")
                     } else {
                         format!(
                             "temperature {temp:.0} °C settles at {settles_at:.0} °C, under threshold {:.0} °C: giving power back",

@@ -511,6 +511,7 @@ fn finish_write(
             );
             if by_governor {
                 plan.extend(governor_write_failed(gpu, facts, e));
+                governor_belief_after_failure(gpu, write, e);
             }
             // A write that would have given power back did not: the GPU
             // stays below the ceiling in force, so it is recorded as held
@@ -641,6 +642,37 @@ fn retry_writes(
         .severity(Severity::Warning),
     );
     plan
+}
+
+/// A governor write failed for a passing reason (busy, timed out, lost):
+/// the governor stays in charge, and what it believes is in force goes back
+/// to what was last written, so its next steps work from the truth (a
+/// refusal that changes the mode rebuilt the governor already).
+fn governor_belief_after_failure(gpu: &mut GpuControl, write: &Write, e: &BackendError) {
+    if matches!(
+        e,
+        BackendError::NotSupported(_) | BackendError::NoPermission(_)
+    ) {
+        return;
+    }
+    let mode = gpu.mode;
+    let (expected_limit_mw, clock_cap_mhz) = (gpu.expected_limit_mw, gpu.clock_cap_mhz);
+    let Some(governor) = gpu.lifecycle.governor_mut() else {
+        return;
+    };
+    let in_force = match (write.op, mode) {
+        (WriteOp::SetPowerLimit { .. }, GovernorMode::PowerLimit) => {
+            expected_limit_mw.map(|mw| f64::from(mw) / 1000.0)
+        }
+        (
+            WriteOp::LockGpuClocks { .. } | WriteOp::ResetGpuLockedClocks,
+            GovernorMode::ClockLock,
+        ) => Some(clock_cap_mhz.map_or(governor.params().ceiling, f64::from)),
+        _ => None,
+    };
+    if let Some(level) = in_force {
+        governor.write_failed(level);
+    }
 }
 
 /// A governor write failed: fall back to clocks, or to observing.

@@ -533,6 +533,31 @@ fn a_governor_write_without_permission_falls_back_to_observing() {
     assert!(matches!(gpu.lifecycle, Lifecycle::Observing));
 }
 
+/// The reading at `from` s tries writes again (the mode goes back to the
+/// power limit, announced); returns the first raise planned from that
+/// reading on, with when it came. Each plan is used as the daemon would:
+/// a write it carries is in flight until reported done.
+fn retry_then_raise(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    from: u64,
+    at: &dyn Fn(u64) -> SystemTime,
+    cool: &dyn Fn(u64) -> Reading,
+) -> (u64, Write) {
+    let plan = lifecycle::reading(gpu, facts, &cool(from), at(from));
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit, "{plan:?}");
+    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
+    if plan.writes().count() > 0 {
+        return (from, only_write(&plan));
+    }
+    (from + 1..from + 30)
+        .find_map(|s| {
+            let plan = lifecycle::reading(gpu, facts, &cool(s), at(s));
+            (plan.writes().count() > 0).then(|| (s, only_write(&plan)))
+        })
+        .expect("the governor raises a cool GPU")
+}
+
 #[test]
 fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_again() {
     let facts = h100(0);
@@ -559,19 +584,10 @@ fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_ag
         let plan = lifecycle::reading(&mut gpu, &facts, &cool(s), at(s));
         assert_eq!(plan.writes().count(), 0, "at {s} s: {plan:?}");
     }
-    // ...then the governor tries again and raises the GPU back.
-    let plan = lifecycle::reading(&mut gpu, &facts, &cool(10), at(10));
-    assert_eq!(gpu.mode, GovernorMode::PowerLimit, "{plan:?}");
-    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
-    let until_write = |gpu: &mut GpuControl, from: u64| {
-        (from..from + 30)
-            .find_map(|s| {
-                let plan = lifecycle::reading(gpu, &facts, &cool(s), at(s));
-                (plan.writes().count() > 0).then(|| (s, only_write(&plan)))
-            })
-            .expect("the governor raises a cool GPU")
-    };
-    let (s, raise) = until_write(&mut gpu, 10);
+    // ...then the governor tries again and raises the GPU back: on that
+    // very reading (the plan that changes the mode may carry the raise) or
+    // a later one.
+    let (s, raise) = retry_then_raise(&mut gpu, &facts, 10, &at, &cool);
     assert!(
         matches!(raise.op, WriteOp::SetPowerLimit { limit_mw } if limit_mw > lowered),
         "{raise:?}"
@@ -590,11 +606,82 @@ fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_ag
         assert_eq!(plan.writes().count(), 0, "at {t} s: {plan:?}");
         assert_eq!(gpu.mode, GovernorMode::ObserveOnly, "at {t} s");
     }
-    lifecycle::reading(&mut gpu, &facts, &cool(s + 21), at(s + 21));
-    assert_eq!(gpu.mode, GovernorMode::PowerLimit);
-    let (_, raise) = until_write(&mut gpu, s + 21);
+    let (_, raise) = retry_then_raise(&mut gpu, &facts, s + 21, &at, &cool);
     ok_write(&mut gpu, &facts, &raise);
     assert_eq!(gpu.write_retry, None, "writes work: nothing owed");
+    // And with writes working, a cool GPU goes all the way back.
+    let mut limit = match raise.op {
+        WriteOp::SetPowerLimit { limit_mw } => limit_mw,
+        _ => unreachable!(),
+    };
+    for t in s + 22..s + 120 {
+        if limit == 700_000 {
+            break;
+        }
+        let plan = lifecycle::reading(&mut gpu, &facts, &reading(100 + t, 40, Some(limit)), at(t));
+        if let Some(write) = plan.writes().next().cloned() {
+            let WriteOp::SetPowerLimit { limit_mw } = write.op else {
+                panic!("{write:?}")
+            };
+            assert!(limit_mw > limit, "a cool GPU is only raised: {write:?}");
+            ok_write(&mut gpu, &facts, &write);
+            limit = limit_mw;
+        }
+    }
+    assert_eq!(limit, 700_000, "back at the ceiling");
+}
+
+/// A governor write that fails for a passing reason (busy, timed out)
+/// leaves the governor in charge; what it believes is in force must go
+/// back to what was last written, or a failed raise to the ceiling would
+/// leave it believing the GPU is there while it stays held down. Readings
+/// here carry no limit, so only that belief can say the GPU is still low.
+#[test]
+fn a_failed_raise_is_tried_again_until_the_gpu_is_back_at_its_ceiling() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
+    let WriteOp::SetPowerLimit { limit_mw: lowered } = cut.op else {
+        panic!("{cut:?}")
+    };
+    ok_write(&mut gpu, &facts, &cut);
+    let mut limit = lowered;
+    let mut ceiling_refused = false;
+    for s in 100..400 {
+        let cool = Reading {
+            power_limit_mw: None,
+            ..reading(s, 40, Some(limit))
+        };
+        let plan = lifecycle::reading(&mut gpu, &facts, &cool, T0 + Duration::from_secs(s));
+        let Some(write) = plan.writes().next().cloned() else {
+            continue;
+        };
+        let WriteOp::SetPowerLimit { limit_mw } = write.op else {
+            panic!("{write:?}")
+        };
+        if !ceiling_refused {
+            // Every write fails until one to the ceiling has.
+            ceiling_refused = limit_mw == 700_000;
+            lifecycle::write_done(
+                &mut gpu,
+                &facts,
+                &write,
+                &Err(BackendError::InUse("power limit".into())),
+            );
+            assert_eq!(gpu.mode, GovernorMode::PowerLimit, "still governed");
+            continue;
+        }
+        ok_write(&mut gpu, &facts, &write);
+        limit = limit_mw;
+        if limit == 700_000 {
+            break;
+        }
+    }
+    assert!(
+        ceiling_refused,
+        "the governor raised a cool GPU to its ceiling"
+    );
+    assert_eq!(limit, 700_000, "and tried again after that write failed");
 }
 
 #[test]
