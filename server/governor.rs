@@ -180,6 +180,10 @@ pub struct Governor {
     over_cuts: u32,
     /// The thermal time constant, once a fit has seen it (seconds).
     tau_s: Option<f64>,
+    /// The last cut was for heat and the GPU has not cooled below
+    /// `threshold - hysteresis` since: the node budget counts the GPU as
+    /// held by heat, not by its share.
+    hot_hold: bool,
 }
 
 /// Readings at one power, from the moment it was reached.
@@ -332,6 +336,7 @@ impl Governor {
             segment: Segment::default(),
             over_cuts: 0,
             tau_s: None,
+            hot_hold: false,
         }
     }
 
@@ -379,6 +384,12 @@ impl Governor {
         } else {
             Phase::Idle
         };
+    }
+
+    /// True when heat, not the ceiling, holds the GPU where it is: the last
+    /// cut was for heat and the GPU has not cooled off since.
+    pub fn holds_for_heat(&self) -> bool {
+        self.hot_hold
     }
 
     /// True when the governor holds the GPU below its ceiling.
@@ -705,6 +716,7 @@ impl Governor {
                 if over_now {
                     self.over_cuts = (self.over_cuts + 1).min(5);
                 }
+                self.hot_hold = true;
                 return self.set(target, obs.time, reason);
             }
             return Decision::Hold;
@@ -714,6 +726,9 @@ impl Governor {
         }
 
         let cool_edge = p.threshold_c - p.hysteresis_c;
+        if temp <= cool_edge {
+            self.hot_hold = false;
+        }
         let pressing = match self.params.actuator {
             Actuator::PowerLimit => draw >= self.level - p.min_step.max(0.03 * self.level),
             Actuator::ClockCap => draw >= 0.97 * self.level,

@@ -76,9 +76,8 @@ test_visible!(
 #[cfg(feature = "testing")]
 pub mod scenario;
 
-/// The node power budget's allocator, so far driven by the scenario runner
-/// only (the daemon does not enforce a budget yet).
-#[cfg(feature = "testing")]
+/// The node power budget's allocator: the control plane's split of a
+/// host-wide budget (and the scenario runner's).
 pub mod budget;
 
 /// The previous governor, for side-by-side comparison only.

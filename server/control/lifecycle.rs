@@ -107,6 +107,11 @@ pub(crate) fn reading(
     reading: &Reading,
     now: SystemTime,
 ) -> Plan {
+    gpu.last_device_time = Some(reading.device_time);
+    gpu.last_draw_mw = reading.power_draw_mw;
+    gpu.power_capped = reading
+        .throttle_mask
+        .is_some_and(|m| m & crate::throttle::mask::SW_POWER_CAP != 0);
     if gpu.in_flight > 0 {
         return Plan::none();
     }
@@ -135,6 +140,15 @@ pub(crate) fn reading(
 pub(crate) fn first_reading(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
     let current = reading.power_limit_mw;
     gpu.expected_limit_mw = current;
+    // Under a node budget, a GPU without a share joins it at the limit it
+    // has: nothing at start raises it past what the budget counted.
+    if gpu.budget_active
+        && gpu.budget_share_mw.is_none()
+        && facts.controls.power_limit_settable
+        && let (Some(now), Some(own)) = (current, gpu.own_ceiling_mw(facts))
+    {
+        gpu.budget_share_mw = Some(now.min(own));
+    }
     gpu.clock_cap_mhz = reading.locked_gpu_clock_max_mhz;
     let mut plan = Plan::none();
     let note = if gpu.dry_run {
@@ -367,6 +381,13 @@ pub(crate) fn recovered(
     let mut plan = Plan::none();
     let (mut fresh, warning) = GpuControl::new(facts, config, saved);
     fresh.in_flight = gpu.in_flight;
+    // The budget keeps counting what it counted: its share, the limit last
+    // known, a write still under way.
+    fresh.budget_share_mw = gpu.budget_share_mw;
+    fresh.budget_active = gpu.budget_active;
+    fresh.pending_limit_mw = gpu.pending_limit_mw;
+    fresh.expected_limit_mw = gpu.expected_limit_mw;
+    fresh.last_write_device_time = gpu.last_write_device_time;
     fresh.last_action = gpu.last_action.take();
     if let Some(warning) = warning {
         plan.record(warning);
@@ -435,6 +456,9 @@ fn finish_write(
 ) -> Plan {
     let mut plan = Plan::none();
     gpu.in_flight = gpu.in_flight.saturating_sub(1);
+    if gpu.in_flight == 0 {
+        gpu.pending_limit_mw = None;
+    }
     let actor = actor(&write.origin);
     let mut reason = reason(&write.origin);
     if late {
@@ -553,11 +577,17 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
         WriteOp::SetPowerLimit { limit_mw } => {
             let at_ceiling =
                 ceiling.is_none_or(|c| limit_mw.saturating_add(LIMIT_TOLERANCE_MW) >= c);
+            // A budget write counts for the governor's write interval (one
+            // write a second per GPU, whoever makes it).
+            let at = match write.origin {
+                Origin::Budget { .. } => gpu.last_write_device_time.unwrap_or(Duration::ZERO),
+                _ => Duration::ZERO,
+            };
             if let Some(g) = gpu.lifecycle.governor_mut()
                 && mode == GovernorMode::PowerLimit
                 && !matches!(write.origin, Origin::Governor { .. })
             {
-                g.note_written(f64::from(limit_mw) / 1000.0, Duration::ZERO);
+                g.note_written(f64::from(limit_mw) / 1000.0, at);
             }
             if at_ceiling {
                 DesiredChange::LoweredLimit(false).apply(&mut gpu.desired);
@@ -767,6 +797,7 @@ fn actor(origin: &Origin) -> Actor {
         Origin::Operator { name, .. } => Actor::operator(name),
         Origin::Startup { .. } => Actor::startup(),
         Origin::Drift { .. } => Actor::daemon(),
+        Origin::Budget { .. } => Actor::budget(),
         Origin::Shutdown => Actor::shutdown(),
     }
 }
@@ -774,9 +805,10 @@ fn actor(origin: &Origin) -> Actor {
 /// Why a write was made, for its event.
 fn reason(origin: &Origin) -> String {
     match origin {
-        Origin::Governor { reason } | Origin::Startup { reason } | Origin::Drift { reason } => {
-            reason.clone()
-        }
+        Origin::Governor { reason }
+        | Origin::Startup { reason }
+        | Origin::Drift { reason }
+        | Origin::Budget { reason } => reason.clone(),
         Origin::Operator { name, .. } => format!("requested by {name}"),
         Origin::Shutdown => "daemon stopping: giving back what the governor took".to_owned(),
     }

@@ -493,6 +493,18 @@ fn change_words(change: &Change) -> Option<String> {
         Change::PowerLimit(p) => format!("{} -> {}", w(p.before_mw), w(p.after_mw)),
         Change::ClockLock(l) => format!("{} -> {}", mhz(l.before_max_mhz), mhz(l.after_max_mhz)),
         Change::Threshold(t) => format!("{} -> {}", c(t.before_c), c(t.after_c)),
+        Change::Budget(b) => {
+            let budget = |v: Option<f64>| v.map_or("none".to_owned(), |v| format!("{v:.0} W"));
+            if b.before_watts == b.after_watts {
+                b.shares
+                    .iter()
+                    .map(|s| format!("GPU {} {} -> {}", s.index, w(s.before_mw), w(s.after_mw)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                format!("budget {} -> {}", budget(b.before_watts), budget(b.after_watts))
+            }
+        }
     })
 }
 
