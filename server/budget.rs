@@ -60,10 +60,17 @@ pub struct BudgetGpu {
     pub standing: Standing,
 }
 
-/// Watts of headroom a GPU that is not pressing gets over its draw.
-const WANT_MARGIN_W: f64 = 15.0;
+/// Watts of headroom a GPU that is not pressing gets over its draw: enough
+/// that its draw sits clearly under its limit (so pressing is told apart
+/// from using it all), little enough that six GPUs' margins do not starve
+/// the two that press (every watt of margin is a watt another GPU lacks).
+const WANT_MARGIN_W: f64 = 8.0;
 /// Fraction over its draw a GPU that is not pressing gets.
-const WANT_MARGIN_FRACTION: f64 = 0.05;
+const WANT_MARGIN_FRACTION: f64 = 0.01;
+/// A draw within this many watts (or this fraction) of the limit is
+/// pressing against it: a GPU the limit holds draws it to a watt or two.
+const PRESS_WITHIN_W: f64 = 3.0;
+const PRESS_WITHIN_FRACTION: f64 = 0.005;
 /// A GPU pressing against its limit asks for this much more (fraction of
 /// the limit)...
 const PRESS_GROWTH_FRACTION: f64 = 0.5;
@@ -73,7 +80,9 @@ const PRESS_GROWTH_W: f64 = 50.0;
 impl BudgetGpu {
     /// True when the GPU draws (nearly) all its limit allows.
     pub fn pressing(&self) -> bool {
-        self.capped || self.draw_w >= self.enforced_w - (0.02 * self.enforced_w).max(5.0)
+        self.capped
+            || self.draw_w
+                >= self.enforced_w - (PRESS_WITHIN_FRACTION * self.enforced_w).max(PRESS_WITHIN_W)
     }
 
     /// What the GPU seems to need (W), within `[min_w, cap_w]`.

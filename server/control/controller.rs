@@ -76,6 +76,15 @@ pub struct Controller {
     /// was recorded.
     budget_changes: std::collections::BTreeMap<usize, (Option<u32>, Option<u32>)>,
     last_budget_event: Option<SystemTime>,
+    /// SetPowerBudget replies waiting for the lowers the request started (so
+    /// that when the caller hears OK, the limits that may be in force fit), with
+    /// when they began waiting; answered anyway after [`WRITE_TIMEOUT`].
+    budget_replies: Vec<(
+        super::Reply<SetPowerBudgetResponse>,
+        SetPowerBudgetResponse,
+        crate::persist::AckSet,
+        std::time::Instant,
+    )>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -136,6 +145,7 @@ impl Controller {
             budget,
             budget_changes: Default::default(),
             last_budget_event: None,
+            budget_replies: Vec::new(),
         };
         controller.publish_policies();
         controller
@@ -233,6 +243,29 @@ impl Controller {
                 ),
             );
             self.last_budget_event = Some(now);
+        }
+    }
+
+    /// Answers the SetPowerBudget requests whose writes have all finished
+    /// (or that waited a write timeout: a GPU that does not answer keeps its
+    /// last limit counted, and the caller is not kept waiting on it).
+    fn answer_budget_replies(&mut self) {
+        if self.budget_replies.is_empty() {
+            return;
+        }
+        // Settled: what every GPU may have in force (share, confirmed limit,
+        // writes under way) fits the budget.
+        let settled = self.budget.as_ref().is_none_or(|b| {
+            let facts = self.sampler.all_facts();
+            node_budget::counted_total_mw(&self.gpus, &facts) as f64 <= b.watts * 1000.0
+        });
+        let waiting = std::mem::take(&mut self.budget_replies);
+        for (reply, response, durable, since) in waiting {
+            if settled || since.elapsed() >= WRITE_TIMEOUT {
+                reply_when_durable(reply, Ok(response), durable);
+            } else {
+                self.budget_replies.push((reply, response, durable, since));
+            }
         }
     }
 
@@ -437,6 +470,7 @@ impl Controller {
             self.execute(pos, plan);
         }
         self.budget_round(now);
+        self.answer_budget_replies();
         self.publish_policies();
     }
 
@@ -539,10 +573,10 @@ impl Controller {
             Finish::Late => lifecycle::late_write_done(gpu, facts, &write, &result),
         };
         let recorded = self.execute(pos, plan);
-        // A lower that landed may make room for a raise.
-        if matches!(write.op, crate::actor::WriteOp::SetPowerLimit { .. }) {
-            self.budget_round(SystemTime::now());
-        }
+        // The raises a landed lower makes room for wait for the next tick:
+        // budget writes are planned on readings, whose device clock spaces
+        // them (between ticks that clock is stale).
+        self.answer_budget_replies();
         // The caller was answered when the write timed out; its late
         // completion is recorded, not answered twice.
         if finish != Finish::Late
@@ -631,7 +665,11 @@ impl Controller {
                 caller,
                 reply,
             } => match self.set_power_budget(target, &caller.name) {
-                Ok((response, durable)) => reply_when_durable(reply, Ok(response), durable),
+                Ok((response, durable)) => {
+                    self.budget_replies
+                        .push((reply, response, durable, std::time::Instant::now()));
+                    self.answer_budget_replies();
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }

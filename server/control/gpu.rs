@@ -93,6 +93,9 @@ pub(crate) struct GpuControl {
     /// to the same write interval as the governor.
     pub last_device_time: Option<Duration>,
     pub last_write_device_time: Option<Duration>,
+    /// Device time between the last two readings (the sampler's period on
+    /// the device's clock).
+    pub reading_period: Duration,
 }
 
 /// Trying governor writes again after a permission error.
@@ -202,6 +205,7 @@ impl GpuControl {
             power_capped: false,
             last_device_time: None,
             last_write_device_time: None,
+            reading_period: Duration::ZERO,
         };
         (gpu, warning)
     }

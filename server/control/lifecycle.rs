@@ -107,6 +107,9 @@ pub(crate) fn reading(
     reading: &Reading,
     now: SystemTime,
 ) -> Plan {
+    if let Some(last) = gpu.last_device_time {
+        gpu.reading_period = reading.device_time.saturating_sub(last);
+    }
     gpu.last_device_time = Some(reading.device_time);
     gpu.last_draw_mw = reading.power_draw_mw;
     gpu.power_capped = reading
@@ -458,6 +461,12 @@ fn finish_write(
     gpu.in_flight = gpu.in_flight.saturating_sub(1);
     if gpu.in_flight == 0 {
         gpu.pending_limit_mw = None;
+    }
+    // The next budget write waits a write interval from when this one
+    // finished (as far as the readings tell), not only from when it was
+    // planned: a slow call does not bunch two writes together.
+    if matches!(write.op, WriteOp::SetPowerLimit { .. }) {
+        gpu.last_write_device_time = gpu.last_device_time.max(gpu.last_write_device_time);
     }
     let actor = actor(&write.origin);
     let mut reason = reason(&write.origin);

@@ -89,9 +89,11 @@ fn standing(gpu: &GpuControl, facts: &DeviceFacts) -> Standing {
             .unwrap_or(0);
         return Standing::Counted(watts(max));
     }
+    // A GPU with a write under way still takes part in the split (its share
+    // may change; it is written once the call returns), but counts at the
+    // highest limit it may have; a lost one only counts.
     let movable = !gpu.lifecycle.is_lost()
         && gpu.lifecycle.is_running()
-        && gpu.in_flight == 0
         && !gpu.dry_run
         && gpu.mode != GovernorMode::ObserveOnly
         && gpu.expected_limit_mw.is_some();
@@ -161,11 +163,29 @@ pub(crate) struct Round {
     pub changes: Vec<(usize, Option<u32>, Option<u32>)>,
 }
 
+/// The smallest share change worth making (mW): the governor's step, at
+/// least 10 W and 2 % of the share, so that the split does not chase the
+/// noise of the power readings with writes.
+fn share_step_mw(gpu: &GpuControl, share_mw: u32) -> u32 {
+    let w = gpu
+        .min_step_w
+        .max(SHARE_STEP_W)
+        .max(SHARE_STEP_FRACTION * f64::from(share_mw) / 1000.0);
+    (w * 1000.0).round() as u32
+}
+
+const SHARE_STEP_W: f64 = 10.0;
+const SHARE_STEP_FRACTION: f64 = 0.02;
+
 /// A GPU may be written now: its last write (anyone's) is at least the
-/// write interval ago on its own clock.
+/// write interval and one reading period ago on its own clock (the period:
+/// a write lands some time after it is planned, and two writes planned an
+/// interval apart must not land closer than that).
 fn due(gpu: &GpuControl) -> bool {
     match (gpu.last_write_device_time, gpu.last_device_time) {
-        (Some(last), Some(now)) => now.saturating_sub(last) >= gpu.min_write_interval,
+        (Some(last), Some(now)) => {
+            now.saturating_sub(last) >= gpu.min_write_interval + gpu.reading_period
+        }
         _ => true,
     }
 }
@@ -223,8 +243,8 @@ pub(crate) fn redistribute(
             continue;
         };
         let target_mw = to_mw(target);
-        let step_mw = to_mw(gpu.min_step_w);
         let share = gpu.budget_share_mw.unwrap_or(u32::MAX);
+        let step_mw = share_step_mw(gpu, share.min(target_mw));
         let at_min = facts[pos]
             .power_min_mw
             .is_some_and(|m| target_mw <= m.saturating_add(LIMIT_TOLERANCE_MW));
@@ -237,6 +257,7 @@ pub(crate) fn redistribute(
         if gpu
             .expected_limit_mw
             .is_some_and(|e| e > share.saturating_add(LIMIT_TOLERANCE_MW / 2))
+            && gpu.in_flight == 0
             && due(gpu)
         {
             plans[pos].extend(budget_write(
@@ -270,7 +291,7 @@ pub(crate) fn redistribute(
         let own = gpu.own_ceiling_mw(facts[pos]).unwrap_or(share);
         let new = share.saturating_add(up.min(u32::try_from(room).unwrap_or(u32::MAX)));
         let new = new - new % 1000; // whole watts
-        let step_mw = to_mw(gpu.min_step_w);
+        let step_mw = share_step_mw(gpu, share);
         if new <= share || (new - share < step_mw && new < own) {
             continue;
         }
@@ -293,7 +314,12 @@ pub(crate) fn redistribute(
         let held = gpu.lifecycle.governor().is_some_and(|g| g.holds_for_heat());
         let step_mw = to_mw(gpu.min_step_w);
         let to = share.min(ceiling);
-        if !held && to > expected && (to - expected >= step_mw || to == ceiling) && due(gpu) {
+        if !held
+            && to > expected
+            && (to - expected >= step_mw || to == ceiling)
+            && gpu.in_flight == 0
+            && due(gpu)
+        {
             plans[pos].extend(budget_write(
                 gpu,
                 to,
@@ -323,10 +349,7 @@ pub(crate) fn release(gpus: &mut [GpuControl], facts: &[&DeviceFacts]) -> Round 
         if before.is_some() {
             round.changes.push((pos, before, None));
         }
-        let held = gpu
-            .lifecycle
-            .governor()
-            .is_some_and(|g| g.holds_for_heat() || g.is_lowered());
+        let held = gpu.lifecycle.governor().is_some_and(|g| g.holds_for_heat());
         let writable = standing(gpu, facts[pos]) == Standing::Allocatable;
         if let (Some(ceiling), Some(expected), true) =
             (gpu.ceiling_mw(facts[pos]), gpu.expected_limit_mw, writable)

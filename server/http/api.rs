@@ -69,6 +69,12 @@ pub struct Snapshot {
     /// Seq of the newest frame in `history` (0 before the first tick).
     pub latest_seq: u64,
     pub gpus: Vec<GpuView>,
+    /// The node power budget (W) and what the GPUs count against it now,
+    /// when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_budget_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_budget_counted_w: Option<f64>,
     /// Per GPU, columns over the history window, oldest first.
     pub history: Vec<SeriesView>,
     /// The newest frame.
@@ -118,6 +124,9 @@ pub struct PolicyView {
     pub operator_ceiling_w: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_limit_w: Option<f64>,
+    /// This GPU's share of the node power budget, when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_share_w: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_cap_mhz: Option<u32>,
     pub mode_reason: String,
@@ -290,6 +299,7 @@ pub fn policy_view(p: &GpuPolicy) -> PolicyView {
         ceiling_w: p.ceiling_mw.map(watts),
         operator_ceiling_w: p.operator_ceiling_mw.map(watts),
         current_limit_w: p.current_limit_mw.map(watts),
+        budget_share_w: p.budget_share_mw.map(watts),
         clock_cap_mhz: p.clock_cap_mhz,
         mode_reason: p.mode_reason.clone(),
         last_action: p.last_action.as_ref().map(|a| a.description.clone()),
@@ -552,6 +562,8 @@ fn snapshot(
         history_frames: hub.history_capacity(),
         latest_seq: history.last().map_or(0, |f| f.seq),
         gpus: gpu_views(&devices, &policies),
+        power_budget_w: hub.power_budget().map(|b| b.watts),
+        power_budget_counted_w: hub.power_budget().map(|b| b.counted_mw as f64 / 1000.0),
         history: series(&devices, history),
         latest: history.last().map(|f| frame_view(f)),
         events: events.iter().map(|e| event_view(e)).collect(),
