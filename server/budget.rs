@@ -64,13 +64,13 @@ pub struct BudgetGpu {
 /// that its draw sits clearly under its limit (so pressing is told apart
 /// from using it all), little enough that six GPUs' margins do not starve
 /// the two that press (every watt of margin is a watt another GPU lacks).
-const WANT_MARGIN_W: f64 = 8.0;
+const WANT_MARGIN_W: f64 = 10.0;
 /// Fraction over its draw a GPU that is not pressing gets.
-const WANT_MARGIN_FRACTION: f64 = 0.01;
+const WANT_MARGIN_FRACTION: f64 = 0.015;
 /// A draw within this many watts (or this fraction) of the limit is
 /// pressing against it: a GPU the limit holds draws it to a watt or two.
-const PRESS_WITHIN_W: f64 = 3.0;
-const PRESS_WITHIN_FRACTION: f64 = 0.005;
+const PRESS_WITHIN_W: f64 = 5.0;
+const PRESS_WITHIN_FRACTION: f64 = 0.02;
 /// A GPU pressing against its limit asks for this much more (fraction of
 /// the limit)...
 const PRESS_GROWTH_FRACTION: f64 = 0.5;

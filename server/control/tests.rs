@@ -2012,3 +2012,139 @@ mod properties {
         }
     }
 }
+
+// --- the node power budget ----------------------------------------------
+
+/// `n` H100s read at 700 W, cool, drawing `draw_w` each.
+fn budget_gpus(n: u32, draw_w: u32) -> (Vec<GpuControl>, Vec<DeviceFacts>) {
+    let facts: Vec<DeviceFacts> = (0..n).map(h100).collect();
+    let gpus = facts
+        .iter()
+        .map(|f| {
+            let mut gpu = running(f, &config(), &GpuState::default());
+            let r = Reading {
+                power_draw_mw: Some(draw_w * 1000),
+                ..reading(1, 40, Some(700_000))
+            };
+            lifecycle::reading(&mut gpu, f, &r, T0);
+            gpu
+        })
+        .collect();
+    (gpus, facts)
+}
+
+fn budget_writes(round: &super::node_budget::Round) -> Vec<(usize, Write)> {
+    round
+        .plans
+        .iter()
+        .flat_map(|(pos, p)| p.writes().cloned().map(move |w| (*pos, w)))
+        .collect()
+}
+
+/// What may be in force: for each GPU the higher of its confirmed limit and
+/// any write under way.
+fn may_be_in_force_mw(gpus: &[GpuControl]) -> u64 {
+    gpus.iter()
+        .map(|g| {
+            u64::from(
+                g.expected_limit_mw
+                    .unwrap_or(0)
+                    .max(g.pending_limit_mw.unwrap_or(0)),
+            )
+        })
+        .sum()
+}
+
+#[test]
+fn a_budget_lowers_first_and_raises_only_into_room_whatever_order_writes_land_in() {
+    use super::node_budget::{activate, redistribute};
+    let (mut gpus, facts) = budget_gpus(4, 100);
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    activate(&mut gpus, &refs);
+    let round = redistribute(&mut gpus, &refs, 2000.0);
+    let writes = budget_writes(&round);
+    assert_eq!(writes.len(), 4, "every GPU lowered: {writes:?}");
+    for (_, w) in &writes {
+        let WriteOp::SetPowerLimit { limit_mw } = w.op else {
+            panic!("{w:?}")
+        };
+        assert!(limit_mw <= 500_000, "{w:?}");
+    }
+    let shares: u32 = gpus.iter().map(|g| g.budget_share_mw.unwrap_or(0)).sum();
+    assert!(shares <= 2_000_000, "{shares}");
+    // The writes land in reverse order; GPU 0 now presses against its
+    // limit and asks for more. After every landing, a round may raise only
+    // into the room left with writes under way counted high.
+    let mut t = 2;
+    for (pos, write) in writes.into_iter().rev() {
+        ok_write(&mut gpus[pos], &facts[pos], &write);
+        t += 2;
+        for (i, gpu) in gpus.iter_mut().enumerate() {
+            if gpu.in_flight > 0 {
+                continue;
+            }
+            let limit = gpu.expected_limit_mw;
+            let draw = if i == 0 { limit } else { Some(100_000) };
+            let r = Reading {
+                power_draw_mw: draw,
+                ..reading(t, 40, limit)
+            };
+            lifecycle::reading(gpu, &facts[i], &r, T0);
+        }
+        let before = super::node_budget::counted_total_mw(&gpus, &refs);
+        let round = redistribute(&mut gpus, &refs, 2000.0);
+        for (pos, w) in budget_writes(&round) {
+            let WriteOp::SetPowerLimit { limit_mw } = w.op else {
+                panic!("{w:?}")
+            };
+            assert!(limit_mw <= gpus[pos].budget_share_mw.unwrap_or(0), "{w:?}");
+        }
+        // Planned writes stay under way (counted at their value): what may
+        // be in force is counted, and the count never grows past the
+        // budget (over it, while the first lowers land, it only shrinks).
+        let counted = super::node_budget::counted_total_mw(&gpus, &refs);
+        assert!(may_be_in_force_mw(&gpus) <= counted, "{counted}");
+        assert!(counted <= before.max(2_000_000), "{before} -> {counted}");
+    }
+    // Once the lowers have landed, what may be in force fits.
+    assert!(
+        super::node_budget::counted_total_mw(&gpus, &refs) <= 2_000_000,
+        "{:?}",
+        gpus.iter()
+            .map(|g| (g.budget_share_mw, g.expected_limit_mw, g.pending_limit_mw))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_lost_gpu_keeps_its_last_limit_counted_and_gets_no_new_share() {
+    use super::node_budget::{activate, counted_mw, redistribute};
+    let (mut gpus, facts) = budget_gpus(3, 650);
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    lifecycle::lost(&mut gpus[0]);
+    activate(&mut gpus, &refs);
+    let round = redistribute(&mut gpus, &refs, 1600.0);
+    assert!(
+        budget_writes(&round).iter().all(|(pos, _)| *pos != 0),
+        "nothing is written to a lost GPU"
+    );
+    assert_eq!(counted_mw(&gpus[0], &facts[0]), 700_000);
+    let others: u32 = gpus[1..]
+        .iter()
+        .map(|g| g.budget_share_mw.unwrap_or(0))
+        .sum();
+    assert!(others <= 900_000, "the others share what is left: {others}");
+}
+
+#[test]
+fn a_gpu_whose_limit_cannot_be_set_counts_at_its_maximum() {
+    use super::node_budget::{activate, counted_mw, redistribute};
+    let (mut gpus, mut facts) = budget_gpus(2, 300);
+    facts[1].controls.power_limit_settable = false;
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    activate(&mut gpus, &refs);
+    redistribute(&mut gpus, &refs, 1000.0);
+    assert_eq!(counted_mw(&gpus[1], &facts[1]), 700_000);
+    assert_eq!(gpus[1].budget_share_mw, None);
+    assert!(gpus[0].budget_share_mw.is_some_and(|s| s <= 300_000));
+}
