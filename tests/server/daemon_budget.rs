@@ -410,3 +410,66 @@ async fn the_budget_survives_a_restart_and_dropping_it_gives_the_ceilings_back()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_and_each_gpus_share_are_on_metrics_and_the_dashboard() {
+    use crate::http_support::{find, get_bearer, parse_samples};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = crate::support::sim_config(
+        SPEED,
+        "",
+        &["preset = \"h100-sxm\"\ncount = 2\ndemand = [ { at = \"0s\", watts = 650 } ]"],
+    );
+    let d = crate::support::start(
+        dir.path(),
+        Options {
+            http: true,
+            ..Options::with_config(toml)
+        },
+    );
+    let mut c = d.client().await;
+    let metrics = || async {
+        parse_samples(
+            &get_bearer(&d.http_url("/metrics"), crate::support::READ_TOKEN)
+                .await
+                .body,
+        )
+    };
+    let all = metrics().await;
+    assert!(
+        find(&all, "gpuwatch_power_budget_watts", &[]).is_empty(),
+        "no budget yet"
+    );
+    set_budget(&mut c, api::set_power_budget_request::Target::Watts(1000.0))
+        .await
+        .expect("budget set");
+    let all = crate::support::eventually(Duration::from_secs(20), "shares on /metrics", || async {
+        let all = metrics().await;
+        (find(&all, "gpuwatch_governor_budget_share_watts", &[]).len() == 2).then_some(all)
+    })
+    .await;
+    let one = |name: &str| {
+        let found = find(&all, name, &[]);
+        assert_eq!(found.len(), 1, "{name}: {found:?}");
+        found[0].value
+    };
+    assert_eq!(one("gpuwatch_power_budget_watts"), 1000.0);
+    assert!(one("gpuwatch_power_budget_counted_watts") <= 1000.0);
+    let shares: f64 = find(&all, "gpuwatch_governor_budget_share_watts", &[])
+        .iter()
+        .map(|s| s.value)
+        .sum();
+    assert!(shares <= 1000.0, "shares {shares} W");
+    assert_eq!(
+        find(&all, "gpuwatch_governor_budget_counted_watts", &[]).len(),
+        2
+    );
+    // The dashboard's starting point carries the budget and each share.
+    let r = get_bearer(&d.http_url("/api/v1/dashboard"), crate::support::READ_TOKEN).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    assert_eq!(v["power_budget_w"].as_f64(), Some(1000.0));
+    for gpu in v["gpus"].as_array().expect("gpus") {
+        assert!(gpu["policy"]["budget_share_w"].as_f64().is_some(), "{gpu}");
+    }
+}
