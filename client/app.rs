@@ -101,6 +101,7 @@ fn host_args(command: &Command) -> &HostArgs {
         Command::Snapshot(a) | Command::Ps(a) | Command::List(a) => &a.hosts,
         Command::Events(a) => &a.hosts,
         Command::SetPowerLimit(a) => &a.target.hosts,
+        Command::SetPowerBudget(a) => &a.hosts,
         Command::ResetClocks(a) => &a.target.hosts,
         Command::SetThreshold(a) => &a.target.hosts,
         Command::Pick(a) => &a.hosts,
@@ -129,6 +130,9 @@ async fn dispatch(cli: Cli) -> Result<Exit, UsageError> {
         Command::Events(args) => commands::events::run(args, hosts, connector, json).await,
         Command::SetPowerLimit(args) => {
             Ok(commands::control::set_power_limit(args, hosts, connector, json).await)
+        }
+        Command::SetPowerBudget(args) => {
+            Ok(commands::control::set_power_budget(args, hosts, connector, json).await)
         }
         Command::ResetClocks(args) => {
             Ok(commands::control::reset_clocks(args, hosts, connector, json).await)

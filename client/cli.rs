@@ -148,6 +148,12 @@ gpuwatch-client events node1 --since 1200 --kind power_limit_changed --json")]
 gpuwatch-client set-power-limit node1 node2 --gpu 0 --watts 550\n  \
 gpuwatch-client set-power-limit node1 --gpu all --default")]
     SetPowerLimit(SetPowerLimitArgs),
+    /// Set the node power budget (host-wide watts the daemon divides among
+    /// its GPUs by need), or drop it with --default.
+    #[command(after_help = "Examples:\n  \
+gpuwatch-client set-power-budget node1 --watts 4000\n  \
+gpuwatch-client set-power-budget node1 node2 --default --json")]
+    SetPowerBudget(SetPowerBudgetArgs),
     /// Reset application clocks and locked clocks (including a lock the
     /// governor holds).
     #[command(after_help = "Examples:\n  \
@@ -402,6 +408,20 @@ pub struct SetPowerLimitArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("budget").required(true).args(["watts", "default"])))]
+pub struct SetPowerBudgetArgs {
+    #[command(flatten)]
+    pub hosts: HostArgs,
+    /// The host-wide budget in watts; must lie within the sums of the
+    /// host's GPUs' minimum and maximum power limits (the daemon checks).
+    #[arg(long, value_name = "W", value_parser = parse_budget_watts)]
+    pub watts: Option<f64>,
+    /// Drop the budget: every GPU back to its own ceiling.
+    #[arg(long)]
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ResetClocksArgs {
     #[command(flatten)]
     pub target: ControlTarget,
@@ -551,6 +571,19 @@ fn parse_watts(text: &str) -> Result<f64, String> {
     if !w.is_finite() || w <= 0.0 || w > 100_000.0 {
         return Err(format!(
             "{text} W is not a power limit; give a positive number of watts (the daemon checks each GPU's range)"
+        ));
+    }
+    Ok(w)
+}
+
+fn parse_budget_watts(text: &str) -> Result<f64, String> {
+    let w: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a number of watts"))?;
+    if !w.is_finite() || w <= 0.0 {
+        return Err(format!(
+            "{text} W is not a power budget; give a positive number of watts (the daemon checks its GPUs' range)"
         ));
     }
     Ok(w)

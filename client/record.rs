@@ -857,11 +857,27 @@ pub struct EventRecord<'a> {
     pub threshold_c: Option<Change<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hysteresis_c: Option<Change<u32>>,
+    /// The node power budget before and after (W), for
+    /// `power_budget_changed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_budget_w: Option<Change<f64>>,
+    /// Each GPU's budget share before and after, for the budget's events.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budget_shares: Vec<BudgetShareRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xid: Option<u64>,
     /// Who started or stopped using a device, for `attribution_changed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<AttributionChangeRecord<'a>>,
+}
+
+/// One GPU's budget share in an event, before and after (W; absent: none).
+#[derive(Debug, Serialize)]
+pub struct BudgetShareRecord {
+    pub index: u32,
+    pub uuid: String,
+    pub before_w: Option<Exact>,
+    pub after_w: Option<Exact>,
 }
 
 /// An `attribution_changed` event's owner and device.
@@ -935,6 +951,8 @@ impl<'a> EventRecord<'a> {
             clock_lock_mhz: None,
             threshold_c: None,
             hysteresis_c: None,
+            power_budget_w: None,
+            budget_shares: Vec::new(),
             xid: e.xid,
             attribution: e.attribution.as_ref().map(AttributionChangeRecord::new),
         };
@@ -964,6 +982,24 @@ impl<'a> EventRecord<'a> {
                         after: c.after_hysteresis_c,
                     });
                 }
+            }
+            Some(api::event::Change::Budget(b)) => {
+                if b.before_watts != b.after_watts {
+                    record.power_budget_w = Some(Change {
+                        before: b.before_watts,
+                        after: b.after_watts,
+                    });
+                }
+                record.budget_shares = b
+                    .shares
+                    .iter()
+                    .map(|s| BudgetShareRecord {
+                        index: s.index,
+                        uuid: s.uuid.clone(),
+                        before_w: s.before_mw.map(Exact::watts),
+                        after_w: s.after_mw.map(Exact::watts),
+                    })
+                    .collect();
             }
             None => {}
         }

@@ -90,6 +90,7 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gpuwatch.v1.GpuWatch/SetPowerLimit", CONTROL),
     ("/gpuwatch.v1.GpuWatch/ResetClocks", CONTROL),
     ("/gpuwatch.v1.GpuWatch/SetThreshold", CONTROL),
+    ("/gpuwatch.v1.GpuWatch/SetPowerBudget", CONTROL),
     ("/gpuwatch.v1.GpuWatch/PickGpus", READ),
     ("/gpuwatch.v1.GpuWatch/ListLeases", READ),
     ("/gpuwatch.v1.GpuWatch/LeaseGpus", LEASE),

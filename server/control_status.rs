@@ -6,9 +6,9 @@
 use tonic::{Code, Status};
 
 use crate::{
-    api::{set_power_limit_request, set_threshold_request},
+    api::{set_power_budget_request, set_power_limit_request, set_threshold_request},
     backend::BackendError,
-    control::{ControlError, PowerTarget, ThresholdTarget},
+    control::{BudgetTarget, ControlError, PowerTarget, ThresholdTarget},
 };
 
 /// The gRPC status for a control error: the code its kind calls for, the
@@ -23,6 +23,7 @@ fn code(error: &ControlError) -> Code {
         ControlError::RestoreDefaultNotTrue
         | ControlError::WattsNotANumber { .. }
         | ControlError::WattsOutOfRange { .. }
+        | ControlError::BudgetOutOfRange { .. }
         | ControlError::HysteresisOutOfRange { .. }
         | ControlError::ThresholdTooLow { .. }
         | ControlError::ThresholdNotBelowSlowdown { .. }
@@ -59,6 +60,20 @@ impl TryFrom<set_power_limit_request::Target> for PowerTarget {
                 Ok(PowerTarget::RestoreDefault)
             }
             set_power_limit_request::Target::RestoreDefault(false) => {
+                Err(ControlError::RestoreDefaultNotTrue)
+            }
+        }
+    }
+}
+
+impl TryFrom<set_power_budget_request::Target> for BudgetTarget {
+    type Error = ControlError;
+
+    fn try_from(target: set_power_budget_request::Target) -> Result<Self, ControlError> {
+        match target {
+            set_power_budget_request::Target::Watts(w) => Ok(BudgetTarget::Watts(w)),
+            set_power_budget_request::Target::RestoreDefault(true) => Ok(BudgetTarget::Drop),
+            set_power_budget_request::Target::RestoreDefault(false) => {
                 Err(ControlError::RestoreDefaultNotTrue)
             }
         }

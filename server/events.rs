@@ -77,6 +77,10 @@ impl Actor {
     pub fn daemon() -> Self {
         Self::fixed(ActorKind::Daemon, "daemon")
     }
+    /// The daemon dividing the node power budget.
+    pub fn budget() -> Self {
+        Self::fixed(ActorKind::Daemon, "budget")
+    }
     pub fn operator(name: &str) -> Self {
         Self::fixed(ActorKind::Operator, name)
     }
@@ -921,6 +925,21 @@ enum ChangeRecord {
         before_hysteresis_c: Option<u32>,
         after_hysteresis_c: Option<u32>,
     },
+    Budget {
+        before_watts: Option<f64>,
+        after_watts: Option<f64>,
+        #[serde(default)]
+        shares: Vec<ShareRecord>,
+    },
+}
+
+/// One GPU's budget share in the log: (index, uuid, before mW, after mW).
+#[derive(Debug, Serialize, Deserialize)]
+struct ShareRecord {
+    index: u32,
+    uuid: String,
+    before_mw: Option<u32>,
+    after_mw: Option<u32>,
 }
 
 fn encode_line(e: &api::Event) -> io::Result<String> {
@@ -957,6 +976,20 @@ fn encode_line(e: &api::Event) -> io::Result<String> {
                 after_c: t.after_c,
                 before_hysteresis_c: t.before_hysteresis_c,
                 after_hysteresis_c: t.after_hysteresis_c,
+            },
+            Change::Budget(b) => ChangeRecord::Budget {
+                before_watts: b.before_watts,
+                after_watts: b.after_watts,
+                shares: b
+                    .shares
+                    .iter()
+                    .map(|s| ShareRecord {
+                        index: s.index,
+                        uuid: s.uuid.clone(),
+                        before_mw: s.before_mw,
+                        after_mw: s.after_mw,
+                    })
+                    .collect(),
             },
         }),
         attribution: e.attribution.as_ref().map(AttributionRecord::from_wire),
@@ -1011,6 +1044,23 @@ fn decode_line(line: &[u8]) -> Option<api::Event> {
                 after_c,
                 before_hysteresis_c,
                 after_hysteresis_c,
+            }),
+            ChangeRecord::Budget {
+                before_watts,
+                after_watts,
+                shares,
+            } => Change::Budget(api::BudgetChange {
+                before_watts,
+                after_watts,
+                shares: shares
+                    .into_iter()
+                    .map(|s| api::BudgetShare {
+                        index: s.index,
+                        uuid: s.uuid,
+                        before_mw: s.before_mw,
+                        after_mw: s.after_mw,
+                    })
+                    .collect(),
             }),
         }),
         xid_info: xid_info(EventKind::from_str_name(&r.kind)? as i32, r.xid),

@@ -11,22 +11,33 @@
 //! # The law
 //!
 //! Temperature is a first-order response to power: it heads for
-//! `ambient + R * power` with a time constant. The governor works in power:
+//! `ambient + R * power` with a time constant. The governor works in power,
+//! and aims to hold the GPU *at* its threshold under sustained load — the
+//! die settled [`AIM_BELOW_C`] under it, so the whole-degree sensor reads
+//! `threshold - 1` or `threshold` — not a safe margin under it: the margin
+//! is throughput the operator paid for.
 //!
-//! * **Hot** — the predicted temperature (the sensor reading plus its
-//!   current rate of rise over a short horizon, to see past the sensor's lag)
-//!   reaches the threshold: cut the limit, relative to the power actually
-//!   drawn, by the fraction that removes the excess heat:
-//!   `cut = excess / (predicted - ambient)`. Successive cuts while the
-//!   temperature still rises grow, so a fast heater is caught in a few writes.
-//! * **Cool** — at or below `threshold - hysteresis` and not rising: raise the
-//!   limit, by the fraction the remaining headroom allows, halved for safety;
-//!   when the GPU is not even using the limit (demand fell), go straight
-//!   back to the ceiling.
-//! * **In between** — hold. The band is what keeps it from oscillating.
+//! * **Segments.** Readings at one power form a segment. Once they span a
+//!   few degrees, an exponential is fitted to them ([`Segment::fit`]): where
+//!   this power settles, long before it gets there, and the time constant.
+//!   Flat for three time constants (or, with none learned, for as long as it
+//!   took to get flat) counts as settled. Either makes the segment *known*.
+//! * **Hot** — a reading over `threshold + 1`, a rise towards it at a power
+//!   the model does not vouch for, or a known segment settling over the
+//!   threshold: cut to the power the model says settles at the aim. Before
+//!   the resistance is learned the cut assumes it is [`PRIOR_ERROR`] higher
+//!   than the prior (under-cooled rather than overshooting); repeated cuts
+//!   with the reading still over the line grow.
+//! * **Trim** — a known segment settling more than [`TRIM_BELOW_C`] under the
+//!   threshold while the GPU presses against its limit: raise to the aim.
+//! * **Cool** — at or below `threshold - hysteresis`: when the workload no
+//!   longer uses the limit, straight back to the ceiling; otherwise a raise
+//!   towards the aim.
 //!
 //! Writes are rate-limited (`min_write_interval`) and only made when the
 //! change is at least `min_step`. The limit never leaves `[floor, ceiling]`.
+//! The previous law (cut to 1 °C under, hold until `threshold - hysteresis`)
+//! is kept as `governor_v1` in test builds, for side-by-side comparison.
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -119,14 +130,33 @@ const SLOPE_WINDOW: Duration = Duration::from_millis(2500);
 const LONG_WINDOW: Duration = Duration::from_secs(10);
 /// How far ahead a rising temperature is surely going (a lower bound for
 /// any GPU whose time constant is at least this).
-const BOUND_HORIZON_S: f64 = 2.0;
+const BOUND_HORIZON_S: f64 = 1.5;
 /// How long power must hold before readings say anything about where that
 /// power settles (the sensor's lag plus the power reading's averaging).
 const POWER_HOLD_S: f64 = 2.5;
 /// How far ahead the governor looks when judging "hot".
 const HORIZON_S: f64 = 2.0;
-/// The governor aims this far below the threshold when cutting.
-const AIM_BELOW_C: f64 = 1.0;
+/// The governor aims the settled die temperature this far below the
+/// threshold: the sensor reads whole degrees, so a die anywhere in
+/// `[threshold - 1.5, threshold + 0.5)` reads `threshold - 1` or `threshold`.
+const AIM_BELOW_C: f64 = 0.4;
+/// Readings this far above the threshold count as hot (the sensor's whole
+/// degrees: `threshold` itself is on target).
+const HOT_ABOVE_C: f64 = 1.0;
+/// A settled temperature predicted this far below the threshold, with the
+/// GPU pressing against its limit, is power given away: raise.
+const TRIM_BELOW_C: f64 = 1.2;
+/// With no time constant learned yet, readings flat (within a degree) at one
+/// power for this long count as settled.
+const UNKNOWN_TAU_FLAT_S: f64 = 6.0;
+/// How far the thermal prior may be off (a fraction): the cut made before
+/// anything is learned assumes the resistance is this much higher.
+const PRIOR_ERROR: f64 = 0.4;
+/// Most points kept for the current constant-power segment.
+const SEGMENT_POINTS: usize = 400;
+/// Smallest spread of readings (°C) over a segment before a curve is fitted
+/// to it: less is mostly the sensor's rounding.
+const FIT_MIN_SPREAD_C: f64 = 3.0;
 
 /// One GPU's governor.
 #[derive(Debug, Clone)]
@@ -143,6 +173,146 @@ pub struct Governor {
     model: ThermalModel,
     /// Temperature at the last write.
     last_write_temp: f64,
+    /// Readings since power last changed: what the fit sees.
+    segment: Segment,
+    /// Cuts in a row made with the reading over the line: each one cuts
+    /// harder, so a model that is wrong is overruled in a few writes.
+    over_cuts: u32,
+    /// The thermal time constant, once a fit has seen it (seconds).
+    tau_s: Option<f64>,
+    /// The last cut was for heat and the GPU has not cooled below
+    /// `threshold - hysteresis` since: the node budget counts the GPU as
+    /// held by heat, not by its share.
+    hot_hold: bool,
+}
+
+/// Readings at one power, from the moment it was reached.
+#[derive(Debug, Clone, Default)]
+struct Segment {
+    /// Power (W) the segment is at.
+    power_w: f64,
+    /// When it started (s).
+    start_s: f64,
+    /// (time s, temperature °C), decimated to fit [`SEGMENT_POINTS`].
+    points: Vec<(f64, f64)>,
+    /// Spacing of kept points (s); doubles when the segment fills.
+    spacing_s: f64,
+    /// The segment's curve has already been handed to the model.
+    fitted: bool,
+}
+
+impl Segment {
+    fn restart(&mut self, power_w: f64, at_s: f64) {
+        self.power_w = power_w;
+        self.start_s = at_s;
+        self.points.clear();
+        self.spacing_s = 0.2;
+        self.fitted = false;
+    }
+
+    fn push(&mut self, at_s: f64, temperature_c: f64) {
+        if at_s - self.start_s < POWER_HOLD_S {
+            // The temperature still follows the previous power (and the
+            // power reading its average): not this segment's curve yet.
+            return;
+        }
+        if self
+            .points
+            .last()
+            .is_some_and(|(t, _)| at_s - t < self.spacing_s)
+        {
+            return;
+        }
+        if self.points.len() >= SEGMENT_POINTS {
+            let kept: Vec<_> = self.points.iter().copied().step_by(2).collect();
+            self.points = kept;
+            self.spacing_s *= 2.0;
+        }
+        self.points.push((at_s, temperature_c));
+    }
+
+    fn duration_s(&self) -> f64 {
+        match (self.points.first(), self.points.last()) {
+            (Some(a), Some(b)) => b.0 - a.0,
+            _ => 0.0,
+        }
+    }
+
+    fn spread_c(&self) -> f64 {
+        let (lo, hi) = self
+            .points
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), (_, y)| {
+                (lo.min(*y), hi.max(*y))
+            });
+        if self.points.is_empty() { 0.0 } else { hi - lo }
+    }
+
+    fn mean_c(&self, last_s: f64) -> f64 {
+        let end = self.points.last().map_or(0.0, |p| p.0);
+        let recent: Vec<f64> = self
+            .points
+            .iter()
+            .filter(|(t, _)| end - t <= last_s)
+            .map(|p| p.1)
+            .collect();
+        recent.iter().sum::<f64>() / recent.len().max(1) as f64
+    }
+
+    /// Fits `temperature = settled + b * exp(-t / tau)` to the segment: a
+    /// first-order response at constant power. Returns (settled °C, tau s)
+    /// when the curve is clear enough to extrapolate from.
+    fn fit(&self) -> Option<(f64, f64)> {
+        let duration = self.duration_s();
+        if self.points.len() < 8 || duration < 2.0 || self.spread_c() < FIT_MIN_SPREAD_C {
+            return None;
+        }
+        // The start of a segment carries the sensor's lag (the curve is
+        // S-shaped there, not exponential): fit the rest.
+        let from = self.points[0].0 + 0.25 * duration;
+        let points: Vec<(f64, f64)> = self
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0 >= from)
+            .collect();
+        let t0 = points[0].0;
+        let mut best: Option<(f64, f64, f64)> = None;
+        // Time constants from 0.5 s to ~400 s, 6 % apart.
+        let mut tau = 0.5;
+        while tau < 400.0 {
+            let n = points.len() as f64;
+            let (mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0);
+            for (t, y) in &points {
+                let x = (-(t - t0) / tau).exp();
+                sx += x;
+                sy += y;
+                sxx += x * x;
+                sxy += x * y;
+            }
+            let den = n * sxx - sx * sx;
+            if den > 1e-12 {
+                let b = (n * sxy - sx * sy) / den;
+                let a = (sy - b * sx) / n;
+                let sse: f64 = points
+                    .iter()
+                    .map(|(t, y)| {
+                        let e = y - a - b * (-(t - t0) / tau).exp();
+                        e * e
+                    })
+                    .sum();
+                if best.is_none_or(|(_, _, best_sse)| sse < best_sse) {
+                    best = Some((a, tau, sse));
+                }
+            }
+            tau *= 1.06;
+        }
+        let (settled, tau, sse) = best?;
+        let rms = (sse / points.len() as f64).sqrt();
+        // Extrapolating far past what was seen, or a curve that does not
+        // fit (the power was not constant after all), says little.
+        (tau <= 2.5 * duration && tau < 380.0 && rms < 0.6).then_some((settled, tau))
+    }
 }
 
 impl Governor {
@@ -163,6 +333,10 @@ impl Governor {
             level,
             last_write: None,
             last_write_temp: f64::MIN,
+            segment: Segment::default(),
+            over_cuts: 0,
+            tau_s: None,
+            hot_hold: false,
         }
     }
 
@@ -189,6 +363,33 @@ impl Governor {
     pub fn note_written(&mut self, level: f64, at: Duration) {
         self.level = level;
         self.last_write = Some(at);
+    }
+
+    /// Tells the governor its last write did not land: `in_force` is what
+    /// was last written (or read). It decided as if its write had landed;
+    /// without this, a failed raise to the ceiling would leave it believing
+    /// the GPU is there while the GPU stays held down (with a limit that
+    /// cannot be read back, nothing else would correct it). The time of the
+    /// attempt still counts for the rate limit.
+    pub fn write_failed(&mut self, in_force: f64) {
+        if !in_force.is_finite() {
+            return;
+        }
+        self.level = in_force.clamp(
+            self.params.floor,
+            self.params.ceiling.max(self.params.floor),
+        );
+        self.state = if self.is_lowered() {
+            Phase::Throttling
+        } else {
+            Phase::Idle
+        };
+    }
+
+    /// True when heat, not the ceiling, holds the GPU where it is: the last
+    /// cut was for heat and the GPU has not cooled off since.
+    pub fn holds_for_heat(&self) -> bool {
+        self.hot_hold
     }
 
     /// True when the governor holds the GPU below its ceiling.
@@ -271,6 +472,37 @@ impl Governor {
                 .all(|(_, p)| (p - current).abs() <= 0.05 * current.abs().max(1.0))
     }
 
+    /// With no time constant known: the readings have stayed within a
+    /// degree for at least as long as they took to get there since the
+    /// power last changed (at least 3 s). A first-order response that moved
+    /// for `m` seconds and then held still as long is within a fraction of
+    /// a degree of where it settles.
+    fn flat_for_as_long_as_it_moved(&self, now: f64) -> bool {
+        let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+        let mut flat_since = None;
+        for (t, y) in self.history.iter().rev() {
+            lo = lo.min(*y);
+            hi = hi.max(*y);
+            if hi - lo > 1.0 {
+                break;
+            }
+            flat_since = Some(*t);
+        }
+        let Some(flat_since) = flat_since else {
+            return false;
+        };
+        if self
+            .history
+            .front()
+            .is_some_and(|(t0, _)| *t0 >= flat_since)
+        {
+            // Flat for all the history holds: the other tests judge that.
+            return false;
+        }
+        let moving = (flat_since - self.segment.start_s).max(0.0);
+        now - flat_since >= moving.max(3.0) && now - self.segment.start_s >= POWER_HOLD_S + 3.0
+    }
+
     /// True when power stayed within 5 % over the history window.
     fn power_steady(&self) -> bool {
         let (lo, hi) = self
@@ -318,34 +550,93 @@ impl Governor {
             self.history.pop_front();
             self.powers.pop_front();
         }
-        self.history.push_back((t, obs.temperature_c));
-        self.powers.push_back(obs.power_w.unwrap_or(self.level));
-        if let Some(level) = obs.level {
+        // What is read in force overrules what the governor believes it
+        // wrote, before anything (the draw's bound below) is judged by it.
+        if let Some(level) = obs.level.filter(|l| l.is_finite()) {
             self.level = level;
         }
+        self.history.push_back((t, obs.temperature_c));
+        self.powers
+            .push_back(obs.power_w.unwrap_or(self.level).min(self.level.max(1.0)));
         let p = self.params.clone();
         let temp = obs.temperature_c;
         let slope = self.slope();
         let long_slope = self.long_slope();
         let draw = self.draw(obs);
-        let power = self.power_of(obs);
+        // The power reading is an average that lags a cut by a second or
+        // so; what the GPU draws now is at most the limit in force.
+        // Right after a write, a reading heading for the new limit means the
+        // GPU already draws it.
+        let since_write_s = self
+            .last_write
+            .map_or(f64::INFINITY, |w| t - w.as_secs_f64());
+        let power = match p.actuator {
+            Actuator::PowerLimit => {
+                let reading = self.power_of(obs);
+                if since_write_s < POWER_HOLD_S && reading >= 0.75 * self.level {
+                    self.level
+                } else {
+                    reading.min(self.level)
+                }
+            }
+            Actuator::ClockCap => self.power_of(obs),
+        };
         let ceiling = p.ceiling.max(p.floor);
-        // Keep the model honest. At a power held for a while, rising means
-        // that power heads above the current temperature, falling means
-        // below, flat means here. Right after the power changed, the
-        // temperature still follows the old power (and the sensor lags), so
-        // nothing is inferred until the new power has held.
+        // A new power (a write landed, or the workload changed) starts a new
+        // segment: the readings from here on trace that power's curve.
+        if self.segment.points.is_empty() && self.segment.start_s == 0.0
+            || (power - self.segment.power_w).abs() > 0.03 * self.segment.power_w.max(10.0)
+        {
+            self.segment.restart(power, t);
+            self.model.begin_segment();
+        }
+        self.segment.push(t, temp);
+        // Keep the model honest. A segment whose curve is clear says where
+        // its power settles long before it gets there (the fit also learns
+        // the time constant); otherwise, at a power held for a while, rising
+        // means that power heads above the current temperature, falling
+        // means below, flat for three time constants means here.
         self.model.saw_power(power);
-        if self.power_held_for(t, POWER_HOLD_S) {
+        if let Some((settled_c, tau)) = self.segment.fit() {
+            self.tau_s = Some(self.tau_s.map_or(tau, |old| 0.5 * (old + tau)));
+            self.model.settles_from_fit(power, settled_c);
+            self.segment.fitted = true;
+        } else if self.power_held_for(t, POWER_HOLD_S) {
             if slope > 0.05 {
                 self.model.at_least(power, temp + slope * BOUND_HORIZON_S);
             } else if slope < -0.05 {
                 self.model.at_most(power, temp);
-            } else if long_slope.abs() < 0.02 && self.history.len() >= 6 && self.power_steady() {
-                self.model.settled(power, temp);
+            }
+            let flat_for = self
+                .tau_s
+                .map_or(LONG_WINDOW.as_secs_f64(), |tau| 3.0 * tau);
+            let settled = match self.tau_s {
+                Some(_) => {
+                    self.segment.duration_s() >= flat_for && {
+                        // The last time constant's readings, all within a degree.
+                        let mean = self.segment.mean_c(flat_for / 3.0);
+                        (temp - mean).abs() <= 1.0 && long_slope.abs() < 0.05
+                    }
+                }
+                // No time constant seen yet: flat for a while at one power.
+                None => {
+                    self.segment.duration_s() >= UNKNOWN_TAU_FLAT_S
+                        && self.segment.spread_c() <= 1.0
+                        || self.flat_for_as_long_as_it_moved(t)
+                        || long_slope.abs() < 0.02 && self.history.len() >= 6 && self.power_steady()
+                }
+            };
+            if settled && slope.abs() <= 0.05 {
+                let mean = match self.tau_s {
+                    Some(_) => self.segment.mean_c(flat_for / 3.0),
+                    None => temp,
+                };
+                self.model.settled(power, mean);
+                self.segment.fitted = true;
             }
         }
         let settles_at = self.model.settles_at(power);
+        let known = self.segment.fitted;
 
         let predicted = temp + slope.max(0.0) * HORIZON_S;
         let since_write = self
@@ -353,63 +644,134 @@ impl Governor {
             .map_or(f64::INFINITY, |w| t - w.as_secs_f64());
         let can_write = since_write >= p.min_write_interval.as_secs_f64();
         let unit = self.unit();
+        let hot_line = p.threshold_c + HOT_ABOVE_C;
+        let aim = p.threshold_c - AIM_BELOW_C;
 
-        let hot = predicted >= p.threshold_c
-            || (settles_at > p.threshold_c + 0.5 && temp >= p.threshold_c - 1.0);
+        // Hot: a reading over the line; or rising towards it at a power the
+        // model does not vouch for; or the model says this power settles
+        // over the threshold's reading (far over, to act before the reading
+        // gets there).
+        let over_settle = settles_at >= p.threshold_c + 0.5 && temp >= p.threshold_c && known
+            || settles_at >= p.threshold_c + 2.0 && temp >= p.threshold_c - 1.0;
+        // The model vouches for a power it chose itself, or one whose curve
+        // it has seen; not for the ceiling it has never held the GPU at.
+        let vouched = settles_at <= p.threshold_c && (known || self.level < ceiling - 0.5);
+        let hot = temp >= hot_line
+            || (predicted >= hot_line && !vouched)
+            // From the ceiling, rising fast: the first catch leaves a degree
+            // more margin for the sensor's lag.
+            || (predicted >= p.threshold_c && self.level >= ceiling - 0.5 && !vouched)
+            || over_settle;
         if hot {
             self.state = Phase::Throttling;
-            let aim = p.threshold_c - AIM_BELOW_C;
-            let power_target = self.model.power_for(aim);
+            // A resistance not yet learned may be the prior's, which can be
+            // 40 % off: the first cut assumes the worse case and the trim
+            // gives back what it did not need.
+            // In clock mode the level is mapped through the power reading,
+            // which lags while the power moves: cautious then as well.
+            let mapping_lags =
+                p.actuator == Actuator::ClockCap && !self.power_held_for(t, POWER_HOLD_S);
+            let power_target = if self.model.learned && !mapping_lags {
+                self.model.power_for(aim)
+            } else {
+                self.model.power_for_cautious(aim, PRIOR_ERROR)
+            };
             let mut target = self.level_for_power(power_target, obs);
-            if predicted >= p.threshold_c {
-                // Hot now: cut at least a little, whatever the model says.
-                target = target.min(draw.min(self.level) * (1.0 - self.level_fraction(0.03)));
+            let over_now = temp >= hot_line;
+            let settled_since_write = since_write >= POWER_HOLD_S;
+            if over_now || (predicted >= hot_line && settled_since_write) {
+                // Hot now: cut at least a little, whatever the model says,
+                // and more each time in a row.
+                let fraction = 0.03 * f64::from(self.over_cuts + 1);
+                target = target.min(draw.min(self.level) * (1.0 - self.level_fraction(fraction)));
             }
             let target = target.clamp(p.floor, ceiling);
             // A cut takes a while to show; cut again only on evidence that
-            // the last one was not enough (still rising, or hotter).
-            let evidence =
-                slope > 0.1 || temp > self.last_write_temp || since_write > 2.0 * HORIZON_S;
+            // the last one was not enough (still rising, or hotter), or on a
+            // new curve that says so.
+            // Right after a cut the lagging sensor still rises: only a
+            // reading over the line is evidence then.
+            let evidence = over_now && temp > self.last_write_temp
+                || over_now && settled_since_write && slope >= -0.05
+                || settled_since_write && (slope > 0.1 || temp > self.last_write_temp)
+                || since_write > 2.0 * HORIZON_S.max(self.tau_s.unwrap_or(0.0));
             if can_write && evidence && self.level - target >= p.min_step {
-                let reason = format!(
-                    "temperature {temp:.0} °C{} >= threshold {:.0} °C",
-                    if predicted > temp + 0.5 {
-                        format!(" (rising {slope:.1} °C/s)")
-                    } else {
-                        String::new()
-                    },
-                    p.threshold_c
-                );
+                let reason = if predicted >= hot_line {
+                    format!(
+                        "temperature {temp:.0} °C{} over threshold {:.0} °C",
+                        if predicted > temp + 0.5 {
+                            format!(" (rising {slope:.1} °C/s)")
+                        } else {
+                            String::new()
+                        },
+                        p.threshold_c
+                    )
+                } else {
+                    format!(
+                        "temperature {temp:.0} °C heading for {settles_at:.0} °C, over threshold {:.0} °C",
+                        p.threshold_c
+                    )
+                };
                 self.last_write_temp = temp;
+                if over_now {
+                    self.over_cuts = (self.over_cuts + 1).min(5);
+                }
+                self.hot_hold = true;
                 return self.set(target, obs.time, reason);
             }
             return Decision::Hold;
         }
+        if temp < p.threshold_c {
+            self.over_cuts = 0;
+        }
 
         let cool_edge = p.threshold_c - p.hysteresis_c;
-        if temp <= cool_edge && slope <= 0.05 && self.level < ceiling {
-            self.state = Phase::Recovering;
-            let not_using_it = draw < 0.85 * self.level;
-            let target = if not_using_it {
-                ceiling
-            } else {
-                let aim = p.threshold_c - AIM_BELOW_C - p.hysteresis_c / 2.0;
-                let power_target = self.model.power_for(aim);
-                self.level_for_power(power_target, obs)
-                    .clamp(p.floor, ceiling)
-            };
-            if can_write && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5) {
-                let reason = if target >= ceiling {
-                    format!(
-                        "temperature {temp:.0} °C <= {cool_edge:.0} °C: back to the ceiling {ceiling:.0} {unit}"
-                    )
+        if temp <= cool_edge {
+            self.hot_hold = false;
+        }
+        let pressing = match self.params.actuator {
+            Actuator::PowerLimit => draw >= self.level - p.min_step.max(0.03 * self.level),
+            Actuator::ClockCap => draw >= 0.97 * self.level,
+        };
+        let not_using_it = draw < 0.85 * self.level;
+        if self.level < ceiling && slope <= 0.05 {
+            // Cool and the workload no longer uses the limit: all of it back.
+            // Pressing against the limit with a settled temperature (known,
+            // or cool enough to be sure) under the threshold: give back what
+            // settles just under it.
+            let target = if temp <= cool_edge && not_using_it {
+                Some(ceiling)
+            } else if pressing && known && settles_at <= p.threshold_c - TRIM_BELOW_C {
+                Some(self.level_for_power(self.model.power_for(aim), obs))
+            } else if pressing && temp <= cool_edge && since_write >= POWER_HOLD_S {
+                // Cool but not settled: aim at the target only if the
+                // resistance has been learned, else halfway.
+                let cautious = if self.model.learned {
+                    aim
                 } else {
-                    format!("temperature {temp:.0} °C <= {cool_edge:.0} °C: giving power back")
+                    p.threshold_c - AIM_BELOW_C - p.hysteresis_c / 2.0
                 };
-                self.last_write_temp = temp;
-                return self.set(target, obs.time, reason);
+                Some(self.level_for_power(self.model.power_for(cautious), obs))
+            } else {
+                None
+            };
+            if let Some(target) = target.map(|t| t.clamp(p.floor, ceiling)) {
+                self.state = Phase::Recovering;
+                if can_write && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5)
+                {
+                    let reason = if target >= ceiling {
+                        format!("temperature {temp:.0} °C: back to the ceiling {ceiling:.0} {unit}")
+                    } else {
+                        format!(
+                            "temperature {temp:.0} °C settles at {settles_at:.0} °C, under threshold {:.0} °C: giving power back",
+                            p.threshold_c
+                        )
+                    };
+                    self.last_write_temp = temp;
+                    return self.set(target, obs.time, reason);
+                }
+                return Decision::Hold;
             }
-            return Decision::Hold;
         }
         self.state = if self.level < ceiling - 0.5 {
             Phase::Throttling
@@ -468,6 +830,9 @@ struct ThermalModel {
     /// The anchor is a real settled reading, not the initial guess (no
     /// resistance is learned against a guess).
     anchor_seen: bool,
+    /// The anchor as it was when the current segment began: fits of the
+    /// segment learn the resistance against it.
+    base: (f64, f64, bool),
 }
 
 impl ThermalModel {
@@ -486,7 +851,29 @@ impl ThermalModel {
             peak_power_w: 0.0,
             learned: false,
             anchor_seen: false,
+            base: (0.0, ambient_c, false),
         }
+    }
+
+    /// A new constant-power segment begins.
+    fn begin_segment(&mut self) {
+        self.base = (self.anchor_power_w, self.anchor_c, self.anchor_seen);
+    }
+
+    /// A fitted curve says the GPU at `power` settles at `temperature`.
+    fn settles_from_fit(&mut self, power: f64, temperature: f64) {
+        let (base_power, base_c, base_seen) = self.base;
+        let far = (power - base_power).abs() > 0.15 * power.max(base_power).max(1.0);
+        if base_seen && far {
+            let r = (temperature - base_c) / (power - base_power);
+            if r.is_finite() && r > 0.0 {
+                self.resistance = self.clamp(r);
+                self.learned = true;
+            }
+        }
+        self.anchor_power_w = power;
+        self.anchor_c = temperature;
+        self.anchor_seen = true;
     }
 
     /// Tracks the highest power seen; with an unknown rating that sets the
@@ -519,6 +906,15 @@ impl ThermalModel {
 
     fn power_for(&self, temperature: f64) -> f64 {
         self.anchor_power_w + (temperature - self.anchor_c) / self.resistance
+    }
+
+    /// The power that settles at `temperature` if the resistance were
+    /// `1 + error` times what the model holds (only ever lower when cutting
+    /// from above the anchor).
+    fn power_for_cautious(&self, temperature: f64, error: f64) -> f64 {
+        let r = self.resistance * (1.0 + error);
+        self.power_for(temperature)
+            .min(self.anchor_power_w + (temperature - self.anchor_c) / r)
     }
 
     /// The GPU at `power` settles at `temperature` or above.

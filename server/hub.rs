@@ -140,6 +140,9 @@ pub struct Hub {
     strided: Mutex<HashMap<(u64, u64), TickSender>>,
     devices: RwLock<Arc<Vec<DeviceInfo>>>,
     policies: RwLock<Arc<Vec<GpuPolicy>>>,
+    /// The node power budget, when one is set (GetPolicy, metrics, the
+    /// dashboard).
+    power_budget: RwLock<Option<crate::api::PowerBudget>>,
     /// The history writer, offered every frame (never waited for).
     history_sink: std::sync::OnceLock<Arc<crate::history::HistorySink>>,
     pub stats: HubStats,
@@ -178,6 +181,7 @@ impl Hub {
             strided: Mutex::new(HashMap::new()),
             devices: RwLock::new(Arc::new(Vec::new())),
             policies: RwLock::new(Arc::new(Vec::new())),
+            power_budget: RwLock::new(None),
             history_sink: std::sync::OnceLock::new(),
             stats: HubStats::default(),
         }
@@ -348,6 +352,20 @@ impl Hub {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    pub fn power_budget(&self) -> Option<crate::api::PowerBudget> {
+        self.power_budget
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_power_budget(&self, budget: Option<crate::api::PowerBudget>) {
+        *self
+            .power_budget
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = budget;
     }
 
     pub fn set_policies(&self, policies: Vec<GpuPolicy>) {

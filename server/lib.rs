@@ -77,3 +77,11 @@ test_visible!(
 /// physics in a loop, for the scenario tests and `examples/governor_report`.
 #[cfg(feature = "testing")]
 pub mod scenario;
+
+/// The node power budget's allocator: the control plane's split of a
+/// host-wide budget (and the scenario runner's).
+pub mod budget;
+
+/// The previous governor, for side-by-side comparison only.
+#[cfg(feature = "testing")]
+pub mod governor_v1;

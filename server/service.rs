@@ -26,10 +26,10 @@ use crate::{
         GetSnapshotRequest, GetSnapshotResponse, HostInfo, LeaseGpusRequest, ListDevicesRequest,
         ListDevicesResponse, ListLeasesRequest, ListLeasesResponse, PickGpusRequest,
         PickGpusResponse, ReleaseLeaseRequest, ReleaseLeaseResponse, RenewLeaseRequest,
-        RenewLeaseResponse, ResetClocksRequest, ResetClocksResponse, SetPowerLimitRequest,
-        SetPowerLimitResponse, SetThresholdRequest, SetThresholdResponse, WatchEventsRequest,
-        WatchEventsResponse, WatchRequest, WatchResponse, WatchStart, gpu_watch_server::GpuWatch,
-        watch_events_response, watch_response,
+        RenewLeaseResponse, ResetClocksRequest, ResetClocksResponse, SetPowerBudgetRequest,
+        SetPowerBudgetResponse, SetPowerLimitRequest, SetPowerLimitResponse, SetThresholdRequest,
+        SetThresholdResponse, WatchEventsRequest, WatchEventsResponse, WatchRequest, WatchResponse,
+        WatchStart, gpu_watch_server::GpuWatch, watch_events_response, watch_response,
     },
     attribution::tracker::Tracker,
     auth::Role,
@@ -673,7 +673,10 @@ impl GpuWatch for GpuWatchService {
             .filter(|p| indices.contains(&p.index))
             .cloned()
             .collect();
-        Ok(Response::new(GetPolicyResponse { policies }))
+        Ok(Response::new(GetPolicyResponse {
+            policies,
+            power_budget: self.hub.power_budget(),
+        }))
     }
 
     async fn get_history(
@@ -737,6 +740,24 @@ impl GpuWatch for GpuWatchService {
         let target = target.try_into().map_err(|e| control_status::status(&e))?;
         self.control
             .set_threshold(indices, target, req.hysteresis_c, caller)
+            .await
+            .map(Response::new)
+            .map_err(|e| control_status::status(&e))
+    }
+
+    async fn set_power_budget(
+        &self,
+        request: Request<SetPowerBudgetRequest>,
+    ) -> Result<Response<SetPowerBudgetResponse>, Status> {
+        let caller = authz::caller(&request, Role::Control)?.clone();
+        let target = request.into_inner().target.ok_or_else(|| {
+            Status::invalid_argument(
+                "target: set `watts` (the host-wide budget) or `restore_default: true` (no budget)",
+            )
+        })?;
+        let target = target.try_into().map_err(|e| control_status::status(&e))?;
+        self.control
+            .set_power_budget(target, caller)
             .await
             .map(Response::new)
             .map_err(|e| control_status::status(&e))

@@ -101,10 +101,25 @@ impl GpuState {
     }
 }
 
+/// The node power budget as persisted (SetPowerBudget): host-wide, so kept
+/// beside the GPUs' entries, not in one of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedBudget {
+    /// Host-wide watts.
+    pub watts: f64,
+    /// Who set it.
+    pub set_by: String,
+    /// When, in seconds since the Unix epoch.
+    pub set_at_unix_s: u64,
+}
+
 #[derive(Debug, Serialize)]
 struct FileFormat<'a> {
     version: u32,
     gpus: &'a BTreeMap<String, GpuState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    power_budget: &'a Option<SavedBudget>,
 }
 
 /// The persisted desired state of every GPU.
@@ -112,6 +127,7 @@ struct FileFormat<'a> {
 pub struct StateStore {
     writer: Persister,
     gpus: BTreeMap<String, GpuState>,
+    power_budget: Option<SavedBudget>,
 }
 
 /// What loading found.
@@ -153,6 +169,7 @@ impl StateStore {
     pub fn with_writer(writer: &Persister) -> (Self, StateReport) {
         let mut report = StateReport::default();
         let mut gpus = BTreeMap::new();
+        let mut power_budget = None;
         if let Some(dir) = writer.dir() {
             let current = dir.join(FILE);
             let fallbacks = if current.exists() {
@@ -161,7 +178,7 @@ impl StateStore {
                 [TEMPORARY, PREVIOUS]
             };
             match load_file(&current, true, &mut report) {
-                Some(loaded) => gpus = loaded,
+                Some(loaded) => (gpus, power_budget) = loaded,
                 None => {
                     for name in fallbacks {
                         let path = dir.join(name);
@@ -178,7 +195,7 @@ impl StateStore {
                                 },
                                 path.display()
                             ));
-                            gpus = loaded;
+                            (gpus, power_budget) = loaded;
                             break;
                         }
                     }
@@ -189,6 +206,7 @@ impl StateStore {
             Self {
                 writer: writer.clone(),
                 gpus,
+                power_budget,
             },
             report,
         )
@@ -207,6 +225,24 @@ impl StateStore {
             self.gpus.remove(&facts.uuid);
         }
         problems
+    }
+
+    /// The node power budget, if one is set.
+    pub fn power_budget(&self) -> Option<&SavedBudget> {
+        self.power_budget.as_ref()
+    }
+
+    /// Sets (or, with `None`, drops) the node power budget and queues a
+    /// save; the ack resolves once it is durable.
+    pub fn set_power_budget(&mut self, budget: Option<SavedBudget>) -> Ack {
+        if self.power_budget == budget {
+            return self.writer.replace(STATE_FILE, None);
+        }
+        self.power_budget = budget;
+        match self.encode() {
+            Ok(bytes) => self.writer.replace(STATE_FILE, Some(bytes)),
+            Err(e) => Ack::ready(Err(e)),
+        }
     }
 
     /// The state for `uuid` (default when unknown).
@@ -242,6 +278,7 @@ impl StateStore {
         let mut json = serde_json::to_vec_pretty(&FileFormat {
             version: VERSION,
             gpus: &self.gpus,
+            power_budget: &self.power_budget,
         })
         .map_err(|e| PersistError::Io {
             action: "encode",
@@ -260,7 +297,7 @@ fn load_file(
     path: &Path,
     must_read: bool,
     report: &mut StateReport,
-) -> Option<BTreeMap<String, GpuState>> {
+) -> Option<(BTreeMap<String, GpuState>, Option<SavedBudget>)> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
@@ -290,6 +327,27 @@ fn load_file(
         ));
         return None;
     };
+    let power_budget = match value.get("power_budget") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(budget) => match serde_json::from_value::<SavedBudget>(budget.clone()) {
+            Ok(b) if b.watts.is_finite() && b.watts > 0.0 => Some(b),
+            Ok(b) => {
+                report.problems.push(format!(
+                    "{}: the saved power budget of {} W is not a positive number; dropped",
+                    path.display(),
+                    b.watts
+                ));
+                None
+            }
+            Err(e) => {
+                report.problems.push(format!(
+                    "{}: the saved power budget is damaged ({e}); dropped",
+                    path.display()
+                ));
+                None
+            }
+        },
+    };
     let mut gpus = BTreeMap::new();
     for (uuid, entry) in entries {
         match serde_json::from_value::<GpuState>(entry.clone()) {
@@ -302,7 +360,7 @@ fn load_file(
             )),
         }
     }
-    Some(gpus)
+    Some((gpus, power_budget))
 }
 
 #[cfg(test)]
@@ -327,6 +385,43 @@ mod tests {
         assert_eq!(a.operator_ceiling_mw, Some(500_000));
         assert!(a.governor_lowered_limit);
         assert!(dir.path().join(PREVIOUS).exists());
+    }
+
+    #[tokio::test]
+    async fn the_power_budget_round_trips_and_a_damaged_one_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = StateStore::open(Some(dir.path()));
+        let budget = SavedBudget {
+            watts: 4000.0,
+            set_by: "ops".into(),
+            set_at_unix_s: 1_700_000_000,
+        };
+        store
+            .set_power_budget(Some(budget.clone()))
+            .await
+            .expect("save");
+        store
+            .update("GPU-a", |s| s.threshold_c = Some(70))
+            .await
+            .expect("save");
+        let (mut store, report) = StateStore::open(Some(dir.path()));
+        assert!(report.problems.is_empty(), "{report:?}");
+        assert_eq!(store.power_budget(), Some(&budget));
+        store.set_power_budget(None).await.expect("save");
+        let (store, _) = StateStore::open(Some(dir.path()));
+        assert_eq!(store.power_budget(), None);
+        assert_eq!(store.get("GPU-a").threshold_c, Some(70));
+        std::fs::write(
+            dir.path().join(FILE),
+            r#"{"version":1,"gpus":{},"power_budget":{"watts":-5,"set_by":"x","set_at_unix_s":0}}"#,
+        )
+        .expect("write");
+        let (store, report) = StateStore::open(Some(dir.path()));
+        assert_eq!(store.power_budget(), None);
+        assert!(
+            report.problems.iter().any(|p| p.contains("-5 W")),
+            "{report:?}"
+        );
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! The control commands: `set-power-limit`, `reset-clocks`, `set-threshold`.
+//! The control commands: `set-power-limit`, `set-power-budget`,
+//! `reset-clocks`, `set-threshold`.
 //!
 //! The same request goes to every named host at once; each host's answer is
 //! printed as its own result lines (one per GPU), and a host that fails says
@@ -7,14 +8,14 @@
 
 use gpuwatch_api::names;
 use gpuwatch_api::{
-    ResetClocksRequest, ResetOutcome, SetPowerLimitRequest, SetThresholdRequest,
-    set_power_limit_request, set_threshold_request,
+    ResetClocksRequest, ResetOutcome, SetPowerBudgetRequest, SetPowerLimitRequest,
+    SetThresholdRequest, set_power_budget_request, set_power_limit_request, set_threshold_request,
 };
 use serde::Serialize;
 
 use crate::{
     app::Exit,
-    cli::{ResetClocksArgs, SetPowerLimitArgs, SetThresholdArgs, selectors},
+    cli::{ResetClocksArgs, SetPowerBudgetArgs, SetPowerLimitArgs, SetThresholdArgs, selectors},
     commands::finish,
     connect::{Client, Connector, HostFailure},
     fleet::Fleet,
@@ -210,6 +211,81 @@ pub async fn set_power_limit(
                                 applied_limit_w: Exact::watts(r.applied_limit_mw),
                                 written: r.written,
                                 note: r.note,
+                            },
+                            text,
+                        }
+                    })
+                    .collect())
+            }
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Serialize)]
+struct BudgetDetail {
+    /// The budget now in force (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_budget_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_before_w: Option<Exact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_w: Option<Exact>,
+}
+
+/// `set-power-budget`: one line per GPU with its share before and after.
+pub async fn set_power_budget(
+    args: SetPowerBudgetArgs,
+    hosts: Vec<HostSpec>,
+    connector: Connector,
+    json: bool,
+) -> Exit {
+    let target = match args.watts {
+        Some(w) if !args.default => set_power_budget_request::Target::Watts(w),
+        _ => set_power_budget_request::Target::RestoreDefault(true),
+    };
+    apply(
+        "set_power_budget",
+        hosts,
+        connector,
+        json,
+        move |mut client| {
+            let request = SetPowerBudgetRequest {
+                target: Some(target),
+            };
+            async move {
+                let response = client.set_power_budget(request).await?.into_inner();
+                let budget_w = response.power_budget.as_ref().map(|b| b.watts);
+                let previous_budget_w = response.previous.as_ref().map(|b| b.watts);
+                let words = |w: Option<f64>| w.map_or("none".to_owned(), |w| format!("{w:.0} W"));
+                Ok(response
+                    .shares
+                    .into_iter()
+                    .map(|s| {
+                        let share = |mw: Option<u32>| {
+                            mw.map_or("none".to_owned(), |mw| {
+                                format!("{} W", units::watts_value(mw))
+                            })
+                        };
+                        let text = format!(
+                            "budget {} (was {}) · share {} (was {})",
+                            words(budget_w),
+                            words(previous_budget_w),
+                            share(s.after_mw),
+                            share(s.before_mw)
+                        );
+                        GpuResult {
+                            index: s.index,
+                            uuid: s.uuid,
+                            ok: true,
+                            error: None,
+                            detail: BudgetDetail {
+                                budget_w,
+                                previous_budget_w,
+                                share_before_w: s.before_mw.map(Exact::watts),
+                                share_w: s.after_mw.map(Exact::watts),
                             },
                             text,
                         }

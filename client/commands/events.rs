@@ -172,6 +172,7 @@ fn change_text(e: &Event) -> String {
         Some(Change::Threshold(c)) => {
             c.before_c == c.after_c && c.before_hysteresis_c == c.after_hysteresis_c
         }
+        Some(Change::Budget(c)) => c.before_watts == c.after_watts && c.shares.is_empty(),
         None => true,
     };
     if same {
@@ -211,6 +212,31 @@ fn change_text(e: &Event) -> String {
                     opt(c.after_hysteresis_c.map(|v| format!("{v} °C")), "unset")
                 ));
             }
+            format!(" [{}]", parts.join(", "))
+        }
+        Some(Change::Budget(c)) => {
+            let budget = |w: Option<f64>| w.map_or("none".to_owned(), |w| format!("{w:.0} W"));
+            let share = |mw: Option<u32>| {
+                mw.map_or("none".to_owned(), |v| {
+                    format!("{} W", units::watts_value(v))
+                })
+            };
+            let mut parts = Vec::new();
+            if c.before_watts != c.after_watts {
+                parts.push(format!(
+                    "budget {} -> {}",
+                    budget(c.before_watts),
+                    budget(c.after_watts)
+                ));
+            }
+            parts.extend(c.shares.iter().map(|s| {
+                format!(
+                    "GPU {} {} -> {}",
+                    s.index,
+                    share(s.before_mw),
+                    share(s.after_mw)
+                )
+            }));
             format!(" [{}]", parts.join(", "))
         }
         None => String::new(),

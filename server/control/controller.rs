@@ -21,21 +21,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     actor::WriteQueue,
-    api::{EventKind, GovernorAction, GpuPolicy, SetThresholdResponse},
+    api::{
+        BudgetChange, EventKind, GovernorAction, GpuPolicy, PowerBudget, SetPowerBudgetResponse,
+        SetThresholdResponse, event::Change,
+    },
     config::ControllerConfig,
     events::{Actor, EventLog, NewEvent},
     hub::Hub,
     persist::{Ack, AckSet},
     sampler::{Observed, Sampler},
-    state::StateStore,
+    state::{SavedBudget, StateStore},
 };
 
 use super::{
-    ControlRequest,
+    BudgetTarget, ControlRequest,
     dispatch::{Finish, PendingReplies, WRITE_TIMEOUT, WriteDone, Writes, reply_when_durable},
     error::ControlError,
     gpu::GpuControl,
     lifecycle,
+    node_budget::{self, NodeBudget},
     plan::{DesiredChange, Effect, Origin, Plan, Write},
     requests::{self, Awaiting, RequestPlan},
     wire,
@@ -65,6 +69,22 @@ pub struct Controller {
     writes: Writes,
     replies: PendingReplies,
     last_policies: Vec<GpuPolicy>,
+    /// The node power budget, when one is set.
+    budget: Option<NodeBudget>,
+    /// Share changes not yet in a redistribution event (position: the
+    /// share before the first, after the last), and when the last event
+    /// was recorded.
+    budget_changes: std::collections::BTreeMap<usize, (Option<u32>, Option<u32>)>,
+    last_budget_event: Option<SystemTime>,
+    /// SetPowerBudget replies waiting for the lowers the request started (so
+    /// that when the caller hears OK, the limits that may be in force fit), with
+    /// when they began waiting; answered anyway after [`WRITE_TIMEOUT`].
+    budget_replies: Vec<(
+        super::Reply<SetPowerBudgetResponse>,
+        SetPowerBudgetResponse,
+        crate::persist::AckSet,
+        std::time::Instant,
+    )>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -99,6 +119,18 @@ impl Controller {
             }
             gpus.push(gpu);
         }
+        let budget = store.power_budget().map(|b| NodeBudget {
+            watts: b.watts,
+            set_by: b.set_by.clone(),
+            set_at: SystemTime::UNIX_EPOCH + Duration::from_secs(b.set_at_unix_s),
+        });
+        if budget.is_some() {
+            // Every GPU joins the budget at the limit it has, from its
+            // first reading on.
+            for gpu in &mut gpus {
+                gpu.budget_active = true;
+            }
+        }
         let mut controller = Self {
             queues: sampler.write_queues(),
             sampler,
@@ -110,6 +142,10 @@ impl Controller {
             writes: Writes::default(),
             replies: PendingReplies::default(),
             last_policies: Vec::new(),
+            budget,
+            budget_changes: Default::default(),
+            last_budget_event: None,
+            budget_replies: Vec::new(),
         };
         controller.publish_policies();
         controller
@@ -126,6 +162,208 @@ impl Controller {
             self.hub.set_policies(policies.clone());
             self.last_policies = policies;
         }
+        self.hub.set_power_budget(self.power_budget_wire());
+    }
+
+    /// The budget as the wire shows it.
+    fn power_budget_wire(&self) -> Option<PowerBudget> {
+        let budget = self.budget.as_ref()?;
+        let facts = self.sampler.all_facts();
+        let (min_mw, max_mw) = node_budget::allowed_range_mw(&facts);
+        Some(PowerBudget {
+            watts: budget.watts,
+            set_by: budget.set_by.clone(),
+            set_at: Some(prost_types::Timestamp::from(budget.set_at)),
+            counted_mw: node_budget::counted_total_mw(&self.gpus, &facts),
+            min_mw,
+            max_mw,
+        })
+    }
+
+    /// One round of the node budget (when one is set): lowers, then the
+    /// raises that fit; share changes gathered into a rate-limited event.
+    fn budget_round(&mut self, now: SystemTime) {
+        let Some(watts) = self.budget.as_ref().map(|b| b.watts) else {
+            return;
+        };
+        let round = {
+            let facts = self.sampler.all_facts();
+            node_budget::redistribute(&mut self.gpus, &facts, watts)
+        };
+        self.carry_out(round, now);
+    }
+
+    fn carry_out(&mut self, round: node_budget::Round, now: SystemTime) {
+        for (pos, before, after) in round.changes {
+            self.budget_changes
+                .entry(pos)
+                .and_modify(|c| c.1 = after)
+                .or_insert((before, after));
+        }
+        for (pos, plan) in round.plans {
+            self.execute(pos, plan);
+        }
+        self.budget_changes
+            .retain(|_, (before, after)| before != after);
+        let due = self.last_budget_event.is_none_or(|last| {
+            now.duration_since(last).unwrap_or_default()
+                >= node_budget::REDISTRIBUTION_EVENT_INTERVAL
+        });
+        if due && !self.budget_changes.is_empty() {
+            let changes: Vec<_> = std::mem::take(&mut self.budget_changes)
+                .into_iter()
+                .map(|(pos, (before, after))| (pos, before, after))
+                .collect();
+            let facts = self.sampler.all_facts();
+            let shares = node_budget::shares(&changes, &facts);
+            let watts = self.budget.as_ref().map(|b| b.watts);
+            let reason = format!(
+                "node power budget{}: shares {}",
+                watts.map_or(String::new(), |w| format!(" of {w:.0} W")),
+                shares
+                    .iter()
+                    .map(|s| format!(
+                        "GPU {} {} -> {}",
+                        s.index,
+                        s.before_mw
+                            .map_or("none".to_owned(), |mw| format!("{} W", mw / 1000)),
+                        s.after_mw
+                            .map_or("none".to_owned(), |mw| format!("{} W", mw / 1000))
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            self.events.record(
+                NewEvent::new(EventKind::PowerBudgetRedistributed, Actor::budget(), reason).change(
+                    Change::Budget(BudgetChange {
+                        before_watts: watts,
+                        after_watts: watts,
+                        shares,
+                    }),
+                ),
+            );
+            self.last_budget_event = Some(now);
+        }
+    }
+
+    /// Answers the SetPowerBudget requests whose writes have all finished
+    /// (or that waited a write timeout: a GPU that does not answer keeps its
+    /// last limit counted, and the caller is not kept waiting on it).
+    fn answer_budget_replies(&mut self) {
+        if self.budget_replies.is_empty() {
+            return;
+        }
+        // Settled: what every GPU may have in force (share, confirmed limit,
+        // writes under way) fits the budget.
+        let settled = self.budget.as_ref().is_none_or(|b| {
+            let facts = self.sampler.all_facts();
+            node_budget::counted_total_mw(&self.gpus, &facts) as f64 <= b.watts * 1000.0
+        });
+        let waiting = std::mem::take(&mut self.budget_replies);
+        for (reply, response, durable, since) in waiting {
+            if settled || since.elapsed() >= WRITE_TIMEOUT {
+                reply_when_durable(reply, Ok(response), durable);
+            } else {
+                self.budget_replies.push((reply, response, durable, since));
+            }
+        }
+    }
+
+    /// SetPowerBudget: checks the value against this host's range, sets or
+    /// drops the budget (persisted, recorded with who did it), and runs a
+    /// round at once, so the lowers a smaller budget needs are under way
+    /// when the caller is answered.
+    fn set_power_budget(
+        &mut self,
+        target: BudgetTarget,
+        caller: &str,
+    ) -> Result<(SetPowerBudgetResponse, crate::persist::AckSet), ControlError> {
+        let now = SystemTime::now();
+        let (min_mw, max_mw) = node_budget::allowed_range_mw(&self.sampler.all_facts());
+        let new = match target {
+            BudgetTarget::Watts(watts) => {
+                let mw = watts * 1000.0;
+                if !watts.is_finite() || watts <= 0.0 || mw < min_mw as f64 || mw > max_mw as f64 {
+                    return Err(ControlError::BudgetOutOfRange {
+                        watts,
+                        min_mw,
+                        max_mw,
+                    });
+                }
+                Some(NodeBudget {
+                    watts,
+                    set_by: caller.to_owned(),
+                    set_at: now,
+                })
+            }
+            BudgetTarget::Drop => None,
+        };
+        let previous = self.power_budget_wire();
+        let before: Vec<Option<u32>> = self.gpus.iter().map(|g| g.budget_share_mw).collect();
+        let mut durable = crate::persist::AckSet::default();
+        durable.push(self.store.set_power_budget(new.as_ref().map(|b| {
+            SavedBudget {
+                watts: b.watts,
+                set_by: b.set_by.clone(),
+                set_at_unix_s: b
+                    .set_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            }
+        })));
+        let before_watts = self.budget.as_ref().map(|b| b.watts);
+        let after_watts = new.as_ref().map(|b| b.watts);
+        self.budget = new;
+        let round = {
+            let facts = self.sampler.all_facts();
+            match after_watts {
+                Some(watts) => {
+                    node_budget::activate(&mut self.gpus, &facts);
+                    node_budget::redistribute(&mut self.gpus, &facts, watts)
+                }
+                None => node_budget::release(&mut self.gpus, &facts),
+            }
+        };
+        // The request's own event carries every GPU's share before and
+        // after; the redistribution that follows is recorded as usual.
+        self.carry_out(round, now);
+        let facts = self.sampler.all_facts();
+        let changes: Vec<_> = self
+            .gpus
+            .iter()
+            .zip(&before)
+            .enumerate()
+            .map(|(pos, (g, before))| (pos, *before, g.budget_share_mw))
+            .collect();
+        let shares = node_budget::shares(&changes, &facts);
+        let reason = match after_watts {
+            Some(w) => format!("node power budget set to {w:.0} W"),
+            None => "node power budget dropped".to_owned(),
+        };
+        durable.push(
+            self.events
+                .record(
+                    NewEvent::new(
+                        EventKind::PowerBudgetChanged,
+                        Actor::operator(caller),
+                        reason,
+                    )
+                    .change(Change::Budget(BudgetChange {
+                        before_watts,
+                        after_watts,
+                        shares: shares.clone(),
+                    })),
+                )
+                .durable(),
+        );
+        Ok((
+            SetPowerBudgetResponse {
+                previous,
+                power_budget: self.power_budget_wire(),
+                shares,
+            },
+            durable,
+        ))
     }
 
     /// Runs until `shutdown`, then gives back every GPU the governor lowered.
@@ -231,6 +469,8 @@ impl Controller {
             };
             self.execute(pos, plan);
         }
+        self.budget_round(now);
+        self.answer_budget_replies();
         self.publish_policies();
     }
 
@@ -333,6 +573,10 @@ impl Controller {
             Finish::Late => lifecycle::late_write_done(gpu, facts, &write, &result),
         };
         let recorded = self.execute(pos, plan);
+        // The raises a landed lower makes room for wait for the next tick:
+        // budget writes are planned on readings, whose device clock spaces
+        // them (between ticks that clock is stale).
+        self.answer_budget_replies();
         // The caller was answered when the write timed out; its late
         // completion is recorded, not answered twice.
         if finish != Finish::Late
@@ -416,6 +660,20 @@ impl Controller {
                     }
                 }
             }
+            ControlRequest::SetPowerBudget {
+                target,
+                caller,
+                reply,
+            } => match self.set_power_budget(target, &caller.name) {
+                Ok((response, durable)) => {
+                    self.budget_replies
+                        .push((reply, response, durable, std::time::Instant::now()));
+                    self.answer_budget_replies();
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
         }
         self.publish_policies();
     }

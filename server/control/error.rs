@@ -44,6 +44,17 @@ pub enum ControlError {
         min_mw: u32,
         max_mw: u32,
     },
+    /// The node power budget asked for is not a positive number within the
+    /// sums of the GPUs' minimum and maximum power limits.
+    #[error(
+        "watts: {watts} W is not a valid node power budget; this host allows {} (the sums of its GPUs' minimum and maximum power limits)",
+        budget_range(*min_mw, *max_mw)
+    )]
+    BudgetOutOfRange {
+        watts: f64,
+        min_mw: u64,
+        max_mw: u64,
+    },
     /// The hysteresis asked for is outside what the daemon allows.
     #[error(
         "hysteresis_c: {hysteresis_c} °C is out of range; allowed: {HYSTERESIS_MIN_C} to {HYSTERESIS_MAX_C} °C"
@@ -115,6 +126,10 @@ fn watt_range(min_mw: u32, max_mw: u32) -> String {
         f64::from(min_mw) / 1000.0,
         f64::from(max_mw) / 1000.0
     )
+}
+
+fn budget_range(min_mw: u64, max_mw: u64) -> String {
+    format!("{}-{} W", min_mw as f64 / 1000.0, max_mw as f64 / 1000.0)
 }
 
 fn permission_hint(error: &BackendError) -> &'static str {

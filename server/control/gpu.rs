@@ -74,6 +74,28 @@ pub(crate) struct GpuControl {
     /// refused for want of permission: how to try again (see
     /// `lifecycle::retry_writes`).
     pub write_retry: Option<WriteRetry>,
+    /// This GPU's share of the node power budget (mW) while one is set and
+    /// the GPU is given one: an inner limit, like the operator's ceiling
+    /// (see [`Self::ceiling_mw`]).
+    pub budget_share_mw: Option<u32>,
+    /// A node power budget is in force: a GPU without a share yet is held
+    /// at the limit it has (it joins the budget there at its first reading).
+    pub budget_active: bool,
+    /// The highest power limit among the writes under way (mW): the budget
+    /// counts it, as it may land at any moment.
+    pub pending_limit_mw: Option<u32>,
+    /// Power drawn at the last reading (mW), and whether the power limit
+    /// held the clocks down then (the SW power cap throttle reason).
+    pub last_draw_mw: Option<u32>,
+    pub power_capped: bool,
+    /// The device clock of the last reading, and of the last write planned
+    /// to this GPU by anyone (the governor or the budget): the budget keeps
+    /// to the same write interval as the governor.
+    pub last_device_time: Option<Duration>,
+    pub last_write_device_time: Option<Duration>,
+    /// Device time between the last two readings (the sampler's period on
+    /// the device's clock).
+    pub reading_period: Duration,
 }
 
 /// Trying governor writes again after a permission error.
@@ -176,6 +198,14 @@ impl GpuControl {
             clock_cap_mhz: None,
             last_dry_run: None,
             write_retry: None,
+            budget_share_mw: None,
+            budget_active: false,
+            pending_limit_mw: None,
+            last_draw_mw: None,
+            power_capped: false,
+            last_device_time: None,
+            last_write_device_time: None,
+            reading_period: Duration::ZERO,
         };
         (gpu, warning)
     }
@@ -187,8 +217,22 @@ impl GpuControl {
 
     /// The ceiling in force: the operator's, else the device default; never
     /// above the device's maximum (a GPU back from a reset, or a state file,
-    /// may hold a ceiling above what the device now allows).
+    /// may hold a ceiling above what the device now allows), nor above the
+    /// GPU's share of the node power budget.
     pub(crate) fn ceiling_mw(&self, facts: &DeviceFacts) -> Option<u32> {
+        let ceiling = self.own_ceiling_mw(facts)?;
+        let share = match self.budget_share_mw {
+            Some(share) => Some(share),
+            None if self.budget_active => self.expected_limit_mw,
+            None => None,
+        };
+        Some(share.map_or(ceiling, |share| ceiling.min(share)))
+    }
+
+    /// The ceiling without the budget: the operator's, else the device
+    /// default, never above the device's maximum. What the budget never
+    /// gives a GPU more than.
+    pub(crate) fn own_ceiling_mw(&self, facts: &DeviceFacts) -> Option<u32> {
         let ceiling = self.operator_ceiling_mw().or(facts.power_default_mw)?;
         Some(facts.power_max_mw.map_or(ceiling, |max| ceiling.min(max)))
     }
@@ -257,6 +301,11 @@ impl GpuControl {
     /// event will show the write changed from.
     pub(crate) fn plan_write(&mut self, op: WriteOp, origin: Origin) -> Write {
         self.in_flight += 1;
+        if let WriteOp::SetPowerLimit { limit_mw } = op {
+            self.pending_limit_mw =
+                Some(self.pending_limit_mw.map_or(limit_mw, |p| p.max(limit_mw)));
+            self.last_write_device_time = self.last_device_time.or(self.last_write_device_time);
+        }
         let before = match op {
             WriteOp::SetPowerLimit { .. } => self.expected_limit_mw,
             WriteOp::LockGpuClocks { .. } | WriteOp::ResetGpuLockedClocks => self.clock_cap_mhz,

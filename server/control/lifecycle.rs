@@ -107,6 +107,14 @@ pub(crate) fn reading(
     reading: &Reading,
     now: SystemTime,
 ) -> Plan {
+    if let Some(last) = gpu.last_device_time {
+        gpu.reading_period = reading.device_time.saturating_sub(last);
+    }
+    gpu.last_device_time = Some(reading.device_time);
+    gpu.last_draw_mw = reading.power_draw_mw;
+    gpu.power_capped = reading
+        .throttle_mask
+        .is_some_and(|m| m & crate::throttle::mask::SW_POWER_CAP != 0);
     if gpu.in_flight > 0 {
         return Plan::none();
     }
@@ -135,6 +143,15 @@ pub(crate) fn reading(
 pub(crate) fn first_reading(gpu: &mut GpuControl, facts: &DeviceFacts, reading: &Reading) -> Plan {
     let current = reading.power_limit_mw;
     gpu.expected_limit_mw = current;
+    // Under a node budget, a GPU without a share joins it at the limit it
+    // has: nothing at start raises it past what the budget counted.
+    if gpu.budget_active
+        && gpu.budget_share_mw.is_none()
+        && facts.controls.power_limit_settable
+        && let (Some(now), Some(own)) = (current, gpu.own_ceiling_mw(facts))
+    {
+        gpu.budget_share_mw = Some(now.min(own));
+    }
     gpu.clock_cap_mhz = reading.locked_gpu_clock_max_mhz;
     let mut plan = Plan::none();
     let note = if gpu.dry_run {
@@ -367,6 +384,13 @@ pub(crate) fn recovered(
     let mut plan = Plan::none();
     let (mut fresh, warning) = GpuControl::new(facts, config, saved);
     fresh.in_flight = gpu.in_flight;
+    // The budget keeps counting what it counted: its share, the limit last
+    // known, a write still under way.
+    fresh.budget_share_mw = gpu.budget_share_mw;
+    fresh.budget_active = gpu.budget_active;
+    fresh.pending_limit_mw = gpu.pending_limit_mw;
+    fresh.expected_limit_mw = gpu.expected_limit_mw;
+    fresh.last_write_device_time = gpu.last_write_device_time;
     fresh.last_action = gpu.last_action.take();
     if let Some(warning) = warning {
         plan.record(warning);
@@ -435,6 +459,15 @@ fn finish_write(
 ) -> Plan {
     let mut plan = Plan::none();
     gpu.in_flight = gpu.in_flight.saturating_sub(1);
+    if gpu.in_flight == 0 {
+        gpu.pending_limit_mw = None;
+    }
+    // The next budget write waits a write interval from when this one
+    // finished (as far as the readings tell), not only from when it was
+    // planned: a slow call does not bunch two writes together.
+    if matches!(write.op, WriteOp::SetPowerLimit { .. }) {
+        gpu.last_write_device_time = gpu.last_device_time.max(gpu.last_write_device_time);
+    }
     let actor = actor(&write.origin);
     let mut reason = reason(&write.origin);
     if late {
@@ -511,6 +544,7 @@ fn finish_write(
             );
             if by_governor {
                 plan.extend(governor_write_failed(gpu, facts, e));
+                governor_belief_after_failure(gpu, write, e);
             }
             // A write that would have given power back did not: the GPU
             // stays below the ceiling in force, so it is recorded as held
@@ -552,11 +586,17 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
         WriteOp::SetPowerLimit { limit_mw } => {
             let at_ceiling =
                 ceiling.is_none_or(|c| limit_mw.saturating_add(LIMIT_TOLERANCE_MW) >= c);
+            // A budget write counts for the governor's write interval (one
+            // write a second per GPU, whoever makes it).
+            let at = match write.origin {
+                Origin::Budget { .. } => gpu.last_write_device_time.unwrap_or(Duration::ZERO),
+                _ => Duration::ZERO,
+            };
             if let Some(g) = gpu.lifecycle.governor_mut()
                 && mode == GovernorMode::PowerLimit
                 && !matches!(write.origin, Origin::Governor { .. })
             {
-                g.note_written(f64::from(limit_mw) / 1000.0, Duration::ZERO);
+                g.note_written(f64::from(limit_mw) / 1000.0, at);
             }
             if at_ceiling {
                 DesiredChange::LoweredLimit(false).apply(&mut gpu.desired);
@@ -641,6 +681,37 @@ fn retry_writes(
         .severity(Severity::Warning),
     );
     plan
+}
+
+/// A governor write failed for a passing reason (busy, timed out, lost):
+/// the governor stays in charge, and what it believes is in force goes back
+/// to what was last written, so its next steps work from the truth (a
+/// refusal that changes the mode rebuilt the governor already).
+fn governor_belief_after_failure(gpu: &mut GpuControl, write: &Write, e: &BackendError) {
+    if matches!(
+        e,
+        BackendError::NotSupported(_) | BackendError::NoPermission(_)
+    ) {
+        return;
+    }
+    let mode = gpu.mode;
+    let (expected_limit_mw, clock_cap_mhz) = (gpu.expected_limit_mw, gpu.clock_cap_mhz);
+    let Some(governor) = gpu.lifecycle.governor_mut() else {
+        return;
+    };
+    let in_force = match (write.op, mode) {
+        (WriteOp::SetPowerLimit { .. }, GovernorMode::PowerLimit) => {
+            expected_limit_mw.map(|mw| f64::from(mw) / 1000.0)
+        }
+        (
+            WriteOp::LockGpuClocks { .. } | WriteOp::ResetGpuLockedClocks,
+            GovernorMode::ClockLock,
+        ) => Some(clock_cap_mhz.map_or(governor.params().ceiling, f64::from)),
+        _ => None,
+    };
+    if let Some(level) = in_force {
+        governor.write_failed(level);
+    }
 }
 
 /// A governor write failed: fall back to clocks, or to observing.
@@ -735,6 +806,7 @@ fn actor(origin: &Origin) -> Actor {
         Origin::Operator { name, .. } => Actor::operator(name),
         Origin::Startup { .. } => Actor::startup(),
         Origin::Drift { .. } => Actor::daemon(),
+        Origin::Budget { .. } => Actor::budget(),
         Origin::Shutdown => Actor::shutdown(),
     }
 }
@@ -742,9 +814,10 @@ fn actor(origin: &Origin) -> Actor {
 /// Why a write was made, for its event.
 fn reason(origin: &Origin) -> String {
     match origin {
-        Origin::Governor { reason } | Origin::Startup { reason } | Origin::Drift { reason } => {
-            reason.clone()
-        }
+        Origin::Governor { reason }
+        | Origin::Startup { reason }
+        | Origin::Drift { reason }
+        | Origin::Budget { reason } => reason.clone(),
         Origin::Operator { name, .. } => format!("requested by {name}"),
         Origin::Shutdown => "daemon stopping: giving back what the governor took".to_owned(),
     }

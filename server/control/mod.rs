@@ -19,6 +19,7 @@ mod dispatch;
 mod error;
 mod gpu;
 mod lifecycle;
+mod node_budget;
 mod plan;
 mod requests;
 mod wire;
@@ -31,13 +32,24 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    api::{ResetClocksResponse, SetPowerLimitResponse, SetThresholdResponse},
+    api::{
+        ResetClocksResponse, SetPowerBudgetResponse, SetPowerLimitResponse, SetThresholdResponse,
+    },
     auth::Caller,
 };
 
 pub use controller::Controller;
 pub use error::ControlError;
 pub use requests::{PowerTarget, ThresholdTarget};
+
+/// What SetPowerBudget asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BudgetTarget {
+    /// A host-wide budget, in watts.
+    Watts(f64),
+    /// No budget.
+    Drop,
+}
 
 /// How long a control RPC waits for the control plane.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,6 +78,11 @@ pub enum ControlRequest {
         caller: Caller,
         reply: Reply<SetThresholdResponse>,
     },
+    SetPowerBudget {
+        target: BudgetTarget,
+        caller: Caller,
+        reply: Reply<SetPowerBudgetResponse>,
+    },
 }
 
 impl ControlRequest {
@@ -79,6 +96,9 @@ impl ControlRequest {
                 let _ = reply.send(Err(error));
             }
             ControlRequest::SetThreshold { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            ControlRequest::SetPowerBudget { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -153,6 +173,19 @@ impl ControlHandle {
             gpus,
             target,
             hysteresis_c,
+            caller,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn set_power_budget(
+        &self,
+        target: BudgetTarget,
+        caller: Caller,
+    ) -> Result<SetPowerBudgetResponse, ControlError> {
+        self.call(|reply| ControlRequest::SetPowerBudget {
+            target,
             caller,
             reply,
         })

@@ -82,6 +82,10 @@ pub(crate) enum Origin {
     Drift {
         reason: String,
     },
+    /// The node power budget's split (see `node_budget`).
+    Budget {
+        reason: String,
+    },
     Shutdown,
 }
 
@@ -125,7 +129,6 @@ impl Plan {
         self.effects.extend(other.effects);
     }
 
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.effects.is_empty()
     }

@@ -533,6 +533,31 @@ fn a_governor_write_without_permission_falls_back_to_observing() {
     assert!(matches!(gpu.lifecycle, Lifecycle::Observing));
 }
 
+/// The reading at `from` s tries writes again (the mode goes back to the
+/// power limit, announced); returns the first raise planned from that
+/// reading on, with when it came. Each plan is used as the daemon would:
+/// a write it carries is in flight until reported done.
+fn retry_then_raise(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    from: u64,
+    at: &dyn Fn(u64) -> SystemTime,
+    cool: &dyn Fn(u64) -> Reading,
+) -> (u64, Write) {
+    let plan = lifecycle::reading(gpu, facts, &cool(from), at(from));
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit, "{plan:?}");
+    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
+    if plan.writes().count() > 0 {
+        return (from, only_write(&plan));
+    }
+    (from + 1..from + 30)
+        .find_map(|s| {
+            let plan = lifecycle::reading(gpu, facts, &cool(s), at(s));
+            (plan.writes().count() > 0).then(|| (s, only_write(&plan)))
+        })
+        .expect("the governor raises a cool GPU")
+}
+
 #[test]
 fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_again() {
     let facts = h100(0);
@@ -559,19 +584,10 @@ fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_ag
         let plan = lifecycle::reading(&mut gpu, &facts, &cool(s), at(s));
         assert_eq!(plan.writes().count(), 0, "at {s} s: {plan:?}");
     }
-    // ...then the governor tries again and raises the GPU back.
-    let plan = lifecycle::reading(&mut gpu, &facts, &cool(10), at(10));
-    assert_eq!(gpu.mode, GovernorMode::PowerLimit, "{plan:?}");
-    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
-    let until_write = |gpu: &mut GpuControl, from: u64| {
-        (from..from + 30)
-            .find_map(|s| {
-                let plan = lifecycle::reading(gpu, &facts, &cool(s), at(s));
-                (plan.writes().count() > 0).then(|| (s, only_write(&plan)))
-            })
-            .expect("the governor raises a cool GPU")
-    };
-    let (s, raise) = until_write(&mut gpu, 10);
+    // ...then the governor tries again and raises the GPU back: on that
+    // very reading (the plan that changes the mode may carry the raise) or
+    // a later one.
+    let (s, raise) = retry_then_raise(&mut gpu, &facts, 10, &at, &cool);
     assert!(
         matches!(raise.op, WriteOp::SetPowerLimit { limit_mw } if limit_mw > lowered),
         "{raise:?}"
@@ -590,11 +606,82 @@ fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_ag
         assert_eq!(plan.writes().count(), 0, "at {t} s: {plan:?}");
         assert_eq!(gpu.mode, GovernorMode::ObserveOnly, "at {t} s");
     }
-    lifecycle::reading(&mut gpu, &facts, &cool(s + 21), at(s + 21));
-    assert_eq!(gpu.mode, GovernorMode::PowerLimit);
-    let (_, raise) = until_write(&mut gpu, s + 21);
+    let (_, raise) = retry_then_raise(&mut gpu, &facts, s + 21, &at, &cool);
     ok_write(&mut gpu, &facts, &raise);
     assert_eq!(gpu.write_retry, None, "writes work: nothing owed");
+    // And with writes working, a cool GPU goes all the way back.
+    let mut limit = match raise.op {
+        WriteOp::SetPowerLimit { limit_mw } => limit_mw,
+        _ => unreachable!(),
+    };
+    for t in s + 22..s + 120 {
+        if limit == 700_000 {
+            break;
+        }
+        let plan = lifecycle::reading(&mut gpu, &facts, &reading(100 + t, 40, Some(limit)), at(t));
+        if let Some(write) = plan.writes().next().cloned() {
+            let WriteOp::SetPowerLimit { limit_mw } = write.op else {
+                panic!("{write:?}")
+            };
+            assert!(limit_mw > limit, "a cool GPU is only raised: {write:?}");
+            ok_write(&mut gpu, &facts, &write);
+            limit = limit_mw;
+        }
+    }
+    assert_eq!(limit, 700_000, "back at the ceiling");
+}
+
+/// A governor write that fails for a passing reason (busy, timed out)
+/// leaves the governor in charge; what it believes is in force must go
+/// back to what was last written, or a failed raise to the ceiling would
+/// leave it believing the GPU is there while it stays held down. Readings
+/// here carry no limit, so only that belief can say the GPU is still low.
+#[test]
+fn a_failed_raise_is_tried_again_until_the_gpu_is_back_at_its_ceiling() {
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
+    let WriteOp::SetPowerLimit { limit_mw: lowered } = cut.op else {
+        panic!("{cut:?}")
+    };
+    ok_write(&mut gpu, &facts, &cut);
+    let mut limit = lowered;
+    let mut ceiling_refused = false;
+    for s in 100..400 {
+        let cool = Reading {
+            power_limit_mw: None,
+            ..reading(s, 40, Some(limit))
+        };
+        let plan = lifecycle::reading(&mut gpu, &facts, &cool, T0 + Duration::from_secs(s));
+        let Some(write) = plan.writes().next().cloned() else {
+            continue;
+        };
+        let WriteOp::SetPowerLimit { limit_mw } = write.op else {
+            panic!("{write:?}")
+        };
+        if !ceiling_refused {
+            // Every write fails until one to the ceiling has.
+            ceiling_refused = limit_mw == 700_000;
+            lifecycle::write_done(
+                &mut gpu,
+                &facts,
+                &write,
+                &Err(BackendError::InUse("power limit".into())),
+            );
+            assert_eq!(gpu.mode, GovernorMode::PowerLimit, "still governed");
+            continue;
+        }
+        ok_write(&mut gpu, &facts, &write);
+        limit = limit_mw;
+        if limit == 700_000 {
+            break;
+        }
+    }
+    assert!(
+        ceiling_refused,
+        "the governor raised a cool GPU to its ceiling"
+    );
+    assert_eq!(limit, 700_000, "and tried again after that write failed");
 }
 
 #[test]
@@ -1924,4 +2011,140 @@ mod properties {
             }
         }
     }
+}
+
+// --- the node power budget ----------------------------------------------
+
+/// `n` H100s read at 700 W, cool, drawing `draw_w` each.
+fn budget_gpus(n: u32, draw_w: u32) -> (Vec<GpuControl>, Vec<DeviceFacts>) {
+    let facts: Vec<DeviceFacts> = (0..n).map(h100).collect();
+    let gpus = facts
+        .iter()
+        .map(|f| {
+            let mut gpu = running(f, &config(), &GpuState::default());
+            let r = Reading {
+                power_draw_mw: Some(draw_w * 1000),
+                ..reading(1, 40, Some(700_000))
+            };
+            lifecycle::reading(&mut gpu, f, &r, T0);
+            gpu
+        })
+        .collect();
+    (gpus, facts)
+}
+
+fn budget_writes(round: &super::node_budget::Round) -> Vec<(usize, Write)> {
+    round
+        .plans
+        .iter()
+        .flat_map(|(pos, p)| p.writes().cloned().map(move |w| (*pos, w)))
+        .collect()
+}
+
+/// What may be in force: for each GPU the higher of its confirmed limit and
+/// any write under way.
+fn may_be_in_force_mw(gpus: &[GpuControl]) -> u64 {
+    gpus.iter()
+        .map(|g| {
+            u64::from(
+                g.expected_limit_mw
+                    .unwrap_or(0)
+                    .max(g.pending_limit_mw.unwrap_or(0)),
+            )
+        })
+        .sum()
+}
+
+#[test]
+fn a_budget_lowers_first_and_raises_only_into_room_whatever_order_writes_land_in() {
+    use super::node_budget::{activate, redistribute};
+    let (mut gpus, facts) = budget_gpus(4, 100);
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    activate(&mut gpus, &refs);
+    let round = redistribute(&mut gpus, &refs, 2000.0);
+    let writes = budget_writes(&round);
+    assert_eq!(writes.len(), 4, "every GPU lowered: {writes:?}");
+    for (_, w) in &writes {
+        let WriteOp::SetPowerLimit { limit_mw } = w.op else {
+            panic!("{w:?}")
+        };
+        assert!(limit_mw <= 500_000, "{w:?}");
+    }
+    let shares: u32 = gpus.iter().map(|g| g.budget_share_mw.unwrap_or(0)).sum();
+    assert!(shares <= 2_000_000, "{shares}");
+    // The writes land in reverse order; GPU 0 now presses against its
+    // limit and asks for more. After every landing, a round may raise only
+    // into the room left with writes under way counted high.
+    let mut t = 2;
+    for (pos, write) in writes.into_iter().rev() {
+        ok_write(&mut gpus[pos], &facts[pos], &write);
+        t += 2;
+        for (i, gpu) in gpus.iter_mut().enumerate() {
+            if gpu.in_flight > 0 {
+                continue;
+            }
+            let limit = gpu.expected_limit_mw;
+            let draw = if i == 0 { limit } else { Some(100_000) };
+            let r = Reading {
+                power_draw_mw: draw,
+                ..reading(t, 40, limit)
+            };
+            lifecycle::reading(gpu, &facts[i], &r, T0);
+        }
+        let before = super::node_budget::counted_total_mw(&gpus, &refs);
+        let round = redistribute(&mut gpus, &refs, 2000.0);
+        for (pos, w) in budget_writes(&round) {
+            let WriteOp::SetPowerLimit { limit_mw } = w.op else {
+                panic!("{w:?}")
+            };
+            assert!(limit_mw <= gpus[pos].budget_share_mw.unwrap_or(0), "{w:?}");
+        }
+        // Planned writes stay under way (counted at their value): what may
+        // be in force is counted, and the count never grows past the
+        // budget (over it, while the first lowers land, it only shrinks).
+        let counted = super::node_budget::counted_total_mw(&gpus, &refs);
+        assert!(may_be_in_force_mw(&gpus) <= counted, "{counted}");
+        assert!(counted <= before.max(2_000_000), "{before} -> {counted}");
+    }
+    // Once the lowers have landed, what may be in force fits.
+    assert!(
+        super::node_budget::counted_total_mw(&gpus, &refs) <= 2_000_000,
+        "{:?}",
+        gpus.iter()
+            .map(|g| (g.budget_share_mw, g.expected_limit_mw, g.pending_limit_mw))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_lost_gpu_keeps_its_last_limit_counted_and_gets_no_new_share() {
+    use super::node_budget::{activate, counted_mw, redistribute};
+    let (mut gpus, facts) = budget_gpus(3, 650);
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    lifecycle::lost(&mut gpus[0]);
+    activate(&mut gpus, &refs);
+    let round = redistribute(&mut gpus, &refs, 1600.0);
+    assert!(
+        budget_writes(&round).iter().all(|(pos, _)| *pos != 0),
+        "nothing is written to a lost GPU"
+    );
+    assert_eq!(counted_mw(&gpus[0], &facts[0]), 700_000);
+    let others: u32 = gpus[1..]
+        .iter()
+        .map(|g| g.budget_share_mw.unwrap_or(0))
+        .sum();
+    assert!(others <= 900_000, "the others share what is left: {others}");
+}
+
+#[test]
+fn a_gpu_whose_limit_cannot_be_set_counts_at_its_maximum() {
+    use super::node_budget::{activate, counted_mw, redistribute};
+    let (mut gpus, mut facts) = budget_gpus(2, 300);
+    facts[1].controls.power_limit_settable = false;
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    activate(&mut gpus, &refs);
+    redistribute(&mut gpus, &refs, 1000.0);
+    assert_eq!(counted_mw(&gpus[1], &facts[1]), 700_000);
+    assert_eq!(gpus[1].budget_share_mw, None);
+    assert!(gpus[0].budget_share_mw.is_some_and(|s| s <= 300_000));
 }

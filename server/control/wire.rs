@@ -53,6 +53,10 @@ pub(crate) fn policy(gpu: &GpuControl, facts: &DeviceFacts) -> GpuPolicy {
         clock_cap_mhz: gpu.clock_cap_mhz,
         last_action: gpu.last_action.clone(),
         mode_reason: gpu.mode_reason.clone(),
+        budget_share_mw: gpu.budget_share_mw.filter(|_| gpu.budget_active),
+        budget_counted_mw: gpu
+            .budget_active
+            .then(|| super::node_budget::counted_mw(gpu, facts)),
     }
 }
 

@@ -14,9 +14,60 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 use gpuwatch_server::scenario::{Metrics, Policy, Scenario, Trace, metrics, run};
 use plotters::prelude::*;
 
-const POLICIES: [Policy; 3] = [Policy::None, Policy::Naive, Policy::Governor];
+const POLICIES: [Policy; 4] = [
+    Policy::None,
+    Policy::Naive,
+    Policy::GovernorV1,
+    Policy::Governor,
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::args().nth(1).as_deref() == Some("--trace") {
+        let wanted = std::env::args().nth(2).unwrap_or_default();
+        let other = gpuwatch_server::scenario::other_load_scenarios()
+            .into_iter()
+            .map(|(n, s, _)| (n, s));
+        for (name, s) in gpuwatch_server::scenario::criteria_scenarios()
+            .into_iter()
+            .chain(other)
+        {
+            if name == wanted {
+                let trace = run(&s, Policy::Governor);
+                for p in trace
+                    .points
+                    .iter()
+                    .filter(|p| (p.t_s * 10.0).round() as i64 % 5 == 0)
+                {
+                    let wrote = trace.writes_s.iter().any(|w| (w - p.t_s).abs() < 0.51);
+                    println!(
+                        "{:7.1} {:4.0} {:6.1} {:6.1}{}",
+                        p.t_s,
+                        p.temperature_c - s.threshold_c,
+                        p.level,
+                        p.power_w,
+                        if wrote { " W" } else { "" }
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("--matrix") {
+        matrix();
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("--square") {
+        square();
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("--budget") {
+        budget();
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("--other") {
+        other();
+        return Ok(());
+    }
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "docs".into()));
     std::fs::create_dir_all(&out)?;
 
@@ -36,9 +87,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     writeln!(
         md,
-        "| time constant | policy | peak | settled band | mean power while settled | writes (total / settled / most in 1 s) | back to ceiling after drop |"
+        "| time constant | policy | peak | settled mean / band | mean power while settled | power given up | writes (total / settled / most in 1 s) | back to ceiling after drop |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for tau in [2.0, 10.0, 60.0] {
         let s = Scenario::standard(Duration::from_secs_f64(tau));
         for policy in POLICIES {
@@ -46,6 +97,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             writeln!(md, "| {tau} s | {} | {} |", policy.name(), row(&s, &m))?;
         }
     }
+    writeln!(
+        md,
+        "\n\"Power given up\" is what the settled power falls short of the most the GPU could draw with its die \
+         settled exactly at the threshold (here {:.0} W); negative: it drew more than that (and ran hotter).\n",
+        (scenario.threshold_c - 30.0) / 0.075
+    )?;
+    let b = gpuwatch_server::scenario::BudgetScenario::eight_h100s();
+    let bm = gpuwatch_server::scenario::run_budget(&b);
+    writeln!(
+        md,
+        "Node power budget: 8 simulated H100s under {:.0} W, demand moving between them every 40 s \
+         (3,000 / 5,200 / 3,200 / 4,100 / 2,800 with a hot spot moving every 5 s / 4,500 W asked), sampled every 100 ms:\n\n\
+         | highest sum of limits | delivered vs water-filling oracle | writes (total / most per GPU in 1 s) | demand under budget: samples with every GPU unconstrained |\n\
+         |---|---|---|---|\n\
+         | {:.0} W | {:.0} kJ of {:.0} kJ ({:.1} %) | {} / {} | {} of {} |",
+        b.budget_w,
+        bm.max_enforced_sum_w,
+        bm.delivered_j / 1000.0,
+        bm.oracle_j / 1000.0,
+        100.0 * bm.delivered_j / bm.oracle_j,
+        bm.writes,
+        bm.max_writes_per_s,
+        bm.under_budget_all_unconstrained,
+        bm.under_budget_samples
+    )?;
     std::fs::write(out.join("governor.md"), &md)?;
     print!("{md}");
     println!(
@@ -58,13 +134,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn row(s: &Scenario, m: &Metrics) -> String {
     let rel = |t: f64| format!("{:+.0}", t - s.threshold_c);
+    let allowed = m.settled_power_w + m.power_given_up_w;
     format!(
-        "{:.0} °C ({}) | {}..{} °C | {:.0} W | {} / {} / {} | {}",
+        "{:.0} °C ({}) | {:+.1} / {}..{} °C | {:.0} W | {:.0} W ({:.0} %) | {} / {} / {} | {}",
         m.peak_c,
         rel(m.peak_c),
+        m.settled_mean_c - s.threshold_c,
         rel(m.band_c.0),
         rel(m.band_c.1),
         m.settled_power_w,
+        m.power_given_up_w,
+        100.0 * m.power_given_up_w / allowed.max(1.0),
         m.writes,
         m.steady_writes,
         m.max_writes_per_s,
@@ -83,16 +163,18 @@ fn draw(
     s: &Scenario,
     traces: &[(Policy, Trace)],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1100, 900)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 1200)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((traces.len(), 1));
     let end = s.duration.as_secs_f64();
     for ((policy, trace), area) in traces.iter().zip(panels.iter()) {
         let m = metrics(s, trace);
         let title = format!(
-            "{} — peak {:.0} °C, {} writes, threshold {:.0} °C",
+            "{} — peak {:.0} °C, settled mean {:.1} °C, {:.0} W given up, {} writes, threshold {:.0} °C",
             policy.name(),
             m.peak_c,
+            m.settled_mean_c,
+            m.power_given_up_w,
             m.writes,
             s.threshold_c
         );
@@ -148,4 +230,119 @@ fn draw(
     }
     root.present()?;
     Ok(())
+}
+
+/// Every scenario the tests check, one line each for the governor and the
+/// previous one: the figures the issue's criteria are stated in.
+fn matrix() {
+    println!(
+        "{:<46} {:<10} {:>6} {:>9} {:>5} {:>7} {:>5} {:>6} {:>4} {:>8}",
+        "scenario", "policy", "mean", "band", "peak", "writes", "w/s", "rec/τ", "rev", "given up"
+    );
+    for (name, s) in gpuwatch_server::scenario::criteria_scenarios() {
+        let previous = metrics(&s, &run(&s, Policy::GovernorV1));
+        for policy in [Policy::GovernorV1, Policy::Governor] {
+            let m = metrics(&s, &run(&s, policy));
+            let failed = gpuwatch_server::scenario::hold_criteria_failures(&s, &m, &previous);
+            let rel = |t: f64| t - s.threshold_c;
+            println!(
+                "{:<46} {:<10} {:>+6.2} {:>+4.0}..{:<+3.0} {:>+5.0} {:>4}/{:<2} {:>5} {:>6.2} {:>4} {:>6.0} W  {}",
+                name,
+                if policy == Policy::Governor {
+                    "new"
+                } else {
+                    "previous"
+                },
+                rel(m.settled_mean_c),
+                rel(m.band_c.0),
+                rel(m.band_c.1),
+                rel(m.peak_c),
+                m.writes,
+                m.steady_writes,
+                m.max_writes_per_s,
+                m.recovery_s
+                    .map_or(f64::NAN, |r| r / s.time_constant.as_secs_f64()),
+                m.reversals,
+                m.power_given_up_w,
+                failed.join(", "),
+            );
+        }
+    }
+}
+
+/// The other loads the tests check: peak, seconds over threshold + 1, writes.
+fn other() {
+    for (name, s, _) in gpuwatch_server::scenario::other_load_scenarios() {
+        for policy in [Policy::GovernorV1, Policy::Governor] {
+            let trace = run(&s, policy);
+            let peak = trace
+                .points
+                .iter()
+                .map(|p| p.temperature_c)
+                .fold(f64::MIN, f64::max);
+            let period = s.sample_period.as_secs_f64();
+            let over = trace
+                .points
+                .iter()
+                .filter(|p| p.temperature_c > s.threshold_c + 1.0)
+                .count() as f64
+                * period;
+            let m = metrics(&s, &trace);
+            println!(
+                "{:<52} {:<8} peak {:+3.0} over {:5.1} s writes {:3} rev {:3} w/s {}",
+                name,
+                if policy == Policy::Governor {
+                    "new"
+                } else {
+                    "previous"
+                },
+                peak - s.threshold_c,
+                over,
+                trace.writes_s.len(),
+                m.reversals,
+                m.max_writes_per_s
+            );
+        }
+    }
+}
+
+/// The node power budget scenario, as printed by `--budget`.
+fn square() {
+    for tau in [2.0, 10.0, 60.0] {
+        for period in [0.1, 1.0] {
+            let s = Scenario::square_wave(
+                Duration::from_secs_f64(tau),
+                Duration::from_secs_f64(period),
+            );
+            for policy in [Policy::GovernorV1, Policy::Governor] {
+                let m = metrics(&s, &run(&s, policy));
+                println!(
+                    "square wave, period = tau = {tau} s, sampled every {period} s, {:<24} reversals {:3} in {:.0} periods, writes {:3}, peak {:+.0}",
+                    policy.name(),
+                    m.reversals,
+                    s.duration.as_secs_f64() / tau,
+                    m.writes,
+                    m.peak_c - s.threshold_c
+                );
+            }
+        }
+    }
+}
+
+fn budget() {
+    let s = gpuwatch_server::scenario::BudgetScenario::eight_h100s();
+    let m = gpuwatch_server::scenario::run_budget(&s);
+    println!(
+        "budget {:.0} W: highest sum of limits {:.0} W; delivered {:.0} kJ of the oracle's {:.0} kJ ({:.1} %); \
+         {} writes, at most {} per GPU per second; demand under budget: every GPU unconstrained in {} of {} samples",
+        s.budget_w,
+        m.max_enforced_sum_w,
+        m.delivered_j / 1000.0,
+        m.oracle_j / 1000.0,
+        100.0 * m.delivered_j / m.oracle_j,
+        m.writes,
+        m.max_writes_per_s,
+        m.under_budget_all_unconstrained,
+        m.under_budget_samples
+    );
 }

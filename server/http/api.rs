@@ -70,6 +70,12 @@ pub struct Snapshot {
     /// Seq of the newest frame in `history` (0 before the first tick).
     pub latest_seq: u64,
     pub gpus: Vec<GpuView>,
+    /// The node power budget (W) and what the GPUs count against it now,
+    /// when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_budget_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_budget_counted_w: Option<f64>,
     /// Per GPU, columns over the history window, oldest first.
     pub history: Vec<SeriesView>,
     /// The newest frame.
@@ -119,6 +125,9 @@ pub struct PolicyView {
     pub operator_ceiling_w: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_limit_w: Option<f64>,
+    /// This GPU's share of the node power budget, when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_share_w: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_cap_mhz: Option<u32>,
     pub mode_reason: String,
@@ -291,6 +300,7 @@ pub fn policy_view(p: &GpuPolicy) -> PolicyView {
         ceiling_w: p.ceiling_mw.map(watts),
         operator_ceiling_w: p.operator_ceiling_mw.map(watts),
         current_limit_w: p.current_limit_mw.map(watts),
+        budget_share_w: p.budget_share_mw.map(watts),
         clock_cap_mhz: p.clock_cap_mhz,
         mode_reason: p.mode_reason.clone(),
         last_action: p.last_action.as_ref().map(|a| a.description.clone()),
@@ -497,6 +507,18 @@ fn change_words(change: &Change) -> Option<String> {
         Change::PowerLimit(p) => format!("{} -> {}", w(p.before_mw), w(p.after_mw)),
         Change::ClockLock(l) => format!("{} -> {}", mhz(l.before_max_mhz), mhz(l.after_max_mhz)),
         Change::Threshold(t) => format!("{} -> {}", c(t.before_c), c(t.after_c)),
+        Change::Budget(b) => {
+            let budget = |v: Option<f64>| v.map_or("none".to_owned(), |v| format!("{v:.0} W"));
+            if b.before_watts == b.after_watts {
+                b.shares
+                    .iter()
+                    .map(|s| format!("GPU {} {} -> {}", s.index, w(s.before_mw), w(s.after_mw)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                format!("budget {} -> {}", budget(b.before_watts), budget(b.after_watts))
+            }
+        }
     })
 }
 
@@ -544,6 +566,8 @@ fn snapshot(
         history_frames: hub.history_capacity(),
         latest_seq: history.last().map_or(0, |f| f.seq()),
         gpus: gpu_views(&devices, &policies),
+        power_budget_w: hub.power_budget().map(|b| b.watts),
+        power_budget_counted_w: hub.power_budget().map(|b| b.counted_mw as f64 / 1000.0),
         history: series(&devices, history.iter().map(|t| &**t.fast())),
         latest: history.last().map(|f| frame_view(&hub.whole(f))),
         events: events.iter().map(|e| event_view(e)).collect(),

@@ -528,6 +528,7 @@ impl Collector for HubCollector {
         events(&mut enc, &s.events)?;
         xids(&mut enc, &view, &s.events)?;
         leases(&mut enc, hostname, s.leases.as_deref())?;
+        power_budget(&mut enc, hostname, s.hub.power_budget(), &self.units)?;
         daemon(&mut enc, s, frame.as_deref(), &self.units)?;
         process(&mut enc, &s.hub, &self.units)
     }
@@ -1172,6 +1173,20 @@ fn governor(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
     )?;
     gauges(
         e,
+        "gpuwatch_governor_budget_share",
+        "This GPU's share of the node power budget, an inner limit like the operator's ceiling (absent without a budget)",
+        watts_unit,
+        &policy(|p| p.budget_share_mw.map(watts)),
+    )?;
+    gauges(
+        e,
+        "gpuwatch_governor_budget_counted",
+        "What this GPU counts against the node power budget: the highest of its share, its limit and a write under way; its maximum when its limit cannot be set",
+        watts_unit,
+        &policy(|p| p.budget_counted_mw.map(watts)),
+    )?;
+    gauges(
+        e,
         "gpuwatch_governor_clock_cap",
         "Graphics clock cap the governor holds in clock-lock mode (absent when none)",
         hertz_unit,
@@ -1196,6 +1211,33 @@ fn governor(e: &mut DescriptorEncoder<'_>, v: &View<'_>) -> fmt::Result {
 
 /// Event counters since the daemon started.
 /// The live leases: which GPU is held, by whom, until when.
+/// The node power budget, host-wide (absent without one).
+fn power_budget(
+    e: &mut DescriptorEncoder<'_>,
+    hostname: &str,
+    budget: Option<crate::api::PowerBudget>,
+    u: &Units,
+) -> fmt::Result {
+    let Some(b) = budget else {
+        return Ok(());
+    };
+    let host = [("hostname", hostname)];
+    gauges(
+        e,
+        "gpuwatch_power_budget",
+        "The node power budget (SetPowerBudget): host-wide watts the GPUs' power limits may add up to",
+        Some(&u.watts),
+        &[(host, b.watts)],
+    )?;
+    gauges(
+        e,
+        "gpuwatch_power_budget_counted",
+        "The sum of what every GPU counts against the node power budget now",
+        Some(&u.watts),
+        &[(host, b.counted_mw as f64 / 1000.0)],
+    )
+}
+
 fn leases(
     e: &mut DescriptorEncoder<'_>,
     hostname: &str,

@@ -293,3 +293,51 @@ fn events_follow_streams_new_events_and_survives_a_restart() {
         "the restart was reported"
     );
 }
+
+#[test]
+fn set_power_budget_sets_reports_shares_refuses_out_of_range_and_drops() {
+    let h100 = crate::support::start(Some(ONE_H100));
+    let a = h100.host();
+    // One H100 (200-700 W): 400 W is within the host's range.
+    let set = run_client(&["set-power-budget", "--json", &a, "--watts", "400"]);
+    assert_eq!(
+        set.code,
+        Some(0),
+        "stdout {} stderr {}",
+        set.stdout,
+        set.stderr
+    );
+    let lines = set.json_lines();
+    assert_eq!(lines.len(), 1, "{}", set.stdout);
+    assert_eq!(lines[0]["action"], "set_power_budget");
+    assert_eq!(lines[0]["ok"], true);
+    assert_eq!(lines[0]["budget_w"].as_f64(), Some(400.0));
+    assert!(lines[0].get("previous_budget_w").is_none(), "{}", lines[0]);
+    assert!(
+        lines[0]["share_w"].as_f64().is_some_and(|w| w <= 400.0),
+        "{}",
+        lines[0]
+    );
+
+    // Above the sum of the maxima: refused, naming the range, exit 1.
+    let over = run_client(&["set-power-budget", &a, "--watts", "900"]);
+    assert_eq!(
+        over.code,
+        Some(1),
+        "stdout {} stderr {}",
+        over.stdout,
+        over.stderr
+    );
+    assert!(over.stdout.contains("200-700 W"), "{}", over.stdout);
+
+    // --default drops it.
+    let drop = run_client(&["set-power-budget", "--json", &a, "--default"]);
+    assert_eq!(drop.code, Some(0), "{}", drop.stderr);
+    let lines = drop.json_lines();
+    assert!(lines[0].get("budget_w").is_none(), "{}", lines[0]);
+    assert_eq!(lines[0]["previous_budget_w"].as_f64(), Some(400.0));
+
+    // Neither --watts nor --default is a usage error.
+    let usage = run_client(&["set-power-budget", &a]);
+    assert_eq!(usage.code, Some(2), "{}", usage.stderr);
+}

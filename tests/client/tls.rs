@@ -92,6 +92,12 @@ impl GpuWatch for OneGpu {
     ) -> Result<Response<SetThresholdResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    async fn set_power_budget(
+        &self,
+        _: Request<gpuwatch_api::SetPowerBudgetRequest>,
+    ) -> Result<Response<gpuwatch_api::SetPowerBudgetResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
     async fn pick_gpus(
         &self,
         _: Request<gpuwatch_api::PickGpusRequest>,

@@ -363,7 +363,7 @@ async fn sigterm_while_throttled_restores_the_limit_and_records_it() {
                 .as_ref()
                 .is_some_and(|a| a.kind() == ActorKind::Shutdown)
     });
-    let Some(Change::PowerLimit(change)) = restored.and_then(|e| e.change) else {
+    let Some(Change::PowerLimit(change)) = restored.and_then(|e| e.change.clone()) else {
         panic!("no shutdown restore event in {events:?}");
     };
     assert_eq!(change.after_mw, Some(700_000));

@@ -76,6 +76,11 @@ fn sample_request(method: &str) -> Vec<u8> {
             hysteresis_c: None,
         }
         .encode_to_vec(),
+        // Dropping the budget is valid on any host.
+        "SetPowerBudget" => api::SetPowerBudgetRequest {
+            target: Some(api::set_power_budget_request::Target::RestoreDefault(true)),
+        }
+        .encode_to_vec(),
         _ => Vec::new(),
     }
 }

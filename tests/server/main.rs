@@ -14,6 +14,7 @@ mod support;
 mod attribution;
 mod control_faults;
 mod daemon_api;
+mod daemon_budget;
 mod daemon_edges;
 mod daemon_governor;
 mod daemon_latency;

@@ -194,6 +194,27 @@ func (c *Client) RestorePowerLimit(ctx context.Context, gpus ...*pb.GpuSelector)
 	return
 }
 
+// SetPowerBudget sets the node power budget in watts: host-wide, divided
+// among the GPUs by need (needs control).
+func (c *Client) SetPowerBudget(ctx context.Context, watts float64) (r *pb.SetPowerBudgetResponse, err error) {
+	req := &pb.SetPowerBudgetRequest{Target: &pb.SetPowerBudgetRequest_Watts{Watts: watts}}
+	err = c.unary(ctx, "SetPowerBudget", true, func(ctx context.Context) (e error) {
+		r, e = c.RPC.SetPowerBudget(ctx, req)
+		return
+	})
+	return
+}
+
+// DropPowerBudget drops the node power budget (needs control).
+func (c *Client) DropPowerBudget(ctx context.Context) (r *pb.SetPowerBudgetResponse, err error) {
+	req := &pb.SetPowerBudgetRequest{Target: &pb.SetPowerBudgetRequest_RestoreDefault{RestoreDefault: true}}
+	err = c.unary(ctx, "SetPowerBudget", true, func(ctx context.Context) (e error) {
+		r, e = c.RPC.SetPowerBudget(ctx, req)
+		return
+	})
+	return
+}
+
 // ResetClocks resets application and locked clocks (needs control).
 func (c *Client) ResetClocks(ctx context.Context, gpus ...*pb.GpuSelector) (r *pb.ResetClocksResponse, err error) {
 	err = c.unary(ctx, "ResetClocks", true, func(ctx context.Context) (e error) {

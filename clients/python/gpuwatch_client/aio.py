@@ -25,6 +25,7 @@ from .client import (
     _selectors,
     backoff_delays,
     pick_criteria,
+    power_budget_request,
     power_limit_request,
     threshold_request,
 )
@@ -121,6 +122,11 @@ class AsyncGpuWatchClient:
         return await self._unary(
             "SetPowerLimit", power_limit_request(gpus, watts, restore_default)
         )
+
+    async def set_power_budget(
+        self, watts: Optional[float] = None, *, restore_default: bool = False
+    ) -> control_pb2.SetPowerBudgetResponse:
+        return await self._unary("SetPowerBudget", power_budget_request(watts, restore_default))
 
     async def reset_clocks(self, gpus: Sequence[Selector]) -> control_pb2.ResetClocksResponse:
         return await self._unary(

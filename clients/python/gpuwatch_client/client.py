@@ -113,6 +113,19 @@ def power_limit_request(
     return req
 
 
+def power_budget_request(
+    watts: Optional[float], restore_default: bool
+) -> control_pb2.SetPowerBudgetRequest:
+    if (watts is None) == (not restore_default):
+        raise ValueError("give either watts or restore_default=True")
+    req = control_pb2.SetPowerBudgetRequest()
+    if watts is not None:
+        req.watts = watts
+    else:
+        req.restore_default = True
+    return req
+
+
 def threshold_request(
     gpus: Sequence["Selector"],
     celsius: Optional[int],
@@ -264,6 +277,12 @@ class GpuWatchClient:
     ) -> control_pb2.SetPowerLimitResponse:
         """Sets the operator's power ceiling in watts (or goes back to the default)."""
         return self._unary("SetPowerLimit", power_limit_request(gpus, watts, restore_default))
+
+    def set_power_budget(
+        self, watts: Optional[float] = None, *, restore_default: bool = False
+    ) -> control_pb2.SetPowerBudgetResponse:
+        """Sets the node power budget in watts (or drops it with restore_default)."""
+        return self._unary("SetPowerBudget", power_budget_request(watts, restore_default))
 
     def reset_clocks(self, gpus: Sequence[Selector]) -> control_pb2.ResetClocksResponse:
         """Resets application and locked clocks of the selected GPUs."""
