@@ -113,6 +113,7 @@ async fn history(
         since: Some(ts(since_ms)),
         until: Some(ts(until_ms)),
         step_ms,
+        columnar: false,
     })
     .await
     .expect("GetHistory")
@@ -228,6 +229,85 @@ async fn get_history_agrees_with_what_watch_delivered_at_every_step() {
             .filter_map(|p| p.values[0].max)
             .fold(f64::NEG_INFINITY, f64::max);
         assert_eq!(got, f64::from(max), "GPU {} hottest reading", g.index);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_say_exactly_what_points_say() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = crate::support::start(dir.path(), Options::with_config(fleet(FAST_FLUSH)));
+    let mut c = d.client().await;
+    let started = crate::support::now_ms();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // A settled window (committed, no open bucket at its end) reaching
+    // back before the daemon started (a NOT_RETAINED gap at its start).
+    let until = crate::support::now_ms() - 2_500;
+    let since = started - 5_000;
+    for (step, fields) in [
+        (100, vec![]),
+        (1000, vec![]),
+        (3000, vec!["power_draw_mw", "temperature_c"]),
+        (60_000, vec!["memory_used_bytes"]),
+    ] {
+        let ask = |columnar| api::GetHistoryRequest {
+            fields: fields.iter().map(|&f| f.to_owned()).collect(),
+            since: Some(ts(since)),
+            until: Some(ts(until)),
+            step_ms: step,
+            columnar,
+            ..Default::default()
+        };
+        let points = c
+            .get_history(ask(false))
+            .await
+            .expect("points")
+            .into_inner();
+        let mut columns = c
+            .get_history(ask(true))
+            .await
+            .expect("columns")
+            .into_inner();
+        assert!(
+            !points.columnar && columns.columnar,
+            "step {step}: the forms asked for"
+        );
+        assert!(
+            columns
+                .gpus
+                .iter()
+                .all(|g| g.points.is_empty() && g.columns.is_some()),
+            "step {step}: a columnar answer carries no points"
+        );
+        columns.expand_columns().expect("well-formed columns");
+        assert_eq!(columns.step_ms, points.step_ms);
+        assert_eq!(columns.tier_step_ms, points.tier_step_ms);
+        assert_eq!(columns.fields, points.fields);
+        let mut compared = 0;
+        for (gc, gp) in columns.gpus.iter().zip(&points.gpus) {
+            assert_eq!(gc.gaps, gp.gaps, "step {step}: the same gaps");
+            assert_eq!(gc.points.len(), gp.points.len(), "step {step}: points");
+            assert!(!gp.points.is_empty(), "step {step}: some points");
+            for (pc, pp) in gc.points.iter().zip(&gp.points) {
+                assert_eq!(
+                    (pc.time_unix_ms, pc.tier_step_ms, pc.samples),
+                    (pp.time_unix_ms, pp.tier_step_ms, pp.samples)
+                );
+                assert_eq!(pc.throttle_reasons_mask, pp.throttle_reasons_mask);
+                assert_eq!(pc.governor_state, pp.governor_state);
+                for (vc, vp) in pc.values.iter().zip(&pp.values) {
+                    assert_eq!((vc.min, vc.max, vc.last), (vp.min, vp.max, vp.last));
+                    match (vc.mean, vp.mean) {
+                        (Some(a), Some(b)) => assert!(
+                            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                            "step {step}: mean {a} vs {b}"
+                        ),
+                        (a, b) => assert_eq!(a, b, "step {step}: absent in both"),
+                    }
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared > 0);
     }
 }
 
