@@ -20,10 +20,15 @@ use crate::support::{Client, Daemon, Options, READ_TOKEN, connect_with, events_s
 /// Two GPUs whose demand keeps changing (so temperatures and power move),
 /// simulated 60 times faster than the wall clock.
 fn fleet(extra: &str) -> String {
+    fleet_at(60.0, extra)
+}
+
+/// [`fleet`] at simulator speed `speed`.
+fn fleet_at(speed: f64, extra: &str) -> String {
     let demand = "demand = [ { at = \"0s\", watts = 250 }, { at = \"20s\", watts = 650 }, \
                   { at = \"40s\", watts = 400 }, { at = \"60s\", watts = 700 } ]\nrepeat = \"80s\"";
     sim_config(
-        60.0,
+        speed,
         &format!("[sampler]\ninterval = \"100ms\"\n{extra}"),
         &[
             &format!("preset = \"h100-sxm\"\n{demand}"),
@@ -408,6 +413,94 @@ async fn a_sigkill_mid_run_is_a_downtime_gap_and_loses_at_most_seconds() {
         total + 20 >= one_s,
         "the coarse tier kept both runs: {total} vs {one_s} readings at 1 s"
     );
+}
+
+/// The issue's judged check, bounded: a fleet simulated 600 times faster
+/// than the wall clock (three simulated hours in about 20 s), SIGKILLed and
+/// restarted half way; GetHistory at several steps against statistics
+/// computed here from Watch: every point Watch saw from end to end has
+/// Watch's reading count, exact extremes and last, means within 0.5 °C and
+/// 5 W; the downtime is one DAEMON_DOWN gap and no point lies in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_simulated_run_killed_half_way_matches_watch_at_every_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = crate::support::start(dir.path(), Options::with_config(fleet_at(600.0, "")));
+    let mut c = d.client().await;
+    let before = watch_for(&mut c, Duration::from_secs(10)).await;
+    d.kill();
+    let killed = crate::support::now_ms();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.restart();
+    let mut c = d.client().await;
+    let after = watch_for(&mut c, Duration::from_secs(10)).await;
+    // Everything after the restart is committed after a flush or two.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let since = before[&0][0].t_ms;
+    let until = after[&0].last().expect("readings").t_ms + 1;
+    let a = history(&mut c, since, until, 1000, &["temperature_c"]).await;
+    let down = gaps_of(&a, HistoryGapReason::DaemonDown);
+    assert_eq!(down.len(), 1, "one downtime: {:?}", a.gpus[0].gaps);
+    let (start, end) = down[0];
+    assert!(
+        start <= killed && end > killed,
+        "the downtime holds the kill"
+    );
+    let back = after[&0][0].t_ms;
+    assert!(
+        end <= back,
+        "the downtime ends before the new run's first reading"
+    );
+    // Readings up to the last commit before the kill, and after the restart.
+    let committed: BTreeMap<u32, Vec<Seen>> = before
+        .iter()
+        .map(|(&i, v)| (i, v.iter().copied().filter(|s| s.t_ms < start).collect()))
+        .collect();
+    for (step, want) in [(1000u32, 5usize), (2000, 2), (4000, 1)] {
+        let a = history(&mut c, since, until, step, &[]).await;
+        for g in &a.gpus {
+            for p in &g.points {
+                let t = u64::try_from(p.time_unix_ms).expect("positive");
+                assert!(
+                    !(t >= start && t + u64::from(step) <= end),
+                    "step {step}: a point at {t} inside the downtime {start}..{end}"
+                );
+                assert!(p.samples > 0, "step {step}: an empty point at {t}");
+            }
+            assert!(
+                g.gaps
+                    .iter()
+                    .any(|gap| gap.reason() == HistoryGapReason::DaemonDown),
+                "step {step}: GPU {} shows the downtime",
+                g.index
+            );
+        }
+        let old = assert_points_match(&a, &committed);
+        let new = assert_points_match(&a, &after);
+        assert!(
+            old >= want && new >= want,
+            "step {step}: compared {old} points before the kill and {new} after"
+        );
+    }
+    // Extremes over the whole window are exact (the hottest reading).
+    let a = history(&mut c, since, until, 60_000, &["temperature_c"]).await;
+    for g in &a.gpus {
+        let seen_max = committed[&g.index]
+            .iter()
+            .chain(&after[&g.index])
+            .map(|s| s.temp_c)
+            .max()
+            .expect("readings");
+        let got = g
+            .points
+            .iter()
+            .filter_map(|p| p.values[0].max)
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            got >= f64::from(seen_max),
+            "GPU {}: history's hottest {got} vs Watch's {seen_max}",
+            g.index
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
