@@ -19,6 +19,7 @@ use anyhow::Context;
 use clap::Args;
 use gpuwatch_api::{GetHistoryRequest, GetSnapshotRequest, gpu_watch_client::GpuWatchClient};
 use gpuwatch_server::history::{self, HistoryConfig};
+use prost::Message;
 
 use crate::{
     Common,
@@ -129,38 +130,50 @@ pub fn history(common: &Common, args: &HistoryArgs) -> anyhow::Result<Figure> {
         let day = Duration::from_secs(86_400);
         let hour = Duration::from_secs(3_600);
         let p99 = Some(Target::AtMost(20.0));
-        for (name, span, step_ms, target, fields) in [
-            (
-                "24 h x all GPUs at 1 min, all 15 fields",
-                day,
-                60_000u32,
-                p99,
-                Vec::new(),
-            ),
-            (
-                "24 h x all GPUs at 1 min, the dashboard's 3 fields",
-                day,
-                60_000,
-                p99,
-                dashboard.clone(),
-            ),
-            (
-                "1 h x all GPUs at 1 s, all 15 fields",
-                hour,
-                1_000,
-                None,
-                Vec::new(),
-            ),
-            (
-                "1 h x all GPUs at 1 s, the dashboard's 3 fields",
-                hour,
-                1_000,
-                None,
-                dashboard.clone(),
-            ),
-        ] {
+        let mut kinds = Vec::new();
+        for columnar in [true, false] {
+            let form = if columnar { "columns" } else { "points" };
+            for (what, span, step_ms, fields) in [
+                (
+                    "24 h x all GPUs at 1 min, all 15 fields",
+                    day,
+                    60_000u32,
+                    Vec::new(),
+                ),
+                (
+                    "24 h x all GPUs at 1 min, the dashboard's 3 fields",
+                    day,
+                    60_000,
+                    dashboard.clone(),
+                ),
+                (
+                    "1 h x all GPUs at 1 s, all 15 fields",
+                    hour,
+                    1_000,
+                    Vec::new(),
+                ),
+                (
+                    "1 h x all GPUs at 1 s, the dashboard's 3 fields",
+                    hour,
+                    1_000,
+                    dashboard.clone(),
+                ),
+            ] {
+                // The target is the 24 h query as the CLI asks it (columns).
+                let target = (columnar && span == day).then_some(p99).flatten();
+                kinds.push((
+                    format!("{what}, as {form}"),
+                    span,
+                    step_ms,
+                    target,
+                    fields,
+                    columnar,
+                ));
+            }
+        }
+        for (name, span, step_ms, target, fields, columnar) in kinds {
             let url = daemon.url();
-            let (lat, cpu, points) = rt.block_on(async {
+            let (lat, cpu, points, bytes, answered_columnar) = rt.block_on(async {
                 // Windows large enough for a whole answer: with HTTP/2's
                 // default 64 KiB a multi-MB answer waits on a WINDOW_UPDATE
                 // round trip every 64 KiB (the CLI sets the same).
@@ -171,7 +184,7 @@ pub fn history(common: &Common, args: &HistoryArgs) -> anyhow::Result<Figure> {
                     .await?;
                 let mut c = GpuWatchClient::new(channel).max_decoding_message_size(64 << 20);
                 let mut lat = Latency::new();
-                let mut points = 0usize;
+                let (mut points, mut bytes, mut answered_columnar) = (0usize, 0usize, false);
                 let meter = proc::CpuMeter::start(&[daemon.pid])?;
                 for _ in 0..queries {
                     let now = SystemTime::now();
@@ -180,18 +193,32 @@ pub fn history(common: &Common, args: &HistoryArgs) -> anyhow::Result<Figure> {
                         until: Some(now.into()),
                         step_ms,
                         fields: fields.clone(),
+                        columnar,
                         ..GetHistoryRequest::default()
                     };
                     let started = Instant::now();
                     let a = c.get_history(req).await.context("GetHistory")?.into_inner();
                     lat.record_secs(started.elapsed().as_secs_f64());
-                    points = a.gpus.iter().map(|g| g.points.len()).sum();
+                    points = a
+                        .gpus
+                        .iter()
+                        .map(|g| {
+                            g.points.len() + g.columns.as_ref().map_or(0, |c| c.time_delta_ms.len())
+                        })
+                        .sum();
+                    bytes = a.encoded_len();
+                    answered_columnar = a.columnar;
                 }
                 let (cpu, _) = meter.percent()?;
-                anyhow::Ok((lat, cpu, points))
+                anyhow::Ok((lat, cpu, points, bytes, answered_columnar))
             })?;
             eprintln!(
-                "  run {run}: {name}: {points} points, median {:.2} ms, p99 {:.2} ms, daemon CPU {cpu:.0} % of a core while answering back to back",
+                "  run {run}: {name}: {points} points in {bytes} bytes{}, median {:.2} ms, p99 {:.2} ms, daemon CPU {cpu:.0} % of a core while answering back to back",
+                if columnar && !answered_columnar {
+                    " (this daemon answered points: it predates columns)"
+                } else {
+                    ""
+                },
                 lat.quantile_ms(0.5),
                 lat.quantile_ms(0.99)
             );
@@ -204,6 +231,12 @@ pub fn history(common: &Common, args: &HistoryArgs) -> anyhow::Result<Figure> {
                 cpu,
             );
             fig.record(&format!("{name}: points"), "points", None, points as f64);
+            fig.record(
+                &format!("{name}: answer size"),
+                "MB",
+                None,
+                bytes as f64 / 1e6,
+            );
         }
         daemon.check_alive()?;
         daemon.stop()?;
@@ -246,7 +279,7 @@ pub fn history(common: &Common, args: &HistoryArgs) -> anyhow::Result<Figure> {
         );
     }
     fig.note(format!(
-        "queries: {queries} GetHistory calls back to back on one connection (every stored field, or the 3 the dashboard asks for), against 24 h backfilled through gpuwatch_server::history::backfill (the writer's encoding and commits); write cost: two daemons ({gpus} GPUs at 10 Hz) measured over the same {window:?} window, one with [history] enabled = false; disk: one GPU-day at the default tiers (1 s for 24 h + 1 min buckets), redb file size and allocated blocks"
+        "queries: {queries} GetHistory calls back to back on one connection (every stored field, or the 3 the dashboard asks for; answered as columns, as the CLI asks, and as points, as older clients do), timed until the client holds the decoded answer, against 24 h backfilled through gpuwatch_server::history::backfill (the writer's encoding and commits); write cost: two daemons ({gpus} GPUs at 10 Hz) measured over the same {window:?} window, one with [history] enabled = false; disk: one GPU-day at the default tiers (1 s for 24 h + 1 min buckets), redb file size and allocated blocks"
     ));
     Ok(fig.finish())
 }

@@ -21,6 +21,7 @@ mod generated {
 pub use generated::*;
 
 pub mod codec;
+pub mod history_columns;
 pub mod names;
 
 /// Encoded file descriptor set of the contract, for gRPC reflection.

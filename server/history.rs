@@ -46,7 +46,10 @@ use std::{
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Deserialize;
 
-use crate::api::{self, Frame, GovernorState, GpuHealth, GpuSample};
+use crate::api::{
+    self, Frame, GovernorState, GpuHealth, GpuSample,
+    history_columns::{ColumnsBuilder, IntStats},
+};
 
 /// The store's file in the state directory.
 pub const FILE_NAME: &str = "history.redb";
@@ -280,26 +283,40 @@ impl FieldAcc {
     }
 }
 
-/// A value and how many readings it held for; the longest wins.
+/// A value and how many readings it held for; the longest wins. The first
+/// value is held inline: a stored bucket has one (its winner), so decoding
+/// and merging buckets whose state never changed allocates nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Longest {
-    held: Vec<(u64, u32)>,
+    first: Option<(u64, u32)>,
+    more: Vec<(u64, u32)>,
 }
 
 impl Longest {
     fn add(&mut self, v: u64, n: u32) {
-        match self.held.iter_mut().find(|(x, _)| *x == v) {
-            Some(slot) => slot.1 += n,
-            None => self.held.push((v, n)),
+        match &mut self.first {
+            None => self.first = Some((v, n)),
+            Some((x, held)) if *x == v => *held += n,
+            Some(_) => match self.more.iter_mut().find(|(x, _)| *x == v) {
+                Some(slot) => slot.1 += n,
+                None => self.more.push((v, n)),
+            },
         }
     }
 
+    fn held(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.first.into_iter().chain(self.more.iter().copied())
+    }
+
     fn winner(&self) -> (u64, u32) {
-        self.held
-            .iter()
-            .copied()
+        self.held()
             .max_by_key(|&(v, n)| (n, std::cmp::Reverse(v)))
             .unwrap_or((0, 0))
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.more.clear();
     }
 }
 
@@ -338,10 +355,10 @@ impl Bucket {
         for (a, b) in self.fields.iter_mut().zip(&later.fields) {
             a.merge(b);
         }
-        for &(v, n) in &later.throttle.held {
+        for (v, n) in later.throttle.held() {
             self.throttle.add(v, n);
         }
-        for &(v, n) in &later.governor.held {
+        for (v, n) in later.governor.held() {
             self.governor.add(v, n);
         }
     }
@@ -386,26 +403,50 @@ impl Bucket {
     }
 
     /// Decodes [`Bucket::encode`]'s output; None when it is malformed.
-    pub fn decode(start_ms: u64, mut bytes: &[u8]) -> Option<Self> {
-        let b = &mut bytes;
+    pub fn decode(start_ms: u64, bytes: &[u8]) -> Option<Self> {
         let mut bucket = Bucket::new(start_ms);
-        bucket.samples = u32::try_from(get(b)?).ok()?;
-        let mask = get(b)?;
-        for (i, f) in bucket.fields.iter_mut().enumerate() {
-            if mask & (1 << i) == 0 {
-                continue;
+        bucket
+            .decode_into(start_ms, bytes, u64::MAX)
+            .then_some(bucket)
+    }
+
+    /// [`Bucket::decode`] into `self` (reusing its storage: a query decodes
+    /// thousands of buckets through one), keeping only the fields whose bit
+    /// is set in `wanted` (the others read as absent); false when `bytes`
+    /// is malformed.
+    fn decode_into(&mut self, start_ms: u64, mut bytes: &[u8], wanted: u64) -> bool {
+        self.start_ms = start_ms;
+        self.throttle.clear();
+        self.governor.clear();
+        let b = &mut bytes;
+        let mut read = || -> Option<()> {
+            self.samples = u32::try_from(get(b)?).ok()?;
+            let mask = get(b)?;
+            for (i, f) in self.fields.iter_mut().enumerate() {
+                if mask & (1 << i) == 0 {
+                    *f = FieldAcc::default();
+                    continue;
+                }
+                if wanted & (1 << i) == 0 {
+                    *f = FieldAcc::default();
+                    for _ in 0..5 {
+                        skip(b)?;
+                    }
+                    continue;
+                }
+                f.n = u32::try_from(get(b)?).ok()?;
+                f.min = get(b)?;
+                f.max = f.min.checked_add(get(b)?)?;
+                f.last = f.min.checked_add(get(b)?)?;
+                f.sum = u128::from(f.min) * u128::from(f.n) + u128::from(get(b)?);
             }
-            f.n = u32::try_from(get(b)?).ok()?;
-            f.min = get(b)?;
-            f.max = f.min.checked_add(get(b)?)?;
-            f.last = f.min.checked_add(get(b)?)?;
-            f.sum = u128::from(f.min) * u128::from(f.n) + u128::from(get(b)?);
-        }
-        let (tv, tn) = (get(b)?, get(b)?);
-        let (gv, gn) = (get(b)?, get(b)?);
-        bucket.throttle.add(tv, u32::try_from(tn).ok()?);
-        bucket.governor.add(gv, u32::try_from(gn).ok()?);
-        Some(bucket)
+            let (tv, tn) = (get(b)?, get(b)?);
+            let (gv, gn) = (get(b)?, get(b)?);
+            self.throttle.add(tv, u32::try_from(tn).ok()?);
+            self.governor.add(gv, u32::try_from(gn).ok()?);
+            Some(())
+        };
+        read().is_some()
     }
 }
 
@@ -415,6 +456,13 @@ fn put(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
+}
+
+/// Steps over one varint.
+fn skip(bytes: &mut &[u8]) -> Option<()> {
+    let end = bytes.iter().take(10).position(|&b| b & 0x80 == 0)?;
+    *bytes = &bytes[end + 1..];
+    Some(())
 }
 
 fn get(bytes: &mut &[u8]) -> Option<u64> {
@@ -483,6 +531,54 @@ pub struct OpenReport {
     pub notes: Vec<String>,
 }
 
+/// What `[history] max_disk_bytes` has cost the tiers: the retention each
+/// keeps now (the configured one until the file first reaches the cap).
+#[derive(Debug, Clone)]
+pub struct DiskBudget {
+    pub max_bytes: u64,
+    /// Per tier, how much is kept now, in ms.
+    pub keep_ms: Vec<u64>,
+    /// The file's size at the last cut (a cut happens again only when the
+    /// file has grown since).
+    cut_at_len: u64,
+    /// The share of what a tier holds that one cut drops.
+    cut_fraction: f64,
+    /// Cuts so far.
+    pub cuts: u32,
+}
+
+impl DiskBudget {
+    pub fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            keep_ms: Vec::new(),
+            cut_at_len: 0,
+            cut_fraction: 0.1,
+            cuts: 0,
+        }
+    }
+
+    fn describe(&self, tiers: &[TierConfig]) -> String {
+        let kept: Vec<String> = tiers
+            .iter()
+            .zip(&self.keep_ms)
+            .map(|(t, &k)| {
+                format!(
+                    "the {} tier keeps {} of its {}",
+                    humantime::format_duration(t.step),
+                    humantime::format_duration(Duration::from_secs(k / 1000)),
+                    humantime::format_duration(t.retain)
+                )
+            })
+            .collect();
+        format!(
+            "dropped the oldest data to stay within {} bytes; {}",
+            self.max_bytes,
+            kept.join(", ")
+        )
+    }
+}
+
 /// The on-disk store. Cheap to clone; reads run concurrently with the
 /// writer (redb's MVCC).
 #[derive(Clone)]
@@ -492,6 +588,7 @@ pub struct Store {
     tiers: Vec<TierConfig>,
     gpu_ids: Arc<Mutex<HashMap<String, u32>>>,
     run_start_ms: u64,
+    budget: Arc<Mutex<DiskBudget>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -543,6 +640,7 @@ impl Store {
             tiers: config.tiers.clone(),
             gpu_ids: Arc::default(),
             run_start_ms,
+            budget: Arc::new(Mutex::new(DiskBudget::new(config.max_disk_bytes))),
         };
         store.reconcile_tiers(&mut report)?;
         store.load_gpu_ids()?;
@@ -552,8 +650,61 @@ impl Store {
             runs.insert(run_start_ms, run_start_ms)?;
         }
         txn.commit()?;
-        store.prune(run_start_ms, u64::MAX)?;
+        store.prune(run_start_ms)?;
+        store.enforce_budget_at_open(run_start_ms, &mut report)?;
         Ok((store, report))
+    }
+
+    /// Over the cap at start (the file was filled under a larger cap, or
+    /// by a run that could not finish pruning): cuts every tier's oldest
+    /// data and compacts the file (redb never gives freed pages back to
+    /// the file system otherwise) until it fits. Nothing else holds the
+    /// database yet, so compaction can run.
+    fn enforce_budget_at_open(
+        &mut self,
+        now_ms: u64,
+        report: &mut OpenReport,
+    ) -> Result<(), HistoryError> {
+        let before = self.disk_bytes();
+        let max_bytes = self.budget().max_bytes;
+        if before <= max_bytes {
+            return Ok(());
+        }
+        // Compaction first (it drops nothing: redb leaves freed and
+        // half-empty pages in the file), then, while still over, a cut of
+        // what should bring the file to 85 % of the cap (at least a tenth
+        // of what each tier holds) and another compaction.
+        for pass in 0..10 {
+            let db = Arc::get_mut(&mut self.db).ok_or_else(|| {
+                HistoryError::Store("the history store is shared while it is opened".to_owned())
+            })?;
+            db.compact()
+                .map_err(|e| HistoryError::Store(format!("cannot compact: {e}")))?;
+            let len = self.disk_bytes();
+            if len <= max_bytes || pass == 9 {
+                break;
+            }
+            {
+                let mut b = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
+                b.cut_at_len = 0;
+                b.cut_fraction = (1.0 - 0.85 * max_bytes as f64 / len as f64).clamp(0.1, 0.95);
+            }
+            self.prune(now_ms)?;
+        }
+        let after = self.disk_bytes();
+        let mut budget = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
+        budget.cut_at_len = after;
+        budget.cut_fraction = 0.1;
+        let what = if budget.cuts == 0 {
+            "compacted it, nothing dropped".to_owned()
+        } else {
+            format!("compacted it and {}", budget.describe(&self.tiers))
+        };
+        report.notes.push(format!(
+            "history store {} was {before} bytes, over [history] max_disk_bytes = {max_bytes}: {what}; it is {after} bytes now",
+            self.path.display(),
+        ));
+        Ok(())
     }
 
     fn open_checked(path: &Path) -> Result<Database, String> {
@@ -670,6 +821,14 @@ impl Store {
         &self.path
     }
 
+    /// What the disk budget has cut so far.
+    pub fn budget(&self) -> DiskBudget {
+        self.budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The file's size in bytes.
     pub fn disk_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -726,10 +885,18 @@ impl Store {
         Ok(())
     }
 
-    /// Drops buckets past each tier's retention; over `max_disk_bytes`,
-    /// also the oldest tenth of every tier.
-    fn prune(&self, now_ms: u64, max_disk_bytes: u64) -> Result<(), HistoryError> {
-        let over = self.disk_bytes() > max_disk_bytes;
+    /// Drops buckets past each tier's retention (as `budget` has cut it).
+    /// When the file has grown past `budget.max_bytes` (and since the last
+    /// cut), every tier keeps 10 % less than the span it holds, from now
+    /// on: redb reuses the freed pages, so the file stops growing and the
+    /// newest data stays. Returns whether it cut.
+    fn prune(&self, now_ms: u64) -> Result<bool, HistoryError> {
+        let mut budget = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = self.disk_bytes();
+        let over = len > budget.max_bytes && len > budget.cut_at_len;
+        if budget.keep_ms.len() != self.tiers.len() {
+            budget.keep_ms = self.tiers.iter().map(|t| ms(t.retain)).collect();
+        }
         let ids: Vec<u32> = self
             .gpu_ids
             .lock()
@@ -739,14 +906,30 @@ impl Store {
             .collect();
         let txn = self.db.begin_write()?;
         {
-            for t in &self.tiers {
-                let mut keep_ms = ms(t.retain);
-                if over {
-                    keep_ms -= keep_ms / 10;
-                }
-                let cutoff = now_ms.saturating_sub(keep_ms);
+            for (i, t) in self.tiers.iter().enumerate() {
                 let name = tier_table_name(ms(t.step));
                 let mut table = txn.open_table(TierTable::new(&name))?;
+                let mut cutoff = now_ms.saturating_sub(budget.keep_ms[i]);
+                if over {
+                    // The span this tier holds (its oldest and newest
+                    // bucket over all GPUs): its oldest share goes.
+                    let (mut oldest, mut newest) = (u64::MAX, 0);
+                    for &id in &ids {
+                        let mut range = table.range((id, 0)..(id, u64::MAX))?;
+                        if let Some(item) = range.next() {
+                            oldest = oldest.min(item?.0.value().1);
+                        }
+                        if let Some(item) = range.next_back() {
+                            newest = newest.max(item?.0.value().1);
+                        }
+                    }
+                    if newest >= oldest {
+                        let drop = ((newest - oldest) as f64 * budget.cut_fraction) as u64;
+                        cutoff = cutoff.max(oldest + drop);
+                        let keep = now_ms.saturating_sub(cutoff).max(ms(t.step) * 10);
+                        budget.keep_ms[i] = budget.keep_ms[i].min(keep);
+                    }
+                }
                 for &id in &ids {
                     table.retain_in((id, 0)..(id, cutoff), |_, _| false)?;
                 }
@@ -760,13 +943,16 @@ impl Store {
         }
         txn.commit()?;
         if over {
+            budget.cut_at_len = len;
+            budget.cuts += 1;
             tracing::warn!(
-                bytes = self.disk_bytes(),
-                max_disk_bytes,
-                "the history store is over [history] max_disk_bytes: dropped the oldest tenth of every tier"
+                bytes = len,
+                max_disk_bytes = budget.max_bytes,
+                "the history store reached [history] max_disk_bytes: {}",
+                budget.describe(&self.tiers)
             );
         }
-        Ok(())
+        Ok(over)
     }
 
     /// The start (Unix ms, which is also its first seq) of the run that
@@ -820,27 +1006,47 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<Bucket>, HistoryError> {
+        let mut out = Vec::new();
+        self.visit_buckets(tier, uuid, from_ms, to_ms, u64::MAX, |b| {
+            out.push(b.clone());
+        })?;
+        Ok(out)
+    }
+
+    /// Hands one GPU's buckets of tier `tier` in `[from, to)` to `visit`,
+    /// oldest first, in one pass over the key range and decoded through
+    /// one reused bucket (nothing is collected). A malformed bucket is
+    /// skipped.
+    fn visit_buckets(
+        &self,
+        tier: usize,
+        uuid: &str,
+        from_ms: u64,
+        to_ms: u64,
+        wanted: u64,
+        mut visit: impl FnMut(&Bucket),
+    ) -> Result<(), HistoryError> {
         let Some(id) = self.gpu_id(uuid) else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let Some(t) = self.tiers.get(tier) else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let read = self.db.begin_read()?;
         let name = tier_table_name(ms(t.step));
         let table = match read.open_table(TierTable::new(&name)) {
             Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let mut out = Vec::new();
+        let mut bucket = Bucket::default();
         for item in table.range((id, from_ms)..(id, to_ms))? {
             let (k, v) = item?;
-            if let Some(b) = Bucket::decode(k.value().1, v.value()) {
-                out.push(b);
+            if bucket.decode_into(k.value().1, v.value(), wanted) {
+                visit(&bucket);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -896,10 +1102,9 @@ impl HistoryWriter {
     pub fn start(store: Store, config: &HistoryConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(QUEUE_FRAMES);
         let flush_every = config.flush_interval;
-        let max_disk = config.max_disk_bytes;
         let thread = std::thread::Builder::new()
             .name("gpuwatch-history".into())
-            .spawn(move || Writer::new(store, flush_every, max_disk).run(rx))?;
+            .spawn(move || Writer::new(store, flush_every).run(rx))?;
         Ok(Self {
             sink: Arc::new(HistorySink {
                 tx,
@@ -941,7 +1146,6 @@ impl HistoryWriter {
 struct Writer {
     store: Store,
     flush_every: Duration,
-    max_disk_bytes: u64,
     /// Open bucket per (GPU uuid, tier).
     open: HashMap<(String, usize), Bucket>,
     /// Finished buckets not committed yet.
@@ -952,11 +1156,10 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(store: Store, flush_every: Duration, max_disk_bytes: u64) -> Self {
+    fn new(store: Store, flush_every: Duration) -> Self {
         Self {
             store,
             flush_every,
-            max_disk_bytes,
             open: HashMap::new(),
             done: Vec::new(),
             last_frame_ms: 0,
@@ -995,7 +1198,7 @@ impl Writer {
                 next_flush = Instant::now() + self.flush_every;
                 if self.last_prune.elapsed() >= Duration::from_secs(60) {
                     self.last_prune = Instant::now();
-                    if let Err(e) = self.store.prune(self.last_frame_ms, self.max_disk_bytes) {
+                    if let Err(e) = self.store.prune(self.last_frame_ms) {
                         tracing::warn!(error = %e, "history retention pass failed");
                     }
                 }
@@ -1094,6 +1297,8 @@ pub struct Query {
     pub until_ms: u64,
     /// Requested step (0: pick one).
     pub step_ms: u64,
+    /// Answer in columns (`GpuHistory.columns`) instead of points.
+    pub columnar: bool,
 }
 
 /// Limits on one answer.
@@ -1132,6 +1337,10 @@ pub const AUTO_POINTS: u64 = 1000;
 /// and tags), and per point.
 const BYTES_PER_FIELD: usize = 40;
 const BYTES_PER_POINT: usize = 24;
+/// The same in columns (five varints per field; times, samples and states
+/// per point), generously: memory sizes and sums take 5-8 bytes.
+const COLUMN_BYTES_PER_FIELD: usize = 20;
+const COLUMN_BYTES_PER_POINT: usize = 12;
 
 /// Which tier serves `step_ms` over `[since, until)`: the coarsest with a
 /// step at most `step_ms`; None = the raw ring.
@@ -1187,7 +1396,12 @@ pub fn query(
             limits.max_points
         )));
     }
-    let bytes = points.saturating_mul(q.fields.len() * BYTES_PER_FIELD + BYTES_PER_POINT);
+    let (per_field, per_point) = if q.columnar {
+        (COLUMN_BYTES_PER_FIELD, COLUMN_BYTES_PER_POINT)
+    } else {
+        (BYTES_PER_FIELD, BYTES_PER_POINT)
+    };
+    let bytes = points.saturating_mul(q.fields.len() * per_field + per_point);
     if bytes > limits.max_bytes {
         return Err(QueryError::TooLarge(format!(
             "the answer would take about {bytes} bytes; the limit is [history] max_bytes_per_request = {}: ask for fewer fields, a coarser step, fewer GPUs or a shorter window",
@@ -1209,13 +1423,21 @@ pub fn query(
     };
     let mut gpus = Vec::with_capacity(q.gpus.len());
     for (index, uuid) in &q.gpus {
-        let buckets = match (tier, src.store) {
-            (Some(i), Some(store)) => store.buckets(i, uuid, first, q.until_ms)?,
-            _ => raw_buckets(src.raw, uuid, first, q.until_ms),
-        };
-        let points = merge_into_points(&buckets, step, tier_step, q);
+        let mut folder = Folder::new(q, step, tier_step, per_gpu);
+        match (tier, src.store) {
+            (Some(i), Some(store)) => {
+                let wanted = q.fields.iter().fold(0u64, |m, &i| m | 1 << i);
+                store.visit_buckets(i, uuid, first, q.until_ms, wanted, |b| folder.add(b))?;
+            }
+            _ => {
+                for b in raw_buckets(src.raw, uuid, first, q.until_ms) {
+                    folder.add(&b);
+                }
+            }
+        }
+        let (series, starts) = folder.finish();
         let gaps = find_gaps(
-            &buckets,
+            &starts,
             &GapContext {
                 since_ms: q.since_ms,
                 until_ms: q.until_ms.min(src.now_ms),
@@ -1227,11 +1449,16 @@ pub fn query(
                 trailing_slack: tier_step + 2_000 + 2 * raw_step,
             },
         );
+        let (points, columns) = match series {
+            Series::Rows(points) => (points, None),
+            Series::Columns(c) => (Vec::new(), Some(c.finish())),
+        };
         gpus.push(api::GpuHistory {
             index: *index,
             uuid: uuid.clone(),
             points,
             gaps,
+            columns,
         });
     }
     let mut tiers_out = vec![api::HistoryTier {
@@ -1253,6 +1480,7 @@ pub fn query(
         gpus,
         events: Vec::new(),
         tiers: tiers_out,
+        columnar: q.columnar,
     })
 }
 
@@ -1282,50 +1510,125 @@ fn raw_buckets(raw: &[Arc<Frame>], uuid: &str, from_ms: u64, to_ms: u64) -> Vec<
     out
 }
 
-fn merge_into_points(
-    buckets: &[Bucket],
+/// A GPU's series as it is built: points, or columns.
+enum Series {
+    Rows(Vec<api::HistoryPoint>),
+    Columns(ColumnsBuilder),
+}
+
+/// Folds one GPU's buckets, oldest first, into the answer's points (one
+/// per `step`), writing each point as soon as it is complete: no bucket is
+/// collected, only the start times the gap search needs.
+struct Folder<'q> {
+    q: &'q Query,
     step: u64,
-    tier_step: u64,
-    q: &Query,
-) -> Vec<api::HistoryPoint> {
-    let mut out: Vec<Bucket> = Vec::new();
-    for b in buckets {
-        let start = b.start_ms - b.start_ms % step;
-        match out.last_mut() {
-            Some(last) if last.start_ms == start => last.merge(b),
-            _ => {
-                let mut n = Bucket::new(start);
-                n.merge(b);
-                out.push(n);
+    tier_step: u32,
+    /// The point being summed, if any.
+    open: Option<Bucket>,
+    series: Series,
+    starts: Vec<u64>,
+}
+
+impl<'q> Folder<'q> {
+    fn new(q: &'q Query, step: u64, tier_step: u64, points: usize) -> Self {
+        // The answer is bounded by the limits checked before this; the
+        // capacity only avoids regrowing.
+        let points = points.min(1 << 20);
+        let series = if q.columnar {
+            Series::Columns(ColumnsBuilder::new(q.fields.len(), points))
+        } else {
+            Series::Rows(Vec::with_capacity(points))
+        };
+        let per_point = usize::try_from(step / tier_step.max(1)).unwrap_or(1).max(1);
+        Self {
+            q,
+            step,
+            tier_step: u32::try_from(tier_step).unwrap_or(u32::MAX),
+            open: None,
+            series,
+            starts: Vec::with_capacity(points.saturating_mul(per_point).min(1 << 22)),
+        }
+    }
+
+    fn add(&mut self, b: &Bucket) {
+        self.starts.push(b.start_ms);
+        let start = b.start_ms - b.start_ms % self.step;
+        if self.open.is_none() && start == b.start_ms && self.step == u64::from(self.tier_step) {
+            // One tier bucket is one point (each start is stored once).
+            Self::write(self.q, self.tier_step, &mut self.series, b);
+            return;
+        }
+        match &mut self.open {
+            Some(open) if open.start_ms == start => open.merge(b),
+            Some(open) => {
+                Self::write(self.q, self.tier_step, &mut self.series, open);
+                open.clone_from(b);
+                open.start_ms = start;
+            }
+            None => {
+                let mut open = b.clone();
+                open.start_ms = start;
+                self.open = Some(open);
             }
         }
     }
-    out.into_iter()
-        .map(|b| api::HistoryPoint {
-            time_unix_ms: i64::try_from(b.start_ms).unwrap_or(i64::MAX),
-            tier_step_ms: u32::try_from(tier_step).unwrap_or(u32::MAX),
-            samples: b.samples,
-            values: q
-                .fields
-                .iter()
-                .map(|&i| {
-                    let f = &b.fields[i];
-                    if f.n == 0 {
-                        api::FieldStats::default()
-                    } else {
-                        api::FieldStats {
-                            min: Some(f.min as f64),
-                            max: Some(f.max as f64),
-                            mean: f.mean(),
-                            last: Some(f.last as f64),
+
+    fn finish(mut self) -> (Series, Vec<u64>) {
+        if let Some(open) = &self.open {
+            Self::write(self.q, self.tier_step, &mut self.series, open);
+        }
+        (self.series, self.starts)
+    }
+
+    fn write(q: &Query, tier_step: u32, series: &mut Series, b: &Bucket) {
+        let time = i64::try_from(b.start_ms).unwrap_or(i64::MAX);
+        let (throttle, governor) = (b.throttle_mask(), b.governor_state() as i32);
+        match series {
+            Series::Rows(points) => points.push(api::HistoryPoint {
+                time_unix_ms: time,
+                tier_step_ms: tier_step,
+                samples: b.samples,
+                values: q
+                    .fields
+                    .iter()
+                    .map(|&i| {
+                        let f = &b.fields[i];
+                        if f.n == 0 {
+                            api::FieldStats::default()
+                        } else {
+                            api::FieldStats {
+                                min: Some(f.min as f64),
+                                max: Some(f.max as f64),
+                                mean: f.mean(),
+                                last: Some(f.last as f64),
+                            }
                         }
-                    }
-                })
-                .collect(),
-            throttle_reasons_mask: b.throttle_mask(),
-            governor_state: b.governor_state() as i32,
-        })
-        .collect()
+                    })
+                    .collect(),
+                throttle_reasons_mask: throttle,
+                governor_state: governor,
+            }),
+            Series::Columns(c) => {
+                c.point(time, tier_step, b.samples, throttle, governor);
+                for (j, &i) in q.fields.iter().enumerate() {
+                    let f = &b.fields[i];
+                    c.field(
+                        j,
+                        (f.n > 0).then(|| IntStats {
+                            count: f.n,
+                            min: f.min,
+                            max: f.max,
+                            last: f.last,
+                            sum_over_min: u64::try_from(
+                                f.sum - u128::from(f.min) * u128::from(f.n),
+                            )
+                            .unwrap_or(u64::MAX),
+                        }),
+                    );
+                }
+            }
+        }
+    }
 }
 
 struct GapContext<'a> {
@@ -1341,7 +1644,7 @@ struct GapContext<'a> {
 /// The ranges of `[since, until)` with no data: daemon downtime (exact,
 /// from the recorded runs), missing buckets longer than the threshold, and
 /// what lies before retention.
-fn find_gaps(buckets: &[Bucket], cx: &GapContext<'_>) -> Vec<api::HistoryGap> {
+fn find_gaps(starts: &[u64], cx: &GapContext<'_>) -> Vec<api::HistoryGap> {
     use api::HistoryGapReason as R;
     let mut raw: Vec<(u64, u64, R)> = Vec::new();
     // Downtime between runs (and before the first run, after the last
@@ -1357,26 +1660,26 @@ fn find_gaps(buckets: &[Bucket], cx: &GapContext<'_>) -> Vec<api::HistoryGap> {
     // Missing buckets while the daemon ran.
     let mut cursor = cx.since_ms;
     let mut first = true;
-    for b in buckets {
-        let end = b.start_ms + cx.tier_step;
+    for &start in starts {
+        let end = start + cx.tier_step;
         if end <= cx.since_ms {
             continue;
         }
-        if b.start_ms > cursor && (b.start_ms - cursor >= cx.threshold || first) {
+        if start > cursor && (start - cursor >= cx.threshold || first) {
             let reason = if first && cursor < cx.retained_from {
                 R::NotRetained
             } else {
                 R::NoSamples
             };
-            if !(first && b.start_ms - cursor < cx.tier_step) {
-                raw.push((cursor, b.start_ms, reason));
+            if !(first && start - cursor < cx.tier_step) {
+                raw.push((cursor, start, reason));
             }
         }
         first = false;
         cursor = cursor.max(end);
     }
     if cx.until_ms > cursor && cx.until_ms - cursor > cx.trailing_slack {
-        let reason = if buckets.is_empty() && cursor < cx.retained_from {
+        let reason = if starts.is_empty() && cursor < cx.retained_from {
             R::NotRetained
         } else {
             R::NoSamples
@@ -1583,8 +1886,9 @@ mod tests {
             buckets.push(b);
         }
         let runs = [(0, 9_500), (19_800, 30_000)];
+        let starts: Vec<u64> = buckets.iter().map(|b| b.start_ms).collect();
         let gaps = find_gaps(
-            &buckets,
+            &starts,
             &GapContext {
                 since_ms: 0,
                 until_ms: 30_000,
@@ -1601,6 +1905,131 @@ mod tests {
             (gaps[0].start_unix_ms, gaps[0].end_unix_ms),
             (9_500, 19_800)
         );
+    }
+
+    /// Points per GPU of `store` at `step_ms` over `[since, until)`.
+    fn points_per_gpu(store: &Store, uuids: &[String], since_ms: u64, until_ms: u64) -> Vec<usize> {
+        let q = Query {
+            gpus: uuids
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (i as u32, u.clone()))
+                .collect(),
+            fields: vec![0],
+            since_ms,
+            until_ms,
+            step_ms: 1000,
+            columnar: false,
+        };
+        let src = Source {
+            store: Some(store),
+            raw: &[],
+            sampler_interval_ms: 100,
+            started_ms: until_ms,
+            now_ms: until_ms,
+        };
+        let limits = Limits {
+            max_points: 1_000_000,
+            max_bytes: 256 << 20,
+        };
+        query(&src, &q, limits)
+            .expect("query")
+            .gpus
+            .iter()
+            .map(|g| g.points.len())
+            .collect()
+    }
+
+    #[test]
+    fn the_disk_budget_keeps_the_file_under_it_and_the_newest_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-b".into()];
+        let hour = Duration::from_secs(3600);
+        let end = SystemTime::now() - Duration::from_secs(2 * 3600);
+        // Three hours filled under the default cap: far over a 2 MiB one.
+        let filled = backfill(dir.path(), &HistoryConfig::default(), &uuids, 3 * hour, end)
+            .expect("backfill");
+        let cap: u64 = 1 << 20;
+        assert!(
+            filled > 2 * cap,
+            "the test needs a file over the cap: {filled} bytes"
+        );
+        let small = HistoryConfig {
+            max_disk_bytes: cap,
+            ..HistoryConfig::default()
+        };
+        // Restarting under the small cap cuts the oldest data and compacts.
+        let (store, report) = Store::open(dir.path(), &small).expect("open");
+        assert!(store.disk_bytes() <= cap, "{} bytes", store.disk_bytes());
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("max_disk_bytes = 1048576")),
+            "the cut is reported: {:?}",
+            report.notes
+        );
+        let end_ms = unix_ms(end);
+        // The newest ten minutes are whole; the oldest hour is gone.
+        let newest = points_per_gpu(&store, &uuids, end_ms - 600_000, end_ms);
+        assert!(newest.iter().all(|&n| n >= 600), "{newest:?}");
+        let oldest = points_per_gpu(
+            &store,
+            &uuids,
+            end_ms - 3 * 3_600_000,
+            end_ms - 2 * 3_600_000,
+        );
+        assert!(oldest.iter().all(|&n| n == 0), "{oldest:?}");
+        let kept = store.budget();
+        assert!(kept.cuts > 0, "compaction alone did not fit: data was cut");
+        assert!(kept.keep_ms[0] < 5 * 3_600_000, "{kept:?}");
+        drop(store);
+
+        // Two more hours while running: the writer's pass (every minute)
+        // cuts again once the file grows past the cap, and the file stops
+        // growing; a restart compacts it under the cap again.
+        let later = end + 2 * hour;
+        backfill(dir.path(), &small, &uuids, 2 * hour, later).expect("backfill");
+        let (store, _) = Store::open(dir.path(), &small).expect("reopen");
+        assert!(store.disk_bytes() <= cap, "{} bytes", store.disk_bytes());
+        let later_ms = unix_ms(later);
+        let newest = points_per_gpu(&store, &uuids, later_ms - 600_000, later_ms);
+        assert!(newest.iter().all(|&n| n >= 600), "{newest:?}");
+        // The running path: writing past the cap cuts the oldest data (the
+        // freed pages are reused; the file itself only shrinks at the next
+        // start, when it is compacted) and keeps the newest.
+        let mut t = later_ms;
+        let mut peak_after_cut = 0;
+        let mut cut = false;
+        for _ in 0..30 {
+            let mut batch = Vec::new();
+            for _ in 0..120 {
+                for u in &uuids {
+                    let mut b = Bucket::new(t - t % 1000);
+                    b.add_sample(&GpuSample {
+                        uuid: u.clone(),
+                        ..sample(60, 300_000)
+                    });
+                    batch.push((u.clone(), 0, b));
+                }
+                t += 1000;
+            }
+            store.commit(&batch, t).expect("commit");
+            cut |= store.prune(t).expect("prune");
+            if cut {
+                peak_after_cut = peak_after_cut.max(store.disk_bytes());
+            }
+        }
+        let final_len = store.disk_bytes();
+        assert!(cut, "two more hours went past the cap ({final_len} bytes)");
+        assert!(
+            store.budget().keep_ms[0] < 3_600_000 * 3,
+            "{:?}",
+            store.budget()
+        );
+        assert!(peak_after_cut > 0);
+        let newest = points_per_gpu(&store, &uuids, t - 60_000, t);
+        assert!(newest.iter().all(|&n| n >= 60), "{newest:?}");
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub fn answer_history(
         since_ms,
         until_ms,
         step_ms: u64::from(req.step_ms),
+        columnar: req.columnar,
     };
     let mut answer =
         crate::history::query(&source, &query, history.limits).map_err(|e| match e {
@@ -510,6 +511,7 @@ impl GpuWatchService {
                 .tiers()
                 .first()
                 .map_or(1000, |t| u64::try_from(t.step.as_millis()).unwrap_or(1000)),
+            columnar: false,
         };
         crate::history::query(&source, &query, self.history.limits).ok()
     }

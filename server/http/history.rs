@@ -85,6 +85,8 @@ pub(crate) async fn history_json(
         since: Some(from.into()),
         until: None,
         step_ms,
+        // The page reads points (as compact JSON rows, see `to_json`).
+        columnar: false,
     };
     let (hub, events, history) = (
         app.state.hub.clone(),
