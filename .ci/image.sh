@@ -60,10 +60,11 @@ apt_install() {
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
 missing=()
-for tool in podman buildah debootstrap runc curl; do
+for tool in podman buildah debootstrap runc curl iptables python3; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+    # containernetworking-plugins: the bridge and port mappings of rootful podman.
     apt_install "${missing[@]}" containernetworking-plugins ca-certificates || exit 1
 fi
 
@@ -88,19 +89,30 @@ cat >"$work/containers.conf" <<'EOF'
 default_ulimits = []
 EOF
 export CONTAINERS_CONF="$work/containers.conf"
+# buildah keeps RUN --mount=type=cache directories and its scratch space in
+# $TMPDIR: under $work they go with the rest.
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"
 pm() {
     podman --runtime runc --cgroup-manager cgroupfs \
         --root "$work/storage" --runroot "$work/run" "$@"
 }
 
+# debootstrap mounts /proc (and more) inside the trees it makes; never let
+# rm -rf walk into one.
+unmount_under_work() {
+    local m
+    awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null; done
+}
 cleanup() {
     pm rm -f -t 0 "$container" >/dev/null 2>&1
     pm volume rm -f "$volume" >/dev/null 2>&1
     pm rmi -f "$image" "$rust_base" "$runtime_base" >/dev/null 2>&1
     # Removes the build cache too; then nothing of podman's is left in $work.
     pm system reset -f >/dev/null 2>&1
-    umount -R "$work/storage" 2>/dev/null
-    rm -rf "$work"
+    unmount_under_work
+    rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 
@@ -139,9 +151,14 @@ make_bases() {
     wait "$rs" || { status=1; tail -n 20 "$work/debootstrap-rust.log" >&2; }
     [ "$status" -eq 0 ] || return 1
     local tree
+    unmount_under_work
     for tree in "$work/runtime" "$work/rust"; do
         rm -rf "$tree"/var/cache/apt/archives/*.deb "$tree"/var/lib/apt/lists/*
     done
+    # The host's trust store: this machine reaches crates.io through a
+    # TLS-inspecting egress proxy whose CA only the host's bundle holds. Only
+    # the build stage sees it; the runtime image gets nothing of this base.
+    cp /etc/ssl/certs/ca-certificates.crt "$work/rust/etc/ssl/certs/ca-certificates.crt" || return 1
     mkdir -p "$work/rust/usr/local/rust" "$work/rust/usr/local/cargo"
     # rustc, cargo and the standard library: bin/ lib/ libexec/ etc/ of the
     # sysroot; share/ (docs, man pages) stays behind.
