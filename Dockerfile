@@ -6,6 +6,7 @@
 #
 # Build:
 #   docker build -t gpuwatch .
+#   podman build --format docker -t gpuwatch .   # (OCI format drops HEALTHCHECK)
 #
 # Run on a GPU host, telemetry and governor writes (power limits need
 # CAP_SYS_ADMIN, which only root can use here):

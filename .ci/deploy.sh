@@ -29,6 +29,7 @@ apt_install() {
 command -v systemd-analyze >/dev/null || apt_install systemd
 command -v objdump >/dev/null || apt_install binutils
 command -v openssl >/dev/null || apt_install openssl
+command -v curl >/dev/null || apt_install curl
 # kustomize (inside kubectl) renders the TLS variant, an overlay of the base.
 command -v kubectl >/dev/null || apt_install kubectl
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
@@ -123,6 +124,54 @@ healthcheck_follows_daemon() {
 }
 step "the container HEALTHCHECK passes on a live daemon and fails on a stopped one" \
     healthcheck_follows_daemon
+
+# The TLS variant's own config on a real daemon: /healthz answers over HTTPS
+# the way the kubelet asks (no certificate verification: curl -k), and a
+# plain-HTTP request is refused, so the probes' scheme is the right one.
+tls_variant_probes() {
+    local dir="$work/tls-run" http pid status=0 body
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj /CN=gpuwatch -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null || return 1
+    printf '[[tokens]]\nname = "ops"\nrole = "control"\ntoken = "0123456789abcdef0123"\n' >"$dir/tokens.toml"
+    chmod 600 "$dir/tls.key" "$dir/tokens.toml"
+    # The ConfigMap's gpuwatch.toml, its Secret mounts pointed at $dir.
+    "$tools/python" - "$work/tls.yaml" "$dir" <<'EOF' || return 1
+import sys, yaml
+rendered, d = sys.argv[1], sys.argv[2]
+cm = next(x for x in yaml.safe_load_all(open(rendered)) if x and x["kind"] == "ConfigMap")
+text = cm["data"]["gpuwatch.toml"]
+for old in ("/etc/gpuwatch-tls", "/etc/gpuwatch-tokens"):
+    text = text.replace(old + "/", d + "/")
+open(d + "/gpuwatch.toml", "w").write(text)
+EOF
+    "$bin" --simulate --config "$dir/gpuwatch.toml" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+        --state-dir "$dir/state" --ready-file "$dir/ready.json" 2>"$dir/server.log" &
+    pid=$!
+    local deadline=$((SECONDS + 60))
+    until [ -s "$dir/ready.json" ] || [ "$SECONDS" -ge "$deadline" ] || ! kill -0 "$pid" 2>/dev/null; do
+        sleep 0.2
+    done
+    http="$(sed -n 's/.*"http":"\([^"]*\)".*/\1/p' "$dir/ready.json" 2>/dev/null)"
+    if [ -z "$http" ]; then
+        echo "the daemon did not start on the TLS variant's config:" >&2
+        cat "$dir/server.log" >&2
+        status=1
+    elif body="$(curl -fsS -k "https://$http/healthz")"; then
+        echo "GET https://$http/healthz (unverified, as the kubelet asks): $body"
+        if curl -fsS -m 5 "http://$http/healthz" >/dev/null 2>&1; then
+            echo "plain HTTP was answered too" >&2
+            status=1
+        fi
+    else
+        status=1
+    fi
+    kill -TERM "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return "$status"
+}
+step "the TLS variant's config: /healthz answers over HTTPS as its probes ask, not over HTTP" \
+    tls_variant_probes
 
 echo "deploy: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
