@@ -40,7 +40,7 @@ cd "$(dirname "$0")/.." || exit 1
 start_s=$SECONDS
 
 # The whole run is bounded: the release build inside the image is most of it.
-IMAGE_BUILD_TIMEOUT_S="${IMAGE_BUILD_TIMEOUT_S:-1500}"
+IMAGE_BUILD_TIMEOUT_S="${IMAGE_BUILD_TIMEOUT_S:-2400}"
 # What the Dockerfile adds to its runtime base may not exceed this: two
 # release binaries (about 120 MB with line tables) and two small files.
 MAX_ADDED_MB="${MAX_ADDED_MB:-160}"
