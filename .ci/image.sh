@@ -112,8 +112,10 @@ cleanup() {
     pm rm -f -t 0 "$container" >/dev/null 2>&1
     pm volume rm -f "$volume" >/dev/null 2>&1
     pm rmi -f "$image" "$rust_base" "$runtime_base" >/dev/null 2>&1
-    # Removes the build cache too; then nothing of podman's is left in $work.
-    pm system reset -f >/dev/null 2>&1
+    # The builder stage's image and anything else in this private storage
+    # (not `podman system reset`: it also removes the machine's networks).
+    pm rm -a -f >/dev/null 2>&1
+    pm rmi -a -f >/dev/null 2>&1
     unmount_under_work
     rm -rf --one-file-system "$work"
 }
