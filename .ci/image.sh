@@ -143,8 +143,16 @@ summary() {
 
 # ---- the bases -------------------------------------------------------------
 make_bases() {
-    local sysroot
+    local sysroot msrv have
     sysroot="$(rustc --print sysroot)" || return 1
+    # The host's toolchain goes into the build base: it must meet the
+    # workspace's rust-version (Debian 12's own rustc, 1.63, does not).
+    msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
+    have="$(rustc --version | cut -d' ' -f2)"
+    if [ -z "$msrv" ] || [ "$(printf '%s\n%s\n' "$msrv" "$have" | sort -V | head -n 1)" != "$msrv" ]; then
+        echo "the host's rustc $have is older than the workspace's rust-version ${msrv:-(not found)}" >&2
+        return 1
+    fi
     # Both trees at once: debootstrap mostly waits for the mirror.
     timeout 900 debootstrap --variant=minbase "$SUITE" "$work/runtime" "$mirror" >"$work/debootstrap-runtime.log" 2>&1 &
     local rt=$!
