@@ -437,7 +437,7 @@ pub fn fanout(common: &Common, args: &FanoutArgs) -> anyhow::Result<Figure> {
         &mut fig,
         FanoutTargets {
             latency_p99_ms: Some(5.0),
-            daemon_cpu_pct: Some(100.0),
+            daemon_cpu_pct: Some(10.0),
             daemon_rss_mib: None,
         },
     )?;
@@ -468,7 +468,7 @@ pub fn fanout_10k(common: &Common, args: &Fanout10kArgs) -> anyhow::Result<Figur
         FanoutTargets {
             latency_p99_ms: None,
             daemon_cpu_pct: None,
-            daemon_rss_mib: Some(200.0),
+            daemon_rss_mib: Some(80.0),
         },
     )?;
     Ok(fig.finish())

@@ -61,6 +61,101 @@ pub fn idle(common: &Common, args: &IdleArgs) -> anyhow::Result<Figure> {
     Ok(fig.finish())
 }
 
+/// The `[simulator]` section of `idle-all`: 8 H100s (two of them in MIG
+/// mode with three instances), four processes each in pods, under the
+/// fleet's moving load.
+fn all_features_simulator(gpus: u32) -> String {
+    let mut s = String::from("[simulator]\nspeed = 1.0\n");
+    for g in 0..gpus {
+        s.push_str(
+            "\n[[simulator.gpus]]\npreset = \"h100-sxm\"\n\
+             demand = [ { at = \"0s\", watts = 350.0 }, { at = \"30s\", watts = 650.0, ramp = true }, \
+             { at = \"60s\", watts = 350.0, ramp = true } ]\nrepeat = \"90s\"\n",
+        );
+        let mig = g < 2;
+        if mig {
+            s.push_str(
+                "mig = { enabled = true, instances = [\"3g.40gb\", \"2g.20gb\", \"1g.10gb\"] }\n",
+            );
+        }
+        s.push_str("processes = [\n");
+        for i in 0..4u32 {
+            let instance = if mig {
+                format!(", mig_instance = {}", i % 3)
+            } else {
+                String::new()
+            };
+            s.push_str(&format!(
+                "  {{ pid = {}, name = \"worker\", uid = 1000, memory_mib = 4000, namespace = \"bench\", pod = \"job-{g}\", container = \"c{i}\"{instance} }},\n",
+                200_000 + g * 4 + i
+            ));
+        }
+        s.push_str("]\n");
+    }
+    s
+}
+
+/// Idle with every feature the manager adds on: attribution (simulator
+/// records), MIG polling on two GPUs, history (the default tiers) and a node
+/// power budget set over gRPC.
+pub fn idle_all(common: &Common, args: &IdleArgs) -> anyhow::Result<Figure> {
+    let gpus = args.gpus.unwrap_or(8);
+    let mut fig = Figure::new(
+        "idle-all",
+        format!(
+            "idle footprint, every feature on: {gpus} simulated GPUs at 10 Hz (2 in MIG mode), 4 attributed processes each, history, a node power budget; no clients"
+        ),
+        common.runs(3),
+        common.quick,
+    );
+    let spec = DaemonSpec {
+        simulator_toml: Some(all_features_simulator(gpus)),
+        extra_toml: format!(
+            "[[auth.tokens]]\nname = \"bench\"\nrole = \"control\"\ntoken = \"{BENCH_TOKEN}\"\n"
+        ),
+        ..DaemonSpec::fleet(gpus, Duration::from_millis(100))
+    };
+    // Enough for every GPU's load: the budget has work (it divides and
+    // redistributes) without holding the GPUs down.
+    let budget_watts = 600 * gpus;
+    let client = common.client.clone();
+    measure_with(
+        common,
+        args,
+        &spec,
+        Duration::from_millis(100),
+        &mut fig,
+        Target::AtMost(1.0),
+        Some(Target::AtMost(24.0)),
+        &|daemon: &Daemon| set_budget(&client, &daemon.url(), budget_watts),
+    )?;
+    fig.note(format!(
+        "history on (default tiers), attribution on simulator records (4 processes per GPU, 2 GPUs in MIG mode), a {budget_watts} W node power budget set with `gpuwatch-client set-power-budget` before the warm-up"
+    ));
+    Ok(fig.finish())
+}
+
+/// The control token `idle-all`'s daemon accepts (loopback, throwaway).
+const BENCH_TOKEN: &str = "bench-control-token";
+
+/// `gpuwatch-client set-power-budget URL --watts N`.
+fn set_budget(client: &std::path::Path, url: &str, watts: u32) -> anyhow::Result<()> {
+    crate::check_binary(client, "the fleet CLI")?;
+    let out = std::process::Command::new(client)
+        .args(["set-power-budget", url, "--watts", &watts.to_string()])
+        .args(["--token", BENCH_TOKEN])
+        .output()
+        .with_context(|| format!("running {}", client.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "gpuwatch-client set-power-budget {url} --watts {watts} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 pub fn sampler(common: &Common, args: &SamplerArgs) -> anyhow::Result<Figure> {
     let gpus = args.base.gpus.unwrap_or(8);
     let interval = args.interval.unwrap_or(Duration::from_millis(10));
@@ -93,7 +188,31 @@ fn measure(
     cpu_target: Target,
     rss_target: Option<Target>,
 ) -> anyhow::Result<()> {
-    let gpus = args.gpus.unwrap_or(8);
+    let spec = DaemonSpec::fleet(args.gpus.unwrap_or(8), interval);
+    measure_with(
+        common,
+        args,
+        &spec,
+        interval,
+        fig,
+        cpu_target,
+        rss_target,
+        &|_| Ok(()),
+    )
+}
+
+/// [`measure`] for a daemon started from `spec`, `prepare`d once started.
+#[allow(clippy::too_many_arguments)]
+fn measure_with(
+    common: &Common,
+    args: &IdleArgs,
+    spec: &DaemonSpec,
+    interval: Duration,
+    fig: &mut Figure,
+    cpu_target: Target,
+    rss_target: Option<Target>,
+    prepare: &dyn Fn(&Daemon) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let window = args
         .window
         .unwrap_or(common.pick(Duration::from_secs(30), Duration::from_secs(2)));
@@ -102,7 +221,8 @@ fn measure(
         .unwrap_or(common.pick(Duration::from_secs(5), Duration::from_secs(1)));
     let rt = common.runtime()?;
     for run in 1..=fig.runs {
-        let mut daemon = Daemon::start(&common.server, &DaemonSpec::fleet(gpus, interval))?;
+        let mut daemon = Daemon::start(&common.server, spec)?;
+        prepare(&daemon)?;
         thread::sleep(warmup);
         let first = rt.block_on(latest_seq(&daemon.url()))?;
         let meter = proc::CpuMeter::start(&[daemon.pid])?;

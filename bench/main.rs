@@ -16,6 +16,7 @@
 mod attribution;
 mod baseline;
 mod client_fleet;
+mod compare;
 mod daemon;
 mod fanout;
 mod history;
@@ -52,7 +53,8 @@ loopback ports and stops them. Examples:\n  \
 gpuwatch-bench idle\n  \
 gpuwatch-bench fanout --runs 5 --out results.jsonl\n  \
 gpuwatch-bench all --out results.jsonl\n  \
-gpuwatch-bench all --quick          # seconds per figure: proves the harness works"
+gpuwatch-bench all --quick          # seconds per figure: proves the harness works\n  \
+gpuwatch-bench compare --against /tmp/old-gpuwatch-server fanout polling"
 )]
 struct Cli {
     #[command(flatten)]
@@ -139,6 +141,10 @@ enum Command {
     Config(ConfigArgs),
     /// Idle footprint: 8 GPUs at 10 Hz, no clients — CPU % of a core, RSS.
     Idle(idle::IdleArgs),
+    /// Idle with every feature on: attribution, MIG polling, history and a
+    /// node power budget — CPU % of a core, RSS.
+    #[command(name = "idle-all")]
+    IdleAll(idle::IdleArgs),
     /// Sampler cost: 8 GPUs at 100 Hz, no clients — CPU % of a core.
     Sampler(idle::SamplerArgs),
     /// History: 24 h x 8 GPU and 1 h x 1 s GetHistory latency and CPU, the
@@ -178,6 +184,10 @@ enum Command {
     /// Every figure above, one after the other (nvml only when a GPU is
     /// present or --nvml-library is given).
     All(AllArgs),
+    /// Two daemon builds side by side: each named figure run once per
+    /// build per round (--runs rounds, default 3), alternating which goes
+    /// first, then a before/after table with the ratio of every metric.
+    Compare(compare::CompareArgs),
     /// Internal: the stalled subscribers of `slow-subscribers`, run in a
     /// helper process the harness freezes with SIGSTOP.
     #[command(hide = true)]
@@ -242,13 +252,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         _ => {}
     }
     println!("{}", machine.describe_text());
+    if let Command::Compare(c) = &cli.figure {
+        return run_compare(common, c, &machine);
+    }
     let needs_server = !matches!(cli.figure, Command::Nvml(_));
     if needs_server {
         check_binary(&common.server, "the daemon")?;
     }
     let figures: Vec<FigureFn> = match &cli.figure {
-        Command::Machine | Command::Config(_) | Command::SubscribeHelper(_) => Vec::new(),
+        Command::Machine
+        | Command::Config(_)
+        | Command::SubscribeHelper(_)
+        | Command::Compare(_) => Vec::new(),
         Command::Idle(a) => vec![("idle", Box::new(|| idle::idle(common, a)))],
+        Command::IdleAll(a) => vec![("idle-all", Box::new(|| idle::idle_all(common, a)))],
         Command::Sampler(a) => vec![("sampler", Box::new(|| idle::sampler(common, a)))],
         Command::History(a) => vec![("history", Box::new(|| history::history(common, a)))],
         Command::Fanout(a) => vec![("fanout", Box::new(|| fanout::fanout(common, a)))],
@@ -297,7 +314,58 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
-type FigureFn<'a> = (&'a str, Box<dyn Fn() -> anyhow::Result<Figure> + 'a>);
+/// A figure by name, ready to measure.
+pub(crate) type FigureFn<'a> = (&'a str, Box<dyn Fn() -> anyhow::Result<Figure> + 'a>);
+
+/// `compare`: the named figures with `--against` (before) and `--server`
+/// (after), alternating, then the table.
+fn run_compare(
+    common: &Common,
+    args: &compare::CompareArgs,
+    machine: &machine::Machine,
+) -> anyhow::Result<()> {
+    check_binary(&args.against, "the --against daemon")?;
+    check_binary(&common.server, "the --server daemon")?;
+    let rounds = common.runs(3);
+    let after_common = Common {
+        runs: Some(1),
+        ..common.clone()
+    };
+    let before_common = Common {
+        server: args.against.clone(),
+        ..after_common.clone()
+    };
+    let every = AllArgs {
+        skip: Vec::new(),
+        nvml_library: None,
+    };
+    let before_list = all_figures(&before_common, &every);
+    let after_list = all_figures(&after_common, &every);
+    for name in &args.figures {
+        if !after_list.iter().any(|(n, _)| n == name) {
+            anyhow::bail!(
+                "no figure named \"{name}\"; compare can run: {}",
+                compare::names(&after_list).join(", ")
+            );
+        }
+    }
+    let (before_bin, after_bin) = (
+        args.against.display().to_string(),
+        common.server.display().to_string(),
+    );
+    for name in &args.figures {
+        eprintln!("\n== compare {name}");
+        let mut c = compare::compare_one(name, &before_list, &after_list, rounds)?;
+        print!("{}", c.to_text(&before_bin, &after_bin));
+        if let Some(out) = &common.out {
+            c.before.build = Some(format!("before: {before_bin}"));
+            c.after.build = Some(format!("after: {after_bin}"));
+            c.before.append_json(out, machine)?;
+            c.after.append_json(out, machine)?;
+        }
+    }
+    Ok(())
+}
 
 fn all_figures<'a>(common: &'a Common, all: &'a AllArgs) -> Vec<FigureFn<'a>> {
     let mut list: Vec<FigureFn<'a>> = vec![
@@ -306,6 +374,10 @@ fn all_figures<'a>(common: &'a Common, all: &'a AllArgs) -> Vec<FigureFn<'a>> {
             Box::new(|| startup::startup(common, &Default::default())),
         ),
         ("idle", Box::new(|| idle::idle(common, &Default::default()))),
+        (
+            "idle-all",
+            Box::new(|| idle::idle_all(common, &Default::default())),
+        ),
         (
             "sampler",
             Box::new(|| idle::sampler(common, &Default::default())),

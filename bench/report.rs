@@ -54,6 +54,8 @@ pub struct Figure {
     pub metrics: Vec<Metric>,
     pub notes: Vec<String>,
     pub quick: bool,
+    /// Which build was measured, in `compare` ("before: PATH").
+    pub build: Option<String>,
     load_before: Option<[f64; 3]>,
     load_after: Option<[f64; 3]>,
 }
@@ -67,6 +69,7 @@ impl Figure {
             metrics: Vec::new(),
             notes: Vec::new(),
             quick,
+            build: None,
             load_before: load_average(),
             load_after: None,
         }
@@ -87,6 +90,31 @@ impl Figure {
 
     pub fn note(&mut self, text: impl Into<String>) {
         self.notes.push(text.into());
+    }
+
+    /// Adds `other`'s runs (the same figure, measured again) to this one.
+    pub fn absorb(&mut self, other: Figure) {
+        self.runs += other.runs;
+        for m in other.metrics {
+            match self.metrics.iter_mut().find(|x| x.name == m.name) {
+                Some(x) => x.values.extend(m.values),
+                None => self.metrics.push(m),
+            }
+        }
+        for n in other.notes {
+            if !self.notes.contains(&n) {
+                self.notes.push(n);
+            }
+        }
+        self.load_after = other.load_after;
+    }
+
+    /// The load average (1 min) before the first run and after the last.
+    pub fn loads(&self) -> (Option<f64>, Option<f64>) {
+        (
+            self.load_before.map(|l| l[0]),
+            self.load_after.map(|l| l[0]),
+        )
     }
 
     /// The figure is complete: notes the load average now.
@@ -168,6 +196,7 @@ impl Figure {
             "invocation": std::env::args().collect::<Vec<_>>().join(" "),
             "runs": self.runs,
             "quick": self.quick,
+            "build": self.build,
             "machine": machine,
             "load_before": self.load_before,
             "load_after": self.load_after,

@@ -16,7 +16,8 @@
 //!   that trickle a byte at a time alike.
 //!
 //! Each accepted socket is wrapped in a [`CappedStream`], which tonic serves
-//! like the `TcpStream` inside it; its connect info is a
+//! like the `TcpStream` inside it (its writes coalesced, see
+//! [`crate::coalesce`]); its connect info is a
 //! [`GrpcConnectInfo`] (`crate::auth::remote_addr` reads the peer from it).
 
 use std::{
@@ -41,7 +42,10 @@ use tokio::{
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::http::conn::{Place, Registry};
+use crate::{
+    coalesce::Coalesce,
+    http::conn::{Place, Registry},
+};
 
 /// How long a new gRPC connection may stay silent before it is closed.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,7 +93,7 @@ impl Drop for InFlight {
 
 /// An accepted gRPC connection holding its place under the cap.
 pub struct CappedStream {
-    io: TcpStream,
+    io: Coalesce<TcpStream>,
     place: Place,
     evicted: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Armed until the opening bytes have arrived.
@@ -110,7 +114,7 @@ impl CappedStream {
     fn new(io: TcpStream, place: Place, first_byte_timeout: Duration) -> Self {
         let evicted = Box::pin(place.evict.clone().cancelled_owned());
         Self {
-            io,
+            io: Coalesce::new(io),
             place,
             evicted,
             first_byte: Some(Box::pin(tokio::time::sleep(first_byte_timeout))),
@@ -124,7 +128,7 @@ impl Connected for CappedStream {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         GrpcConnectInfo {
-            tcp: self.io.connect_info(),
+            tcp: self.io.get_ref().connect_info(),
             in_flight: self.place.busy.clone(),
         }
     }

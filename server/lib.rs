@@ -29,6 +29,7 @@ pub mod tls;
 
 // The engine: private to the daemon.
 mod actor;
+mod coalesce;
 mod control;
 mod control_status;
 mod grpc_listen;

@@ -419,7 +419,10 @@ impl GpuWatchService {
             (Some(cache), None) => Shared::Encoded(cache.encoded(
                 latest.seq(),
                 crate::history::unix_ms(now),
-                || answer().encode_to_vec(),
+                || {
+                    let answer = answer();
+                    crate::watch_frames::framed(answer.encoded_len(), |buf| answer.encode_raw(buf))
+                },
             )),
             _ => Shared::Message(answer()),
         })
@@ -436,7 +439,12 @@ pub struct SharedSnapshots {
 impl SharedSnapshots {
     /// The answer for tick `seq` at `now_ms`: the cached one when it was
     /// made for both, else `encode`'s (cached if newer).
-    fn encoded(&self, seq: u64, now_ms: u64, encode: impl FnOnce() -> Vec<u8>) -> bytes::Bytes {
+    fn encoded(
+        &self,
+        seq: u64,
+        now_ms: u64,
+        encode: impl FnOnce() -> bytes::Bytes,
+    ) -> bytes::Bytes {
         use std::sync::PoisonError;
         if let Some((s, ms, bytes)) = self
             .newest
@@ -448,7 +456,7 @@ impl SharedSnapshots {
         {
             return bytes.clone();
         }
-        let bytes = bytes::Bytes::from(encode());
+        let bytes = encode();
         let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
         if newest
             .as_ref()
@@ -1073,7 +1081,7 @@ mod tests {
         let mut made = 0;
         let mut make = |b: u8| {
             made += 1;
-            vec![b]
+            bytes::Bytes::from(vec![b])
         };
         let a = shared.encoded(5, 1000, || make(1));
         let b = shared.encoded(5, 1000, || make(2));

@@ -37,13 +37,35 @@ use crate::{
 /// `WatchResponse.frame`'s field number (`oneof message { Frame frame = 2 }`).
 const FRAME_FIELD: u32 = 2;
 
+/// The length of gRPC's message prefix: a compression flag and a
+/// big-endian u32 length.
+pub const GRPC_PREFIX: usize = 5;
+
 /// A message to encode, or one already encoded (shared by many callers).
 #[derive(Debug, Clone)]
 pub enum Shared<M> {
     /// A message to encode.
     Message(M),
-    /// The message's bytes, already encoded.
+    /// The message's bytes, already encoded and framed for gRPC: the
+    /// [`GRPC_PREFIX`] bytes (not compressed, the length), then the message
+    /// (see [`framed`]). [`SharedBody`] sends them as they are.
     Encoded(Bytes),
+}
+
+/// A message written by `encode`, framed for gRPC: what a
+/// [`Shared::Encoded`] holds.
+pub fn framed(capacity: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut buf = Vec::with_capacity(GRPC_PREFIX + capacity);
+    buf.extend_from_slice(&[0; GRPC_PREFIX]);
+    encode(&mut buf);
+    let len = u32::try_from(buf.len() - GRPC_PREFIX).unwrap_or(u32::MAX);
+    buf[1..GRPC_PREFIX].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(buf)
+}
+
+/// The message inside bytes made by [`framed`].
+fn unframed(bytes: &Bytes) -> Bytes {
+    bytes.slice(GRPC_PREFIX.min(bytes.len())..)
 }
 
 impl<M: Message + Default> Shared<M> {
@@ -52,7 +74,7 @@ impl<M: Message + Default> Shared<M> {
     pub fn into_message(self) -> Result<M, Status> {
         match self {
             Shared::Message(m) => Ok(m),
-            Shared::Encoded(bytes) => M::decode(bytes)
+            Shared::Encoded(bytes) => M::decode(unframed(&bytes))
                 .map_err(|e| Status::internal(format!("re-reading a shared message: {e}"))),
         }
     }
@@ -111,15 +133,11 @@ impl SharedFrames {
 /// its slow parts' bytes (encoded once per slow reading) are spliced.
 fn encode_frame(frame: &TickFrame) -> Bytes {
     let body = frame.encode_whole();
-    let mut buf = Vec::with_capacity(body.len() + 8);
-    prost::encoding::encode_key(
-        FRAME_FIELD,
-        prost::encoding::WireType::LengthDelimited,
-        &mut buf,
-    );
-    prost::encoding::encode_varint(body.len() as u64, &mut buf);
-    buf.extend_from_slice(&body);
-    Bytes::from(buf)
+    framed(body.len() + 8, |buf| {
+        prost::encoding::encode_key(FRAME_FIELD, prost::encoding::WireType::LengthDelimited, buf);
+        prost::encoding::encode_varint(body.len() as u64, buf);
+        buf.extend_from_slice(&body);
+    })
 }
 
 /// Encodes [`Shared`] messages of type `M` (writing shared bytes as they
@@ -150,10 +168,79 @@ impl<M: Message> Encoder for SharedEncoder<M> {
                 .encode(dst)
                 .map_err(|e| Status::internal(format!("encoding a message: {e}"))),
             Shared::Encoded(bytes) => {
-                dst.put_slice(&bytes);
+                dst.put_slice(&bytes[GRPC_PREFIX.min(bytes.len())..]);
                 Ok(())
             }
         }
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // Only a message to encode is written into tonic's buffer (shared
+        // bytes go out through [`SharedBody`]); its default 8 KiB a stream
+        // was most of the memory of 10,000 Watch streams.
+        BufferSettings::new(SMALL_BUFFER, DEFAULT_YIELD_THRESHOLD)
+    }
+}
+
+/// tonic's buffer for the messages [`SharedEncoder`] encodes.
+const SMALL_BUFFER: usize = 512;
+/// tonic's default: a chunk goes to the transport at 32 KiB.
+const DEFAULT_YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// A response body of [`Shared`] messages: shared bytes go to the
+/// transport as they are (no copy, no buffer kept per stream), messages are
+/// encoded and framed one by one; then the trailers with the stream's
+/// status (OK at the end, or the error it ended with).
+pub struct SharedBody<M> {
+    items: futures_util::stream::BoxStream<'static, Result<Shared<M>, Status>>,
+    done: bool,
+}
+
+impl<M> SharedBody<M> {
+    pub fn new(items: futures_util::stream::BoxStream<'static, Result<Shared<M>, Status>>) -> Self {
+        Self { items, done: false }
+    }
+}
+
+impl<M: Message> http_body::Body for SharedBody<M> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        use futures_util::StreamExt;
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let end = |status: Status| {
+            let mut trailers = tonic::codegen::http::HeaderMap::with_capacity(3);
+            status.add_header(&mut trailers)?;
+            Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+        };
+        match std::task::ready!(self.items.poll_next_unpin(cx)) {
+            Some(Ok(Shared::Encoded(bytes))) => {
+                Poll::Ready(Some(Ok(http_body::Frame::data(bytes))))
+            }
+            Some(Ok(Shared::Message(m))) => Poll::Ready(Some(Ok(http_body::Frame::data(framed(
+                m.encoded_len(),
+                |buf| m.encode_raw(buf),
+            ))))),
+            Some(Err(status)) => {
+                self.done = true;
+                end(status)
+            }
+            None => {
+                self.done = true;
+                end(Status::ok(""))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 
@@ -214,9 +301,15 @@ mod tests {
         .encode_to_vec();
         let shared = SharedFrames::default();
         let tick = TickFrame::from_whole(f.clone());
-        assert_eq!(shared.encoded(&tick).len(), expected.len());
+        let bytes = shared.encoded(&tick);
+        assert_eq!(bytes.len(), GRPC_PREFIX + expected.len());
+        assert_eq!(bytes[0], 0, "not compressed");
         assert_eq!(
-            WatchResponse::decode(shared.encoded(&tick)).expect("decodes"),
+            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize,
+            expected.len()
+        );
+        assert_eq!(
+            WatchResponse::decode(&bytes[GRPC_PREFIX..]).expect("decodes"),
             WatchResponse::decode(expected.as_slice()).expect("decodes")
         );
         // Served from the cache the second time: the same allocation.

@@ -20,9 +20,12 @@
 
 use std::{
     convert::Infallible,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
 };
+
+use futures_util::stream::BoxStream;
+use prost::Message;
 
 use tonic::{
     Request, Response, Status,
@@ -33,10 +36,11 @@ use tonic::{
 
 use crate::{
     api::{
-        GetSnapshotRequest, GetSnapshotResponse, WatchRequest, gpu_watch_server::GpuWatchServer,
+        GetSnapshotRequest, GetSnapshotResponse, WatchRequest, WatchResponse,
+        gpu_watch_server::GpuWatchServer,
     },
     service::{GpuWatchService, SharedSnapshots, WatchItemStream},
-    watch_frames::{Shared, SharedCodec, SharedFrames, WatchCodec, WatchItem},
+    watch_frames::{Shared, SharedBody, SharedCodec, SharedFrames, WatchCodec, WatchItem},
 };
 
 /// The path [`WatchRoute`] serves.
@@ -75,6 +79,27 @@ pub fn add_gpuwatch(
     )
 }
 
+/// An answer handed from a method (called inside tonic's request
+/// handling, which decodes the request and checks its limits) to its
+/// route, which sends it as a [`SharedBody`] in place of tonic's body.
+type Answer<M> = Arc<Mutex<Option<BoxStream<'static, Result<Shared<M>, Status>>>>>;
+
+/// tonic's `response` with its body replaced by the answer the method
+/// handed over; as it is when there is none (the request was refused
+/// before or by the method: tonic's response carries the status).
+fn with_answer<M: Message + Send + 'static>(
+    response: http::Response<tonic::body::Body>,
+    answer: &Answer<M>,
+) -> http::Response<tonic::body::Body> {
+    match answer.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        Some(items) => {
+            let (parts, _placeholder) = response.into_parts();
+            http::Response::from_parts(parts, tonic::body::Body::new(SharedBody::new(items)))
+        }
+        None => response,
+    }
+}
+
 /// Serves GetSnapshot, every GPU's answer from shared bytes.
 #[derive(Debug, Clone)]
 pub struct SnapshotRoute {
@@ -97,16 +122,19 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let answer = Answer::default();
         let method = SnapshotMethod {
             service: self.service.clone(),
             shared: self.shared.clone(),
+            answer: answer.clone(),
         };
         let max_request_bytes = self.max_request_bytes;
         Box::pin(async move {
             let mut grpc =
                 Grpc::new(SharedCodec::<GetSnapshotResponse, GetSnapshotRequest>::default())
                     .apply_max_message_size_config(Some(max_request_bytes), None);
-            Ok(grpc.unary(method, request).await)
+            let response = grpc.unary(method, request).await;
+            Ok(with_answer(response, &answer))
         })
     }
 }
@@ -115,6 +143,7 @@ where
 struct SnapshotMethod {
     service: Arc<GpuWatchService>,
     shared: Arc<SharedSnapshots>,
+    answer: Answer<GetSnapshotResponse>,
 }
 
 impl UnaryService<GetSnapshotRequest> for SnapshotMethod {
@@ -125,7 +154,13 @@ impl UnaryService<GetSnapshotRequest> for SnapshotMethod {
         std::future::ready(
             self.service
                 .snapshot(request, Some(&self.shared))
-                .map(Response::new),
+                .map(|item| {
+                    *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(
+                        futures_util::stream::once(std::future::ready(Ok(item))),
+                    ));
+                    // tonic encodes this placeholder; the route drops it.
+                    Response::new(Shared::Encoded(bytes::Bytes::new()))
+                }),
         )
     }
 }
@@ -152,15 +187,18 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let answer = Answer::default();
         let method = WatchMethod {
             service: self.service.clone(),
             shared: self.shared.clone(),
+            answer: answer.clone(),
         };
         let max_request_bytes = self.max_request_bytes;
         Box::pin(async move {
             let mut grpc = Grpc::new(WatchCodec::default())
                 .apply_max_message_size_config(Some(max_request_bytes), None);
-            Ok(grpc.server_streaming(method, request).await)
+            let response = grpc.server_streaming(method, request).await;
+            Ok(with_answer(response, &answer))
         })
     }
 }
@@ -169,6 +207,7 @@ where
 struct WatchMethod {
     service: Arc<GpuWatchService>,
     shared: Arc<SharedFrames>,
+    answer: Answer<WatchResponse>,
 }
 
 impl ServerStreamingService<WatchRequest> for WatchMethod {
@@ -180,7 +219,11 @@ impl ServerStreamingService<WatchRequest> for WatchMethod {
         std::future::ready(
             self.service
                 .open_watch(request, Some(self.shared.clone()))
-                .map(Response::new),
+                .map(|items| {
+                    *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(items);
+                    // tonic wraps this placeholder; the route drops it.
+                    Response::new(Box::pin(futures_util::stream::empty()) as WatchItemStream)
+                }),
         )
     }
 }
@@ -190,13 +233,12 @@ mod tests {
     use std::time::Duration;
 
     use http_body_util::BodyExt;
-    use prost::Message;
     use tokio_util::sync::CancellationToken;
     use tonic::server::NamedService;
 
     use super::*;
     use crate::{
-        api::{Frame, GpuSample, WatchResponse, watch_response},
+        api::{Frame, GpuSample, watch_response},
         auth::{Caller, Role},
         backend::HostFacts,
         control::ControlHandle,
@@ -407,7 +449,7 @@ mod tests {
         assert_eq!(
             shared
                 .encoded(&crate::tick::TickFrame::from_whole(frame))
-                .as_ref(),
+                .slice(crate::watch_frames::GRPC_PREFIX..),
             messages[1].as_slice()
         );
     }

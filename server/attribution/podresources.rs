@@ -671,11 +671,20 @@ mod tests {
             "{}",
             err.reason
         );
-        let err = client
-            .list()
-            .await
-            .err()
-            .ok_or("nothing listens: must fail")?;
+        // The runtime stops in the background: until its listener is
+        // closed, a call may still connect and be reset. Once nothing
+        // listens, a call fails to connect, naming the refusal.
+        let err = loop {
+            let err = client
+                .list()
+                .await
+                .err()
+                .ok_or("nothing listens: must fail")?;
+            if err.reason.contains("cannot connect") || Instant::now() >= deadline {
+                break err;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert!(err.reason.contains("cannot connect"), "{}", err.reason);
         assert!(
             err.reason.to_lowercase().contains("refused"),
