@@ -22,14 +22,23 @@
 //!   this power settles, long before it gets there, and the time constant.
 //!   Flat for three time constants (or, with none learned, for as long as it
 //!   took to get flat) counts as settled. Either makes the segment *known*.
+//! * **Response fit** ([`Response`]): over the last half minute, whatever the
+//!   power did, ambient, resistance and the die's and sensor's lags are
+//!   fitted together; once where the current power settles (and where the
+//!   power that settles at the aim does) is pinned down, the segment is
+//!   known seconds after a cut, while the temperature still moves.
 //! * **Hot** — a reading over `threshold + 1`, a rise towards it at a power
 //!   the model does not vouch for, or a known segment settling over the
-//!   threshold: cut to the power the model says settles at the aim. Before
+//!   threshold: cut to the power the model says settles at
+//!   [`CUT_AIM_BELOW_C`] under the threshold. Before
 //!   the resistance is learned the cut assumes it is [`PRIOR_ERROR`] higher
 //!   than the prior (under-cooled rather than overshooting); repeated cuts
 //!   with the reading still over the line grow.
 //! * **Trim** — a known segment settling more than [`TRIM_BELOW_C`] under the
 //!   threshold while the GPU presses against its limit: raise to the aim.
+//!   Each new power gets its own fit, so trims step towards the threshold
+//!   (integral action in steps, the deadband sized to whole degrees, no
+//!   raise while the workload does not use the limit).
 //! * **Cool** — at or below `threshold - hysteresis`: when the workload no
 //!   longer uses the limit, straight back to the ceiling; otherwise a raise
 //!   towards the aim.
@@ -137,9 +146,17 @@ const POWER_HOLD_S: f64 = 2.5;
 /// How far ahead the governor looks when judging "hot".
 const HORIZON_S: f64 = 2.0;
 /// The governor aims the settled die temperature this far below the
-/// threshold: the sensor reads whole degrees, so a die anywhere in
-/// `[threshold - 1.5, threshold + 0.5)` reads `threshold - 1` or `threshold`.
-const AIM_BELOW_C: f64 = 0.4;
+/// threshold. The sensor reads whole degrees: a die anywhere in
+/// `[threshold - 1.5, threshold + 0.5)` reads `threshold - 1` or
+/// `threshold`, and from `threshold + 0.5` it reads over. The aim is the
+/// highest that keeps a prediction off by the response fit's largest
+/// accepted error ([`RESPONSE_MAX_UNCERTAINTY_C`]) from reading over.
+const AIM_BELOW_C: f64 = RESPONSE_MAX_UNCERTAINTY_C - 0.5;
+/// A cut for heat is made on the prior and on bounds from a rising
+/// reading, not on a response fit: it aims lower, the middle of the
+/// readings `threshold - 1` and `threshold`, and the trim gives back the
+/// rest once the fit has seen the cut's curve.
+const CUT_AIM_BELOW_C: f64 = 0.4;
 /// Readings this far above the threshold count as hot (the sensor's whole
 /// degrees: `threshold` itself is on target).
 const HOT_ABOVE_C: f64 = 1.0;
@@ -334,6 +351,12 @@ const RESPONSE_MAX_AGE_S: f64 = 20.0;
 /// used once its uncertainty (°C) is under this: well inside the
 /// aim's deadband (`threshold - TRIM_BELOW_C` to `threshold + 0.5`).
 const RESPONSE_MAX_UNCERTAINTY_C: f64 = 0.75;
+/// How sure the response fit must be (°C) of where the power that settles
+/// at the aim settles, before it is used: a looser bound than for the
+/// current power, since a trim is followed by the next fit at the new power
+/// (and the hot rule), but tight enough that a resistance the readings do
+/// not pin down is never extrapolated from.
+const RESPONSE_MAX_EXTRAPOLATION_C: f64 = 1.5;
 /// Time constant of the power reading's average (NVML's reading on recent
 /// GPUs averages about a second): the response fit undoes it.
 const POWER_AVERAGE_S: f64 = 1.0;
@@ -409,7 +432,13 @@ impl Response {
     /// times the residual variance, the sensor's rounding at least), the
     /// predictions must agree, and the best fit's own parameter error must
     /// be small too. Resistances outside `r_range` are not believed.
-    fn fit(&mut self, now_s: f64, power_now: f64, r_range: (f64, f64)) -> Option<ResponseFit> {
+    fn fit(
+        &mut self,
+        now_s: f64,
+        power_now: f64,
+        aim_c: f64,
+        r_range: (f64, f64),
+    ) -> Option<ResponseFit> {
         self.last_fit_s = Some(now_s);
         let n = self.points.len();
         if n < 10 {
@@ -425,53 +454,59 @@ impl Response {
         }
         let span = self.points.back()?.0 - self.points.front()?.0;
         let tau_max = (3.0 * span).min(400.0);
-        // (sse, settles, variance of settles, r, tau, lag) per pair tried.
-        let mut tried: Vec<(f64, f64, f64, f64, f64, f64)> = Vec::new();
+        let mut tried: Vec<PairFit> = Vec::new();
         let mut tau = 0.5;
         while tau <= tau_max {
             for lag in RESPONSE_LAGS_S.into_iter().filter(|l| *l <= tau) {
-                if let Some(r) = self.fit_one(tau, lag, power_now) {
-                    tried.push((r.0, r.1, r.2, r.3, tau, lag));
-                }
+                tried.extend(self.fit_one(tau, lag));
             }
             tau *= 1.12;
         }
-        let best = *tried.iter().min_by(|a, b| a.0.total_cmp(&b.0))?;
+        let best = *tried.iter().min_by(|a, b| a.sse.total_cmp(&b.sse))?;
         // Finer around the best pair.
         for tau_factor in [0.94, 1.0, 1.06] {
             for lag_factor in [0.8, 1.0, 1.25] {
-                let (tau, lag) = (best.4 * tau_factor, best.5 * lag_factor);
+                let (tau, lag) = (best.tau * tau_factor, best.lag * lag_factor);
                 if (tau_factor, lag_factor) == (1.0, 1.0) || lag > tau {
                     continue;
                 }
-                if let Some(r) = self.fit_one(tau, lag, power_now) {
-                    tried.push((r.0, r.1, r.2, r.3, tau, lag));
-                }
+                tried.extend(self.fit_one(tau, lag));
             }
         }
-        let best = *tried.iter().min_by(|a, b| a.0.total_cmp(&b.0))?;
-        let (sse, settles, variance, r, tau, _) = best;
-        let sigma2 = (sse / (n - 3) as f64).max(1.0 / 12.0);
-        let rms = (sse / n as f64).sqrt();
-        if rms > 0.6 || tau >= tau_max / 1.12 || !(r_range.0..=r_range.1).contains(&r) {
+        let best = *tried.iter().min_by(|a, b| a.sse.total_cmp(&b.sse))?;
+        let sigma2 = (best.sse / (n - 3) as f64).max(1.0 / 12.0);
+        let rms = (best.sse / n as f64).sqrt();
+        if rms > 0.6 || best.tau >= tau_max / 1.12 || !(r_range.0..=r_range.1).contains(&best.r) {
             return None;
         }
-        let spread = tried
-            .iter()
-            .filter(|x| x.0 <= sse + 4.0 * sigma2)
-            .map(|x| (x.1 - settles).abs())
-            .fold(0.0, f64::max);
-        let uncertainty = spread + 2.0 * (sigma2 * variance).sqrt();
-        (uncertainty <= RESPONSE_MAX_UNCERTAINTY_C).then_some(ResponseFit {
-            settles_c: settles,
-            resistance: r,
-            tau_s: tau,
+        // Both where the current power settles and where the power that
+        // settles at the aim does (what a trim would write) must be pinned
+        // down: the second is what a poorly identified resistance gets
+        // wrong while the first is plain to see.
+        let aim_power = (aim_c - best.ambient) / best.r;
+        let within = [
+            (power_now, RESPONSE_MAX_UNCERTAINTY_C),
+            (aim_power, RESPONSE_MAX_EXTRAPOLATION_C),
+        ]
+        .into_iter()
+        .all(|(power, allowed)| {
+                let settles = best.settles(power);
+                let spread = tried
+                    .iter()
+                    .filter(|x| x.sse <= best.sse + 4.0 * sigma2)
+                    .map(|x| (x.settles(power) - settles).abs())
+                    .fold(0.0, f64::max);
+                spread + 2.0 * (sigma2 * best.variance(power)).sqrt() <= allowed
+            });
+        within.then_some(ResponseFit {
+            settles_c: best.settles(power_now),
+            resistance: best.r,
+            tau_s: best.tau,
         })
     }
 
-    /// Least squares for one pair of lags: returns (sse, where `power_now`
-    /// settles, its variance per unit residual variance, resistance).
-    fn fit_one(&self, tau: f64, lag: f64, power_now: f64) -> Option<(f64, f64, f64, f64)> {
+    /// Least squares for one pair of lags.
+    fn fit_one(&self, tau: f64, lag: f64) -> Option<PairFit> {
         // Three responses, each (die, sensor): to ambient 1 °C, to the
         // power history at 1 °C/W, and to a start 1 °C above zero.
         let mut state = [[0.0f64; 2]; 3];
@@ -479,16 +514,16 @@ impl Response {
         let mut ata = [[0.0f64; 3]; 3];
         let mut aty = [0.0f64; 3];
         let mut yy = 0.0;
-        let mut prev: Option<(f64, f64)> = None;
+        let mut prev: Option<(f64, f64, f64)> = None;
         for &(t, y, reading, cap) in &self.points {
-            if let Some((t0, reading0)) = prev {
+            if let Some((t0, reading0, cap0)) = prev {
                 let h: f64 = t - t0;
                 // The power over the interval: the reading is an average,
                 // so what moved it is the change over what an average of
                 // a constant power would have moved it; never more than
-                // the limit let through.
+                // the limits in force over the interval let through.
                 let p = (reading0 + (reading - reading0) / (1.0 - (-h / POWER_AVERAGE_S).exp()))
-                    .min(cap)
+                    .min(cap.max(cap0))
                     .max(0.0);
                 let a = (-h / tau).exp();
                 let (b, k) = if lag <= 1e-9 {
@@ -510,7 +545,7 @@ impl Response {
                     s[1] = u + (se - u) * b + (d - u) * k;
                 }
             }
-            prev = Some((t, reading));
+            prev = Some((t, reading, cap));
             let x = [state[0][1], state[1][1], state[2][1]];
             for i in 0..3 {
                 for j in 0..3 {
@@ -529,11 +564,42 @@ impl Response {
             return None;
         }
         let sse = (yy - (0..3).map(|i| theta[i] * aty[i]).sum::<f64>()).max(0.0);
-        let c = [1.0, power_now, 0.0];
-        let variance: f64 = (0..3)
-            .map(|i| (0..3).map(|j| c[i] * inv[i][j] * c[j]).sum::<f64>())
-            .sum();
-        Some((sse, ambient + r * power_now, variance.max(0.0), r))
+        Some(PairFit {
+            sse,
+            ambient,
+            r,
+            inv: [[inv[0][0], inv[0][1]], [inv[1][0], inv[1][1]]],
+            tau,
+            lag,
+        })
+    }
+}
+
+/// The least-squares fit for one pair of lags.
+#[derive(Debug, Clone, Copy)]
+struct PairFit {
+    sse: f64,
+    ambient: f64,
+    /// °C/W.
+    r: f64,
+    /// The (ambient, resistance) block of the inverse normal matrix.
+    inv: [[f64; 2]; 2],
+    tau: f64,
+    lag: f64,
+}
+
+impl PairFit {
+    fn settles(&self, power: f64) -> f64 {
+        self.ambient + self.r * power
+    }
+
+    /// Variance of [`PairFit::settles`] per unit residual variance.
+    fn variance(&self, power: f64) -> f64 {
+        let c = [1.0, power];
+        (0..2)
+            .map(|i| (0..2).map(|j| c[i] * self.inv[i][j] * c[j]).sum::<f64>())
+            .sum::<f64>()
+            .max(0.0)
     }
 }
 
@@ -905,7 +971,12 @@ impl Governor {
         if (self.level < ceiling - 0.5 || temp >= p.threshold_c - p.hysteresis_c)
             && (0.5..=RESPONSE_MAX_AGE_S).contains(&age)
             && self.response.due(t)
-            && let Some(fit) = self.response.fit(t, power, self.model.resistance_range())
+            && let Some(fit) = self.response.fit(
+                t,
+                power,
+                p.threshold_c - AIM_BELOW_C,
+                self.model.resistance_range(),
+            )
         {
             self.model
                 .settles_from_response(power, fit.settles_c, fit.resistance);
@@ -924,6 +995,7 @@ impl Governor {
         let unit = self.unit();
         let hot_line = p.threshold_c + HOT_ABOVE_C;
         let aim = p.threshold_c - AIM_BELOW_C;
+        let cut_aim = p.threshold_c - CUT_AIM_BELOW_C;
 
         // Hot: a reading over the line; or rising towards it at a power the
         // model does not vouch for; or the model says this power settles
@@ -950,9 +1022,9 @@ impl Governor {
             let mapping_lags =
                 p.actuator == Actuator::ClockCap && !self.power_held_for(t, POWER_HOLD_S);
             let power_target = if self.model.learned && !mapping_lags {
-                self.model.power_for(aim)
+                self.model.power_for(cut_aim)
             } else {
-                self.model.power_for_cautious(aim, PRIOR_ERROR)
+                self.model.power_for_cautious(cut_aim, PRIOR_ERROR)
             };
             let mut target = self.level_for_power(power_target, obs);
             let over_now = temp >= hot_line;
@@ -1022,7 +1094,10 @@ impl Governor {
             let still = slope <= 0.05;
             let target = if still && temp <= cool_edge && not_using_it {
                 Some(ceiling)
-            } else if pressing && known && settles_at <= p.threshold_c - TRIM_BELOW_C {
+            } else if pressing
+                && known
+                && settles_at <= p.threshold_c - TRIM_BELOW_C
+            {
                 Some(self.level_for_power(self.model.power_for(aim), obs))
             } else if still && pressing && temp <= cool_edge && since_write >= POWER_HOLD_S {
                 // Cool but not settled: aim at the target only if the
