@@ -22,14 +22,23 @@
 //!   this power settles, long before it gets there, and the time constant.
 //!   Flat for three time constants (or, with none learned, for as long as it
 //!   took to get flat) counts as settled. Either makes the segment *known*.
+//! * **Response fit** ([`Response`]): over the last half minute, whatever the
+//!   power did, ambient, resistance and the die's and sensor's lags are
+//!   fitted together; once where the current power settles (and where the
+//!   power that settles at the aim does) is pinned down, the segment is
+//!   known seconds after a cut, while the temperature still moves.
 //! * **Hot** — a reading over `threshold + 1`, a rise towards it at a power
 //!   the model does not vouch for, or a known segment settling over the
-//!   threshold: cut to the power the model says settles at the aim. Before
+//!   threshold: cut to the power the model says settles at
+//!   [`CUT_AIM_BELOW_C`] under the threshold. Before
 //!   the resistance is learned the cut assumes it is [`PRIOR_ERROR`] higher
 //!   than the prior (under-cooled rather than overshooting); repeated cuts
 //!   with the reading still over the line grow.
 //! * **Trim** — a known segment settling more than [`TRIM_BELOW_C`] under the
 //!   threshold while the GPU presses against its limit: raise to the aim.
+//!   Each new power gets its own fit, so trims step towards the threshold
+//!   (integral action in steps, the deadband sized to whole degrees, no
+//!   raise while the workload does not use the limit).
 //! * **Cool** — at or below `threshold - hysteresis`: when the workload no
 //!   longer uses the limit, straight back to the ceiling; otherwise a raise
 //!   towards the aim.
@@ -137,9 +146,17 @@ const POWER_HOLD_S: f64 = 2.5;
 /// How far ahead the governor looks when judging "hot".
 const HORIZON_S: f64 = 2.0;
 /// The governor aims the settled die temperature this far below the
-/// threshold: the sensor reads whole degrees, so a die anywhere in
-/// `[threshold - 1.5, threshold + 0.5)` reads `threshold - 1` or `threshold`.
-const AIM_BELOW_C: f64 = 0.4;
+/// threshold. The sensor reads whole degrees: a die anywhere in
+/// `[threshold - 1.5, threshold + 0.5)` reads `threshold - 1` or
+/// `threshold`, and from `threshold + 0.5` it reads over. The aim is the
+/// highest that keeps a prediction off by the response fit's largest
+/// accepted error ([`RESPONSE_MAX_UNCERTAINTY_C`]) from reading over.
+const AIM_BELOW_C: f64 = RESPONSE_MAX_UNCERTAINTY_C - 0.5;
+/// A cut for heat is made on the prior and on bounds from a rising
+/// reading, not on a response fit: it aims lower, the middle of the
+/// readings `threshold - 1` and `threshold`, and the trim gives back the
+/// rest once the fit has seen the cut's curve.
+const CUT_AIM_BELOW_C: f64 = 0.4;
 /// Readings this far above the threshold count as hot (the sensor's whole
 /// degrees: `threshold` itself is on target).
 const HOT_ABOVE_C: f64 = 1.0;
@@ -184,6 +201,8 @@ pub struct Governor {
     /// `threshold - hysteresis` since: the node budget counts the GPU as
     /// held by heat, not by its share.
     hot_hold: bool,
+    /// Readings and power over the last half minute, for the response fit.
+    response: Response,
 }
 
 /// Readings at one power, from the moment it was reached.
@@ -199,6 +218,9 @@ struct Segment {
     spacing_s: f64,
     /// The segment's curve has already been handed to the model.
     fitted: bool,
+    /// The response fit vouches for where this power settles, while the
+    /// temperature still moves.
+    predicted: bool,
 }
 
 impl Segment {
@@ -208,6 +230,7 @@ impl Segment {
         self.points.clear();
         self.spacing_s = 0.2;
         self.fitted = false;
+        self.predicted = false;
     }
 
     fn push(&mut self, at_s: f64, temperature_c: f64) {
@@ -315,6 +338,301 @@ impl Segment {
     }
 }
 
+/// Spacing of the points kept for the response fit (s).
+const RESPONSE_SPACING_S: f64 = 0.25;
+/// How far back the response fit looks (s).
+const RESPONSE_WINDOW_S: f64 = 30.0;
+/// Least time between two response fits (s of the device's clock).
+const RESPONSE_EVERY_S: f64 = 0.5;
+/// A power segment older than this is left to the segment fit and the
+/// settled test: the window no longer holds the change that identifies it.
+const RESPONSE_MAX_AGE_S: f64 = 20.0;
+/// The response fit's prediction of where the current power settles is
+/// used once its uncertainty (°C) is under this: well inside the
+/// aim's deadband (`threshold - TRIM_BELOW_C` to `threshold + 0.5`).
+const RESPONSE_MAX_UNCERTAINTY_C: f64 = 0.75;
+/// How sure the response fit must be (°C) of where the power that settles
+/// at the aim settles, before it is used: a looser bound than for the
+/// current power, since a trim is followed by the next fit at the new power
+/// (and the hot rule), but tight enough that a resistance the readings do
+/// not pin down is never extrapolated from.
+const RESPONSE_MAX_EXTRAPOLATION_C: f64 = 1.5;
+/// Time constant of the power reading's average (NVML's reading on recent
+/// GPUs averages about a second): the response fit undoes it.
+const POWER_AVERAGE_S: f64 = 1.0;
+/// Sensor lags tried by the response fit (s).
+const RESPONSE_LAGS_S: [f64; 7] = [0.0, 0.4, 0.8, 1.3, 2.0, 3.0, 4.5];
+
+/// Readings with the power that produced them, over the last
+/// [`RESPONSE_WINDOW_S`], whatever the power did: what the response fit
+/// sees.
+///
+/// Unlike a [`Segment`], this needs no constant power: the temperature of a
+/// first-order die behind a first-order sensor is linear in ambient,
+/// resistance and the starting temperature for any power history, so one
+/// least-squares fit per pair of time constants (die, sensor) identifies
+/// the resistance from the cut itself, seconds after it, rather than after
+/// the GPU has settled. That is what lets a GPU with a time constant of a
+/// few seconds be trimmed to its threshold while it is still under load.
+#[derive(Debug, Clone, Default)]
+struct Response {
+    /// (time s, sensor °C, power reading W, most the GPU could draw W).
+    points: VecDeque<(f64, f64, f64, f64)>,
+    last_fit_s: Option<f64>,
+}
+
+/// What a response fit found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ResponseFit {
+    /// Where the current power settles (°C).
+    settles_c: f64,
+    /// °C/W.
+    resistance: f64,
+    /// The slower time constant (s).
+    tau_s: f64,
+}
+
+impl Response {
+    fn clear(&mut self) {
+        self.points.clear();
+        self.last_fit_s = None;
+    }
+
+    /// `power_w` is the power reading (an average, see
+    /// [`POWER_AVERAGE_S`]); `cap_w` what the limit in force lets the GPU
+    /// draw (infinite when the power limit is not what is moved).
+    fn push(&mut self, at_s: f64, temperature_c: f64, power_w: f64, cap_w: f64) {
+        if self
+            .points
+            .back()
+            .is_some_and(|last| at_s - last.0 < RESPONSE_SPACING_S)
+        {
+            return;
+        }
+        self.points.push_back((at_s, temperature_c, power_w, cap_w));
+        while self
+            .points
+            .front()
+            .is_some_and(|p| at_s - p.0 > RESPONSE_WINDOW_S)
+        {
+            self.points.pop_front();
+        }
+    }
+
+    /// Whether a fit is worth running now.
+    fn due(&self, now_s: f64) -> bool {
+        self.last_fit_s
+            .is_none_or(|last| now_s - last >= RESPONSE_EVERY_S)
+    }
+
+    /// Fits `sensor = f(ambient + R * power)` through a die lag and a sensor
+    /// lag to the window, and returns where `power_now` settles, when the
+    /// window pins it down to [`RESPONSE_MAX_UNCERTAINTY_C`]: over every
+    /// pair of lags whose fit is about as good as the best (within four
+    /// times the residual variance, the sensor's rounding at least), the
+    /// predictions must agree, and the best fit's own parameter error must
+    /// be small too. Resistances outside `r_range` are not believed.
+    fn fit(
+        &mut self,
+        now_s: f64,
+        power_now: f64,
+        aim_c: f64,
+        r_range: (f64, f64),
+    ) -> Option<ResponseFit> {
+        self.last_fit_s = Some(now_s);
+        let n = self.points.len();
+        if n < 10 {
+            return None;
+        }
+        let (p_lo, p_hi) = self
+            .points
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
+        // Ambient and resistance are told apart only by a change of power.
+        if p_hi - p_lo < 0.15 * p_hi.max(1.0) {
+            return None;
+        }
+        let span = self.points.back()?.0 - self.points.front()?.0;
+        let tau_max = (3.0 * span).min(400.0);
+        let mut tried: Vec<PairFit> = Vec::new();
+        let mut tau = 0.5;
+        while tau <= tau_max {
+            for lag in RESPONSE_LAGS_S.into_iter().filter(|l| *l <= tau) {
+                tried.extend(self.fit_one(tau, lag));
+            }
+            tau *= 1.12;
+        }
+        let best = *tried.iter().min_by(|a, b| a.sse.total_cmp(&b.sse))?;
+        // Finer around the best pair.
+        for tau_factor in [0.94, 1.0, 1.06] {
+            for lag_factor in [0.8, 1.0, 1.25] {
+                let (tau, lag) = (best.tau * tau_factor, best.lag * lag_factor);
+                if (tau_factor, lag_factor) == (1.0, 1.0) || lag > tau {
+                    continue;
+                }
+                tried.extend(self.fit_one(tau, lag));
+            }
+        }
+        let best = *tried.iter().min_by(|a, b| a.sse.total_cmp(&b.sse))?;
+        let sigma2 = (best.sse / (n - 3) as f64).max(1.0 / 12.0);
+        let rms = (best.sse / n as f64).sqrt();
+        if rms > 0.6 || best.tau >= tau_max / 1.12 || !(r_range.0..=r_range.1).contains(&best.r) {
+            return None;
+        }
+        // Both where the current power settles and where the power that
+        // settles at the aim does (what a trim would write) must be pinned
+        // down: the second is what a poorly identified resistance gets
+        // wrong while the first is plain to see.
+        let aim_power = (aim_c - best.ambient) / best.r;
+        let within = [
+            (power_now, RESPONSE_MAX_UNCERTAINTY_C),
+            (aim_power, RESPONSE_MAX_EXTRAPOLATION_C),
+        ]
+        .into_iter()
+        .all(|(power, allowed)| {
+                let settles = best.settles(power);
+                let spread = tried
+                    .iter()
+                    .filter(|x| x.sse <= best.sse + 4.0 * sigma2)
+                    .map(|x| (x.settles(power) - settles).abs())
+                    .fold(0.0, f64::max);
+                spread + 2.0 * (sigma2 * best.variance(power)).sqrt() <= allowed
+            });
+        within.then_some(ResponseFit {
+            settles_c: best.settles(power_now),
+            resistance: best.r,
+            tau_s: best.tau,
+        })
+    }
+
+    /// Least squares for one pair of lags.
+    fn fit_one(&self, tau: f64, lag: f64) -> Option<PairFit> {
+        // Three responses, each (die, sensor): to ambient 1 °C, to the
+        // power history at 1 °C/W, and to a start 1 °C above zero.
+        let mut state = [[0.0f64; 2]; 3];
+        state[2] = [1.0, 1.0];
+        let mut ata = [[0.0f64; 3]; 3];
+        let mut aty = [0.0f64; 3];
+        let mut yy = 0.0;
+        let mut prev: Option<(f64, f64, f64)> = None;
+        for &(t, y, reading, cap) in &self.points {
+            if let Some((t0, reading0, cap0)) = prev {
+                let h: f64 = t - t0;
+                // The power over the interval: the reading is an average,
+                // so what moved it is the change over what an average of
+                // a constant power would have moved it; never more than
+                // the limits in force over the interval let through.
+                let p = (reading0 + (reading - reading0) / (1.0 - (-h / POWER_AVERAGE_S).exp()))
+                    .min(cap.max(cap0))
+                    .max(0.0);
+                let a = (-h / tau).exp();
+                let (b, k) = if lag <= 1e-9 {
+                    (0.0, a)
+                } else if (tau - lag).abs() < 1e-6 {
+                    (a, h / tau * a)
+                } else {
+                    let b = (-h / lag).exp();
+                    (b, tau / (tau - lag) * (a - b))
+                };
+                for (j, s) in state.iter_mut().enumerate() {
+                    let u = match j {
+                        0 => 1.0,
+                        1 => p,
+                        _ => 0.0,
+                    };
+                    let (d, se) = (s[0], s[1]);
+                    s[0] = u + (d - u) * a;
+                    s[1] = u + (se - u) * b + (d - u) * k;
+                }
+            }
+            prev = Some((t, reading, cap));
+            let x = [state[0][1], state[1][1], state[2][1]];
+            for i in 0..3 {
+                for j in 0..3 {
+                    ata[i][j] += x[i] * x[j];
+                }
+                aty[i] += x[i] * y;
+            }
+            yy += y * y;
+        }
+        let inv = invert3(&ata)?;
+        let theta: Vec<f64> = (0..3)
+            .map(|i| (0..3).map(|j| inv[i][j] * aty[j]).sum())
+            .collect();
+        let (ambient, r) = (theta[0], theta[1]);
+        if r.is_nan() || r <= 0.0 {
+            return None;
+        }
+        let sse = (yy - (0..3).map(|i| theta[i] * aty[i]).sum::<f64>()).max(0.0);
+        Some(PairFit {
+            sse,
+            ambient,
+            r,
+            inv: [[inv[0][0], inv[0][1]], [inv[1][0], inv[1][1]]],
+            tau,
+            lag,
+        })
+    }
+}
+
+/// The least-squares fit for one pair of lags.
+#[derive(Debug, Clone, Copy)]
+struct PairFit {
+    sse: f64,
+    ambient: f64,
+    /// °C/W.
+    r: f64,
+    /// The (ambient, resistance) block of the inverse normal matrix.
+    inv: [[f64; 2]; 2],
+    tau: f64,
+    lag: f64,
+}
+
+impl PairFit {
+    fn settles(&self, power: f64) -> f64 {
+        self.ambient + self.r * power
+    }
+
+    /// Variance of [`PairFit::settles`] per unit residual variance.
+    fn variance(&self, power: f64) -> f64 {
+        let c = [1.0, power];
+        (0..2)
+            .map(|i| (0..2).map(|j| c[i] * self.inv[i][j] * c[j]).sum::<f64>())
+            .sum::<f64>()
+            .max(0.0)
+    }
+}
+
+/// The inverse of a symmetric 3×3 matrix, if it is well enough conditioned.
+fn invert3(m: &[[f64; 3]; 3]) -> Option<[[f64; 3]; 3]> {
+    let c00 = m[1][1] * m[2][2] - m[1][2] * m[2][1];
+    let c01 = m[1][2] * m[2][0] - m[1][0] * m[2][2];
+    let c02 = m[1][0] * m[2][1] - m[1][1] * m[2][0];
+    let det = m[0][0] * c00 + m[0][1] * c01 + m[0][2] * c02;
+    let scale = m[0][0] * m[1][1] * m[2][2];
+    if !det.is_finite() || det.abs() <= 1e-9 * scale.abs() {
+        return None;
+    }
+    let inv = [
+        [
+            c00 / det,
+            (m[0][2] * m[2][1] - m[0][1] * m[2][2]) / det,
+            (m[0][1] * m[1][2] - m[0][2] * m[1][1]) / det,
+        ],
+        [
+            c01 / det,
+            (m[0][0] * m[2][2] - m[0][2] * m[2][0]) / det,
+            (m[0][2] * m[1][0] - m[0][0] * m[1][2]) / det,
+        ],
+        [
+            c02 / det,
+            (m[0][1] * m[2][0] - m[0][0] * m[2][1]) / det,
+            (m[0][0] * m[1][1] - m[0][1] * m[1][0]) / det,
+        ],
+    ];
+    Some(inv)
+}
+
 impl Governor {
     /// A governor that believes the GPU is at `current_level`.
     pub fn new(params: GovernorParams, current_level: f64) -> Self {
@@ -337,6 +655,7 @@ impl Governor {
             over_cuts: 0,
             tau_s: None,
             hot_hold: false,
+            response: Response::default(),
         }
     }
 
@@ -539,6 +858,7 @@ impl Governor {
         if self.history.back().is_some_and(|(last, _)| t <= *last) {
             self.history.clear();
             self.powers.clear();
+            self.response.clear();
         }
         while self.history.len() >= HISTORY
             || self
@@ -635,6 +955,35 @@ impl Governor {
                 self.segment.fitted = true;
             }
         }
+        // The response fit: where this power settles, from the whole recent
+        // history (the cut and the curve after it), while that history
+        // still holds the change that tells ambient from resistance.
+        self.response.push(
+            t,
+            temp,
+            self.power_of(obs),
+            match p.actuator {
+                Actuator::PowerLimit => self.level,
+                Actuator::ClockCap => f64::INFINITY,
+            },
+        );
+        let age = t - self.segment.start_s;
+        if (self.level < ceiling - 0.5 || temp >= p.threshold_c - p.hysteresis_c)
+            && (0.5..=RESPONSE_MAX_AGE_S).contains(&age)
+            && self.response.due(t)
+            && let Some(fit) = self.response.fit(
+                t,
+                power,
+                p.threshold_c - AIM_BELOW_C,
+                self.model.resistance_range(),
+            )
+        {
+            self.model
+                .settles_from_response(power, fit.settles_c, fit.resistance);
+            self.tau_s = Some(fit.tau_s);
+            self.segment.fitted = true;
+            self.segment.predicted = true;
+        }
         let settles_at = self.model.settles_at(power);
         let known = self.segment.fitted;
 
@@ -646,6 +995,7 @@ impl Governor {
         let unit = self.unit();
         let hot_line = p.threshold_c + HOT_ABOVE_C;
         let aim = p.threshold_c - AIM_BELOW_C;
+        let cut_aim = p.threshold_c - CUT_AIM_BELOW_C;
 
         // Hot: a reading over the line; or rising towards it at a power the
         // model does not vouch for; or the model says this power settles
@@ -672,9 +1022,9 @@ impl Governor {
             let mapping_lags =
                 p.actuator == Actuator::ClockCap && !self.power_held_for(t, POWER_HOLD_S);
             let power_target = if self.model.learned && !mapping_lags {
-                self.model.power_for(aim)
+                self.model.power_for(cut_aim)
             } else {
-                self.model.power_for_cautious(aim, PRIOR_ERROR)
+                self.model.power_for_cautious(cut_aim, PRIOR_ERROR)
             };
             let mut target = self.level_for_power(power_target, obs);
             let over_now = temp >= hot_line;
@@ -734,16 +1084,22 @@ impl Governor {
             Actuator::ClockCap => draw >= 0.97 * self.level,
         };
         let not_using_it = draw < 0.85 * self.level;
-        if self.level < ceiling && slope <= 0.05 {
+        // Still rising is no reason to wait when the response fit has
+        // already said where this power settles.
+        if self.level < ceiling && (slope <= 0.05 || self.segment.predicted) {
             // Cool and the workload no longer uses the limit: all of it back.
             // Pressing against the limit with a settled temperature (known,
             // or cool enough to be sure) under the threshold: give back what
             // settles just under it.
-            let target = if temp <= cool_edge && not_using_it {
+            let still = slope <= 0.05;
+            let target = if still && temp <= cool_edge && not_using_it {
                 Some(ceiling)
-            } else if pressing && known && settles_at <= p.threshold_c - TRIM_BELOW_C {
+            } else if pressing
+                && known
+                && settles_at <= p.threshold_c - TRIM_BELOW_C
+            {
                 Some(self.level_for_power(self.model.power_for(aim), obs))
-            } else if pressing && temp <= cool_edge && since_write >= POWER_HOLD_S {
+            } else if still && pressing && temp <= cool_edge && since_write >= POWER_HOLD_S {
                 // Cool but not settled: aim at the target only if the
                 // resistance has been learned, else halfway.
                 let cautious = if self.model.learned {
@@ -892,7 +1248,24 @@ impl ThermalModel {
     }
 
     fn clamp(&self, r: f64) -> f64 {
-        r.clamp(0.4 * self.prior, 3.0 * self.prior)
+        let (lo, hi) = self.resistance_range();
+        r.clamp(lo, hi)
+    }
+
+    /// The resistances the model believes possible (°C/W).
+    fn resistance_range(&self) -> (f64, f64) {
+        (0.4 * self.prior, 3.0 * self.prior)
+    }
+
+    /// A response fit says the GPU at `power` settles at `temperature`, with
+    /// resistance `r` (fitted from the same readings, not against the
+    /// anchor).
+    fn settles_from_response(&mut self, power: f64, temperature: f64, r: f64) {
+        self.resistance = self.clamp(r);
+        self.learned = true;
+        self.anchor_power_w = power;
+        self.anchor_c = temperature;
+        self.anchor_seen = true;
     }
 
     /// Whether `power` is far enough from the anchor to learn the resistance.
