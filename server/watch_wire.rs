@@ -6,8 +6,9 @@
 //! second, and building, encoding and dropping the same answer for each
 //! caller made it cost ~1.6× an empty health check (BENCHMARKS.md).
 //!
-//! What it owns: [`WatchRoute`] and [`SnapshotRoute`], the services for
-//! `/gpuwatch.v1.GpuWatch/Watch` and `/GetSnapshot`, and [`add_gpuwatch`],
+//! What it owns: [`WatchRoute`], [`SnapshotRoute`] and [`HistoryRoute`],
+//! the services for `/gpuwatch.v1.GpuWatch/Watch`, `/GetSnapshot` and
+//! `/GetHistory` (an answer encoded as it is built), and [`add_gpuwatch`],
 //! which registers them in the gRPC router under those paths next to the
 //! generated server that serves every other method (the router prefers the
 //! exact path to the service's `/{*rest}`); nothing here looks at a
@@ -33,7 +34,8 @@ use tonic::{
 
 use crate::{
     api::{
-        GetSnapshotRequest, GetSnapshotResponse, WatchRequest, gpu_watch_server::GpuWatchServer,
+        GetHistoryRequest, GetHistoryResponse, GetSnapshotRequest, GetSnapshotResponse,
+        WatchRequest, gpu_watch_server::GpuWatchServer,
     },
     service::{GpuWatchService, SharedSnapshots, WatchItemStream},
     watch_frames::{Shared, SharedCodec, SharedFrames, WatchCodec, WatchItem},
@@ -43,6 +45,8 @@ use crate::{
 pub const WATCH_PATH: &str = "/gpuwatch.v1.GpuWatch/Watch";
 /// The path [`SnapshotRoute`] serves.
 pub const SNAPSHOT_PATH: &str = "/gpuwatch.v1.GpuWatch/GetSnapshot";
+/// The path [`HistoryRoute`] serves.
+pub const HISTORY_PATH: &str = "/gpuwatch.v1.GpuWatch/GetHistory";
 
 /// `routes` plus the `gpuwatch.v1.GpuWatch` service: Watch served by
 /// [`WatchRoute`] with frames from `shared`, every other method by the
@@ -61,6 +65,10 @@ pub fn add_gpuwatch(
         shared: Arc::new(SharedSnapshots::default()),
         max_request_bytes,
     };
+    let history = HistoryRoute {
+        service: service.clone(),
+        max_request_bytes,
+    };
     let watch = WatchRoute {
         service,
         shared,
@@ -71,7 +79,8 @@ pub fn add_gpuwatch(
             .add_service(generated)
             .into_axum_router()
             .route_service(WATCH_PATH, watch)
-            .route_service(SNAPSHOT_PATH, snapshot),
+            .route_service(SNAPSHOT_PATH, snapshot)
+            .route_service(HISTORY_PATH, history),
     )
 }
 
@@ -127,6 +136,60 @@ impl UnaryService<GetSnapshotRequest> for SnapshotMethod {
                 .snapshot(request, Some(&self.shared))
                 .map(Response::new),
         )
+    }
+}
+
+/// Serves GetHistory from an answer encoded as it is built (columns are
+/// written straight into their wire form; see
+/// [`crate::history::WireAnswer`]).
+#[derive(Debug, Clone)]
+pub struct HistoryRoute {
+    service: Arc<GpuWatchService>,
+    max_request_bytes: usize,
+}
+
+impl<B> Service<http::Request<B>> for HistoryRoute
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = HistoryMethod {
+            service: self.service.clone(),
+        };
+        let max_request_bytes = self.max_request_bytes;
+        Box::pin(async move {
+            let mut grpc =
+                Grpc::new(SharedCodec::<GetHistoryResponse, GetHistoryRequest>::default())
+                    .apply_max_message_size_config(Some(max_request_bytes), None);
+            Ok(grpc.unary(method, request).await)
+        })
+    }
+}
+
+/// GetHistory, answered in encoded form.
+struct HistoryMethod {
+    service: Arc<GpuWatchService>,
+}
+
+impl UnaryService<GetHistoryRequest> for HistoryMethod {
+    type Response = Shared<GetHistoryResponse>;
+    type Future = BoxFuture<Response<Self::Response>, Status>;
+
+    fn call(&mut self, request: Request<GetHistoryRequest>) -> Self::Future {
+        let service = self.service.clone();
+        Box::pin(async move {
+            let bytes = service.history_encoded(request).await?;
+            Ok(Response::new(Shared::Encoded(bytes)))
+        })
     }
 }
 
