@@ -255,9 +255,8 @@ impl ColumnsBuilder {
             .map(|f| f.columns().iter().map(|(t, v)| packed_len(*t, v)).sum())
     }
 
-    /// The encoded `HistoryColumns` message (its body, without a tag or
-    /// length): what prost writes for [`ColumnsBuilder::finish`]'s value.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The length of [`ColumnsBuilder::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
         let mut len = packed_len(1, &self.time_delta_ms)
             + packed_len(2, &self.tier_step_ms)
             + packed_len(3, &self.samples)
@@ -266,21 +265,35 @@ impl ColumnsBuilder {
         for n in self.field_lens() {
             len += key_len(6) + encoded_len_varint(n as u64) + n;
         }
-        let mut out = Vec::with_capacity(len);
-        put_packed(&mut out, 1, &self.time_delta_ms);
-        put_packed(&mut out, 2, &self.tier_step_ms);
-        put_packed(&mut out, 3, &self.samples);
-        put_packed(&mut out, 4, &self.throttle_reasons_mask);
-        put_packed(&mut out, 5, &self.governor_state);
+        len
+    }
+
+    /// The encoded `HistoryColumns` message (its body, without a tag or
+    /// length): what prost writes for [`ColumnsBuilder::finish`]'s value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`ColumnsBuilder::encode`], appended to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        #[cfg(debug_assertions)]
+        let (start, len) = (out.len(), self.encoded_len());
+        put_packed(out, 1, &self.time_delta_ms);
+        put_packed(out, 2, &self.tier_step_ms);
+        put_packed(out, 3, &self.samples);
+        put_packed(out, 4, &self.throttle_reasons_mask);
+        put_packed(out, 5, &self.governor_state);
         for (f, n) in self.fields.iter().zip(self.field_lens()) {
-            encode_key(6, WireType::LengthDelimited, &mut out);
-            encode_varint(n as u64, &mut out);
+            encode_key(6, WireType::LengthDelimited, out);
+            encode_varint(n as u64, out);
             for (tag, values) in f.columns() {
-                put_packed(&mut out, tag, values);
+                put_packed(out, tag, values);
             }
         }
-        debug_assert_eq!(out.len(), len);
-        out
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(out.len() - start, len);
     }
 
     /// The columns as a message (decoded from [`ColumnsBuilder::encode`]:
@@ -291,22 +304,35 @@ impl ColumnsBuilder {
     }
 }
 
+/// The length of [`encode_gpu_history`]'s output.
+pub fn gpu_history_len(tag: u32, history: &GpuHistory, columns: &ColumnsBuilder) -> usize {
+    let body = gpu_history_body_len(history, columns);
+    key_len(tag) + encoded_len_varint(body as u64) + body
+}
+
+fn gpu_history_body_len(history: &GpuHistory, columns: &ColumnsBuilder) -> usize {
+    let n = columns.encoded_len();
+    history.encoded_len() + key_len(5) + encoded_len_varint(n as u64) + n
+}
+
 /// Appends `GpuHistory` `history` to `out` as field `tag` of its parent
-/// (`GetHistoryResponse.gpus` is 6), with `columns` (a
-/// [`ColumnsBuilder::encode`] output) as its `columns`: exactly what prost
-/// writes for `history` with those columns set. `history.columns` must be
-/// None.
-pub fn encode_gpu_history(tag: u32, history: &GpuHistory, columns: &[u8], out: &mut Vec<u8>) {
+/// (`GetHistoryResponse.gpus` is 6), with `columns` as its `columns`:
+/// exactly what prost writes for `history` with those columns set.
+/// `history.columns` must be None.
+pub fn encode_gpu_history(
+    tag: u32,
+    history: &GpuHistory,
+    columns: &ColumnsBuilder,
+    out: &mut Vec<u8>,
+) {
     debug_assert!(history.columns.is_none());
-    let head = history.encoded_len();
-    let body = head + key_len(5) + encoded_len_varint(columns.len() as u64) + columns.len();
     encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(body as u64, out);
+    encode_varint(gpu_history_body_len(history, columns) as u64, out);
     // Fields 1 to 4 (index, uuid, points, gaps), then 5 (columns).
     history.encode_raw(out);
     encode_key(5, WireType::LengthDelimited, out);
-    encode_varint(columns.len() as u64, out);
-    out.extend_from_slice(columns);
+    encode_varint(columns.encoded_len() as u64, out);
+    columns.encode_into(out);
 }
 
 /// Why columns could not be read back.
@@ -560,7 +586,7 @@ mod tests {
             };
             let bytes = b.encode();
             assert_eq!(bytes, want.encode_to_vec(), "{} points", points.len());
-            assert_eq!(b.finish(), want);
+            assert_eq!(bytes.len(), b.encoded_len());
             // And inside a GpuHistory, next to gaps.
             let history = GpuHistory {
                 index: 3,
@@ -574,7 +600,8 @@ mod tests {
                 columns: None,
             };
             let mut out = Vec::new();
-            encode_gpu_history(6, &history, &bytes, &mut out);
+            encode_gpu_history(6, &history, &b, &mut out);
+            assert_eq!(out.len(), gpu_history_len(6, &history, &b));
             let whole = GetHistoryResponse {
                 gpus: vec![GpuHistory {
                     columns: Some(want),
@@ -583,7 +610,12 @@ mod tests {
                 ..GetHistoryResponse::default()
             };
             assert_eq!(out, whole.encode_to_vec());
+            assert_eq!(b.finish(), want_again(&whole));
         }
+    }
+
+    fn want_again(whole: &GetHistoryResponse) -> HistoryColumns {
+        whole.gpus[0].columns.clone().expect("set")
     }
 
     #[test]

@@ -1573,9 +1573,9 @@ pub fn query(
 pub struct WireAnswer {
     /// The answer, every `GpuHistory.columns` None.
     pub response: api::GetHistoryResponse,
-    /// Per entry of `response.gpus`, its encoded `HistoryColumns` (None
-    /// for an answer in points).
-    columns: Vec<Option<Vec<u8>>>,
+    /// Per entry of `response.gpus`, its `HistoryColumns` in their wire
+    /// form (None for an answer in points).
+    columns: Vec<Option<ColumnsBuilder>>,
 }
 
 impl WireAnswer {
@@ -1584,10 +1584,7 @@ impl WireAnswer {
         let mut response = self.response;
         for (g, c) in response.gpus.iter_mut().zip(self.columns) {
             if let Some(c) = c {
-                g.columns = Some(
-                    api::HistoryColumns::decode(c.as_slice())
-                        .expect("the columns builder writes well-formed columns"),
-                );
+                g.columns = Some(c.finish());
             }
         }
         response
@@ -1605,10 +1602,16 @@ impl WireAnswer {
             columnar: std::mem::take(&mut head.columnar),
             ..api::GetHistoryResponse::default()
         };
-        let columns_len: usize = self.columns.iter().flatten().map(Vec::len).sum();
-        let mut out = Vec::with_capacity(
-            head.encoded_len() + tail.encoded_len() + columns_len + 64 * gpus.len() + 64,
-        );
+        // Sized exactly: one allocation, written once.
+        let gpus_len: usize = gpus
+            .iter()
+            .zip(&self.columns)
+            .map(|(g, c)| match c {
+                Some(c) => history_columns::gpu_history_len(6, g, c),
+                None => prost::encoding::message::encoded_len(6, g),
+            })
+            .sum();
+        let mut out = Vec::with_capacity(head.encoded_len() + gpus_len + tail.encoded_len());
         head.encode_raw(&mut out);
         for (g, c) in gpus.iter().zip(&self.columns) {
             match c {
@@ -1720,7 +1723,7 @@ pub fn query_wire(src: &Source<'_>, q: &Query, limits: Limits) -> Result<WireAns
         );
         let (points, columns) = match series {
             Series::Rows(points) => (points, None),
-            Series::Columns(c) => (Vec::new(), Some(c.encode())),
+            Series::Columns(c) => (Vec::new(), Some(c)),
         };
         gpus.push(api::GpuHistory {
             index: *index,
@@ -2404,11 +2407,8 @@ mod tests {
                 seq: 42,
                 ..api::Event::default()
             });
-            let message = WireAnswer {
-                response: answer.response.clone(),
-                columns: answer.columns.clone(),
-            }
-            .into_response();
+            let mut message = query(&src, &q, limits).expect("query");
+            message.events = answer.response.events.clone();
             assert_eq!(message.columnar, columnar);
             assert!(
                 message.gpus[0].gaps.len() == 1,
@@ -2466,13 +2466,8 @@ mod tests {
                 step_ms,
                 columnar: true,
             };
-            let wire = query_wire(&src, &q, limits).expect("columns");
-            let bytes = WireAnswer {
-                response: wire.response.clone(),
-                columns: wire.columns.clone(),
-            }
-            .encode();
-            let mut columns = wire.into_response();
+            let bytes = query_wire(&src, &q, limits).expect("columns").encode();
+            let mut columns = query(&src, &q, limits).expect("columns");
             columns.expand_columns().expect("well formed");
             let points = query(
                 &src,
