@@ -176,7 +176,7 @@ pub fn history(common: &Common, args: &HistoryArgs) -> anyhow::Result<Figure> {
             let (lat, cpu, points, bytes, answered_columnar) = rt.block_on(async {
                 // Windows large enough for a whole answer: with HTTP/2's
                 // default 64 KiB a multi-MB answer waits on a WINDOW_UPDATE
-                // round trip every 64 KiB (the CLI sets the same).
+                // round trip every 64 KiB.
                 let channel = tonic::transport::Endpoint::from_shared(url)?
                     .initial_stream_window_size(Some(HISTORY_WINDOW_BYTES))
                     .initial_connection_window_size(Some(HISTORY_WINDOW_BYTES))

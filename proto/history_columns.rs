@@ -504,7 +504,11 @@ mod tests {
 
     /// The columns as the builder used to hold them (plain vectors), for
     /// comparing encodings.
-    fn expected(points: &[(i64, u32, u32, u64, i32, Vec<Option<IntStats>>)]) -> HistoryColumns {
+    /// One point: time, tier step, samples, throttle mask, governor state
+    /// and each field's statistics.
+    type Point = (i64, u32, u32, u64, i32, Vec<Option<IntStats>>);
+
+    fn expected(points: &[Point]) -> HistoryColumns {
         let fields = points.first().map_or(2, |p| p.5.len());
         let mut c = HistoryColumns {
             fields: vec![FieldColumns::default(); fields],
@@ -546,8 +550,7 @@ mod tests {
             last: min + spread / 2,
             sum_over_min: spread * u64::from(count) / 3,
         };
-        let mut cases: Vec<Vec<(i64, u32, u32, u64, i32, Vec<Option<IntStats>>)>> =
-            vec![Vec::new()];
+        let mut cases: Vec<Vec<Point>> = vec![Vec::new()];
         // Times going backwards, a negative enum, minima falling and
         // rising by large steps, fields absent at the start, in the middle
         // and throughout, values needing every varint length.

@@ -2420,7 +2420,7 @@ mod tests {
                 .as_ref()
                 .map_or(message.gpus[0].points.len(), |c| c.time_delta_ms.len());
             assert!(
-                points >= 1800_000 / step_ms as usize,
+                points >= 1_800_000 / step_ms as usize,
                 "{points} points at {step_ms} ms"
             );
             assert_eq!(answer.encode(), message.encode_to_vec(), "step {step_ms}");
@@ -2557,7 +2557,6 @@ mod tests {
         check(day, 60_000, (0..NFIELDS).collect());
 
         // Warming fills the cache with the same stretches.
-        drop(src);
         drop(store);
         let (store2, _) = Store::open(dir.path(), &config).expect("reopen");
         store2.warm_cache(end_ms).expect("warm");
