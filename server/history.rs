@@ -586,6 +586,10 @@ pub const CHUNK_BUCKETS: u64 = 60;
 /// The most the [`ChunkCache`] holds (part of the RSS history may add;
 /// see BENCHMARKS.md).
 pub const QUERY_CACHE_BYTES: usize = 8 << 20;
+/// A generous size of one cached stretch of every field (measured: 9 to
+/// 11 KiB for a loaded GPU's minute at 1 s or hour at 1 min), for deciding
+/// whether a question's stretches fit in the cache.
+const CHUNK_BYTES_ESTIMATE: u64 = 12 << 10;
 
 /// One GPU's finished stretch of a tier, every field, in the answer's
 /// column encoding (deltas counted from zero, so it can be appended after
@@ -1695,7 +1699,14 @@ pub fn query_wire(src: &Source<'_>, q: &Query, limits: Limits) -> Result<WireAns
         match (tier, src.store) {
             (Some(i), Some(store)) => {
                 let wanted = q.fields.iter().fold(0u64, |m, &i| m | 1 << i);
-                if q.columnar && step == tier_step {
+                // The cache serves a question whose stretches all fit in
+                // it; a larger one (a week at 1 min of 8 GPUs) would only
+                // push out what the next questions need, and reads disk.
+                let stretches =
+                    (q.until_ms - first).div_ceil(tier_step * CHUNK_BUCKETS) * q.gpus.len() as u64;
+                let fits =
+                    stretches.saturating_mul(CHUNK_BYTES_ESTIMATE) <= QUERY_CACHE_BYTES as u64;
+                if q.columnar && step == tier_step && fits {
                     fill_from_chunks(store, i, uuid, first, q.until_ms, src.now_ms, &mut folder)?;
                 } else {
                     store.visit_buckets(i, uuid, first, q.until_ms, wanted, |b| folder.add(b))?;
