@@ -43,12 +43,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Deserialize;
 
 use crate::api::{
     self, Frame, GovernorState, GpuHealth, GpuSample,
-    history_columns::{ColumnsBuilder, IntStats},
+    history_columns::{self, ColumnsBuilder, IntStats},
 };
 
 /// The store's file in the state directory.
@@ -579,6 +580,71 @@ impl DiskBudget {
     }
 }
 
+/// Buckets per cached stretch of a tier (an hour of the 1 min tier, a
+/// minute of the 1 s tier).
+pub const CHUNK_BUCKETS: u64 = 60;
+/// The most the [`ChunkCache`] holds (part of the RSS history may add;
+/// see BENCHMARKS.md).
+pub const QUERY_CACHE_BYTES: usize = 8 << 20;
+/// A generous size of one cached stretch of every field (measured: 9 to
+/// 11 KiB for a loaded GPU's minute at 1 s or hour at 1 min), for deciding
+/// whether a question's stretches fit in the cache.
+const CHUNK_BYTES_ESTIMATE: u64 = 12 << 10;
+
+/// One GPU's finished stretch of a tier, every field, in the answer's
+/// column encoding (deltas counted from zero, so it can be appended after
+/// anything), and its buckets' start times (for the gap search).
+#[derive(Debug)]
+struct Chunk {
+    columns: ColumnsBuilder,
+    starts: Vec<u64>,
+    bytes: usize,
+}
+
+/// What queries answered from disk, kept for the next ones: finished
+/// stretches of [`CHUNK_BUCKETS`] buckets ([`Chunk`]), keyed by (tier, GPU
+/// id, stretch start), at most [`QUERY_CACHE_BYTES`], the least recently
+/// used dropped first.
+///
+/// Why it holds: every change to a tier goes through [`Store::commit`] or
+/// [`Store::prune`], which drop the stretches they touch after their
+/// transaction commits and bump `generation`; a query keeps a stretch it
+/// built only if no commit happened since it began reading, so a
+/// stretch read before a commit cannot outlive it.
+#[derive(Debug, Default)]
+struct ChunkCache {
+    map: HashMap<(usize, u32, u64), (Arc<Chunk>, u64)>,
+    bytes: usize,
+    clock: u64,
+    generation: u64,
+}
+
+impl ChunkCache {
+    fn remove(&mut self, key: &(usize, u32, u64)) {
+        if let Some((c, _)) = self.map.remove(key) {
+            self.bytes -= c.bytes;
+        }
+    }
+
+    fn insert(&mut self, key: (usize, u32, u64), chunk: Arc<Chunk>) {
+        self.remove(&key);
+        self.clock += 1;
+        self.bytes += chunk.bytes;
+        self.map.insert(key, (chunk, self.clock));
+        while self.bytes > QUERY_CACHE_BYTES {
+            let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+    }
+}
+
 /// The on-disk store. Cheap to clone; reads run concurrently with the
 /// writer (redb's MVCC).
 #[derive(Clone)]
@@ -589,6 +655,7 @@ pub struct Store {
     gpu_ids: Arc<Mutex<HashMap<String, u32>>>,
     run_start_ms: u64,
     budget: Arc<Mutex<DiskBudget>>,
+    cache: Arc<Mutex<ChunkCache>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -641,6 +708,7 @@ impl Store {
             gpu_ids: Arc::default(),
             run_start_ms,
             budget: Arc::new(Mutex::new(DiskBudget::new(config.max_disk_bytes))),
+            cache: Arc::default(),
         };
         store.reconcile_tiers(&mut report)?;
         store.load_gpu_ids()?;
@@ -849,6 +917,7 @@ impl Store {
         buckets: &[(String, usize, Bucket)],
         alive_ms: u64,
     ) -> Result<(), HistoryError> {
+        let mut touched = Vec::with_capacity(buckets.len());
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| HistoryError::Store(e.to_string()))?;
@@ -876,13 +945,121 @@ impl Store {
                 };
                 if let Some(table) = tables.get_mut(*tier) {
                     table.insert((id, bucket.start_ms), bucket.encode().as_slice())?;
+                    touched.push((*tier, id, bucket.start_ms));
                 }
             }
             let mut runs = txn.open_table(RUNS)?;
             runs.insert(self.run_start_ms, alive_ms)?;
         }
         txn.commit()?;
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.generation += 1;
+        for (tier, id, start) in touched {
+            let span = ms(self.tiers[tier].step).max(1) * CHUNK_BUCKETS;
+            cache.remove(&(tier, id, start - start % span));
+        }
         Ok(())
+    }
+
+    /// Fills the query cache (see [`ChunkCache`]) with what the usual
+    /// questions ask for, so the first of them after a start is as fast as
+    /// the next: the last day of every tier but the finest, then the last
+    /// hour of the finest; stops before the cache would start dropping
+    /// what it holds. Reads the disk; the daemon runs it on its own thread.
+    pub fn warm_cache(&self, now_ms: u64) -> Result<(), HistoryError> {
+        let gpus: Vec<(String, u32)> = self
+            .gpu_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(u, &id)| (u.clone(), id))
+            .collect();
+        let mut order: Vec<(usize, u64)> = (1..self.tiers.len()).map(|t| (t, 86_400_000)).collect();
+        order.push((
+            0,
+            if self.tiers.len() > 1 {
+                3_600_000
+            } else {
+                86_400_000
+            },
+        ));
+        for (tier, window) in order {
+            let step = ms(self.tiers[tier].step).max(1);
+            let span = step * CHUNK_BUCKETS;
+            let since = now_ms.saturating_sub(window);
+            let mut from = since.div_ceil(span) * span;
+            while from + span + step <= now_ms {
+                for (uuid, id) in &gpus {
+                    let full = {
+                        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+                        cache.bytes > QUERY_CACHE_BYTES / 10 * 9
+                    };
+                    if full {
+                        return Ok(());
+                    }
+                    self.chunk(tier, *id, uuid, from, from + span)?;
+                }
+                from += span;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the query cache holds now.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bytes
+    }
+
+    /// The cached stretch of tier `tier` of GPU `id` (`uuid`) starting at
+    /// `from` (see [`ChunkCache`]), read from disk on a miss.
+    fn chunk(
+        &self,
+        tier: usize,
+        id: u32,
+        uuid: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Arc<Chunk>, HistoryError> {
+        let key = (tier, id, from);
+        let generation = {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.clock += 1;
+            let clock = cache.clock;
+            if let Some((chunk, used)) = cache.map.get_mut(&key) {
+                *used = clock;
+                return Ok(chunk.clone());
+            }
+            cache.generation
+        };
+        let step = self.tiers.get(tier).map_or(1, |t| ms(t.step));
+        let all: Vec<usize> = (0..NFIELDS).collect();
+        let tier_step = u32::try_from(step).unwrap_or(u32::MAX);
+        let mut series = Series::Columns(ColumnsBuilder::new(NFIELDS, CHUNK_BUCKETS as usize));
+        let mut starts = Vec::with_capacity(CHUNK_BUCKETS as usize);
+        self.visit_buckets(tier, uuid, from, to, u64::MAX, |b| {
+            starts.push(b.start_ms);
+            Folder::write(&all, tier_step, &mut series, b);
+        })?;
+        let Series::Columns(mut columns) = series else {
+            unreachable!("built as columns")
+        };
+        columns.shrink_to_fit();
+        starts.shrink_to_fit();
+        let bytes =
+            columns.heap_bytes() + starts.capacity() * 8 + std::mem::size_of::<Chunk>() + 64;
+        let chunk = Arc::new(Chunk {
+            columns,
+            starts,
+            bytes,
+        });
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.generation == generation {
+            cache.insert(key, chunk.clone());
+        }
+        Ok(chunk)
     }
 
     /// Drops buckets past each tier's retention (as `budget` has cut it).
@@ -904,6 +1081,7 @@ impl Store {
             .values()
             .copied()
             .collect();
+        let mut cutoffs = Vec::with_capacity(self.tiers.len());
         let txn = self.db.begin_write()?;
         {
             for (i, t) in self.tiers.iter().enumerate() {
@@ -933,6 +1111,7 @@ impl Store {
                 for &id in &ids {
                     table.retain_in((id, 0)..(id, cutoff), |_, _| false)?;
                 }
+                cutoffs.push(cutoff);
             }
             // Runs older than the longest retention say nothing any more.
             let longest = self.tiers.iter().map(|t| ms(t.retain)).max().unwrap_or(0);
@@ -942,6 +1121,20 @@ impl Store {
             seqs.retain_in(0..now_ms.saturating_sub(longest), |_, _| false)?;
         }
         txn.commit()?;
+        {
+            // Stretches reaching below a cutoff lost buckets.
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.generation += 1;
+            let gone: Vec<(usize, u32, u64)> = cache
+                .map
+                .keys()
+                .filter(|(tier, _, start)| cutoffs.get(*tier).is_some_and(|&c| *start < c))
+                .copied()
+                .collect();
+            for key in gone {
+                cache.remove(&key);
+            }
+        }
         if over {
             budget.cut_at_len = len;
             budget.cuts += 1;
@@ -1100,6 +1293,20 @@ pub struct HistoryWriter {
 impl HistoryWriter {
     /// Starts the writer thread for `store`.
     pub fn start(store: Store, config: &HistoryConfig) -> std::io::Result<Self> {
+        let warm = store.clone();
+        std::thread::Builder::new()
+            .name("gpuwatch-history-warm".into())
+            .spawn(move || {
+                let started = Instant::now();
+                match warm.warm_cache(unix_ms(SystemTime::now())) {
+                    Ok(()) => tracing::debug!(
+                        bytes = warm.cache_bytes(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "history query cache warmed"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "history: cannot warm the query cache"),
+                }
+            })?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_FRAMES);
         let flush_every = config.flush_interval;
         let thread = std::thread::Builder::new()
@@ -1359,6 +1566,77 @@ pub fn query(
     q: &Query,
     limits: Limits,
 ) -> Result<api::GetHistoryResponse, QueryError> {
+    Ok(query_wire(src, q, limits)?.into_response())
+}
+
+/// A `GetHistory` answer whose columnar series are still in their wire
+/// encoding (`gpuwatch_api::history_columns`): what the gRPC route sends
+/// as it is ([`WireAnswer::encode`]), with no message built for the
+/// columns and no pass of prost's over them.
+#[derive(Debug)]
+pub struct WireAnswer {
+    /// The answer, every `GpuHistory.columns` None.
+    pub response: api::GetHistoryResponse,
+    /// Per entry of `response.gpus`, its `HistoryColumns` in their wire
+    /// form (None for an answer in points).
+    columns: Vec<Option<ColumnsBuilder>>,
+}
+
+impl WireAnswer {
+    /// The answer as a message, columns decoded.
+    pub fn into_response(self) -> api::GetHistoryResponse {
+        let mut response = self.response;
+        for (g, c) in response.gpus.iter_mut().zip(self.columns) {
+            if let Some(c) = c {
+                g.columns = Some(c.finish());
+            }
+        }
+        response
+    }
+
+    /// The encoded `GetHistoryResponse`: exactly prost's encoding of
+    /// [`WireAnswer::into_response`]'s message (fields in order; tested).
+    pub fn encode(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`encode`](Self::encode), appended to `out` (e.g. after a gRPC
+    /// message prefix).
+    pub fn encode_into(self, out: &mut Vec<u8>) {
+        let mut head = self.response;
+        let gpus = std::mem::take(&mut head.gpus);
+        // Fields 7 to 9 follow the GPUs (6).
+        let tail = api::GetHistoryResponse {
+            events: std::mem::take(&mut head.events),
+            tiers: std::mem::take(&mut head.tiers),
+            columnar: std::mem::take(&mut head.columnar),
+            ..api::GetHistoryResponse::default()
+        };
+        // Sized exactly: one allocation, written once.
+        let gpus_len: usize = gpus
+            .iter()
+            .zip(&self.columns)
+            .map(|(g, c)| match c {
+                Some(c) => history_columns::gpu_history_len(6, g, c),
+                None => prost::encoding::message::encoded_len(6, g),
+            })
+            .sum();
+        out.reserve_exact(head.encoded_len() + gpus_len + tail.encoded_len());
+        head.encode_raw(out);
+        for (g, c) in gpus.iter().zip(&self.columns) {
+            match c {
+                Some(c) => history_columns::encode_gpu_history(6, g, c, out),
+                None => prost::encoding::message::encode(6, g, out),
+            }
+        }
+        tail.encode_raw(out);
+    }
+}
+
+/// [`query`], keeping columns in their wire encoding.
+pub fn query_wire(src: &Source<'_>, q: &Query, limits: Limits) -> Result<WireAnswer, QueryError> {
     if q.until_ms <= q.since_ms {
         return Err(QueryError::Invalid("until must be after since".to_owned()));
     }
@@ -1422,12 +1700,24 @@ pub fn query(
             .map_or(src.now_ms, unix_ms),
     };
     let mut gpus = Vec::with_capacity(q.gpus.len());
+    let mut encoded = Vec::with_capacity(q.gpus.len());
     for (index, uuid) in &q.gpus {
         let mut folder = Folder::new(q, step, tier_step, per_gpu);
         match (tier, src.store) {
             (Some(i), Some(store)) => {
                 let wanted = q.fields.iter().fold(0u64, |m, &i| m | 1 << i);
-                store.visit_buckets(i, uuid, first, q.until_ms, wanted, |b| folder.add(b))?;
+                // The cache serves a question whose stretches all fit in
+                // it; a larger one (a week at 1 min of 8 GPUs) would only
+                // push out what the next questions need, and reads disk.
+                let stretches =
+                    (q.until_ms - first).div_ceil(tier_step * CHUNK_BUCKETS) * q.gpus.len() as u64;
+                let fits =
+                    stretches.saturating_mul(CHUNK_BYTES_ESTIMATE) <= QUERY_CACHE_BYTES as u64;
+                if q.columnar && step == tier_step && fits {
+                    fill_from_chunks(store, i, uuid, first, q.until_ms, src.now_ms, &mut folder)?;
+                } else {
+                    store.visit_buckets(i, uuid, first, q.until_ms, wanted, |b| folder.add(b))?;
+                }
             }
             _ => {
                 for b in raw_buckets(src.raw, uuid, first, q.until_ms) {
@@ -1451,15 +1741,16 @@ pub fn query(
         );
         let (points, columns) = match series {
             Series::Rows(points) => (points, None),
-            Series::Columns(c) => (Vec::new(), Some(c.finish())),
+            Series::Columns(c) => (Vec::new(), Some(c)),
         };
         gpus.push(api::GpuHistory {
             index: *index,
             uuid: uuid.clone(),
             points,
             gaps,
-            columns,
+            columns: None,
         });
+        encoded.push(columns);
     }
     let mut tiers_out = vec![api::HistoryTier {
         step_ms: u32::try_from(raw_step).unwrap_or(u32::MAX),
@@ -1471,7 +1762,7 @@ pub fn query(
         retain_ms: ms(t.retain),
         raw: false,
     }));
-    Ok(api::GetHistoryResponse {
+    let response = api::GetHistoryResponse {
         since: Some(time_of(q.since_ms).into()),
         until: Some(time_of(q.until_ms).into()),
         step_ms: u32::try_from(step).unwrap_or(u32::MAX),
@@ -1481,7 +1772,55 @@ pub fn query(
         events: Vec::new(),
         tiers: tiers_out,
         columnar: q.columnar,
+    };
+    Ok(WireAnswer {
+        response,
+        columns: encoded,
     })
+}
+
+/// One GPU's columns of tier `tier` over `[first, until)` when every
+/// bucket is a point: whole finished stretches of [`CHUNK_BUCKETS`] buckets
+/// from the store's [`ChunkCache`] (built from disk on a miss), the rest
+/// (the stretch now being written, and partial ones at either end) from
+/// disk. The answer is the same either way.
+fn fill_from_chunks(
+    store: &Store,
+    tier: usize,
+    uuid: &str,
+    first: u64,
+    until: u64,
+    now_ms: u64,
+    folder: &mut Folder<'_>,
+) -> Result<(), HistoryError> {
+    let (Some(id), Some(t)) = (store.gpu_id(uuid), store.tiers.get(tier)) else {
+        return Ok(());
+    };
+    let step = ms(t.step).max(1);
+    let span = step * CHUNK_BUCKETS;
+    let wanted = folder.q.fields.iter().fold(0u64, |m, &i| m | 1 << i);
+    let mut at = first;
+    // Disk reads are batched: consecutive stretches not served from the
+    // cache are read in one pass.
+    let mut disk_from = at;
+    while at < until {
+        let chunk_start = at - at % span;
+        let chunk_end = chunk_start + span;
+        let whole = at == chunk_start && chunk_end <= until && chunk_end + step <= now_ms;
+        if whole {
+            if disk_from < at {
+                store.visit_buckets(tier, uuid, disk_from, at, wanted, |b| folder.add(b))?;
+            }
+            let chunk = store.chunk(tier, id, uuid, chunk_start, chunk_end)?;
+            folder.splice(&chunk);
+            disk_from = chunk_end;
+        }
+        at = chunk_end.min(until);
+    }
+    if disk_from < until {
+        store.visit_buckets(tier, uuid, disk_from, until, wanted, |b| folder.add(b))?;
+    }
+    Ok(())
 }
 
 fn time_of(ms: u64) -> SystemTime {
@@ -1555,13 +1894,13 @@ impl<'q> Folder<'q> {
         let start = b.start_ms - b.start_ms % self.step;
         if self.open.is_none() && start == b.start_ms && self.step == u64::from(self.tier_step) {
             // One tier bucket is one point (each start is stored once).
-            Self::write(self.q, self.tier_step, &mut self.series, b);
+            Self::write(&self.q.fields, self.tier_step, &mut self.series, b);
             return;
         }
         match &mut self.open {
             Some(open) if open.start_ms == start => open.merge(b),
             Some(open) => {
-                Self::write(self.q, self.tier_step, &mut self.series, open);
+                Self::write(&self.q.fields, self.tier_step, &mut self.series, open);
                 open.clone_from(b);
                 open.start_ms = start;
             }
@@ -1573,14 +1912,25 @@ impl<'q> Folder<'q> {
         }
     }
 
+    /// Appends a cached stretch of the tier (see [`ChunkCache`]): only
+    /// when every bucket is a point (`step` is the tier's step), so no
+    /// point is open.
+    fn splice(&mut self, chunk: &Chunk) {
+        debug_assert!(self.open.is_none() && self.step == u64::from(self.tier_step));
+        if let Series::Columns(c) = &mut self.series {
+            c.append(&chunk.columns, &self.q.fields);
+            self.starts.extend_from_slice(&chunk.starts);
+        }
+    }
+
     fn finish(mut self) -> (Series, Vec<u64>) {
         if let Some(open) = &self.open {
-            Self::write(self.q, self.tier_step, &mut self.series, open);
+            Self::write(&self.q.fields, self.tier_step, &mut self.series, open);
         }
         (self.series, self.starts)
     }
 
-    fn write(q: &Query, tier_step: u32, series: &mut Series, b: &Bucket) {
+    fn write(fields: &[usize], tier_step: u32, series: &mut Series, b: &Bucket) {
         let time = i64::try_from(b.start_ms).unwrap_or(i64::MAX);
         let (throttle, governor) = (b.throttle_mask(), b.governor_state() as i32);
         match series {
@@ -1588,8 +1938,7 @@ impl<'q> Folder<'q> {
                 time_unix_ms: time,
                 tier_step_ms: tier_step,
                 samples: b.samples,
-                values: q
-                    .fields
+                values: fields
                     .iter()
                     .map(|&i| {
                         let f = &b.fields[i];
@@ -1610,7 +1959,7 @@ impl<'q> Folder<'q> {
             }),
             Series::Columns(c) => {
                 c.point(time, tier_step, b.samples, throttle, governor);
-                for (j, &i) in q.fields.iter().enumerate() {
+                for (j, &i) in fields.iter().enumerate() {
                     let f = &b.fields[i];
                     c.field(
                         j,
@@ -2030,6 +2379,207 @@ mod tests {
         assert!(peak_after_cut > 0);
         let newest = points_per_gpu(&store, &uuids, t - 60_000, t);
         assert!(newest.iter().all(|&n| n >= 60), "{newest:?}");
+    }
+
+    #[test]
+    fn the_wire_answer_is_prosts_encoding_of_the_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-b".into()];
+        let end = SystemTime::now();
+        let config = HistoryConfig::default();
+        backfill(dir.path(), &config, &uuids, Duration::from_secs(1800), end).expect("backfill");
+        let (store, _) = Store::open(dir.path(), &config).expect("open");
+        let end_ms = unix_ms(end);
+        let src = Source {
+            store: Some(&store),
+            raw: &[],
+            sampler_interval_ms: 100,
+            started_ms: end_ms,
+            now_ms: end_ms,
+        };
+        let limits = Limits {
+            max_points: 1_000_000,
+            max_bytes: 256 << 20,
+        };
+        for (step_ms, fields, columnar) in [
+            (60_000, vec![0, 3, 12], true),
+            (1_000, (0..NFIELDS).collect(), true),
+            (5_000, vec![14], true),
+            (1_000, vec![0, 3], false),
+        ] {
+            let q = Query {
+                gpus: vec![
+                    (0, uuids[0].clone()),
+                    (1, uuids[1].clone()),
+                    (2, "GPU-none".into()),
+                ],
+                fields,
+                // Before the first bucket: a gap, then points.
+                since_ms: end_ms - 2_400_000,
+                until_ms: end_ms,
+                step_ms,
+                columnar,
+            };
+            let mut answer = query_wire(&src, &q, limits).expect("query");
+            answer.response.events.push(api::Event {
+                seq: 42,
+                ..api::Event::default()
+            });
+            let mut message = query(&src, &q, limits).expect("query");
+            message.events = answer.response.events.clone();
+            assert_eq!(message.columnar, columnar);
+            assert!(
+                message.gpus[0].gaps.len() == 1,
+                "{:?}",
+                message.gpus[0].gaps
+            );
+            let points = message.gpus[0]
+                .columns
+                .as_ref()
+                .map_or(message.gpus[0].points.len(), |c| c.time_delta_ms.len());
+            assert!(
+                points >= 1_800_000 / step_ms as usize,
+                "{points} points at {step_ms} ms"
+            );
+            assert_eq!(answer.encode(), message.encode_to_vec(), "step {step_ms}");
+        }
+    }
+
+    #[test]
+    fn answers_from_the_query_cache_equal_answers_from_disk_across_writes_and_cuts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-b".into()];
+        let end = SystemTime::now();
+        let config = HistoryConfig::default();
+        backfill(
+            dir.path(),
+            &config,
+            &uuids,
+            Duration::from_secs(3 * 3600),
+            end,
+        )
+        .expect("backfill");
+        let (store, _) = Store::open(dir.path(), &config).expect("open");
+        let end_ms = unix_ms(end);
+        let src = Source {
+            store: Some(&store),
+            raw: &[],
+            sampler_interval_ms: 100,
+            started_ms: end_ms,
+            now_ms: end_ms,
+        };
+        let limits = Limits {
+            max_points: 1_000_000,
+            max_bytes: 256 << 20,
+        };
+        let gpus: Vec<(u32, String)> = vec![(0, uuids[0].clone()), (1, uuids[1].clone())];
+        // Columns (served from the cache where whole stretches are
+        // finished) against points (always read from disk), same question.
+        let check = |since_ms: u64, step_ms: u64, fields: Vec<usize>| -> Vec<u8> {
+            let q = Query {
+                gpus: gpus.clone(),
+                fields,
+                since_ms,
+                until_ms: end_ms,
+                step_ms,
+                columnar: true,
+            };
+            let bytes = query_wire(&src, &q, limits).expect("columns").encode();
+            let mut columns = query(&src, &q, limits).expect("columns");
+            columns.expand_columns().expect("well formed");
+            let points = query(
+                &src,
+                &Query {
+                    columnar: false,
+                    ..q
+                },
+                limits,
+            )
+            .expect("points");
+            for (c, p) in columns.gpus.iter().zip(&points.gpus) {
+                assert_eq!(c.gaps, p.gaps, "gaps; since {since_ms}, step {step_ms}");
+                assert_eq!(
+                    c.points.len(),
+                    p.points.len(),
+                    "since {since_ms}, step {step_ms}"
+                );
+                // Columns carry the mean as an exact sum; as points it is
+                // the same to the last bit or two.
+                let same = |a: &api::HistoryPoint, b: &api::HistoryPoint| {
+                    let strip = |p: &api::HistoryPoint| {
+                        let mut p = p.clone();
+                        p.values
+                            .iter_mut()
+                            .for_each(|v| v.mean = v.mean.map(|_| 0.0));
+                        p
+                    };
+                    strip(a) == strip(b)
+                        && a.values.iter().zip(&b.values).all(|(x, y)| {
+                            x.mean
+                                .zip(y.mean)
+                                .is_none_or(|(x, y)| (x - y).abs() <= 1e-9 * y.abs())
+                        })
+                };
+                if let Some(i) = (0..c.points.len()).find(|&i| !same(&c.points[i], &p.points[i])) {
+                    panic!(
+                        "point {i} differs (since {since_ms}, step {step_ms}):\n{:?}\n{:?}",
+                        c.points[i], p.points[i]
+                    );
+                }
+            }
+            assert_eq!(columns.gpus.len(), points.gpus.len());
+            bytes
+        };
+        let day = end_ms - 3 * 3_600_000 - 120_000;
+        let cold = check(day, 60_000, vec![3, 0, 12]);
+        assert!(store.cache_bytes() > 0, "whole hours were cached");
+        assert_eq!(
+            check(day, 60_000, vec![3, 0, 12]),
+            cold,
+            "the cached answer"
+        );
+        check(day, 60_000, (0..NFIELDS).collect());
+        check(end_ms - 1_800_000, 1_000, vec![14, 1]);
+        check(end_ms - 1_800_000, 1_000, vec![14, 1]);
+
+        // A write into a cached hour (and minute) is seen.
+        let cached_minute = end_ms - end_ms % 3_600_000 - 3_600_000 + 5 * 60_000;
+        let mut b = Bucket::new(cached_minute);
+        b.add_sample(&GpuSample {
+            uuid: uuids[1].clone(),
+            ..sample(99, 123_456)
+        });
+        let second = end_ms - end_ms % 60_000 - 600_000 + 7_000;
+        let mut fine = Bucket::new(second);
+        fine.add_sample(&GpuSample {
+            uuid: uuids[0].clone(),
+            ..sample(98, 654_321)
+        });
+        store
+            .commit(
+                &[(uuids[1].clone(), 1, b), (uuids[0].clone(), 0, fine)],
+                end_ms,
+            )
+            .expect("commit");
+        let after = check(day, 60_000, vec![3, 0, 12]);
+        assert_ne!(after, cold, "the write shows");
+        check(end_ms - 1_800_000, 1_000, vec![14, 1]);
+
+        // A cut through a cached hour is seen.
+        {
+            let mut budget = store.budget.lock().expect("budget");
+            budget.keep_ms = vec![3_600_000, 2 * 3_600_000 + 30 * 60_000];
+        }
+        store.prune(end_ms).expect("prune");
+        check(day, 60_000, vec![3, 0, 12]);
+        check(day, 60_000, (0..NFIELDS).collect());
+
+        // Warming fills the cache with the same stretches.
+        drop(store);
+        let (store2, _) = Store::open(dir.path(), &config).expect("reopen");
+        store2.warm_cache(end_ms).expect("warm");
+        assert!(store2.cache_bytes() > 0);
+        assert!(store2.cache_bytes() <= QUERY_CACHE_BYTES);
     }
 
     #[test]

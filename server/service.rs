@@ -88,6 +88,17 @@ pub fn answer_history(
     history: &HistoryParts,
     req: &api::GetHistoryRequest,
 ) -> Result<api::GetHistoryResponse, Status> {
+    answer_history_wire(hub, events, history, req).map(crate::history::WireAnswer::into_response)
+}
+
+/// [`answer_history`], columns kept in their wire encoding (what the
+/// GetHistory route sends; see [`crate::watch_wire`]).
+pub fn answer_history_wire(
+    hub: &Hub,
+    events: &EventLog,
+    history: &HistoryParts,
+    req: &api::GetHistoryRequest,
+) -> Result<crate::history::WireAnswer, Status> {
     let devices = hub.devices();
     let picked = selector::resolve(&req.gpus, &devices, Empty::MeansAll)?;
     let gpus: Vec<(u32, String)> = picked
@@ -136,12 +147,17 @@ pub fn answer_history(
         columnar: req.columnar,
     };
     let mut answer =
-        crate::history::query(&source, &query, history.limits).map_err(|e| match e {
+        crate::history::query_wire(&source, &query, history.limits).map_err(|e| match e {
             crate::history::QueryError::Invalid(m) => Status::invalid_argument(m),
             crate::history::QueryError::TooLarge(m) => Status::resource_exhausted(m),
             crate::history::QueryError::Store(e) => Status::internal(e.to_string()),
         })?;
-    let uuids: Vec<&str> = answer.gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let uuids: Vec<&str> = answer
+        .response
+        .gpus
+        .iter()
+        .map(|g| g.uuid.as_str())
+        .collect();
     let in_window = |e: &api::Event| {
         e.time
             .and_then(|t| SystemTime::try_from(t).ok())
@@ -157,7 +173,7 @@ pub fn answer_history(
         .collect();
     let skip = picked_events.len().saturating_sub(MAX_HISTORY_EVENTS);
     picked_events.drain(..skip);
-    answer.events = picked_events;
+    answer.response.events = picked_events;
     Ok(answer)
 }
 
@@ -469,6 +485,26 @@ impl SharedSnapshots {
 }
 
 impl GpuWatchService {
+    /// GetHistory as the network gets it: the answer encoded and framed for
+    /// gRPC (see [`crate::watch_frames::framed`]), its columns
+    /// written straight from the store's buckets into their wire form
+    /// ([`crate::history::WireAnswer`]). The query and the encoding run on
+    /// a blocking thread, off the runtime's workers.
+    pub async fn history_encoded(
+        &self,
+        request: Request<api::GetHistoryRequest>,
+    ) -> Result<bytes::Bytes, Status> {
+        authz::caller(&request, Role::Read)?;
+        let (hub, events, history) = (self.hub.clone(), self.events.clone(), self.history.clone());
+        let req = request.into_inner();
+        tokio::task::spawn_blocking(move || {
+            answer_history_wire(&hub, &events, &history, &req)
+                .map(|a| crate::watch_frames::framed(0, |buf| a.encode_into(buf)))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("history query failed: {e}")))?
+    }
+
     /// The history store's 1 s points between the tick numbered `after`
     /// and the ring's first kept tick, for a resume older than the ring.
     /// Ticks are numbered from their run's start in Unix ms, one per
@@ -570,7 +606,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        // The daemon serves GetSnapshot through `watch_wire::SnapshotRoute`
+        // The daemon serves GetSnapshot through `watch_wire`'s GetSnapshot route
         // (answers for every GPU encoded once per millisecond); this path
         // serves in-process callers of the trait.
         self.snapshot(request, None)?
@@ -584,7 +620,7 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        // The daemon serves Watch through `watch_wire::WatchRoute` (frames
+        // The daemon serves Watch through `watch_wire`'s Watch route (frames
         // encoded once and shared); this path, without the shared encoding,
         // serves in-process callers of the trait.
         let items = self.open_watch(request, None)?;
@@ -693,6 +729,8 @@ impl GpuWatch for GpuWatchService {
         &self,
         request: Request<api::GetHistoryRequest>,
     ) -> Result<Response<api::GetHistoryResponse>, Status> {
+        // Callers of the trait; the network is served by
+        // `GpuWatchService::history_encoded` (the GetHistory route).
         authz::caller(&request, Role::Read)?;
         let (hub, events, history) = (self.hub.clone(), self.events.clone(), self.history.clone());
         let req = request.into_inner();

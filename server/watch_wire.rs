@@ -1,4 +1,4 @@
-//! The Watch and GetSnapshot methods as the daemon serves them: frames
+//! The Watch, GetSnapshot and GetHistory methods as the daemon serves them: frames
 //! encoded once per tick and shared (see [`crate::watch_frames`]), and a
 //! snapshot of every GPU encoded once per tick and millisecond.
 //!
@@ -6,8 +6,10 @@
 //! second, and building, encoding and dropping the same answer for each
 //! caller made it cost ~1.6× an empty health check (BENCHMARKS.md).
 //!
-//! What it owns: [`WatchRoute`] and [`SnapshotRoute`], the services for
-//! `/gpuwatch.v1.GpuWatch/Watch` and `/GetSnapshot`, and [`add_gpuwatch`],
+//! What it owns: the [`Route`]s for `/gpuwatch.v1.GpuWatch/Watch`,
+//! `/GetSnapshot` and `/GetHistory` (an answer encoded as it is built), each
+//! sending its answer's shared bytes as they are ([`SharedBody`]) while
+//! tonic decodes the request, and [`add_gpuwatch`],
 //! which registers them in the gRPC router under those paths next to the
 //! generated server that serves every other method (the router prefers the
 //! exact path to the service's `/{*rest}`); nothing here looks at a
@@ -20,6 +22,7 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
 };
@@ -36,21 +39,24 @@ use tonic::{
 
 use crate::{
     api::{
-        GetSnapshotRequest, GetSnapshotResponse, WatchRequest, WatchResponse,
-        gpu_watch_server::GpuWatchServer,
+        GetHistoryRequest, GetHistoryResponse, GetSnapshotRequest, GetSnapshotResponse,
+        WatchRequest, WatchResponse, gpu_watch_server::GpuWatchServer,
     },
     service::{GpuWatchService, SharedSnapshots, WatchItemStream},
     watch_frames::{Shared, SharedBody, SharedCodec, SharedFrames, WatchCodec, WatchItem},
 };
 
-/// The path [`WatchRoute`] serves.
+/// The path of the Watch route.
 pub const WATCH_PATH: &str = "/gpuwatch.v1.GpuWatch/Watch";
-/// The path [`SnapshotRoute`] serves.
+/// The path of the GetSnapshot route.
 pub const SNAPSHOT_PATH: &str = "/gpuwatch.v1.GpuWatch/GetSnapshot";
+/// The path of the GetHistory route.
+pub const HISTORY_PATH: &str = "/gpuwatch.v1.GpuWatch/GetHistory";
 
-/// `routes` plus the `gpuwatch.v1.GpuWatch` service: Watch served by
-/// [`WatchRoute`] with frames from `shared`, every other method by the
-/// generated server. Requests larger than `max_request_bytes` are refused.
+/// `routes` plus the `gpuwatch.v1.GpuWatch` service: Watch, GetSnapshot and
+/// GetHistory served by [`Route`]s (Watch with frames from `shared`), every
+/// other method by the generated server. Requests larger than
+/// `max_request_bytes` are refused.
 pub fn add_gpuwatch(
     routes: Routes,
     service: GpuWatchService,
@@ -60,23 +66,86 @@ pub fn add_gpuwatch(
     let generated =
         GpuWatchServer::new(service.clone()).max_decoding_message_size(max_request_bytes);
     let service = Arc::new(service);
-    let snapshot = SnapshotRoute {
-        service: service.clone(),
-        shared: Arc::new(SharedSnapshots::default()),
-        max_request_bytes,
+    let snapshots = Arc::new(SharedSnapshots::default());
+    let snapshot = {
+        let service = service.clone();
+        Route::new(move |request| {
+            let (service, snapshots) = (service.clone(), snapshots.clone());
+            Box::pin(unary::<GetSnapshotRequest, GetSnapshotResponse, _, _>(
+                request,
+                max_request_bytes,
+                move |request| std::future::ready(service.snapshot(request, Some(&snapshots))),
+            ))
+        })
     };
-    let watch = WatchRoute {
-        service,
-        shared,
-        max_request_bytes,
+    let history = {
+        let service = service.clone();
+        Route::new(move |request| {
+            let service = service.clone();
+            Box::pin(unary::<GetHistoryRequest, GetHistoryResponse, _, _>(
+                request,
+                max_request_bytes,
+                move |request| async move {
+                    service.history_encoded(request).await.map(Shared::Encoded)
+                },
+            ))
+        })
     };
+    let watch = Route::new(move |request| {
+        let (service, shared) = (service.clone(), shared.clone());
+        Box::pin(server_streaming(
+            request,
+            max_request_bytes,
+            move |request| service.open_watch(request, Some(shared)),
+        ))
+    });
     Routes::from(
         routes
             .add_service(generated)
             .into_axum_router()
             .route_service(WATCH_PATH, watch)
-            .route_service(SNAPSHOT_PATH, snapshot),
+            .route_service(SNAPSHOT_PATH, snapshot)
+            .route_service(HISTORY_PATH, history),
     )
+}
+
+type Answering = BoxFuture<http::Response<tonic::body::Body>, Infallible>;
+
+/// One method's service in front of the generated server: a function of
+/// the request (its body boxed) to the response.
+#[derive(Clone)]
+pub struct Route(Arc<dyn Fn(http::Request<tonic::body::Body>) -> Answering + Send + Sync>);
+
+impl Route {
+    fn new(
+        answer: impl Fn(http::Request<tonic::body::Body>) -> Answering + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(answer))
+    }
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Route")
+    }
+}
+
+impl<B> Service<http::Request<B>> for Route
+where
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Answering;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        (self.0)(request.map(tonic::body::Body::new))
+    }
 }
 
 /// An answer handed from a method (called inside tonic's request
@@ -100,131 +169,106 @@ fn with_answer<M: Message + Send + 'static>(
     }
 }
 
-/// Serves GetSnapshot, every GPU's answer from shared bytes.
-#[derive(Debug, Clone)]
-pub struct SnapshotRoute {
-    service: Arc<GpuWatchService>,
-    shared: Arc<SharedSnapshots>,
+/// A unary method answered by `call`, its answer sent as a [`SharedBody`].
+async fn unary<Req, M, F, Fut>(
+    request: http::Request<tonic::body::Body>,
     max_request_bytes: usize,
+    call: F,
+) -> Result<http::Response<tonic::body::Body>, Infallible>
+where
+    Req: Message + Default + Send + 'static,
+    M: Message + Send + 'static,
+    F: FnOnce(Request<Req>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Shared<M>, Status>> + Send + 'static,
+{
+    let answer = Answer::default();
+    let method = Unary {
+        answer: answer.clone(),
+        call: Some(call),
+    };
+    let mut grpc = Grpc::new(SharedCodec::<M, Req>::default())
+        .apply_max_message_size_config(Some(max_request_bytes), None);
+    Ok(with_answer(grpc.unary(method, request).await, &answer))
 }
 
-impl<B> Service<http::Request<B>> for SnapshotRoute
+/// A server-streaming method whose stream `open` makes, sent as a
+/// [`SharedBody`].
+async fn server_streaming<F>(
+    request: http::Request<tonic::body::Body>,
+    max_request_bytes: usize,
+    open: F,
+) -> Result<http::Response<tonic::body::Body>, Infallible>
 where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
+    F: FnOnce(Request<WatchRequest>) -> Result<WatchItemStream, Status> + Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    let answer = Answer::default();
+    let method = Streaming {
+        answer: answer.clone(),
+        open: Some(open),
+    };
+    let mut grpc = Grpc::new(WatchCodec::default())
+        .apply_max_message_size_config(Some(max_request_bytes), None);
+    Ok(with_answer(
+        grpc.server_streaming(method, request).await,
+        &answer,
+    ))
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+/// tonic's view of a unary route's method: hands the answer over.
+struct Unary<F, M> {
+    answer: Answer<M>,
+    call: Option<F>,
+}
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let answer = Answer::default();
-        let method = SnapshotMethod {
-            service: self.service.clone(),
-            shared: self.shared.clone(),
-            answer: answer.clone(),
-        };
-        let max_request_bytes = self.max_request_bytes;
+impl<Req, M, F, Fut> UnaryService<Req> for Unary<F, M>
+where
+    M: Message + Send + 'static,
+    F: FnOnce(Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Shared<M>, Status>> + Send + 'static,
+{
+    type Response = Shared<M>;
+    type Future = BoxFuture<Response<Shared<M>>, Status>;
+
+    fn call(&mut self, request: Request<Req>) -> Self::Future {
+        let answer = self.answer.clone();
+        let called = self.call.take().map(|call| call(request));
         Box::pin(async move {
-            let mut grpc =
-                Grpc::new(SharedCodec::<GetSnapshotResponse, GetSnapshotRequest>::default())
-                    .apply_max_message_size_config(Some(max_request_bytes), None);
-            let response = grpc.unary(method, request).await;
-            Ok(with_answer(response, &answer))
+            let item = called
+                .ok_or_else(|| Status::internal("a route's method was called twice"))?
+                .await?;
+            *answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(
+                futures_util::stream::once(std::future::ready(Ok(item))),
+            ));
+            // tonic encodes this placeholder; the route drops it.
+            Ok(Response::new(Shared::Encoded(bytes::Bytes::new())))
         })
     }
 }
 
-/// GetSnapshot, served from shared bytes.
-struct SnapshotMethod {
-    service: Arc<GpuWatchService>,
-    shared: Arc<SharedSnapshots>,
-    answer: Answer<GetSnapshotResponse>,
-}
-
-impl UnaryService<GetSnapshotRequest> for SnapshotMethod {
-    type Response = Shared<GetSnapshotResponse>;
-    type Future = std::future::Ready<Result<Response<Self::Response>, Status>>;
-
-    fn call(&mut self, request: Request<GetSnapshotRequest>) -> Self::Future {
-        std::future::ready(
-            self.service
-                .snapshot(request, Some(&self.shared))
-                .map(|item| {
-                    *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(
-                        futures_util::stream::once(std::future::ready(Ok(item))),
-                    ));
-                    // tonic encodes this placeholder; the route drops it.
-                    Response::new(Shared::Encoded(bytes::Bytes::new()))
-                }),
-        )
-    }
-}
-
-/// Serves Watch with shared frames.
-#[derive(Debug, Clone)]
-pub struct WatchRoute {
-    service: Arc<GpuWatchService>,
-    shared: Arc<SharedFrames>,
-    max_request_bytes: usize,
-}
-
-impl<B> Service<http::Request<B>> for WatchRoute
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let answer = Answer::default();
-        let method = WatchMethod {
-            service: self.service.clone(),
-            shared: self.shared.clone(),
-            answer: answer.clone(),
-        };
-        let max_request_bytes = self.max_request_bytes;
-        Box::pin(async move {
-            let mut grpc = Grpc::new(WatchCodec::default())
-                .apply_max_message_size_config(Some(max_request_bytes), None);
-            let response = grpc.server_streaming(method, request).await;
-            Ok(with_answer(response, &answer))
-        })
-    }
-}
-
-/// Watch, served with shared frames.
-struct WatchMethod {
-    service: Arc<GpuWatchService>,
-    shared: Arc<SharedFrames>,
+/// tonic's view of Watch's route: hands the stream over.
+struct Streaming<F> {
     answer: Answer<WatchResponse>,
+    open: Option<F>,
 }
 
-impl ServerStreamingService<WatchRequest> for WatchMethod {
+impl<F> ServerStreamingService<WatchRequest> for Streaming<F>
+where
+    F: FnOnce(Request<WatchRequest>) -> Result<WatchItemStream, Status>,
+{
     type Response = WatchItem;
     type ResponseStream = WatchItemStream;
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<WatchRequest>) -> Self::Future {
-        std::future::ready(
-            self.service
-                .open_watch(request, Some(self.shared.clone()))
-                .map(|items| {
-                    *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(items);
-                    // tonic wraps this placeholder; the route drops it.
-                    Response::new(Box::pin(futures_util::stream::empty()) as WatchItemStream)
-                }),
-        )
+        let opened = match self.open.take() {
+            Some(open) => open(request),
+            None => Err(Status::internal("a route's method was called twice")),
+        };
+        std::future::ready(opened.map(|items| {
+            *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(items);
+            // tonic wraps this placeholder; the route drops it.
+            Response::new(Box::pin(futures_util::stream::empty()) as WatchItemStream)
+        }))
     }
 }
 
