@@ -1538,6 +1538,32 @@ pub struct Source<'a> {
     pub now_ms: u64,
 }
 
+impl<'a> Source<'a> {
+    /// Test and benchmark only: a source that answers from `store` alone,
+    /// as a daemon sampling every 100 ms that started at `now_ms` would
+    /// (no raw ring yet). Not used by the daemon.
+    #[doc(hidden)]
+    pub fn store_only(store: &'a Store, now_ms: u64) -> Self {
+        Source {
+            store: Some(store),
+            raw: &[],
+            sampler_interval_ms: 100,
+            started_ms: now_ms,
+            now_ms,
+        }
+    }
+}
+
+impl Limits {
+    /// Test and benchmark only: limits loose enough that no benchmarked
+    /// or tested query is refused (a million points, 256 MiB).
+    #[doc(hidden)]
+    pub const LOOSE: Limits = Limits {
+        max_points: 1_000_000,
+        max_bytes: 256 << 20,
+    };
+}
+
 /// Points the automatic step aims for, per GPU.
 pub const AUTO_POINTS: u64 = 1000;
 /// Bytes one point costs per field in the answer (estimate: 4 doubles
@@ -2081,6 +2107,21 @@ fn find_gaps(starts: &[u64], cx: &GapContext<'_>) -> Vec<api::HistoryGap> {
         .collect()
 }
 
+/// Test and benchmark only: [`backfill`]s `dir` and opens the store, for
+/// queries as of `end` (returned in Unix ms). Not used by the daemon.
+#[doc(hidden)]
+pub fn backfilled(
+    dir: &Path,
+    config: &HistoryConfig,
+    uuids: &[String],
+    span: Duration,
+    end: SystemTime,
+) -> Result<(Store, u64), HistoryError> {
+    backfill(dir, config, uuids, span, end)?;
+    let (store, _) = Store::open(dir, config)?;
+    Ok((store, unix_ms(end)))
+}
+
 /// Test and benchmark only: fills `dir`'s store with `span` of synthetic
 /// history ending at `end` for GPUs `uuids` (every configured tier, 10
 /// readings a second, values that move like a loaded H100), through the
@@ -2270,18 +2311,7 @@ mod tests {
             step_ms: 1000,
             columnar: false,
         };
-        let src = Source {
-            store: Some(store),
-            raw: &[],
-            sampler_interval_ms: 100,
-            started_ms: until_ms,
-            now_ms: until_ms,
-        };
-        let limits = Limits {
-            max_points: 1_000_000,
-            max_bytes: 256 << 20,
-        };
-        query(&src, &q, limits)
+        query(&Source::store_only(store, until_ms), &q, Limits::LOOSE)
             .expect("query")
             .gpus
             .iter()
@@ -2385,22 +2415,17 @@ mod tests {
     fn the_wire_answer_is_prosts_encoding_of_the_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-b".into()];
-        let end = SystemTime::now();
-        let config = HistoryConfig::default();
-        backfill(dir.path(), &config, &uuids, Duration::from_secs(1800), end).expect("backfill");
-        let (store, _) = Store::open(dir.path(), &config).expect("open");
-        let end_ms = unix_ms(end);
-        let src = Source {
-            store: Some(&store),
-            raw: &[],
-            sampler_interval_ms: 100,
-            started_ms: end_ms,
-            now_ms: end_ms,
-        };
-        let limits = Limits {
-            max_points: 1_000_000,
-            max_bytes: 256 << 20,
-        };
+        let span = Duration::from_secs(1800);
+        let (store, end_ms) = backfilled(
+            dir.path(),
+            &HistoryConfig::default(),
+            &uuids,
+            span,
+            SystemTime::now(),
+        )
+        .expect("backfill");
+        let src = Source::store_only(&store, end_ms);
+        let limits = Limits::LOOSE;
         for (step_ms, fields, columnar) in [
             (60_000, vec![0, 3, 12], true),
             (1_000, (0..NFIELDS).collect(), true),
@@ -2449,29 +2474,17 @@ mod tests {
     fn answers_from_the_query_cache_equal_answers_from_disk_across_writes_and_cuts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-b".into()];
-        let end = SystemTime::now();
         let config = HistoryConfig::default();
-        backfill(
+        let (store, end_ms) = backfilled(
             dir.path(),
             &config,
             &uuids,
             Duration::from_secs(3 * 3600),
-            end,
+            SystemTime::now(),
         )
         .expect("backfill");
-        let (store, _) = Store::open(dir.path(), &config).expect("open");
-        let end_ms = unix_ms(end);
-        let src = Source {
-            store: Some(&store),
-            raw: &[],
-            sampler_interval_ms: 100,
-            started_ms: end_ms,
-            now_ms: end_ms,
-        };
-        let limits = Limits {
-            max_points: 1_000_000,
-            max_bytes: 256 << 20,
-        };
+        let src = Source::store_only(&store, end_ms);
+        let limits = Limits::LOOSE;
         let gpus: Vec<(u32, String)> = vec![(0, uuids[0].clone()), (1, uuids[1].clone())];
         // Columns (served from the cache where whole stretches are
         // finished) against points (always read from disk), same question.

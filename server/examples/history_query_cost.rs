@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use gpuwatch_server::{
     api,
-    history::{self, HistoryConfig, Limits, Query, Source, Store},
+    history::{self, HistoryConfig, Limits, Query, Source},
 };
 use prost::Message;
 
@@ -49,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let uuids: Vec<String> = (0..8).map(|i| format!("GPU-cost-{i}")).collect();
     let end = SystemTime::now();
     let filled = Instant::now();
-    let bytes = history::backfill(
+    let (store, end_ms) = history::backfilled(
         dir.path(),
         &config,
         &uuids,
@@ -57,11 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         end,
     )?;
     eprintln!(
-        "backfilled 24 h x 8 GPUs in {:.1} s: {bytes} bytes",
-        filled.elapsed().as_secs_f64()
+        "backfilled 24 h x 8 GPUs in {:.1} s: {} bytes",
+        filled.elapsed().as_secs_f64(),
+        store.disk_bytes()
     );
-    let (store, _) = Store::open(dir.path(), &config)?;
-    let end_ms = history::unix_ms(end);
     let gpus: Vec<(u32, String)> = uuids
         .iter()
         .enumerate()
@@ -91,13 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     step_ms,
                     columnar,
                 };
-                let src = Source {
-                    store: Some(&store),
-                    raw: &[],
-                    sampler_interval_ms: 100,
-                    started_ms: end_ms,
-                    now_ms: end_ms,
-                };
+                let src = Source::store_only(&store, end_ms);
                 let (mut tq, mut te, mut td, mut tx) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 let (mut cq, mut ce, mut cd) = (Vec::new(), Vec::new(), Vec::new());
