@@ -182,6 +182,10 @@ impl<M: Message> Encoder for SharedEncoder<M> {
     }
 }
 
+/// tonic's buffer for decoding a request of these routes (it grows for a
+/// larger one).
+pub const SMALL_DECODE_BUFFER: usize = SMALL_BUFFER;
+
 /// tonic's buffer for the messages [`SharedEncoder`] encodes.
 const SMALL_BUFFER: usize = 512;
 /// tonic's default: a chunk goes to the transport at 32 KiB.
@@ -259,7 +263,13 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<M, R>::raw_decoder(BufferSettings::default())
+        // The requests of these routes are a few dozen bytes; tonic's
+        // default is an 8 KiB buffer a stream, allocated as the request is
+        // read (the buffer grows for a larger one).
+        ProstCodec::<M, R>::raw_decoder(BufferSettings::new(
+            SMALL_DECODE_BUFFER,
+            DEFAULT_YIELD_THRESHOLD,
+        ))
     }
 }
 

@@ -290,6 +290,7 @@ mod tests {
         hub::Hub,
         limits::StreamLimiter,
         service::ServiceParts,
+        watch_frames::SMALL_DECODE_BUFFER,
     };
 
     /// The gRPC messages in `bytes` (5-byte length-prefixed frames).
@@ -439,6 +440,20 @@ mod tests {
         let (status, messages) = ask(missing).await;
         assert!(messages.is_empty());
         assert_ne!(status.as_deref(), Some("0"), "an unknown GPU is refused");
+        // A request larger than the decoder's small buffer is read whole:
+        // refused as an unknown GPU, as the short one is, not as bad bytes.
+        let long = GetSnapshotRequest {
+            gpus: vec![crate::api::GpuSelector {
+                selector: Some(crate::api::gpu_selector::Selector::Uuid(format!(
+                    "GPU-{}",
+                    "7".repeat(4 * SMALL_DECODE_BUFFER)
+                ))),
+            }],
+        };
+        assert!(long.encoded_len() > SMALL_DECODE_BUFFER);
+        let (long_status, messages) = ask(long).await;
+        assert!(messages.is_empty());
+        assert_eq!(long_status, status);
     }
 
     #[tokio::test]
