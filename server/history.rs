@@ -2415,12 +2415,11 @@ mod tests {
     fn the_wire_answer_is_prosts_encoding_of_the_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let uuids: Vec<String> = vec!["GPU-a".into(), "GPU-b".into()];
-        let span = Duration::from_secs(1800);
         let (store, end_ms) = backfilled(
             dir.path(),
             &HistoryConfig::default(),
             &uuids,
-            span,
+            Duration::from_secs(1800),
             SystemTime::now(),
         )
         .expect("backfill");

@@ -182,12 +182,9 @@ impl<M: Message> Encoder for SharedEncoder<M> {
     }
 }
 
-/// tonic's buffer for decoding a request of these routes (it grows for a
-/// larger one).
-pub const SMALL_DECODE_BUFFER: usize = SMALL_BUFFER;
-
-/// tonic's buffer for the messages [`SharedEncoder`] encodes.
-const SMALL_BUFFER: usize = 512;
+/// tonic's buffer for the messages [`SharedEncoder`] encodes, and for
+/// decoding a request of these routes (it grows for a larger one).
+pub(crate) const SMALL_BUFFER: usize = 512;
 /// tonic's default: a chunk goes to the transport at 32 KiB.
 const DEFAULT_YIELD_THRESHOLD: usize = 32 * 1024;
 
@@ -266,10 +263,7 @@ where
         // The requests of these routes are a few dozen bytes; tonic's
         // default is an 8 KiB buffer a stream, allocated as the request is
         // read (the buffer grows for a larger one).
-        ProstCodec::<M, R>::raw_decoder(BufferSettings::new(
-            SMALL_DECODE_BUFFER,
-            DEFAULT_YIELD_THRESHOLD,
-        ))
+        ProstCodec::<M, R>::raw_decoder(BufferSettings::new(SMALL_BUFFER, DEFAULT_YIELD_THRESHOLD))
     }
 }
 

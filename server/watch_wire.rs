@@ -290,7 +290,7 @@ mod tests {
         hub::Hub,
         limits::StreamLimiter,
         service::ServiceParts,
-        watch_frames::SMALL_DECODE_BUFFER,
+        watch_frames::SMALL_BUFFER,
     };
 
     /// The gRPC messages in `bytes` (5-byte length-prefixed frames).
@@ -446,11 +446,11 @@ mod tests {
             gpus: vec![crate::api::GpuSelector {
                 selector: Some(crate::api::gpu_selector::Selector::Uuid(format!(
                     "GPU-{}",
-                    "7".repeat(4 * SMALL_DECODE_BUFFER)
+                    "7".repeat(4 * SMALL_BUFFER)
                 ))),
             }],
         };
-        assert!(long.encoded_len() > SMALL_DECODE_BUFFER);
+        assert!(long.encoded_len() > SMALL_BUFFER);
         let (long_status, messages) = ask(long).await;
         assert!(messages.is_empty());
         assert_eq!(long_status, status);
