@@ -26,7 +26,11 @@
 //!   power did, ambient, resistance and the die's and sensor's lags are
 //!   fitted together; once where the current power settles (and where the
 //!   power that settles at the aim does) is pinned down, the segment is
-//!   known seconds after a cut, while the temperature still moves.
+//!   known seconds after a cut, while the temperature still moves. A fit
+//!   a little less sure ([`RESPONSE_PROVISIONAL_C`]) that has seen a whole
+//!   fitted time constant since the power changed backs only a raise, aimed
+//!   lower by its excess uncertainty: a fast GPU gets its power back a
+//!   reading or two sooner after the cautious first cut.
 //! * **Hot** — a reading over `threshold + 1`, a rise towards it at a power
 //!   the model does not vouch for, or a known segment settling over the
 //!   threshold: cut to the power the model says settles at
@@ -203,6 +207,9 @@ pub struct Governor {
     hot_hold: bool,
     /// Readings and power over the last half minute, for the response fit.
     response: Response,
+    /// How much lower (°C) a trim aims: the excess uncertainty of the
+    /// provisional response fit behind the model, 0 otherwise.
+    trim_margin_c: f64,
 }
 
 /// Readings at one power, from the moment it was reached.
@@ -357,6 +364,15 @@ const RESPONSE_MAX_UNCERTAINTY_C: f64 = 0.75;
 /// (and the hot rule), but tight enough that a resistance the readings do
 /// not pin down is never extrapolated from.
 const RESPONSE_MAX_EXTRAPOLATION_C: f64 = 1.5;
+/// A response fit whose uncertainty exceeds the bounds above by at most
+/// this (°C) is provisional: it backs only a raise from a power it says
+/// settles clearly under the trim line, aimed lower by the excess, and only
+/// once the readings since the power changed span the fitted time constant
+/// (the fit interpolates the curve rather than extrapolating it): a fast
+/// GPU cut deep by the cautious first cut is given power back a reading or
+/// two earlier, with its overshoot bounded by the fit's own error, while a
+/// slow one waits for a fit that needs no allowance.
+const RESPONSE_PROVISIONAL_C: f64 = 0.5;
 /// Time constant of the power reading's average (NVML's reading on recent
 /// GPUs averages about a second): the response fit undoes it.
 const POWER_AVERAGE_S: f64 = 1.0;
@@ -390,6 +406,10 @@ struct ResponseFit {
     resistance: f64,
     /// The slower time constant (s).
     tau_s: f64,
+    /// How far (°C) the fit's uncertainty exceeds what is needed to act on
+    /// it outright (0 when within); up to [`RESPONSE_PROVISIONAL_C`], the
+    /// fit only backs a raise aimed this much lower.
+    excess_c: f64,
 }
 
 impl Response {
@@ -484,24 +504,26 @@ impl Response {
         // down: the second is what a poorly identified resistance gets
         // wrong while the first is plain to see.
         let aim_power = (aim_c - best.ambient) / best.r;
-        let within = [
+        let excess_c = [
             (power_now, RESPONSE_MAX_UNCERTAINTY_C),
             (aim_power, RESPONSE_MAX_EXTRAPOLATION_C),
         ]
         .into_iter()
-        .all(|(power, allowed)| {
-                let settles = best.settles(power);
-                let spread = tried
-                    .iter()
-                    .filter(|x| x.sse <= best.sse + 4.0 * sigma2)
-                    .map(|x| (x.settles(power) - settles).abs())
-                    .fold(0.0, f64::max);
-                spread + 2.0 * (sigma2 * best.variance(power)).sqrt() <= allowed
-            });
-        within.then_some(ResponseFit {
+        .map(|(power, allowed)| {
+            let settles = best.settles(power);
+            let spread = tried
+                .iter()
+                .filter(|x| x.sse <= best.sse + 4.0 * sigma2)
+                .map(|x| (x.settles(power) - settles).abs())
+                .fold(0.0, f64::max);
+            spread + 2.0 * (sigma2 * best.variance(power)).sqrt() - allowed
+        })
+        .fold(0.0, f64::max);
+        (excess_c <= RESPONSE_PROVISIONAL_C).then_some(ResponseFit {
             settles_c: best.settles(power_now),
             resistance: best.r,
             tau_s: best.tau,
+            excess_c,
         })
     }
 
@@ -656,6 +678,7 @@ impl Governor {
             tau_s: None,
             hot_hold: false,
             response: Response::default(),
+            trim_margin_c: 0.0,
         }
     }
 
@@ -908,6 +931,7 @@ impl Governor {
             || (power - self.segment.power_w).abs() > 0.03 * self.segment.power_w.max(10.0)
         {
             self.segment.restart(power, t);
+            self.trim_margin_c = 0.0;
             self.model.begin_segment();
         }
         self.segment.push(t, temp);
@@ -920,6 +944,7 @@ impl Governor {
         if let Some((settled_c, tau)) = self.segment.fit() {
             self.tau_s = Some(self.tau_s.map_or(tau, |old| 0.5 * (old + tau)));
             self.model.settles_from_fit(power, settled_c);
+            self.trim_margin_c = 0.0;
             self.segment.fitted = true;
         } else if self.power_held_for(t, POWER_HOLD_S) {
             if slope > 0.05 {
@@ -952,6 +977,7 @@ impl Governor {
                     None => temp,
                 };
                 self.model.settled(power, mean);
+                self.trim_margin_c = 0.0;
                 self.segment.fitted = true;
             }
         }
@@ -977,7 +1003,12 @@ impl Governor {
                 p.threshold_c - AIM_BELOW_C,
                 self.model.resistance_range(),
             )
+            && (fit.excess_c <= 0.0
+                || fit.tau_s <= age.max(since_write_s)
+                    && fit.settles_c + RESPONSE_MAX_UNCERTAINTY_C + fit.excess_c
+                        <= p.threshold_c - TRIM_BELOW_C)
         {
+            self.trim_margin_c = fit.excess_c;
             self.model
                 .settles_from_response(power, fit.settles_c, fit.resistance);
             self.tau_s = Some(fit.tau_s);
@@ -1098,6 +1129,7 @@ impl Governor {
                 && known
                 && settles_at <= p.threshold_c - TRIM_BELOW_C
             {
+                let aim = aim - self.trim_margin_c;
                 Some(self.level_for_power(self.model.power_for(aim), obs))
             } else if still && pressing && temp <= cool_edge && since_write >= POWER_HOLD_S {
                 // Cool but not settled: aim at the target only if the

@@ -239,11 +239,28 @@ fn matrix() {
         "{:<46} {:<10} {:>6} {:>9} {:>5} {:>7} {:>5} {:>6} {:>4} {:>8}",
         "scenario", "policy", "mean", "band", "peak", "writes", "w/s", "rec/τ", "rev", "given up"
     );
+    // Per time constant: scenarios, met by the previous governor, met by this
+    // one; and power given up (the test's sum: shortfalls only).
+    let mut totals: Vec<(f64, usize, usize, usize)> = Vec::new();
+    let (mut given_up_previous, mut given_up_new) = (0.0, 0.0);
     for (name, s) in gpuwatch_server::scenario::criteria_scenarios() {
         let previous = metrics(&s, &run(&s, Policy::GovernorV1));
+        let tau = s.time_constant.as_secs_f64();
+        if totals.last().is_none_or(|t| t.0 != tau) {
+            totals.push((tau, 0, 0, 0));
+        }
+        totals.last_mut().expect("pushed").1 += 1;
         for policy in [Policy::GovernorV1, Policy::Governor] {
             let m = metrics(&s, &run(&s, policy));
             let failed = gpuwatch_server::scenario::hold_criteria_failures(&s, &m, &previous);
+            let total = totals.last_mut().expect("pushed");
+            if policy == Policy::Governor {
+                given_up_new += m.power_given_up_w.max(0.0);
+                total.3 += usize::from(failed.is_empty());
+            } else {
+                given_up_previous += m.power_given_up_w.max(0.0);
+                total.2 += usize::from(failed.is_empty());
+            }
             let rel = |t: f64| t - s.threshold_c;
             println!(
                 "{:<46} {:<10} {:>+6.2} {:>+4.0}..{:<+3.0} {:>+5.0} {:>4}/{:<2} {:>5} {:>6.2} {:>4} {:>6.0} W  {}",
@@ -268,6 +285,16 @@ fn matrix() {
             );
         }
     }
+    for (tau, n, previous, new) in &totals {
+        println!("every criterion at τ = {tau} s: {new} of {n} (previous governor: {previous})");
+    }
+    let (n, previous, new) = totals
+        .iter()
+        .fold((0, 0, 0), |a, t| (a.0 + t.1, a.1 + t.2, a.2 + t.3));
+    println!(
+        "every criterion: {new} of {n} (previous governor: {previous}); power given up, summed: \
+         {given_up_new:.0} W (previous governor: {given_up_previous:.0} W)"
+    );
 }
 
 /// The other loads the tests check: peak, seconds over threshold + 1, writes.

@@ -332,23 +332,29 @@ fn other_loads_on_every_preset_stay_near_the_threshold_with_few_writes() {
 /// governor to see its curve (10 and 60 s), it settles at the threshold
 /// rather than under it; across all the scenarios it meets every criterion
 /// in most of them (the previous governor in few). At 2 s the hot phase of
-/// the standard scenario (16 s) is mostly over by the time a trim reaches
-/// the lagging sensor — the misses are printed by `governor_report --matrix`
-/// and stated in the README.
+/// the standard scenario (16 s) is short next to the first cut's caution and
+/// the sensor's lag: half the variants meet every criterion there (a
+/// provisional response fit gives power back a reading or two after the
+/// cut); the misses are printed by `governor_report --matrix` and stated in
+/// the README.
 #[test]
 fn holds_the_threshold_rather_than_hiding_under_it() {
     use gpuwatch_server::scenario::{criteria_scenarios, hold_criteria_failures};
     let mut given_up_now = 0.0;
     let mut given_up_before = 0.0;
     let (mut all_met_now, mut all_met_before, mut scenarios) = (0, 0, 0);
+    let (mut fast_met, mut fast) = (0, 0);
     for (name, s) in criteria_scenarios() {
         let previous = metrics(&s, &run(&s, Policy::GovernorV1));
         let m = metrics(&s, &run(&s, Policy::Governor));
         given_up_now += m.power_given_up_w.max(0.0);
         given_up_before += previous.power_given_up_w.max(0.0);
         scenarios += 1;
+        let fast_gpu = s.time_constant <= Duration::from_secs(2);
+        fast += usize::from(fast_gpu);
         if hold_criteria_failures(&s, &m, &previous).is_empty() {
             all_met_now += 1;
+            fast_met += usize::from(fast_gpu);
         }
         if hold_criteria_failures(&s, &previous, &previous).is_empty() {
             all_met_before += 1;
@@ -382,11 +388,17 @@ fn holds_the_threshold_rather_than_hiding_under_it() {
         given_up_now < 0.5 * given_up_before,
         "power given up: {given_up_now:.0} W now, {given_up_before:.0} W before"
     );
-    // Every criterion met in more than half the scenarios, and in at least
-    // twice as many as the previous governor manages.
+    // Every criterion met in at least two thirds of the scenarios, and in at
+    // least twice as many as the previous governor manages; at a time
+    // constant of 2 s, where the first cut's caution costs most, in at least
+    // half.
     assert!(
-        2 * all_met_now > scenarios && all_met_now >= 2 * all_met_before,
+        3 * all_met_now >= 2 * scenarios && all_met_now >= 2 * all_met_before,
         "every criterion met in {all_met_now} of {scenarios} scenarios (previous governor: {all_met_before})"
+    );
+    assert!(
+        2 * fast_met >= fast,
+        "every criterion met in {fast_met} of the {fast} scenarios at a time constant of 2 s"
     );
 }
 
