@@ -372,7 +372,7 @@ const RESPONSE_MAX_EXTRAPOLATION_C: f64 = 1.5;
 /// GPU cut deep by the cautious first cut is given power back a reading or
 /// two earlier, with its overshoot bounded by the fit's own error, while a
 /// slow one waits for a fit that needs no allowance.
-const RESPONSE_PROVISIONAL_C: f64 = 0.5;
+const RESPONSE_PROVISIONAL_C: f64 = 1.0;
 /// Time constant of the power reading's average (NVML's reading on recent
 /// GPUs averages about a second): the response fit undoes it.
 const POWER_AVERAGE_S: f64 = 1.0;
