@@ -210,7 +210,23 @@ pub struct Governor {
     /// How much lower (°C) a trim aims: the excess uncertainty of the
     /// provisional response fit behind the model, 0 otherwise.
     trim_margin_c: f64,
+    /// The last write raised the level.
+    last_raised: bool,
+    /// A level the governor raised to itself and then had to cut from for
+    /// heat, and when (s): a trim goes at most halfway back to it, so a
+    /// model that a reading's rounding moves by a degree either way homes
+    /// in on the level between instead of swinging across it every few
+    /// seconds. Forgotten back at the ceiling, and after
+    /// [`TOO_HOT_MEMORY_TAUS`] time constants.
+    too_hot: Option<(f64, f64)>,
 }
+
+/// How long (time constants, at least [`TOO_HOT_MEMORY_MIN_S`]) a level cut
+/// from for heat caps the trims: long enough to outlast the rounding's
+/// swing, short enough that a change of ambient or workload is not held
+/// against the GPU for long.
+const TOO_HOT_MEMORY_TAUS: f64 = 15.0;
+const TOO_HOT_MEMORY_MIN_S: f64 = 30.0;
 
 /// Readings at one power, from the moment it was reached.
 #[derive(Debug, Clone, Default)]
@@ -679,6 +695,8 @@ impl Governor {
             hot_hold: false,
             response: Response::default(),
             trim_margin_c: 0.0,
+            last_raised: false,
+            too_hot: None,
         }
     }
 
@@ -1098,6 +1116,12 @@ impl Governor {
                     self.over_cuts = (self.over_cuts + 1).min(5);
                 }
                 self.hot_hold = true;
+                // Cut from a level it raised to itself: remember it (the
+                // cuts after it, made while the sensor still lags, prove
+                // nothing about the levels they cut from).
+                if self.last_raised && self.level < ceiling - 0.5 {
+                    self.too_hot = Some((self.level, t));
+                }
                 return self.set(target, obs.time, reason);
             }
             return Decision::Hold;
@@ -1143,6 +1167,22 @@ impl Governor {
             } else {
                 None
             };
+            let memory_s = self
+                .tau_s
+                .map_or(TOO_HOT_MEMORY_MIN_S, |tau| TOO_HOT_MEMORY_TAUS * tau)
+                .max(TOO_HOT_MEMORY_MIN_S);
+            if self
+                .too_hot
+                .is_some_and(|(_, at)| t - at > memory_s || self.level >= ceiling - 0.5)
+            {
+                self.too_hot = None;
+            }
+            let too_hot = self.too_hot;
+            let target = target.map(|target| match too_hot {
+                // All of it back (the workload let go) is never capped.
+                Some((hot, _)) if target < ceiling => target.min(0.5 * (self.level + hot)),
+                _ => target,
+            });
             if let Some(target) = target.map(|t| t.clamp(p.floor, ceiling)) {
                 self.state = Phase::Recovering;
                 if can_write && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5)
@@ -1187,6 +1227,10 @@ impl Governor {
     }
 
     fn set(&mut self, level: f64, at: Duration, reason: String) -> Decision {
+        self.last_raised = level > self.level;
+        if level >= self.params.ceiling - 0.5 {
+            self.too_hot = None;
+        }
         self.level = level;
         self.last_write = Some(at);
         if level >= self.params.ceiling - 0.5 {
