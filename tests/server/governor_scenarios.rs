@@ -322,6 +322,14 @@ fn other_loads_on_every_preset_stay_near_the_threshold_with_few_writes() {
                 );
                 let m = metrics(&s, &trace);
                 assert!(m.max_writes_per_s <= 1, "{label}: {m:?}");
+                // A load that does not come and go is caught, trimmed and
+                // held: a few reversals while the model learns, never a
+                // swing across the level that holds the threshold (the
+                // rounding of the readings once made it swing a dozen times
+                // on a ramp).
+                if repeat.is_none() {
+                    assert!(m.reversals <= 4, "{label}: {} reversals", m.reversals);
+                }
             }
         }
     }
