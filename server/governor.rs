@@ -221,6 +221,13 @@ pub struct Governor {
     too_hot: Option<(f64, f64)>,
 }
 
+/// With the reading over the line but no hotter than at the last cut, how
+/// long (time constants, once one is known) a cut is given to show before
+/// another: a slow GPU's reading barely turns within the few seconds of
+/// [`POWER_HOLD_S`], and cutting again every few seconds then piles cut on
+/// cut (a hotter reading still cuts at once).
+const OVER_WAIT_TAUS: f64 = 0.25;
+
 /// How long (time constants, at least [`TOO_HOT_MEMORY_MIN_S`]) a level cut
 /// from for heat caps the trims: long enough to outlast the rounding's
 /// swing, short enough that a change of ambient or workload is not held
@@ -1091,7 +1098,10 @@ impl Governor {
             // Right after a cut the lagging sensor still rises: only a
             // reading over the line is evidence then.
             let evidence = over_now && temp > self.last_write_temp
-                || over_now && settled_since_write && slope >= -0.05
+                || over_now
+                    && settled_since_write
+                    && slope >= -0.05
+                    && since_write >= OVER_WAIT_TAUS * self.tau_s.unwrap_or(0.0)
                 || settled_since_write && (slope > 0.1 || temp > self.last_write_temp)
                 || since_write > 2.0 * HORIZON_S.max(self.tau_s.unwrap_or(0.0));
             if can_write && evidence && self.level - target >= p.min_step {
