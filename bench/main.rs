@@ -160,7 +160,8 @@ enum Command {
     /// latency and the daemon's memory.
     SlowSubscribers(fanout::SlowArgs),
     /// Attribution: 8 GPUs × 64 processes in 16 containers — the daemon's
-    /// CPU with attribution off, on simulator records, on a fixture /proc.
+    /// CPU with attribution off, on simulator records, on the kernel's /proc
+    /// (512 real processes) and on a fixture /proc.
     Attribution,
     /// Snapshot polling: GetSnapshot over a few connections — requests/s,
     /// latency, daemon CPU per request.
