@@ -233,104 +233,41 @@ proptest::proptest! {
 /// on every preset the governor can act on.
 #[test]
 fn other_loads_on_every_preset_stay_near_the_threshold_with_few_writes() {
-    use gpuwatch_server::config::{DemandPoint, PresetKey};
-    let p = |at: u64, watts: f64, ramp: bool| DemandPoint {
-        at: Duration::from_secs(at),
-        watts,
-        ramp,
-    };
-    /// Name, board, demand points, repeat period (s), threshold (°C).
-    type Case = (&'static str, PresetKey, Vec<DemandPoint>, Option<u64>, f64);
-    let cases: Vec<Case> = vec![
-        (
-            "ramp 100->700 W over 120 s",
-            PresetKey::H100Sxm,
-            vec![p(0, 100.0, false), p(120, 700.0, true)],
-            None,
-            70.0,
-        ),
-        (
-            "square 650/150 W, 60 s period",
-            PresetKey::H100Sxm,
-            vec![p(0, 650.0, false), p(30, 150.0, false)],
-            Some(60),
-            65.0,
-        ),
-        (
-            "450 W then 700 W",
-            PresetKey::H100Sxm,
-            vec![p(0, 450.0, false), p(150, 700.0, false)],
-            None,
-            66.0,
-        ),
-        (
-            "A100 at 400 W",
-            PresetKey::A100Sxm,
-            vec![p(5, 400.0, false)],
-            None,
-            70.0,
-        ),
-        (
-            "RTX 4090 at 450 W",
-            PresetKey::Rtx4090,
-            vec![p(5, 450.0, false)],
-            None,
-            72.0,
-        ),
-        (
-            "laptop square 115/30 W",
-            PresetKey::Laptop,
-            vec![p(0, 115.0, false), p(20, 30.0, false)],
-            Some(40),
-            70.0,
-        ),
-    ];
-    for tau in [2.0, 10.0, 30.0, 60.0] {
-        for period in [0.1, 1.0] {
-            for (name, preset, points, repeat, threshold) in &cases {
-                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
-                let params = gpuwatch_server::backend::sim::Preset::get(*preset);
-                s.preset = *preset;
-                s.ambient_c = params.ambient_c;
-                s.threshold_c = *threshold;
-                s.sample_period = Duration::from_secs_f64(period);
-                s.duration = Duration::from_secs(400);
-                s.drop = Duration::from_secs(400);
-                s.profile = Some((points.clone(), repeat.map(Duration::from_secs)));
-                let trace = run(&s, Policy::Governor);
-                let peak = trace
-                    .points
-                    .iter()
-                    .map(|p| p.temperature_c)
-                    .fold(f64::MIN, f64::max);
-                let label = format!("{name}, tau {tau} s, sampled every {period} s");
-                assert!(peak <= threshold + 2.0, "{label}: peak {peak}");
-                let over: f64 = trace
-                    .points
-                    .iter()
-                    .filter(|p| p.temperature_c > threshold + 1.0)
-                    .count() as f64
-                    * period;
-                assert!(over <= 5.0, "{label}: {over} s above threshold + 1");
-                // Square waves make the governor act every cycle; steady loads
-                // need only a handful of writes.
-                let budget = repeat.map_or(15, |period| 9 * (400 / period as usize + 1));
-                assert!(
-                    trace.writes_s.len() <= budget,
-                    "{label}: {} writes",
-                    trace.writes_s.len()
-                );
-                let m = metrics(&s, &trace);
-                assert!(m.max_writes_per_s <= 1, "{label}: {m:?}");
-                // A load that does not come and go is caught, trimmed and
-                // held: a few reversals while the model learns, never a
-                // swing across the level that holds the threshold (the
-                // rounding of the readings once made it swing a dozen times
-                // on a ramp).
-                if repeat.is_none() {
-                    assert!(m.reversals <= 4, "{label}: {} reversals", m.reversals);
-                }
-            }
+    // The same scenarios `governor_report --other` prints.
+    for (label, s, repeat) in gpuwatch_server::scenario::other_load_scenarios() {
+        let threshold = s.threshold_c;
+        let period = s.sample_period.as_secs_f64();
+        let trace = run(&s, Policy::Governor);
+        let peak = trace
+            .points
+            .iter()
+            .map(|p| p.temperature_c)
+            .fold(f64::MIN, f64::max);
+        assert!(peak <= threshold + 2.0, "{label}: peak {peak}");
+        let over: f64 = trace
+            .points
+            .iter()
+            .filter(|p| p.temperature_c > threshold + 1.0)
+            .count() as f64
+            * period;
+        assert!(over <= 5.0, "{label}: {over} s above threshold + 1");
+        // Square waves make the governor act every cycle; steady loads
+        // need only a handful of writes.
+        let budget = repeat.map_or(15, |period| 9 * (400 / period as usize + 1));
+        assert!(
+            trace.writes_s.len() <= budget,
+            "{label}: {} writes",
+            trace.writes_s.len()
+        );
+        let m = metrics(&s, &trace);
+        assert!(m.max_writes_per_s <= 1, "{label}: {m:?}");
+        // A load that does not come and go is caught, trimmed and
+        // held: a few reversals while the model learns, never a
+        // swing across the level that holds the threshold (the
+        // rounding of the readings once made it swing a dozen times
+        // on a ramp).
+        if repeat.is_none() {
+            assert!(m.reversals <= 4, "{label}: {} reversals", m.reversals);
         }
     }
 }
