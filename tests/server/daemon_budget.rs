@@ -12,12 +12,10 @@
 //! Simulated time runs 5x the wall clock; the sampler reads every 100 ms
 //! (every half simulated second).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::support::{Options, events_since};
-use gpuwatch_api::{
-    self as api, ActorKind, EventKind, WatchRequest, event::Change, watch_response::Message,
-};
+use gpuwatch_api::{self as api, ActorKind, EventKind, event::Change};
 
 const SPEED: f64 = 5.0;
 const BUDGET_W: f64 = 4000.0;
@@ -113,57 +111,38 @@ async fn record(
     since: SystemTime,
     until_sim_s: f64,
 ) -> Vec<Sample> {
-    let mut stream = crate::support::watch(client, WatchRequest::default()).await;
-    let mut started = None;
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs_f64(until_sim_s / SPEED + 30.0);
-    while Instant::now() < deadline {
-        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("frame in time")
-            .expect("stream")
-            .expect("open");
-        let frame = match msg.message {
-            Some(Message::Start(s)) => {
-                started = s.server_started.and_then(|t| SystemTime::try_from(t).ok());
-                match s.current {
-                    Some(f) => f,
-                    None => continue,
-                }
+    crate::support::frames_until(
+        client,
+        SPEED,
+        until_sim_s,
+        Duration::from_secs(30),
+        |sim_s, frame| {
+            let Some(t) = frame.time.and_then(|t| SystemTime::try_from(t).ok()) else {
+                return;
+            };
+            if t < since {
+                // A frame read before the budget was set.
+                return;
             }
-            Some(Message::Frame(f)) => f,
-            _ => continue,
-        };
-        let (Some(t0), Some(t)) = (
-            started,
-            frame.time.and_then(|t| SystemTime::try_from(t).ok()),
-        ) else {
-            continue;
-        };
-        let sim_s = t.duration_since(t0).unwrap_or_default().as_secs_f64() * SPEED;
-        if t < since {
-            // A frame read before the budget was set.
-            continue;
-        }
-        let mut samples = frame.samples.clone();
-        samples.sort_by_key(|s| s.index);
-        if samples.len() == GPUS {
-            out.push(Sample {
-                sim_s,
-                limits_mw: samples
-                    .iter()
-                    .map(|s| s.power_limit_mw.unwrap_or(u32::MAX / 16))
-                    .collect(),
-                draws_mw: samples
-                    .iter()
-                    .map(|s| s.power_draw_mw.unwrap_or(0))
-                    .collect(),
-            });
-        }
-        if sim_s >= until_sim_s {
-            break;
-        }
-    }
+            let mut samples = frame.samples.clone();
+            samples.sort_by_key(|s| s.index);
+            if samples.len() == GPUS {
+                out.push(Sample {
+                    sim_s,
+                    limits_mw: samples
+                        .iter()
+                        .map(|s| s.power_limit_mw.unwrap_or(u32::MAX / 16))
+                        .collect(),
+                    draws_mw: samples
+                        .iter()
+                        .map(|s| s.power_draw_mw.unwrap_or(0))
+                        .collect(),
+                });
+            }
+        },
+    )
+    .await;
     out
 }
 

@@ -9,16 +9,10 @@
 //! Simulated time runs 20x faster than the wall clock and the sampler ticks
 //! every 50 ms, so the GPU is read once per simulated second.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant, SystemTime},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::support::{Options, events_since, index};
-use gpuwatch_api::{
-    self as api, ActorKind, EventKind, GovernorMode, GpuHealth, WatchRequest, event::Change,
-    watch_response::Message,
-};
+use gpuwatch_api::{self as api, ActorKind, EventKind, GovernorMode, GpuHealth, event::Change};
 
 const SPEED: f64 = 20.0;
 
@@ -34,46 +28,24 @@ struct Point {
 /// Watches until `until_sim_s` (simulated seconds since the daemon started)
 /// and returns GPU `gpu`'s samples.
 async fn record(client: &mut crate::support::Client, gpu: u32, until_sim_s: f64) -> Vec<Point> {
-    let mut stream = crate::support::watch(client, WatchRequest::default()).await;
-    let mut started = None;
     let mut points = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs_f64(until_sim_s / SPEED + 20.0);
-    while Instant::now() < deadline {
-        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("frame in time")
-            .expect("stream")
-            .expect("open");
-        let frame = match msg.message {
-            Some(Message::Start(s)) => {
-                started = s.server_started.and_then(|t| SystemTime::try_from(t).ok());
-                match s.current {
-                    Some(f) => f,
-                    None => continue,
-                }
+    crate::support::frames_until(
+        client,
+        SPEED,
+        until_sim_s,
+        Duration::from_secs(20),
+        |sim_s, frame| {
+            if let Some(s) = frame.samples.iter().find(|s| s.index == gpu) {
+                points.push(Point {
+                    sim_s,
+                    temperature_c: s.temperature_c.unwrap_or(0),
+                    limit_mw: s.power_limit_mw,
+                    health: s.health(),
+                });
             }
-            Some(Message::Frame(f)) => f,
-            _ => continue,
-        };
-        let (Some(t0), Some(t)) = (
-            started,
-            frame.time.and_then(|t| SystemTime::try_from(t).ok()),
-        ) else {
-            continue;
-        };
-        let sim_s = t.duration_since(t0).unwrap_or_default().as_secs_f64() * SPEED;
-        if let Some(s) = frame.samples.iter().find(|s| s.index == gpu) {
-            points.push(Point {
-                sim_s,
-                temperature_c: s.temperature_c.unwrap_or(0),
-                limit_mw: s.power_limit_mw,
-                health: s.health(),
-            });
-        }
-        if sim_s >= until_sim_s {
-            break;
-        }
-    }
+        },
+    )
+    .await;
     points
 }
 

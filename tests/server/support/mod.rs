@@ -161,6 +161,53 @@ pub async fn watch(
     client.watch(request).await.expect("watch").into_inner()
 }
 
+/// Watches every frame until `until_sim_s` simulated seconds after the
+/// daemon started (at `speed` times the wall clock, giving up `slack` of
+/// wall time after it should have been reached): `on_frame` gets each
+/// frame (the `WatchStart`'s current one too) with its simulated time.
+pub async fn frames_until(
+    client: &mut Client,
+    speed: f64,
+    until_sim_s: f64,
+    slack: Duration,
+    mut on_frame: impl FnMut(f64, &api::Frame),
+) {
+    use api::watch_response::Message;
+    use std::time::SystemTime;
+    let mut stream = watch(client, api::WatchRequest::default()).await;
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs_f64(until_sim_s / speed) + slack;
+    while Instant::now() < deadline {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("frame in time")
+            .expect("stream")
+            .expect("open");
+        let frame = match msg.message {
+            Some(Message::Start(s)) => {
+                started = s.server_started.and_then(|t| SystemTime::try_from(t).ok());
+                match s.current {
+                    Some(f) => f,
+                    None => continue,
+                }
+            }
+            Some(Message::Frame(f)) => f,
+            _ => continue,
+        };
+        let (Some(t0), Some(t)) = (
+            started,
+            frame.time.and_then(|t| SystemTime::try_from(t).ok()),
+        ) else {
+            continue;
+        };
+        let sim_s = t.duration_since(t0).unwrap_or_default().as_secs_f64() * speed;
+        on_frame(sim_s, &frame);
+        if sim_s >= until_sim_s {
+            break;
+        }
+    }
+}
+
 /// The next Watch message (bounded wait).
 pub async fn next_message(
     stream: &mut tonic::Streaming<api::WatchResponse>,
