@@ -587,9 +587,15 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
             let at_ceiling =
                 ceiling.is_none_or(|c| limit_mw.saturating_add(LIMIT_TOLERANCE_MW) >= c);
             // A budget write counts for the governor's write interval (one
-            // write a second per GPU, whoever makes it).
+            // write a second per GPU, whoever makes it), from a reading
+            // after it was planned, as the budget counts (`node_budget::
+            // due`): a write lands some time after it is planned, and the
+            // governor's next, planned an interval after this one was, must
+            // not land closer than that.
             let at = match write.origin {
-                Origin::Budget { .. } => gpu.last_write_device_time.unwrap_or(Duration::ZERO),
+                Origin::Budget { .. } => gpu
+                    .last_write_device_time
+                    .map_or(Duration::ZERO, |planned| planned + gpu.reading_period),
                 _ => Duration::ZERO,
             };
             if let Some(g) = gpu.lifecycle.governor_mut()

@@ -2117,6 +2117,56 @@ fn a_budget_lowers_first_and_raises_only_into_room_whatever_order_writes_land_in
 }
 
 #[test]
+fn after_a_budget_write_no_write_is_planned_within_an_interval_and_a_reading() {
+    use super::node_budget::{activate, redistribute};
+    let (mut gpus, facts) = budget_gpus(2, 100);
+    let refs: Vec<&DeviceFacts> = facts.iter().collect();
+    activate(&mut gpus, &refs);
+    // Planned on the reading at 1 s, landed before the next.
+    let writes = budget_writes(&redistribute(&mut gpus, &refs, 800.0));
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    for (pos, w) in &writes {
+        ok_write(&mut gpus[*pos], &facts[*pos], w);
+    }
+    let planned_at = 1;
+    let wait = gpus[0].min_write_interval + gpus[0].reading_period;
+    assert!(wait >= Duration::from_secs(2), "{wait:?}");
+    // The budget grows: both GPUs, cool and drawing 100 W, may have 700 W
+    // back, from the budget or from their governors, but not before the
+    // wait is over.
+    let mut first_write = None;
+    for t in 2..8 {
+        // Each second: a round (at 2 s it raises the shares), then the
+        // readings (the governors step).
+        let round = redistribute(&mut gpus, &refs, 1400.0);
+        for (pos, w) in budget_writes(&round) {
+            first_write.get_or_insert((pos, t));
+            ok_write(&mut gpus[pos], &facts[pos], &w);
+        }
+        for (i, gpu) in gpus.iter_mut().enumerate() {
+            let limit = gpu.expected_limit_mw;
+            let r = Reading {
+                power_draw_mw: Some(100_000),
+                ..reading(t, 40, limit)
+            };
+            let plan = lifecycle::reading(gpu, &facts[i], &r, T0);
+            for w in plan.writes().cloned().collect::<Vec<_>>() {
+                first_write.get_or_insert((i, t));
+                ok_write(gpu, &facts[i], &w);
+            }
+        }
+    }
+    let (_, t) = first_write.expect("the power is given back");
+    assert!(
+        Duration::from_secs(t - planned_at) >= wait,
+        "written at {t} s, {wait:?} not yet over since the budget's write at {planned_at} s"
+    );
+    for gpu in &gpus {
+        assert_eq!(gpu.expected_limit_mw, Some(700_000));
+    }
+}
+
+#[test]
 fn a_lost_gpu_keeps_its_last_limit_counted_and_gets_no_new_share() {
     use super::node_budget::{activate, counted_mw, redistribute};
     let (mut gpus, facts) = budget_gpus(3, 650);
