@@ -1177,22 +1177,21 @@ impl Governor {
             } else {
                 None
             };
-            let memory_s = self
-                .tau_s
-                .map_or(TOO_HOT_MEMORY_MIN_S, |tau| TOO_HOT_MEMORY_TAUS * tau)
-                .max(TOO_HOT_MEMORY_MIN_S);
+            let memory_s =
+                (TOO_HOT_MEMORY_TAUS * self.tau_s.unwrap_or(0.0)).max(TOO_HOT_MEMORY_MIN_S);
             if self
                 .too_hot
                 .is_some_and(|(_, at)| t - at > memory_s || self.level >= ceiling - 0.5)
             {
                 self.too_hot = None;
             }
-            let too_hot = self.too_hot;
-            let target = target.map(|target| match too_hot {
-                // All of it back (the workload let go) is never capped.
-                Some((hot, _)) if target < ceiling => target.min(0.5 * (self.level + hot)),
-                _ => target,
-            });
+            // All of it back (the workload let go) is never capped.
+            let target = match (target, self.too_hot) {
+                (Some(target), Some((hot, _))) if target < ceiling => {
+                    Some(target.min(0.5 * (self.level + hot)))
+                }
+                (target, _) => target,
+            };
             if let Some(target) = target.map(|t| t.clamp(p.floor, ceiling)) {
                 self.state = Phase::Recovering;
                 if can_write && target - self.level >= p.min_step.min(ceiling - self.level).max(0.5)
@@ -1238,12 +1237,10 @@ impl Governor {
 
     fn set(&mut self, level: f64, at: Duration, reason: String) -> Decision {
         self.last_raised = level > self.level;
-        if level >= self.params.ceiling - 0.5 {
-            self.too_hot = None;
-        }
         self.level = level;
         self.last_write = Some(at);
         if level >= self.params.ceiling - 0.5 {
+            self.too_hot = None;
             self.state = Phase::Idle;
         }
         Decision::Set { level, reason }
