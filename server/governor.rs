@@ -32,7 +32,9 @@
 //!   lower by its excess uncertainty: a fast GPU gets its power back a
 //!   reading or two sooner after the cautious first cut.
 //! * **Hot** — a reading over `threshold + 1`, a rise towards it at a power
-//!   the model does not vouch for, or a known segment settling over the
+//!   the model does not vouch for (for a slow GPU whose readings tick by a
+//!   single degree, the rise over the long window: [`Governor::rise_slope`]),
+//!   or a known segment settling over the
 //!   threshold: cut to the power the model says settles at
 //!   [`CUT_AIM_BELOW_C`] under the threshold. Before
 //!   the resistance is learned the cut assumes it is [`PRIOR_ERROR`] higher
@@ -139,6 +141,9 @@ pub enum Decision {
 const HISTORY: usize = 128;
 /// Window over which the rate of temperature change is estimated.
 const SLOPE_WINDOW: Duration = Duration::from_millis(2500);
+/// A time constant this many slope windows long is slow: its readings
+/// within one window span a degree or less, so see [`Governor::rise_slope`].
+const SLOW_TAU_WINDOWS: f64 = 8.0;
 /// Window for judging whether the temperature has settled.
 const LONG_WINDOW: Duration = Duration::from_secs(10);
 /// How far ahead a rising temperature is surely going (a lower bound for
@@ -201,6 +206,9 @@ pub struct Governor {
     over_cuts: u32,
     /// The thermal time constant, once a fit has seen it (seconds).
     tau_s: Option<f64>,
+    /// The sensor's lag behind the die, once a response fit has seen it
+    /// (seconds).
+    lag_s: f64,
     /// The last cut was for heat and the GPU has not cooled below
     /// `threshold - hysteresis` since: the node budget counts the GPU as
     /// held by heat, not by its share.
@@ -429,6 +437,8 @@ struct ResponseFit {
     resistance: f64,
     /// The slower time constant (s).
     tau_s: f64,
+    /// The faster one: the sensor's lag (s).
+    lag_s: f64,
     /// How far (°C) the fit's uncertainty exceeds what is needed to act on
     /// it outright (0 when within); up to [`RESPONSE_PROVISIONAL_C`], the
     /// fit only backs a raise aimed this much lower.
@@ -546,6 +556,7 @@ impl Response {
             settles_c: best.settles(power_now),
             resistance: best.r,
             tau_s: best.tau,
+            lag_s: best.lag,
             excess_c,
         })
     }
@@ -699,6 +710,7 @@ impl Governor {
             segment: Segment::default(),
             over_cuts: 0,
             tau_s: None,
+            lag_s: 0.0,
             hot_hold: false,
             response: Response::default(),
             trim_margin_c: 0.0,
@@ -764,33 +776,48 @@ impl Governor {
         self.level < self.params.ceiling - 0.5
     }
 
-    /// Rate of temperature change over the recent window, °C/s.
-    fn slope(&self) -> f64 {
-        let Some(&(t_end, _)) = self.history.back() else {
-            return 0.0;
-        };
+    /// The readings of the recent window (at least four), newest first.
+    fn recent(&self) -> impl Iterator<Item = (f64, f64)> + Clone + '_ {
+        let t_end = self.history.back().map_or(0.0, |p| p.0);
         let window = SLOPE_WINDOW.as_secs_f64();
-        let points: Vec<_> = self
-            .history
+        self.history
             .iter()
             .rev()
             .enumerate()
-            .take_while(|(i, (t, _))| *i < 4 || t_end - t <= window)
+            .take_while(move |(i, (t, _))| *i < 4 || t_end - t <= window)
             .map(|(_, p)| *p)
-            .collect();
-        if points.len() < 2 {
-            return 0.0;
+    }
+
+    /// Rate of temperature change over the recent window, °C/s.
+    fn slope(&self) -> f64 {
+        Self::fit(self.recent())
+    }
+
+    /// The rate of rise a prediction is made on. A slow GPU's reading moves
+    /// by a whole degree every many seconds, so when the recent window's
+    /// readings span a single degree its slope is mostly where in it the
+    /// sensor ticked over (a tick at its end reads as 0.5 °C/s): then the
+    /// rise over the long window, which sees the ticks before, is the
+    /// evidence. A GPU fast enough to heat by degrees within the window
+    /// keeps the window's slope.
+    fn rise_slope(&self, short: f64) -> f64 {
+        let window = SLOPE_WINDOW.as_secs_f64();
+        let slow = self
+            .tau_s
+            .is_some_and(|tau| tau >= SLOW_TAU_WINDOWS * window);
+        if !slow {
+            return short;
         }
-        let n = points.len() as f64;
-        let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
-        let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
-        let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), (t, y)| {
-            (
-                num + (t - mean_t) * (y - mean_y),
-                den + (t - mean_t).powi(2),
-            )
-        });
-        if den <= f64::EPSILON { 0.0 } else { num / den }
+        let (lo, hi, n) = self
+            .recent()
+            .fold((f64::INFINITY, f64::NEG_INFINITY, 0), |(lo, hi, n), p| {
+                (lo.min(p.1), hi.max(p.1), n + 1)
+            });
+        if hi - lo <= 1.0 && self.history.len() > n {
+            short.min(self.long_slope().max(0.0))
+        } else {
+            short
+        }
     }
 
     /// The "draw" in the actuator's units: power for a power limit, the
@@ -929,6 +956,7 @@ impl Governor {
         let p = self.params.clone();
         let temp = obs.temperature_c;
         let slope = self.slope();
+        let rise = self.rise_slope(slope);
         let long_slope = self.long_slope();
         let draw = self.draw(obs);
         // The power reading is an average that lags a cut by a second or
@@ -973,7 +1001,7 @@ impl Governor {
             self.segment.fitted = true;
         } else if self.power_held_for(t, POWER_HOLD_S) {
             if slope > 0.05 {
-                self.model.at_least(power, temp + slope * BOUND_HORIZON_S);
+                self.model.at_least(power, temp + rise * BOUND_HORIZON_S);
             } else if slope < -0.05 {
                 self.model.at_most(power, temp);
             }
@@ -1037,13 +1065,14 @@ impl Governor {
             self.model
                 .settles_from_response(power, fit.settles_c, fit.resistance);
             self.tau_s = Some(fit.tau_s);
+            self.lag_s = fit.lag_s;
             self.segment.fitted = true;
             self.segment.predicted = true;
         }
         let settles_at = self.model.settles_at(power);
         let known = self.segment.fitted;
 
-        let predicted = temp + slope.max(0.0) * HORIZON_S;
+        let predicted = temp + rise.max(0.0) * HORIZON_S;
         let since_write = self
             .last_write
             .map_or(f64::INFINITY, |w| t - w.as_secs_f64());
@@ -1101,7 +1130,7 @@ impl Governor {
                 || over_now
                     && settled_since_write
                     && slope >= -0.05
-                    && since_write >= OVER_WAIT_TAUS * self.tau_s.unwrap_or(0.0)
+                    && since_write >= OVER_WAIT_TAUS * self.tau_s.unwrap_or(0.0) + self.lag_s
                 || settled_since_write && (slope > 0.1 || temp > self.last_write_temp)
                 || since_write > 2.0 * HORIZON_S.max(self.tau_s.unwrap_or(0.0));
             if can_write && evidence && self.level - target >= p.min_step {

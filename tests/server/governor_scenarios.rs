@@ -309,11 +309,10 @@ fn holds_the_threshold_rather_than_hiding_under_it() {
         assert!(m.peak_c <= t + 2.0, "{name}: {m:?}");
         assert!(m.max_writes_per_s <= 1, "{name}: {m:?}");
         if s.time_constant >= Duration::from_secs(60) {
-            // Mean within [T - 1, T] — measured: every 60 s variant but one,
-            // which settles at T - 1.3 (the bound pins that) — and no
-            // reading over T + 1 once settled.
+            // Mean within [T - 1, T] and no reading over T + 1 once
+            // settled.
             assert!(
-                m.settled_mean_c >= t - 1.4 && m.settled_mean_c <= t,
+                m.settled_mean_c >= t - 1.0 && m.settled_mean_c <= t,
                 "{name}: {m:?}"
             );
             assert!(
@@ -399,4 +398,87 @@ fn a_node_budget_is_never_exceeded_and_delivers_what_an_oracle_would() {
         m.under_budget_all_unconstrained, m.under_budget_samples,
         "with demand under the budget, some GPU stayed limited below its demand"
     );
+}
+
+/// Each write of a trace: (time, reading then, level before, level after).
+fn writes(trace: &gpuwatch_server::scenario::Trace) -> Vec<(f64, f64, f64, f64)> {
+    trace
+        .writes_s
+        .iter()
+        .filter_map(|w| {
+            let i = trace.points.iter().position(|p| (p.t_s - w).abs() < 1e-6)?;
+            let after = trace.points.get(i + 1)?;
+            let at = &trace.points[i];
+            Some((at.t_s, at.temperature_c, at.level, after.level))
+        })
+        .collect()
+}
+
+/// A slow GPU's whole-degree reading ticks over once every many seconds as
+/// it settles onto the threshold; a tick at the end of the short slope
+/// window once read as a rise of 0.5 °C/s, so a GPU held at the threshold
+/// was cut for heat it did not have and trimmed back, every few minutes
+/// (τ = 60 s, cooling 40 % worse: 503.8 → 488.7 → 505.3 → 490.2 W). A cut
+/// made with the reading at or under the threshold must be one the GPU
+/// needed: no later raise in the same hot phase gives back what it took.
+#[test]
+fn a_slow_gpu_settling_onto_the_threshold_is_not_cut_for_a_tick_of_its_reading() {
+    for tau in [30.0, 60.0, 90.0] {
+        for period in [0.1, 1.0] {
+            for (r_scale, ambient) in [(1.0, 30.0), (0.7, 40.0), (1.4, 20.0), (1.2, 25.0)] {
+                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+                s.sample_period = Duration::from_secs_f64(period);
+                let r = 0.075 * r_scale;
+                s.thermal_resistance_c_per_w = Some(r);
+                s.ambient_c = ambient;
+                s.threshold_c = (ambient + s.high_w * r - 15.0).round();
+                let drop = s.drop.as_secs_f64();
+                let trace = run(&s, Policy::Governor);
+                let hot: Vec<_> = writes(&trace)
+                    .into_iter()
+                    .filter(|(at, ..)| *at < drop)
+                    .collect();
+                for (i, (at, reading, before, after)) in hot.iter().enumerate() {
+                    if after >= before || *reading > s.threshold_c {
+                        continue;
+                    }
+                    let undone = hot[i + 1..].iter().find(|w| w.3 >= before - 5.0);
+                    assert!(
+                        undone.is_none(),
+                        "tau {tau} s, every {period} s, R x{r_scale}: cut at {at} s from \
+                         {before:.1} to {after:.1} W with the reading {reading} (threshold {}), \
+                         given back at {undone:?}",
+                        s.threshold_c
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A cut takes the sensor's lag to show. With the reading over the line but
+/// no hotter than at the last cut, another cut waits for that lag (once a
+/// response fit has seen it) on top of a quarter of the time constant: a
+/// second cut 3 s after the first at τ = 10 s behind a 2.4 s lag, sampled
+/// every second, left the GPU at −2..+1 °C with 17 W given up. Behind a
+/// sensor lagging 1.5 or 2.4 s the settled readings stay within the ±1 °C
+/// band (a 3 s lag at τ = 10 s sampled every second still reads −3..+1: a
+/// trim's overshoot is cut 78 W deep, stated in the README).
+#[test]
+fn a_cut_is_given_the_sensors_lag_to_show_before_another() {
+    for tau in [10.0, 20.0] {
+        for period in [0.1, 1.0] {
+            for lag in [1.5, 2.4] {
+                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
+                s.sample_period = Duration::from_secs_f64(period);
+                s.sensor_lag = Duration::from_secs_f64(lag);
+                let m = metrics(&s, &run(&s, Policy::Governor));
+                let t = s.threshold_c;
+                assert!(
+                    m.band_c.0 >= t - 1.0 && m.band_c.1 <= t + 1.0,
+                    "tau {tau} s, every {period} s, lag {lag} s: {m:?}"
+                );
+            }
+        }
+    }
 }
