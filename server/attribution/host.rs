@@ -1121,6 +1121,16 @@ mod tests {
     fn a_real_process_on_this_hosts_proc_is_read_and_its_exit_seen() -> TestResult {
         let mut child = std::process::Command::new("sleep").arg("30").spawn()?;
         let pid = child.id();
+        // `spawn` returns once the child's exec has replaced its memory,
+        // which is before the kernel has laid out the new argument area:
+        // for a moment its `comm` is `sleep` and its `cmdline` still empty.
+        // A process a GPU reports is long past that; wait it out here.
+        let cmdline = format!("/proc/{pid}/cmdline");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while fs::read(&cmdline)?.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "{cmdline} stayed empty");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let own_uid = fs::read_to_string("/proc/self/status")?
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
