@@ -414,12 +414,12 @@ pub fn criteria_scenarios() -> Vec<(String, Scenario)> {
     for tau in [2.0, 10.0, 60.0] {
         for period in [0.1, 1.0] {
             for (r_scale, ambient) in [(1.0, 30.0), (0.7, 40.0), (1.4, 20.0)] {
-                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
-                s.sample_period = Duration::from_secs_f64(period);
-                let r = 0.075 * r_scale;
-                s.thermal_resistance_c_per_w = Some(r);
-                s.ambient_c = ambient;
-                s.threshold_c = (ambient + s.high_w * r - 15.0).round();
+                let s = Scenario::cooled(
+                    Duration::from_secs_f64(tau),
+                    Duration::from_secs_f64(period),
+                    r_scale,
+                    ambient,
+                );
                 out.push((
                     format!("h100 tau {tau} dt {period} R x{r_scale} amb {ambient}"),
                     s,
@@ -442,6 +442,24 @@ pub fn criteria_scenarios() -> Vec<(String, Scenario)> {
 }
 
 impl Scenario {
+    /// The standard H100 scenario sampled every `sample_period`, with
+    /// cooling `r_scale` times the assumed 0.075 °C/W at `ambient_c`, and
+    /// the threshold 15 °C under where the demand would settle.
+    pub fn cooled(
+        time_constant: Duration,
+        sample_period: Duration,
+        r_scale: f64,
+        ambient_c: f64,
+    ) -> Self {
+        let mut s = Scenario::standard(time_constant);
+        s.sample_period = sample_period;
+        let r = 0.075 * r_scale;
+        s.thermal_resistance_c_per_w = Some(r);
+        s.ambient_c = ambient_c;
+        s.threshold_c = (ambient_c + s.high_w * r - 15.0).round();
+        s
+    }
+
     /// The laptop preset (no settable power limit: the clock-cap mode) under
     /// a demand that would take it 15 °C over the threshold.
     pub fn laptop(time_constant: Duration, sample_period: Duration) -> Self {

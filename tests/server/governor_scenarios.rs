@@ -15,12 +15,12 @@ fn scenarios() -> Vec<(String, Scenario)> {
     for tau in [2.0, 10.0, 60.0] {
         for period in [0.1, 1.0] {
             for (r_scale, ambient) in [(1.0, 30.0), (0.7, 40.0), (1.4, 20.0)] {
-                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
-                s.sample_period = Duration::from_secs_f64(period);
-                let r = 0.075 * r_scale;
-                s.thermal_resistance_c_per_w = Some(r);
-                s.ambient_c = ambient;
-                s.threshold_c = (ambient + s.high_w * r - 15.0).round();
+                let s = Scenario::cooled(
+                    Duration::from_secs_f64(tau),
+                    Duration::from_secs_f64(period),
+                    r_scale,
+                    ambient,
+                );
                 out.push((
                     format!(
                         "tau {tau} s, sampled every {period} s, R x{r_scale}, ambient {ambient} °C"
@@ -426,12 +426,12 @@ fn a_slow_gpu_settling_onto_the_threshold_is_not_cut_for_a_tick_of_its_reading()
     for tau in [30.0, 60.0, 90.0] {
         for period in [0.1, 1.0] {
             for (r_scale, ambient) in [(1.0, 30.0), (0.7, 40.0), (1.4, 20.0), (1.2, 25.0)] {
-                let mut s = Scenario::standard(Duration::from_secs_f64(tau));
-                s.sample_period = Duration::from_secs_f64(period);
-                let r = 0.075 * r_scale;
-                s.thermal_resistance_c_per_w = Some(r);
-                s.ambient_c = ambient;
-                s.threshold_c = (ambient + s.high_w * r - 15.0).round();
+                let s = Scenario::cooled(
+                    Duration::from_secs_f64(tau),
+                    Duration::from_secs_f64(period),
+                    r_scale,
+                    ambient,
+                );
                 let drop = s.drop.as_secs_f64();
                 let trace = run(&s, Policy::Governor);
                 let hot: Vec<_> = writes(&trace)
