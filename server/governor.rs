@@ -149,6 +149,9 @@ const LONG_WINDOW: Duration = Duration::from_secs(10);
 /// How far ahead a rising temperature is surely going (a lower bound for
 /// any GPU whose time constant is at least this).
 const BOUND_HORIZON_S: f64 = 1.5;
+/// A rise over the recent window at least this wide is read as a curve
+/// that may bend (see `bound_rise`).
+const BENDING_SPAN_C: f64 = 3.0;
 /// How long power must hold before readings say anything about where that
 /// power settles (the sensor's lag plus the power reading's averaging).
 const POWER_HOLD_S: f64 = 2.5;
@@ -793,6 +796,36 @@ impl Governor {
         Self::fit(self.recent())
     }
 
+    /// The rise a lower bound on where this power settles is drawn from. A
+    /// fast GPU heating by degrees within the recent window bends towards
+    /// where it settles: the window's slope still carries the steep start of
+    /// the window (at τ = 2 s about twice the slope now), so the bound is
+    /// drawn from the slope over the newer half of the window (at least two
+    /// readings) when that is lower. A rise within a degree or two keeps the
+    /// window's slope: over a few whole-degree readings the newer half's
+    /// slope is mostly the sensor's rounding.
+    fn bound_rise(&self, rise: f64) -> f64 {
+        let (lo, hi) = self
+            .recent()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+                (lo.min(p.1), hi.max(p.1))
+            });
+        if hi - lo < BENDING_SPAN_C {
+            return rise;
+        }
+        let t_end = self.history.back().map_or(0.0, |p| p.0);
+        let half = SLOPE_WINDOW.as_secs_f64() / 2.0;
+        let newest = Self::fit(
+            self.history
+                .iter()
+                .rev()
+                .enumerate()
+                .take_while(move |(i, (t, _))| *i < 2 || t_end - t <= half)
+                .map(|(_, p)| *p),
+        );
+        rise.min(newest.max(0.0))
+    }
+
     /// The rate of rise a prediction is made on. A slow GPU's reading moves
     /// by a whole degree every many seconds, so when the recent window's
     /// readings span a single degree its slope is mostly where in it the
@@ -1001,7 +1034,8 @@ impl Governor {
             self.segment.fitted = true;
         } else if self.power_held_for(t, POWER_HOLD_S) {
             if slope > 0.05 {
-                self.model.at_least(power, temp + rise * BOUND_HORIZON_S);
+                let bound_rise = self.bound_rise(rise);
+                self.model.at_least(power, temp + bound_rise * BOUND_HORIZON_S);
             } else if slope < -0.05 {
                 self.model.at_most(power, temp);
             }

@@ -482,3 +482,34 @@ fn a_cut_is_given_the_sensors_lag_to_show_before_another() {
         }
     }
 }
+
+/// A fast GPU's reading, still rising after the first cut, bends towards
+/// where the cut settles it: the slope over the whole recent window still
+/// carries the steep start of the rise, and read as evidence it cut a GPU
+/// that the first cut already held under the threshold (τ = 2 s, cooling
+/// 40 % worse, sampled every second: a second cut 3 s after the first, the
+/// settled window starting 3 °C under, mean −1.25 °C). The bound the
+/// governor learns from a rise of degrees is taken over its newest readings.
+#[test]
+fn a_rise_bending_towards_where_it_settles_is_not_cut_again() {
+    let tau = 2.0;
+    let r_scale = 1.4;
+    for period in [0.1, 1.0] {
+        for ambient in [20.0, 30.0] {
+            let s = Scenario::cooled(
+                Duration::from_secs_f64(tau),
+                Duration::from_secs_f64(period),
+                r_scale,
+                ambient,
+            );
+            let m = metrics(&s, &run(&s, Policy::Governor));
+            let t = s.threshold_c;
+            assert!(
+                (t - 1.0..=t).contains(&m.settled_mean_c)
+                    && m.band_c.0 >= t - 2.0
+                    && m.peak_c <= t + 2.0,
+                "tau {tau} s, every {period} s, cooling x{r_scale}, ambient {ambient}: {m:?}"
+            );
+        }
+    }
+}
