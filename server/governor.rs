@@ -781,14 +781,30 @@ impl Governor {
 
     /// The readings of the recent window (at least four), newest first.
     fn recent(&self) -> impl Iterator<Item = (f64, f64)> + Clone + '_ {
+        self.newest(SLOPE_WINDOW.as_secs_f64(), 4)
+    }
+
+    /// The readings of the last `window_s` seconds (at least `at_least`),
+    /// newest first.
+    fn newest(
+        &self,
+        window_s: f64,
+        at_least: usize,
+    ) -> impl Iterator<Item = (f64, f64)> + Clone + '_ {
         let t_end = self.history.back().map_or(0.0, |p| p.0);
-        let window = SLOPE_WINDOW.as_secs_f64();
         self.history
             .iter()
             .rev()
             .enumerate()
-            .take_while(move |(i, (t, _))| *i < 4 || t_end - t <= window)
+            .take_while(move |(i, (t, _))| *i < at_least || t_end - t <= window_s)
             .map(|(_, p)| *p)
+    }
+
+    /// Lowest and highest reading of `points`, and how many there are.
+    fn span(points: impl Iterator<Item = (f64, f64)>) -> (f64, f64, usize) {
+        points.fold((f64::INFINITY, f64::NEG_INFINITY, 0), |(lo, hi, n), p| {
+            (lo.min(p.1), hi.max(p.1), n + 1)
+        })
     }
 
     /// Rate of temperature change over the recent window, °C/s.
@@ -805,25 +821,12 @@ impl Governor {
     /// window's slope: over a few whole-degree readings the newer half's
     /// slope is mostly the sensor's rounding.
     fn bound_rise(&self, rise: f64) -> f64 {
-        let (lo, hi) = self
-            .recent()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-                (lo.min(p.1), hi.max(p.1))
-            });
+        let (lo, hi, _) = Self::span(self.recent());
         if hi - lo < BENDING_SPAN_C {
             return rise;
         }
-        let t_end = self.history.back().map_or(0.0, |p| p.0);
-        let half = SLOPE_WINDOW.as_secs_f64() / 2.0;
-        let newest = Self::fit(
-            self.history
-                .iter()
-                .rev()
-                .enumerate()
-                .take_while(move |(i, (t, _))| *i < 2 || t_end - t <= half)
-                .map(|(_, p)| *p),
-        );
-        rise.min(newest.max(0.0))
+        let newer_half = Self::fit(self.newest(SLOPE_WINDOW.as_secs_f64() / 2.0, 2));
+        rise.min(newer_half.max(0.0))
     }
 
     /// The rate of rise a prediction is made on. A slow GPU's reading moves
@@ -841,11 +844,7 @@ impl Governor {
         if !slow {
             return short;
         }
-        let (lo, hi, n) = self
-            .recent()
-            .fold((f64::INFINITY, f64::NEG_INFINITY, 0), |(lo, hi, n), p| {
-                (lo.min(p.1), hi.max(p.1), n + 1)
-            });
+        let (lo, hi, n) = Self::span(self.recent());
         if hi - lo <= 1.0 && self.history.len() > n {
             short.min(self.long_slope().max(0.0))
         } else {
