@@ -1,20 +1,34 @@
-//! Device actors: one OS thread per GPU that owns its [`GpuDevice`].
+//! Device actors: one OS thread per GPU that owns its [`GpuDevice`], and
+//! one shared reader thread that reads every GPU in turn while none hangs.
 //!
 //! Device calls block, sometimes for a long time (a sick GPU can hang an
 //! NVML call for seconds). Giving each GPU its own thread means a hung call
 //! stalls only that GPU: the sampler keeps its cadence for the others and
-//! reports the stuck one as stale. Reads and writes for one GPU go through the
-//! same thread, in order, so they never race. Nothing else touches a device.
+//! reports the stuck one as stale. Writes and fact reads for one GPU go
+//! through its thread, in order.
 //!
-//! A write carries a [`WriteTicket`]: whoever queued it may cancel it while
+//! Waking eight threads every tick costs more than the reads themselves
+//! when reads are cheap (a context switch is several microseconds on a
+//! VM): so each tick's readings go to the [`SharedReader`] as one batch,
+//! which reads the GPUs one after another on a single thread. Every read
+//! carries a [`Ticket`]; when the batch is late (a call hangs), the sampler
+//! takes back the reads the shared reader has not started and sends them
+//! to the GPUs' own threads, so a hung GPU still costs the others nothing
+//! but a hand-off. Each device sits behind its own lock, so the shared
+//! reader and the GPU's thread never call it at once, and a call's answer
+//! is sent before the lock is released, so answers leave in the order the
+//! calls ran.
+//!
+//! A write carries a [`Ticket`] too: whoever queued it may cancel it while
 //! it still waits behind a hung call (the thread then drops it unapplied),
 //! and once the thread has started it, cancelling fails and the caller knows
 //! the write will land, late, and must be recorded when it does.
 
 use std::{
     io,
+    panic::{self, AssertUnwindSafe},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU8, Ordering},
         mpsc,
     },
@@ -46,6 +60,9 @@ pub struct ReadOutcome {
     pub at: SystemTime,
 }
 
+/// A device shared by its own thread and the shared reader.
+type SharedDevice = Arc<Mutex<Box<dyn GpuDevice>>>;
+
 enum Command {
     Read {
         scope: ReadScope,
@@ -57,31 +74,30 @@ enum Command {
     Write {
         op: WriteOp,
         reply: oneshot::Sender<Result<(), BackendError>>,
-        ticket: WriteTicket,
+        ticket: Ticket,
     },
 }
 
-/// Where one queued write stands: waiting, started on the device, or
+/// Where one queued call stands: waiting, started on the device, or
 /// cancelled before it started. Shared by the queue's caller and the
-/// device thread; exactly one of "started" and "cancelled" wins.
+/// thread that runs it; exactly one of "started" and "cancelled" wins.
 #[derive(Debug, Clone, Default)]
-pub struct WriteTicket(Arc<AtomicU8>);
+pub struct Ticket(Arc<AtomicU8>);
 
 const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
 const CANCELLED: u8 = 2;
 
-impl WriteTicket {
-    /// Cancels the write if the device thread has not started it; true
-    /// when it will never be applied, false when it is (or was) under way.
+impl Ticket {
+    /// Cancels the call if no thread has started it; true when it will
+    /// never run, false when it is (or was) under way.
     pub fn cancel(&self) -> bool {
         self.0
             .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-            || self.0.load(Ordering::Acquire) == CANCELLED
     }
 
-    /// The device thread takes the write; false when it was cancelled.
+    /// A thread takes the call; false when it was cancelled.
     fn start(&self) -> bool {
         self.0
             .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
@@ -93,20 +109,63 @@ impl WriteTicket {
 #[derive(Debug)]
 pub struct QueuedWrite {
     pub reply: oneshot::Receiver<Result<(), BackendError>>,
-    pub ticket: WriteTicket,
+    pub ticket: Ticket,
+}
+
+/// A read queued for the [`SharedReader`]: see [`DeviceActor::read_job`].
+pub struct ReadJob {
+    device: SharedDevice,
+    scope: ReadScope,
+    reply: oneshot::Sender<ReadOutcome>,
+    ticket: Ticket,
+}
+
+/// A read handed to the shared reader: the answer to wait for, and the
+/// ticket that takes the read back while it has not started.
+#[derive(Debug)]
+pub struct SharedRead {
+    pub reply: oneshot::Receiver<ReadOutcome>,
+    pub ticket: Ticket,
 }
 
 /// Handle to one GPU's thread. Dropping it lets the thread finish its
 /// current call and exit; a thread stuck in the driver is left detached.
-#[derive(Debug)]
 pub struct DeviceActor {
     tx: mpsc::Sender<Command>,
+    device: SharedDevice,
+}
+
+impl std::fmt::Debug for DeviceActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceActor").finish_non_exhaustive()
+    }
+}
+
+/// Runs `call` on the device under its lock; None when an earlier call
+/// panicked on it (the GPU is then answered as if its thread had stopped:
+/// the reply is dropped, and its receiver reports an error).
+fn with_device<T>(device: &SharedDevice, call: impl FnOnce(&mut dyn GpuDevice) -> T) -> Option<T> {
+    let mut guard = device.lock().ok()?;
+    Some(call(guard.as_mut()))
+}
+
+/// One read and the events it drained, stamped when it finished.
+fn read_outcome(device: &mut dyn GpuDevice, scope: ReadScope) -> ReadOutcome {
+    let result = device.read(scope);
+    let events = device.drain_events();
+    ReadOutcome {
+        result,
+        events,
+        at: SystemTime::now(),
+    }
 }
 
 impl DeviceActor {
     /// Starts the thread that owns `device`.
-    pub fn spawn(index: u32, mut device: Box<dyn GpuDevice>) -> io::Result<Self> {
+    pub fn spawn(index: u32, device: Box<dyn GpuDevice>) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Command>();
+        let device: SharedDevice = Arc::new(Mutex::new(device));
+        let own = device.clone();
         // The thread's handle is not kept: dropping the actor lets the
         // thread finish its call and exit, and a thread stuck in the driver
         // is left detached.
@@ -114,38 +173,54 @@ impl DeviceActor {
             .name(format!("gpu{index}"))
             .spawn(move || {
                 while let Ok(command) = rx.recv() {
+                    // Each answer is sent under the lock: see the module.
                     match command {
                         Command::Read { scope, reply } => {
-                            let result = device.read(scope);
-                            let events = device.drain_events();
-                            let _ = reply.send(ReadOutcome {
-                                result,
-                                events,
-                                at: SystemTime::now(),
+                            with_device(&own, |d| {
+                                let _ = reply.send(read_outcome(d, scope));
                             });
                         }
                         Command::Describe { reply } => {
-                            let _ = reply.send(device.describe().map(|f| checked(index, f)));
+                            with_device(&own, |d| {
+                                let _ = reply.send(d.describe().map(|f| checked(index, f)));
+                            });
                         }
                         Command::Write { op, reply, ticket } => {
-                            // Cancelled while it waited: never applied, and
-                            // the caller already knows (it cancelled).
-                            if ticket.start() {
-                                let _ = reply.send(apply(device.as_mut(), op));
-                            }
+                            // The lock is taken first: a write waiting behind
+                            // a hung read on the shared reader stays
+                            // cancellable. Cancelled while it waited: never
+                            // applied, and the caller already knows.
+                            with_device(&own, |d| {
+                                if ticket.start() {
+                                    let _ = reply.send(apply(d, op));
+                                }
+                            });
                         }
                     }
                 }
             })?;
-        Ok(Self { tx })
+        Ok(Self { tx, device })
     }
 
-    /// Asks for a reading. If the thread is gone, the receiver reports an
-    /// error when awaited.
+    /// Asks this GPU's own thread for a reading. If the thread is gone, the
+    /// receiver reports an error when awaited.
     pub fn read(&self, scope: ReadScope) -> oneshot::Receiver<ReadOutcome> {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Read { scope, reply });
         rx
+    }
+
+    /// A reading for the [`SharedReader`] to take, and what the caller keeps.
+    pub fn read_job(&self, scope: ReadScope) -> (ReadJob, SharedRead) {
+        let (reply, rx) = oneshot::channel();
+        let ticket = Ticket::default();
+        let job = ReadJob {
+            device: self.device.clone(),
+            scope,
+            reply,
+            ticket: ticket.clone(),
+        };
+        (job, SharedRead { reply: rx, ticket })
     }
 
     /// Asks for the GPU's static facts.
@@ -171,6 +246,51 @@ impl DeviceActor {
     }
 }
 
+/// One thread that runs batches of reads, one GPU after another, in the
+/// order given. A read whose ticket was taken back before its turn is
+/// skipped. A device that panics in a read loses that read (its receiver
+/// reports an error) and the reader goes on with the next.
+#[derive(Debug)]
+pub struct SharedReader {
+    tx: mpsc::Sender<Vec<ReadJob>>,
+}
+
+impl SharedReader {
+    /// Starts the thread.
+    pub fn spawn() -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Vec<ReadJob>>();
+        thread::Builder::new()
+            .name("gpu-reader".into())
+            .spawn(move || {
+                while let Ok(jobs) = rx.recv() {
+                    for job in jobs {
+                        if !job.ticket.start() {
+                            continue;
+                        }
+                        let ReadJob {
+                            device,
+                            scope,
+                            reply,
+                            ..
+                        } = job;
+                        let _ = panic::catch_unwind(AssertUnwindSafe(|| {
+                            with_device(&device, |d| {
+                                let _ = reply.send(read_outcome(d, scope));
+                            })
+                        }));
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a batch; false when the thread is gone (the jobs are
+    /// dropped unstarted, and their tickets can still be taken back).
+    pub fn submit(&self, jobs: Vec<ReadJob>) -> bool {
+        self.tx.send(jobs).is_ok()
+    }
+}
+
 /// Queues writes to one GPU's thread; see [`DeviceActor::write_queue`].
 #[derive(Debug, Clone)]
 pub struct WriteQueue {
@@ -188,7 +308,7 @@ impl WriteQueue {
     /// cancels it while it has not started.
     pub fn write_cancellable(&self, op: WriteOp) -> QueuedWrite {
         let (reply, rx) = oneshot::channel();
-        let ticket = WriteTicket::default();
+        let ticket = Ticket::default();
         let _ = self.tx.send(Command::Write {
             op,
             reply,
@@ -314,6 +434,45 @@ mod tests {
             .expect("written");
         assert!(!queued.ticket.cancel(), "already applied");
         assert_eq!(*written.lock().expect("lock"), vec![500_000]);
+    }
+
+    #[tokio::test]
+    async fn the_shared_reader_skips_reads_taken_back_and_keeps_writes_behind_it_cancellable() {
+        let (hung, release, written) = blocking();
+        let (other, _release_other, _) = blocking();
+        let reader = SharedReader::spawn().expect("thread");
+        let scope = ReadScope { slow_fields: false };
+        let (first, hung_read) = hung.read_job(scope);
+        let (second, other_read) = other.read_job(scope);
+        assert!(reader.submit(vec![first, second]));
+        // The first read is under way (it blocks); wait until it started.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while hung_read.ticket.0.load(Ordering::Acquire) != STARTED {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the shared reader takes the first read");
+        assert!(!hung_read.ticket.cancel(), "started: not taken back");
+        assert!(other_read.ticket.cancel(), "not reached: taken back");
+        // A write to the hung GPU waits for the device's lock on its own
+        // thread, still cancellable.
+        let queued = hung
+            .write_queue()
+            .write_cancellable(WriteOp::SetPowerLimit { limit_mw: 500_000 });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(queued.ticket.cancel(), "waiting behind the hung read");
+        release.send(()).expect("release");
+        hung_read.reply.await.expect("the hung read answers");
+        assert!(
+            other_read.reply.await.is_err(),
+            "a read taken back is never answered"
+        );
+        assert!(
+            queued.reply.await.is_err(),
+            "the cancelled write is dropped"
+        );
+        assert!(written.lock().expect("lock").is_empty());
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ use std::{
 use tokio::{sync::oneshot, time::MissedTickBehavior};
 
 use crate::{
-    actor::{DeviceActor, ReadOutcome, WriteQueue},
+    actor::{DeviceActor, ReadOutcome, SharedReader, Ticket, WriteQueue},
     api::{EventKind, Frame, GovernorState, GpuHealth, Severity},
     attribution::tracker::{GpuInput, GpuView, Tracker},
     backend::{
@@ -77,6 +77,8 @@ pub struct GpuSlot {
     reported_lost: bool,
     /// A read that has not answered yet.
     pending: Option<oneshot::Receiver<ReadOutcome>>,
+    /// The ticket of the pending read while it is the shared reader's.
+    pending_shared: Option<Ticket>,
     /// When the pending read was asked for.
     pending_since: SystemTime,
     /// Refreshed facts requested after a recovery.
@@ -109,6 +111,7 @@ impl GpuSlot {
             health: Health::Ok,
             reported_lost: false,
             pending: None,
+            pending_shared: None,
             pending_since: SystemTime::UNIX_EPOCH,
             pending_describe: None,
             stale: false,
@@ -232,6 +235,9 @@ pub struct Sampler {
     last_slow: Option<Instant>,
     /// Who uses each GPU: handed every slow reading, read at publish.
     tracker: Option<Tracker>,
+    /// Reads the healthy GPUs in one batch per tick (None when its thread
+    /// could not be started or has gone: every GPU is then read by its own).
+    reader: Option<SharedReader>,
 }
 
 impl Sampler {
@@ -250,6 +256,11 @@ impl Sampler {
             next_seq: start_ms,
             last_slow: None,
             tracker: None,
+            reader: SharedReader::spawn()
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no shared reader thread; each GPU is read by its own")
+                })
+                .ok(),
         }
     }
 
@@ -340,6 +351,14 @@ impl Sampler {
             self.last_slow = Some(started);
         }
         let scope = ReadScope { slow_fields };
+        // The shared reader takes this tick's batch unless it is still
+        // inside a late call from an earlier one.
+        let reader_free = self.reader.is_some()
+            && !self
+                .slots
+                .iter()
+                .any(|s| s.pending.is_some() && s.pending_shared.is_some());
+        let mut batch = Vec::new();
         for slot in &mut self.slots {
             if slot.pending.is_some() {
                 continue;
@@ -353,15 +372,37 @@ impl Sampler {
                 }
                 slot.last_probe = Some(started);
             }
-            slot.pending = Some(slot.actor.read(scope));
+            // A GPU that is lost, failing or being described again is read
+            // by its own thread: its calls may be slow, and a refresh of
+            // its facts must answer before the read that follows it.
+            if reader_free && slot.health == Health::Ok && slot.pending_describe.is_none() {
+                let (job, read) = slot.actor.read_job(scope);
+                batch.push(job);
+                slot.pending = Some(read.reply);
+                slot.pending_shared = Some(read.ticket);
+            } else {
+                slot.pending = Some(slot.actor.read(scope));
+                slot.pending_shared = None;
+            }
             slot.pending_since = tick_wall;
         }
+        if !batch.is_empty() && !self.reader.as_ref().is_some_and(|r| r.submit(batch)) {
+            tracing::warn!("the shared reader thread has stopped; each GPU is read by its own");
+            self.reader = None;
+            Self::take_back_shared_reads(&mut self.slots, scope);
+        }
 
-        let deadline =
-            tokio::time::Instant::from_std(started + self.config.effective_read_timeout());
+        let read_timeout = self.config.effective_read_timeout();
+        let deadline = tokio::time::Instant::from_std(started + read_timeout);
+        // By half the read timeout a batch that is not done is stuck in
+        // one GPU's call: the reads it has not started go to their GPUs'
+        // own threads, which have the other half.
+        let take_back_at = tokio::time::Instant::from_std(started + read_timeout / 2);
+        let mut taken_back = false;
         let mut observed = Vec::with_capacity(self.slots.len());
         let mut devices_changed = false;
-        for slot in &mut self.slots {
+        for pos in 0..self.slots.len() {
+            let slot = &mut self.slots[pos];
             let mut described = slot.poll_describe();
             let mut fresh = false;
             let Some(rx) = slot.pending.as_mut() else {
@@ -369,18 +410,33 @@ impl Sampler {
                 observed.push(slot.observe(fresh, described));
                 continue;
             };
-            match tokio::time::timeout_at(deadline, rx).await {
+            let shared = slot.pending_shared.is_some() && !taken_back;
+            let mut answer =
+                tokio::time::timeout_at(if shared { take_back_at } else { deadline }, rx).await;
+            if answer.is_err() && shared {
+                taken_back = true;
+                Self::take_back_shared_reads(&mut self.slots[pos..], scope);
+                if let Some(rx) = self.slots[pos].pending.as_mut() {
+                    answer = tokio::time::timeout_at(deadline, rx).await;
+                }
+            }
+            let slot = &mut self.slots[pos];
+            match answer {
                 Ok(Ok(outcome)) => {
                     slot.pending = None;
+                    slot.pending_shared = None;
                     slot.stale = false;
                     fresh = Self::absorb(slot, outcome, &self.events, &mut devices_changed);
-                    // The device thread answers in order: facts asked for
-                    // before this read are in by now.
+                    // A GPU's own thread answers in order, and one being
+                    // described is read there: facts asked for before
+                    // this read are in by now.
                     described |= slot.poll_describe();
                 }
                 Ok(Err(_)) => {
-                    // The device thread is gone (it panicked): treat as an error.
+                    // The device thread is gone, or the device panicked
+                    // in a call: treat as an error.
                     slot.pending = None;
+                    slot.pending_shared = None;
                     slot.health = Health::Error("device thread stopped".into());
                 }
                 Err(_) => {
@@ -406,6 +462,17 @@ impl Sampler {
         }
         self.publish(tick_wall, governor);
         observed
+    }
+
+    /// Takes back from the shared reader every read of `slots` it has not
+    /// started, and asks each of those GPUs' own threads instead.
+    fn take_back_shared_reads(slots: &mut [GpuSlot], scope: ReadScope) {
+        for slot in slots {
+            if slot.pending.is_some() && slot.pending_shared.as_ref().is_some_and(Ticket::cancel) {
+                slot.pending = Some(slot.actor.read(scope));
+                slot.pending_shared = None;
+            }
+        }
     }
 
     /// Takes a finished read into the slot. Returns true for a fresh reading.
@@ -773,5 +840,163 @@ mod tests {
         assert_eq!(parts[0].sample().processes.len(), 64);
         let whole = hub.latest().expect("a frame");
         assert_eq!(whole.samples[0].processes.len(), 64);
+    }
+}
+
+#[cfg(test)]
+mod hung_reads {
+    //! A read that hangs on the shared reader must cost the GPUs after it
+    //! in the batch nothing: the sampler takes their reads back and asks
+    //! their own threads, in the same tick, and keeps using their threads
+    //! until the hung call returns.
+
+    use std::{
+        sync::{Condvar, Mutex},
+        thread,
+    };
+
+    use super::*;
+    use crate::backend::GpuDevice;
+
+    /// Closed: reads of the GPU that waits on it block until it opens.
+    #[derive(Default)]
+    struct Gate {
+        closed: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        fn set(&self, closed: bool) {
+            *self.closed.lock().expect("gate") = closed;
+            self.opened.notify_all();
+        }
+
+        fn pass(&self) {
+            let mut closed = self.closed.lock().expect("gate");
+            while *closed {
+                closed = self.opened.wait(closed).expect("gate");
+            }
+        }
+    }
+
+    /// A GPU that records which thread read it, and waits on `gate`.
+    struct Recorded {
+        index: u32,
+        gate: Option<Arc<Gate>>,
+        reads: Arc<Mutex<Vec<(u32, String)>>>,
+    }
+
+    impl GpuDevice for Recorded {
+        fn describe(&mut self) -> Result<DeviceFacts, BackendError> {
+            Ok(DeviceFacts {
+                index: self.index,
+                ..DeviceFacts::default()
+            })
+        }
+        fn read(&mut self, _: ReadScope) -> Result<Reading, BackendError> {
+            if let Some(gate) = &self.gate {
+                gate.pass();
+            }
+            let name = thread::current().name().unwrap_or("?").to_owned();
+            self.reads.lock().expect("reads").push((self.index, name));
+            Ok(Reading::default())
+        }
+        fn set_power_limit(&mut self, _: u32) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn lock_gpu_clocks(&mut self, _: u32, _: u32) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn reset_gpu_locked_clocks(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn reset_memory_locked_clocks(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn reset_application_clocks(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    /// Which GPUs a tick read fresh, and which thread read each.
+    async fn tick(
+        s: &mut Sampler,
+        reads: &Mutex<Vec<(u32, String)>>,
+    ) -> (Vec<bool>, Vec<(u32, String)>) {
+        let observed = s.tick(|_| GovernorState::Idle).await;
+        let fresh = observed
+            .iter()
+            .map(|o| matches!(o, Observed::Reading(_)))
+            .collect();
+        let mut who = std::mem::take(&mut *reads.lock().expect("reads"));
+        who.sort();
+        (fresh, who)
+    }
+
+    fn on(thread: &str, gpus: &[u32]) -> Vec<(u32, String)> {
+        gpus.iter().map(|&g| (g, thread.to_owned())).collect()
+    }
+
+    fn own(gpus: &[u32]) -> Vec<(u32, String)> {
+        gpus.iter().map(|&g| (g, format!("gpu{g}"))).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_read_on_the_shared_reader_costs_the_gpus_after_it_nothing() {
+        let gate = Arc::new(Gate::default());
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let slots = (0..3)
+            .map(|index| {
+                let device = Recorded {
+                    index,
+                    gate: (index == 0).then(|| gate.clone()),
+                    reads: reads.clone(),
+                };
+                let actor = DeviceActor::spawn(index, Box::new(device)).expect("thread");
+                GpuSlot::new(
+                    actor,
+                    DeviceFacts {
+                        index,
+                        ..DeviceFacts::default()
+                    },
+                )
+            })
+            .collect();
+        let config = SamplerConfig {
+            slow_interval: Duration::from_secs(3600),
+            read_timeout: Some(Duration::from_secs(2)),
+            ..SamplerConfig::default()
+        };
+        let hub = Arc::new(Hub::new(config.interval, config.slow_interval, 600));
+        let (events, _) = EventLog::open(None, 100);
+        let mut s = Sampler::new(slots, hub, Arc::new(events), config);
+
+        // Healthy: one batch, every GPU read on the shared reader.
+        let (fresh, who) = tick(&mut s, &reads).await;
+        assert_eq!(fresh, [true, true, true]);
+        assert_eq!(who, on("gpu-reader", &[0, 1, 2]));
+
+        // GPU 0, first in the batch, hangs: the reads behind it are taken
+        // back and answered by their own threads in the same tick.
+        gate.set(true);
+        let (fresh, who) = tick(&mut s, &reads).await;
+        assert_eq!(fresh, [false, true, true]);
+        assert_eq!(who, own(&[1, 2]));
+        // While the call hangs the shared reader is not given more.
+        let (fresh, who) = tick(&mut s, &reads).await;
+        assert_eq!(fresh, [false, true, true]);
+        assert_eq!(who, own(&[1, 2]));
+
+        // The call returns: its late answer is taken, then the batch
+        // goes back to the shared reader.
+        gate.set(false);
+        let (fresh, who) = tick(&mut s, &reads).await;
+        assert_eq!(fresh, [true, true, true]);
+        let mut expected = on("gpu-reader", &[0]);
+        expected.extend(own(&[1, 2]));
+        assert_eq!(who, expected);
+        let (fresh, who) = tick(&mut s, &reads).await;
+        assert_eq!(fresh, [true, true, true]);
+        assert_eq!(who, on("gpu-reader", &[0, 1, 2]));
     }
 }
