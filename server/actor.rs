@@ -9,7 +9,7 @@
 //!
 //! Waking eight threads every tick costs more than the reads themselves
 //! when reads are cheap (a context switch is several microseconds on a
-//! VM): so each tick's readings go to the [`SharedReader`] as one batch,
+//! VM): so each tick's fast readings go to the [`SharedReader`] as one batch,
 //! which reads the GPUs one after another on a single thread. Every read
 //! carries a [`Ticket`]; when the batch is late (a call hangs), the sampler
 //! takes back the reads the shared reader has not started and sends them

@@ -372,10 +372,17 @@ impl Sampler {
                 }
                 slot.last_probe = Some(started);
             }
-            // A GPU that is lost, failing or being described again is read
-            // by its own thread: its calls may be slow, and a refresh of
-            // its facts must answer before the read that follows it.
-            if reader_free && slot.health == Health::Ok && slot.pending_describe.is_none() {
+            // The shared reader takes fast reads of healthy GPUs. Slow
+            // reads run in parallel on the GPUs' own threads (on NVML one
+            // takes tens of milliseconds: eight in a row would miss the
+            // deadline); so does a GPU that is lost or failing (its calls
+            // may be slow) or being described again (the refresh of its
+            // facts must answer before the read that follows it).
+            if reader_free
+                && !slow_fields
+                && slot.health == Health::Ok
+                && slot.pending_describe.is_none()
+            {
                 let (job, read) = slot.actor.read_job(scope);
                 batch.push(job);
                 slot.pending = Some(read.reply);
@@ -848,7 +855,8 @@ mod hung_reads {
     //! A read that hangs on the shared reader must cost the GPUs after it
     //! in the batch nothing: the sampler takes their reads back and asks
     //! their own threads, in the same tick, and keeps using their threads
-    //! until the hung call returns.
+    //! until the hung call returns. Slow reads never go to the shared
+    //! reader.
 
     use std::{
         sync::{Condvar, Mutex},
@@ -971,7 +979,13 @@ mod hung_reads {
         let (events, _) = EventLog::open(None, 100);
         let mut s = Sampler::new(slots, hub, Arc::new(events), config);
 
-        // Healthy: one batch, every GPU read on the shared reader.
+        // The first tick reads the slow fields: each GPU on its own thread,
+        // in parallel.
+        let (fresh, who) = tick(&mut s, &reads).await;
+        assert_eq!(fresh, [true, true, true]);
+        assert_eq!(who, own(&[0, 1, 2]));
+
+        // Fast reads of healthy GPUs: one batch on the shared reader.
         let (fresh, who) = tick(&mut s, &reads).await;
         assert_eq!(fresh, [true, true, true]);
         assert_eq!(who, on("gpu-reader", &[0, 1, 2]));
