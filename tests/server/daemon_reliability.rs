@@ -31,17 +31,30 @@ async fn frames_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_driver_call_costs_only_its_gpu_and_shows_in_the_age() {
+    a_hung_gpu_costs_only_itself(2, 1).await;
+}
+
+/// The first GPU is the first read of each tick's batch on the shared
+/// reader: the GPUs after it must not wait behind its hung call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_first_gpu_costs_the_gpus_read_after_it_nothing() {
+    a_hung_gpu_costs_only_itself(3, 0).await;
+}
+
+/// `count` GPUs, of which `hung`'s reads hang from 2 s to 32 s of simulated
+/// time (0.2 s to 3.2 s of wall time at speed 10).
+async fn a_hung_gpu_costs_only_itself(count: usize, hung: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
-    // GPU 1's reads hang from 2 s to 32 s of simulated time (0.2 s to 3.2 s
-    // of wall time at speed 10).
-    let config = crate::support::sim_config(
-        10.0,
-        "",
-        &[
-            "preset = \"a100-sxm\"",
-            "preset = \"h100-sxm\"\nread_hang_at = \"2s\"\nread_hang_for = \"30s\"",
-        ],
-    );
+    let gpus: Vec<&str> = (0..count)
+        .map(|i| {
+            if i == hung {
+                "preset = \"h100-sxm\"\nread_hang_at = \"2s\"\nread_hang_for = \"30s\""
+            } else {
+                "preset = \"a100-sxm\""
+            }
+        })
+        .collect();
+    let config = crate::support::sim_config(10.0, "", &gpus);
     let d = crate::support::start(dir.path(), Options::with_config(config));
     let mut c = d.client().await;
     let mut stream = crate::support::watch(&mut c, WatchRequest::default()).await;
@@ -51,23 +64,36 @@ async fn a_hung_driver_call_costs_only_its_gpu_and_shows_in_the_age() {
     // busy machine half of that).
     assert!(frames.len() >= 10, "only {} frames in 2 s", frames.len());
     assert!(frames.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    // The healthy GPUs stay fresh through the hang, from its first tick
+    // (one late frame allowed for a busy machine).
+    for gpu in (0..count).filter(|&g| g != hung) {
+        let stale = frames
+            .iter()
+            .filter(|f| f.samples[gpu].health() != GpuHealth::Ok)
+            .count();
+        assert!(
+            stale <= 1,
+            "healthy GPU {gpu} was not fresh in {stale} frames"
+        );
+    }
     let last = frames.last().expect("frames");
-    let healthy = &last.samples[0];
-    let hung = &last.samples[1];
-    assert_eq!(healthy.health(), GpuHealth::Ok);
+    let hung_sample = &last.samples[hung];
+    for (gpu, healthy) in last.samples.iter().enumerate().filter(|(g, _)| *g != hung) {
+        assert_eq!(healthy.health(), GpuHealth::Ok, "GPU {gpu}");
+        assert!(
+            healthy.age_ms < 1000,
+            "healthy GPU {gpu} is fresh: {} ms",
+            healthy.age_ms
+        );
+    }
+    assert_eq!(hung_sample.health(), GpuHealth::Stale, "{hung_sample:?}");
     assert!(
-        healthy.age_ms < 1000,
-        "healthy GPU is fresh: {} ms",
-        healthy.age_ms
-    );
-    assert_eq!(hung.health(), GpuHealth::Stale, "{hung:?}");
-    assert!(
-        hung.age_ms >= 1000,
+        hung_sample.age_ms >= 1000,
         "the hung GPU's age shows it: {} ms",
-        hung.age_ms
+        hung_sample.age_ms
     );
     assert!(
-        hung.temperature_c.is_some(),
+        hung_sample.temperature_c.is_some(),
         "a stale sample keeps its last reading"
     );
     // And it comes back when the call returns.
@@ -82,7 +108,8 @@ async fn a_hung_driver_call_costs_only_its_gpu_and_shows_in_the_age() {
                     .await
                     .ok()?
                     .into_inner();
-                (s.samples[1].health() == GpuHealth::Ok && s.samples[1].age_ms < 1000).then_some(())
+                (s.samples[hung].health() == GpuHealth::Ok && s.samples[hung].age_ms < 1000)
+                    .then_some(())
             }
         },
     )
