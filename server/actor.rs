@@ -105,12 +105,19 @@ impl Ticket {
     }
 }
 
-/// A write queued to a device thread: its answer, and its ticket.
+/// A queued call: the answer to wait for, and the ticket that cancels the
+/// call (takes it back) while no thread has started it.
 #[derive(Debug)]
-pub struct QueuedWrite {
-    pub reply: oneshot::Receiver<Result<(), BackendError>>,
+pub struct Queued<T> {
+    pub reply: oneshot::Receiver<T>,
     pub ticket: Ticket,
 }
+
+/// A write queued to a device thread.
+pub type QueuedWrite = Queued<Result<(), BackendError>>;
+
+/// A read handed to the shared reader.
+pub type SharedRead = Queued<ReadOutcome>;
 
 /// A read queued for the [`SharedReader`]: see [`DeviceActor::read_job`].
 pub struct ReadJob {
@@ -118,14 +125,6 @@ pub struct ReadJob {
     scope: ReadScope,
     reply: oneshot::Sender<ReadOutcome>,
     ticket: Ticket,
-}
-
-/// A read handed to the shared reader: the answer to wait for, and the
-/// ticket that takes the read back while it has not started.
-#[derive(Debug)]
-pub struct SharedRead {
-    pub reply: oneshot::Receiver<ReadOutcome>,
-    pub ticket: Ticket,
 }
 
 /// Handle to one GPU's thread. Dropping it lets the thread finish its
@@ -376,18 +375,7 @@ mod tests {
                 .push(limit_mw);
             Ok(())
         }
-        fn lock_gpu_clocks(&mut self, _: u32, _: u32) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn reset_gpu_locked_clocks(&mut self) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn reset_memory_locked_clocks(&mut self) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn reset_application_clocks(&mut self) -> Result<(), BackendError> {
-            Ok(())
-        }
+        crate::backend::accept_clock_writes!();
     }
 
     fn blocking() -> (DeviceActor, mpsc::Sender<()>, Arc<Mutex<Vec<u32>>>) {

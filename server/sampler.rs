@@ -912,18 +912,7 @@ mod hung_reads {
         fn set_power_limit(&mut self, _: u32) -> Result<(), BackendError> {
             Ok(())
         }
-        fn lock_gpu_clocks(&mut self, _: u32, _: u32) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn reset_gpu_locked_clocks(&mut self) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn reset_memory_locked_clocks(&mut self) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn reset_application_clocks(&mut self) -> Result<(), BackendError> {
-            Ok(())
-        }
+        crate::backend::accept_clock_writes!();
     }
 
     /// Which GPUs a tick read fresh, and which thread read each.

@@ -412,6 +412,28 @@ pub trait GpuDevice: Send {
     fn reset_application_clocks(&mut self) -> Result<(), BackendError>;
 }
 
+/// The clock writes of a test device that does not model clocks: each
+/// succeeds and changes nothing. Used inside an `impl GpuDevice`.
+#[cfg(test)]
+macro_rules! accept_clock_writes {
+    () => {
+        fn lock_gpu_clocks(&mut self, _: u32, _: u32) -> Result<(), $crate::backend::BackendError> {
+            Ok(())
+        }
+        fn reset_gpu_locked_clocks(&mut self) -> Result<(), $crate::backend::BackendError> {
+            Ok(())
+        }
+        fn reset_memory_locked_clocks(&mut self) -> Result<(), $crate::backend::BackendError> {
+            Ok(())
+        }
+        fn reset_application_clocks(&mut self) -> Result<(), $crate::backend::BackendError> {
+            Ok(())
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use accept_clock_writes;
+
 #[cfg(test)]
 mod tests {
     use super::*;
