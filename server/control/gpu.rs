@@ -74,6 +74,10 @@ pub(crate) struct GpuControl {
     /// refused for want of permission: how to try again (see
     /// `lifecycle::retry_writes`).
     pub write_retry: Option<WriteRetry>,
+    /// A write to this GPU succeeded in this run: the daemon has the
+    /// privilege, so a later refusal is a passing one (a lock someone else
+    /// held, a driver in transition), and observing is never for good.
+    pub writes_permitted: bool,
     /// This GPU's share of the node power budget (mW) while one is set and
     /// the GPU is given one: an inner limit, like the operator's ceiling
     /// (see [`Self::ceiling_mw`]).
@@ -198,6 +202,7 @@ impl GpuControl {
             clock_cap_mhz: None,
             last_dry_run: None,
             write_retry: None,
+            writes_permitted: false,
             budget_share_mw: None,
             budget_active: false,
             pending_limit_mw: None,

@@ -392,6 +392,7 @@ pub(crate) fn recovered(
     fresh.expected_limit_mw = gpu.expected_limit_mw;
     fresh.last_write_device_time = gpu.last_write_device_time;
     fresh.last_action = gpu.last_action.take();
+    fresh.writes_permitted = gpu.writes_permitted;
     if let Some(warning) = warning {
         plan.record(warning);
     }
@@ -526,9 +527,17 @@ fn finish_write(
             } else {
                 Effect::Record(event)
             });
+            gpu.writes_permitted = true;
             if by_governor {
                 // Writes work: no retry is owed any more.
                 gpu.write_retry = None;
+            } else if let Some(retry) = gpu.write_retry.as_mut() {
+                // Someone else's write landed while the governor observes
+                // after a refusal: writes work again, so the governor
+                // takes over at the next reading instead of waiting out
+                // its back-off.
+                retry.refusals = 0;
+                retry.at = Some(SystemTime::UNIX_EPOCH);
             }
             plan.extend(after_successful_write(gpu, facts, write));
         }
@@ -632,10 +641,13 @@ fn after_successful_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Wri
 }
 
 /// A governor that went to observing after a write of its own was refused
-/// for want of permission, while it held the GPU below its ceiling, tries
-/// again after a wait (doubling, capped): that throttle is its own to give
-/// back, and nobody else will. A GPU it does not hold is left observed (a
-/// daemon without the privilege for writes never retries).
+/// for want of permission tries again after a wait (doubling, capped) when
+/// it still holds the GPU below its ceiling (that throttle is its own to
+/// give back, and nobody else will) or when a write to this GPU has worked
+/// in this run (the refusal was a passing one, and a GPU left observed
+/// would never be governed again). A daemon that never had the privilege
+/// keeps observing a GPU it does not hold, without retrying; any write
+/// that lands while it observes brings it back at the next reading.
 fn retry_writes(
     gpu: &mut GpuControl,
     facts: &DeviceFacts,
@@ -649,10 +661,11 @@ fn retry_writes(
     };
     let holds = (gpu.desired.governor_lowered_limit && below)
         || (gpu.desired.governor_clock_lock && reading.locked_gpu_clock_max_mhz.is_some());
+    let permitted = gpu.writes_permitted;
     let Some(retry) = gpu.write_retry.as_mut() else {
         return plan;
     };
-    if !holds {
+    if !holds && !permitted {
         return plan;
     }
     let wait = WRITE_RETRY_FIRST
@@ -665,8 +678,12 @@ fn retry_writes(
     retry.at = None;
     let mode = retry.mode;
     gpu.mode = mode;
-    gpu.mode_reason =
-        "trying writes again: the governor still holds this GPU below its ceiling".to_owned();
+    gpu.mode_reason = if holds {
+        "trying writes again: the governor still holds this GPU below its ceiling"
+    } else {
+        "trying writes again: writes to this GPU have worked in this run, so the refusal may have passed"
+    }
+    .to_owned();
     gpu.lifecycle = Lifecycle::running(gpu.governor_params(facts), |params| match mode {
         GovernorMode::ClockLock => f64::from(
             reading

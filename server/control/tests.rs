@@ -710,6 +710,111 @@ fn a_daemon_refused_its_first_write_keeps_observing_without_retrying() {
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
 }
 
+/// Hot readings from `from` s on until the governor plans a write; the
+/// reading's time and the write.
+fn hot_until_write(
+    gpu: &mut GpuControl,
+    facts: &DeviceFacts,
+    from: u64,
+    limit_mw: u32,
+) -> Option<(u64, Write)> {
+    (from..from + 60).find_map(|s| {
+        let plan = lifecycle::reading(
+            gpu,
+            facts,
+            &reading(s, 85, Some(limit_mw)),
+            T0 + Duration::from_secs(s),
+        );
+        plan.writes().next().cloned().map(|w| (s, w))
+    })
+}
+
+#[test]
+fn a_refusal_after_writes_worked_is_tried_again_even_with_nothing_held() {
+    // Writes worked (a cut and the raise back), so the refusal of the next
+    // cut is a passing one: the GPU sits at its ceiling, nothing of the
+    // governor's is held, and yet it must be governed again, or a hot GPU
+    // is left unprotected for the rest of the run.
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
+    ok_write(&mut gpu, &facts, &cut);
+    let raise = Write {
+        op: WriteOp::SetPowerLimit { limit_mw: 700_000 },
+        ..cut.clone()
+    };
+    gpu.in_flight += 1;
+    ok_write(&mut gpu, &facts, &raise);
+    assert!(!gpu.desired.governor_lowered_limit);
+    let (s, next_cut) = hot_until_write(&mut gpu, &facts, 100, 700_000).expect("cuts again");
+    lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &next_cut,
+        &Err(BackendError::NoPermission("power limit".into())),
+    );
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    // The readings find the GPU at its ceiling: nothing is held. Within
+    // the back-off it observes...
+    for t in [s + 1, s + 5] {
+        let plan = lifecycle::reading(
+            &mut gpu,
+            &facts,
+            &reading(t, 85, Some(700_000)),
+            T0 + Duration::from_secs(t),
+        );
+        assert_eq!(plan.writes().count(), 0, "at {t} s: {plan:?}");
+    }
+    // ...then governs again and cuts the hot GPU.
+    let (t, retried) = hot_until_write(&mut gpu, &facts, s + 6, 700_000)
+        .expect("the governor tries writes again on a hot GPU");
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit);
+    assert!(
+        t - (s + 1) <= 10 + 2,
+        "tried again after the first wait, not {t} s"
+    );
+    assert!(
+        matches!(retried.op, WriteOp::SetPowerLimit { limit_mw } if limit_mw < 700_000),
+        "{retried:?}"
+    );
+}
+
+#[test]
+fn a_write_that_lands_while_the_governor_observes_brings_it_back_at_once() {
+    // No write had worked when the governor's first cut was refused, so it
+    // observes without retrying; then an operator's write lands: the
+    // privilege is there after all, and the governor takes over at the
+    // next reading instead of observing for good.
+    let facts = h100(0);
+    let mut gpu = running(&facts, &config(), &GpuState::default());
+    let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
+    lifecycle::write_done(
+        &mut gpu,
+        &facts,
+        &cut,
+        &Err(BackendError::NoPermission("power limit".into())),
+    );
+    assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
+    let at = |s: u64| T0 + Duration::from_secs(s);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(100, 85, Some(700_000)), at(100));
+    assert_eq!(plan.writes().count(), 0, "{plan:?}");
+    let operator = Write {
+        op: WriteOp::SetPowerLimit { limit_mw: 700_000 },
+        origin: Origin::Operator {
+            name: "ops".into(),
+            reply: 1,
+            slot: 0,
+            part: crate::control::plan::Part::PowerLimit,
+        },
+        before: Some(700_000),
+    };
+    gpu.in_flight += 1;
+    ok_write(&mut gpu, &facts, &operator);
+    let plan = lifecycle::reading(&mut gpu, &facts, &reading(101, 85, Some(700_000)), at(101));
+    assert_eq!(gpu.mode, GovernorMode::PowerLimit, "{plan:?}");
+    assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
+}
+
 #[test]
 fn other_write_failures_are_recorded_and_change_no_mode() {
     let facts = h100(0);
