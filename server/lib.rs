@@ -25,6 +25,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod history;
+pub mod memory;
 pub mod tls;
 
 // The engine: private to the daemon.

@@ -150,6 +150,8 @@ fn write_ready_file(path: &Path, daemon: &gpuwatch_server::daemon::Daemon) -> st
 }
 
 fn main() -> ExitCode {
+    // Before any thread: they keep the arena they are given.
+    gpuwatch_server::memory::configure_allocator();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {

@@ -498,8 +498,13 @@ impl GpuWatchService {
         let (hub, events, history) = (self.hub.clone(), self.events.clone(), self.history.clone());
         let req = request.into_inner();
         tokio::task::spawn_blocking(move || {
-            answer_history_wire(&hub, &events, &history, &req)
-                .map(|a| crate::watch_frames::framed(0, |buf| a.encode_into(buf)))
+            answer_history_wire(&hub, &events, &history, &req).map(|a| {
+                // A large answer's release trims the allocator (its
+                // pages would otherwise stay with the daemon).
+                crate::memory::answer_bytes(crate::watch_frames::framed_buf(0, |buf| {
+                    a.encode_into(buf)
+                }))
+            })
         })
         .await
         .map_err(|e| Status::internal(format!("history query failed: {e}")))?

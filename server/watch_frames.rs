@@ -55,12 +55,18 @@ pub enum Shared<M> {
 /// A message written by `encode`, framed for gRPC: what a
 /// [`Shared::Encoded`] holds.
 pub fn framed(capacity: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    Bytes::from(framed_buf(capacity, encode))
+}
+
+/// [`framed`], as the buffer itself (for an owner of its own, see
+/// [`crate::memory::answer_bytes`]).
+pub fn framed_buf(capacity: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut buf = Vec::with_capacity(GRPC_PREFIX + capacity);
     buf.extend_from_slice(&[0; GRPC_PREFIX]);
     encode(&mut buf);
     let len = u32::try_from(buf.len() - GRPC_PREFIX).unwrap_or(u32::MAX);
     buf[1..GRPC_PREFIX].copy_from_slice(&len.to_be_bytes());
-    Bytes::from(buf)
+    buf
 }
 
 /// The message inside bytes made by [`framed`].

@@ -10,7 +10,6 @@
 use std::time::{Duration, SystemTime};
 
 use axum::{
-    Json,
     extract::{Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
@@ -98,7 +97,20 @@ pub(crate) async fn history_json(
     })
     .await;
     match answer {
-        Ok(Ok(a)) => Json(to_json(&a)).into_response(),
+        Ok(Ok(a)) => {
+            let body = to_json(&a);
+            drop(a);
+            match serde_json::to_vec(&body) {
+                // A large answer's release trims the allocator, as
+                // GetHistory's does.
+                Ok(bytes) => (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    axum::body::Body::from(crate::memory::answer_bytes(bytes)),
+                )
+                    .into_response(),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+            }
+        }
         Ok(Err(status)) => {
             let code = match status.code() {
                 tonic::Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
