@@ -41,7 +41,7 @@ pub const LARGE_ANSWER_BYTES: usize = 1 << 20;
 /// queries is trimmed once, after the last.
 pub const QUIET: Duration = Duration::from_millis(100);
 
-/// Trims made since start (for tests and the log).
+/// Trims made since start (what the tests observe).
 static TRIMS: AtomicU64 = AtomicU64::new(0);
 
 /// The trimming thread's doorbell, started at the first large answer.
@@ -73,7 +73,7 @@ fn doorbell() -> Option<&'static SyncSender<()>> {
 
 /// A large answer was released: trim once large answers stop for
 /// [`QUIET`]. Never blocks.
-pub fn large_answer_released() {
+fn large_answer_released() {
     if let Some(bell) = doorbell() {
         // Full: a trim is already due, which covers this answer too.
         let _ = bell.try_send(());
@@ -83,30 +83,30 @@ pub fn large_answer_released() {
 /// Makes every thread allocate from the main arena (see the module's
 /// comment), unless the operator set `MALLOC_ARENA_MAX`, which glibc reads
 /// itself. Call first in `main`, before any thread starts: a thread keeps
-/// the arena it was given. Returns whether it changed the setting.
-pub fn configure_allocator() -> bool {
+/// the arena it was given.
+pub fn configure_allocator() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
-        return false;
+        return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt takes plain integers and changes an allocator
         // parameter under the allocator's own lock (glibc's mallopt(3)).
         #[allow(unsafe_code)]
-        let changed = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } == 1;
-        changed
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    false
 }
 
 /// Trims made since start.
-pub fn trims() -> u64 {
+#[cfg(test)]
+fn trims() -> u64 {
     TRIMS.load(Ordering::Relaxed)
 }
 
 /// Returns the allocator's free pages to the system now, counted.
-pub fn trim_now() {
+fn trim_now() {
     release_free_pages();
     TRIMS.fetch_add(1, Ordering::Relaxed);
 }

@@ -64,6 +64,16 @@ fn running(facts: &DeviceFacts, config: &ControllerConfig, saved: &GpuState) -> 
     gpu
 }
 
+/// `write` refused for want of permission.
+fn refused_for_permission(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Write) -> Plan {
+    lifecycle::write_done(
+        gpu,
+        facts,
+        write,
+        &Err(BackendError::NoPermission("power limit".into())),
+    )
+}
+
 fn ok_write(gpu: &mut GpuControl, facts: &DeviceFacts, write: &Write) -> Plan {
     lifecycle::write_done(gpu, facts, write, &Ok(()))
 }
@@ -522,12 +532,7 @@ fn a_governor_write_refused_as_not_supported_falls_back_to_clock_locks() {
 fn a_governor_write_without_permission_falls_back_to_observing() {
     let facts = h100(0);
     let mut gpu = running(&facts, &config(), &GpuState::default());
-    let plan = lifecycle::write_done(
-        &mut gpu,
-        &facts,
-        &governor_write(500_000),
-        &Err(BackendError::NoPermission("power limit".into())),
-    );
+    let plan = refused_for_permission(&mut gpu, &facts, &governor_write(500_000));
     assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
     assert!(matches!(gpu.lifecycle, Lifecycle::Observing));
@@ -569,12 +574,7 @@ fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_ag
     ok_write(&mut gpu, &facts, &cut);
     assert!(gpu.desired.governor_lowered_limit);
     // The next cut is refused: observing, the GPU left lowered.
-    let plan = lifecycle::write_done(
-        &mut gpu,
-        &facts,
-        &governor_write(lowered - 50_000),
-        &Err(BackendError::NoPermission("power limit".into())),
-    );
+    let plan = refused_for_permission(&mut gpu, &facts, &governor_write(lowered - 50_000));
     assert!(kinds(&plan).contains(&EventKind::GovernorModeChanged));
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
     let at = |s: u64| T0 + Duration::from_secs(100 + s);
@@ -594,12 +594,7 @@ fn a_throttle_left_when_permission_was_refused_is_given_back_once_writes_work_ag
     );
     // Refused again: the next try waits twice as long (from the next
     // reading on).
-    lifecycle::write_done(
-        &mut gpu,
-        &facts,
-        &raise,
-        &Err(BackendError::NoPermission("power limit".into())),
-    );
+    refused_for_permission(&mut gpu, &facts, &raise);
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
     for t in [s + 1, s + 11, s + 20] {
         let plan = lifecycle::reading(&mut gpu, &facts, &cool(t), at(t));
@@ -691,12 +686,7 @@ fn a_daemon_refused_its_first_write_keeps_observing_without_retrying() {
     let facts = h100(0);
     let mut gpu = running(&facts, &config(), &GpuState::default());
     let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
-    lifecycle::write_done(
-        &mut gpu,
-        &facts,
-        &cut,
-        &Err(BackendError::NoPermission("power limit".into())),
-    );
+    refused_for_permission(&mut gpu, &facts, &cut);
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
     for s in [0, 10, 100, 1000] {
         let plan = lifecycle::reading(
@@ -747,12 +737,7 @@ fn a_refusal_after_writes_worked_is_tried_again_even_with_nothing_held() {
     ok_write(&mut gpu, &facts, &raise);
     assert!(!gpu.desired.governor_lowered_limit);
     let (s, next_cut) = hot_until_write(&mut gpu, &facts, 100, 700_000).expect("cuts again");
-    lifecycle::write_done(
-        &mut gpu,
-        &facts,
-        &next_cut,
-        &Err(BackendError::NoPermission("power limit".into())),
-    );
+    refused_for_permission(&mut gpu, &facts, &next_cut);
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
     // The readings find the GPU at its ceiling: nothing is held. Within
     // the back-off it observes...
@@ -788,12 +773,7 @@ fn a_write_that_lands_while_the_governor_observes_brings_it_back_at_once() {
     let facts = h100(0);
     let mut gpu = running(&facts, &config(), &GpuState::default());
     let cut = only_write(&heat_until_write(&mut gpu, &facts, 700_000));
-    lifecycle::write_done(
-        &mut gpu,
-        &facts,
-        &cut,
-        &Err(BackendError::NoPermission("power limit".into())),
-    );
+    refused_for_permission(&mut gpu, &facts, &cut);
     assert_eq!(gpu.mode, GovernorMode::ObserveOnly);
     let at = |s: u64| T0 + Duration::from_secs(s);
     let plan = lifecycle::reading(&mut gpu, &facts, &reading(100, 85, Some(700_000)), at(100));
