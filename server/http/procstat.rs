@@ -55,14 +55,17 @@ pub fn read() -> ProcessStats {
 }
 
 /// `/proc/self/stat` through a descriptor opened once: a read at offset 0
-/// makes procfs render the line afresh.
+/// makes procfs render the line afresh. The line is complete at its
+/// newline, which the first read returns with all the rest; reading on
+/// past it could splice in the tail of another render that a concurrent
+/// scrape's read at offset 0 made meanwhile.
 fn read_stat(buf: &mut [u8]) -> Option<&str> {
     static STAT: OnceLock<Option<File>> = OnceLock::new();
     let file = STAT
         .get_or_init(|| File::open("/proc/self/stat").ok())
         .as_ref()?;
     let mut len = 0;
-    while len < buf.len() {
+    while len < buf.len() && !buf[..len].ends_with(b"\n") {
         match file.read_at(&mut buf[len..], len as u64) {
             Ok(0) => break,
             Ok(n) => len += n,
@@ -186,6 +189,25 @@ mod tests {
         drop(files);
         // Other tests open and close files meanwhile; 64 of our own stand out.
         assert!(during >= before + 48, "{before} -> {during}");
+    }
+
+    #[test]
+    fn scrapes_reading_at_once_each_get_a_whole_line() {
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..200).all(|_| {
+                        let stats = read();
+                        stats.cpu_seconds.is_some()
+                            && stats.threads.is_some_and(|n| n >= 1)
+                            && stats.resident_memory_bytes.is_some_and(|b| b > 0)
+                    })
+                })
+            })
+            .collect();
+        for reader in readers {
+            assert!(reader.join().expect("a reader thread"));
+        }
     }
 
     #[test]
