@@ -40,14 +40,12 @@ pub struct ProcessStats {
 pub fn read() -> ProcessStats {
     let mut stats = ProcessStats::default();
     let mut buf = [0u8; STAT_BUFFER];
-    if let Some(stat) = read_stat(&mut buf) {
-        stats.cpu_seconds = cpu_seconds(stat);
-        if let Some(memory) = memory(stat) {
-            let page = rustix::param::page_size() as u64;
-            stats.virtual_memory_bytes = Some(memory.virtual_bytes);
-            stats.resident_memory_bytes = Some(memory.resident_pages * page);
-        }
-        stats.threads = stat_field(stat, THREADS);
+    if let Some(stat) = read_stat(&mut buf).and_then(StatLine::parse) {
+        let page = rustix::param::page_size() as u64;
+        stats.cpu_seconds = stat.cpu_seconds();
+        stats.virtual_memory_bytes = stat.field(VSIZE);
+        stats.resident_memory_bytes = stat.field(RSS).map(|pages| pages * page);
+        stats.threads = stat.field(THREADS);
     }
     stats.open_fds = open_fds();
     stats.max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
@@ -96,31 +94,27 @@ const THREADS: usize = 20;
 const VSIZE: usize = 23;
 const RSS: usize = 24;
 
-/// Field `n` (proc(5)'s numbering) of a `/proc/<pid>/stat` line. The command
-/// name (field 2) may hold spaces and parentheses, so fields are counted
-/// after its last `)`: the state, field 3, is the first.
-fn stat_field(stat: &str, n: usize) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
-}
+/// The fields of a `/proc/<pid>/stat` line from the state (field 3) on. The
+/// command name (field 2) may hold spaces and parentheses, so the line is
+/// split after its last `)`.
+struct StatLine<'a>(Vec<&'a str>);
 
-/// utime + stime, in seconds.
-fn cpu_seconds(stat: &str) -> Option<f64> {
-    let ticks = stat_field(stat, UTIME)? + stat_field(stat, STIME)?;
-    Some(ticks as f64 / USER_HZ)
-}
+impl<'a> StatLine<'a> {
+    fn parse(stat: &'a str) -> Option<Self> {
+        let (_, rest) = stat.rsplit_once(')')?;
+        Some(Self(rest.split_whitespace().collect()))
+    }
 
-/// Virtual size (bytes) and resident set (pages), both from the stat line.
-struct Memory {
-    virtual_bytes: u64,
-    resident_pages: u64,
-}
+    /// Field `n`, in proc(5)'s numbering.
+    fn field(&self, n: usize) -> Option<u64> {
+        self.0.get(n.checked_sub(3)?)?.parse().ok()
+    }
 
-fn memory(stat: &str) -> Option<Memory> {
-    Some(Memory {
-        virtual_bytes: stat_field(stat, VSIZE)?,
-        resident_pages: stat_field(stat, RSS)?,
-    })
+    /// utime + stime, in seconds.
+    fn cpu_seconds(&self) -> Option<f64> {
+        let ticks = self.field(UTIME)? + self.field(STIME)?;
+        Some(ticks as f64 / USER_HZ)
+    }
 }
 
 #[cfg(test)]
@@ -131,14 +125,15 @@ mod tests {
 
     #[test]
     fn fields_are_counted_after_a_command_name_with_spaces_and_parens() {
-        assert_eq!(cpu_seconds(LINE), Some(3.25));
-        assert_eq!(stat_field(LINE, THREADS), Some(9));
-        let memory = memory(LINE).expect("a full stat line");
-        assert_eq!(memory.virtual_bytes, 1_000_000);
-        assert_eq!(memory.resident_pages, 500);
-        assert_eq!(cpu_seconds("garbage"), None);
-        assert_eq!(stat_field("1 (x) S 1", RSS), None);
-        assert_eq!(stat_field(LINE, 2), None);
+        let line = StatLine::parse(LINE).expect("a stat line");
+        assert_eq!(line.cpu_seconds(), Some(3.25));
+        assert_eq!(line.field(THREADS), Some(9));
+        assert_eq!(line.field(VSIZE), Some(1_000_000));
+        assert_eq!(line.field(RSS), Some(500));
+        assert!(StatLine::parse("garbage").and_then(|l| l.cpu_seconds()).is_none());
+        let short = StatLine::parse("1 (x) S 1").expect("a short stat line");
+        assert_eq!(short.field(RSS), None);
+        assert_eq!(line.field(2), None);
     }
 
     /// The number on the `key` line of `/proc/self/status` ("VmRSS: 1234 kB"),
